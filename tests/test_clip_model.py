@@ -1,0 +1,301 @@
+"""clip_model.py: models, the contrastive losses, fine-tuning controls and checkpoints."""
+import json
+import math
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+import clip_model as cm
+
+
+def random_features(n, d=8, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, d, generator=g, dtype=dtype), dim=-1)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return cm.build_model("tiny-vit-64")
+
+
+def tiny_batch(setup, n=4):
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(n, 3, 64, 64, generator=g)
+    texts = setup.tokenizer([f"a photo of shape number {i}" for i in range(n)])
+    return images, texts
+
+
+# ---- losses ------------------------------------------------------------------------------------
+
+def test_clip_loss_equals_float64_reference_computed_by_hand():
+    x, y, scale = random_features(5, seed=1), random_features(5, seed=2), torch.tensor(7.5)
+    loss = cm.ContrastiveLoss()(x, y, scale, torch.arange(5))
+    x64, y64 = x.double(), y.double()
+    logits = 7.5 * x64 @ y64.T
+    image_to_text = [-(logits[i, i] - torch.logsumexp(logits[i], 0)) for i in range(5)]
+    text_to_image = [-(logits[j, j] - torch.logsumexp(logits[:, j], 0)) for j in range(5)]
+    expected = (sum(image_to_text) / 5 + sum(text_to_image) / 5) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_clip_loss_matches_cross_entropy_form_of_the_paper():
+    x, y = random_features(6, seed=3), random_features(6, seed=4)
+    logits = 10 * x @ y.T
+    paper = (F.cross_entropy(logits, torch.arange(6)) + F.cross_entropy(logits.T, torch.arange(6))) / 2
+    ours = cm.ContrastiveLoss()(x, y, torch.tensor(10.0), torch.arange(6))
+    assert ours.item() == pytest.approx(paper.item(), rel=1e-6)
+
+
+def test_duplicate_images_in_a_batch_are_not_negatives_of_each_other():
+    # Items 0 and 1 are two captions of the same image (id 7): each caption may match either copy.
+    x, y = random_features(4, seed=5).double(), random_features(4, seed=6).double()
+    ids = torch.tensor([7, 7, 3, 4])
+    loss = cm.ContrastiveLoss()(x, y, torch.tensor(5.0, dtype=torch.float64), ids)
+    logits = 5 * x @ y.T
+    positives = ids[:, None] == ids[None, :]
+
+    def nll(rows, mask):
+        return sum(-(torch.logsumexp(rows[i][mask[i]], 0) - torch.logsumexp(rows[i], 0))
+                   for i in range(4)) / 4
+    expected = (nll(logits, positives) + nll(logits.T, positives.T)) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-9)
+    # ... and that differs from treating position i as the only right answer
+    assert loss.item() != pytest.approx(cm.ContrastiveLoss()(x, y, torch.tensor(5.0), torch.arange(4)).item())
+
+
+def test_siglip_loss_equals_float64_reference_computed_by_hand():
+    x, y = random_features(4, seed=7).double(), random_features(4, seed=8).double()
+    scale, bias = torch.tensor(10.0, dtype=torch.float64), torch.tensor(-3.0, dtype=torch.float64)
+    loss = cm.SigLipLoss()(x, y, scale, torch.arange(4), bias)
+    total = 0.0
+    for i in range(4):
+        for j in range(4):
+            z = 1.0 if i == j else -1.0
+            total += -math.log(1 / (1 + math.exp(-z * (10 * float(x[i] @ y[j]) - 3))))
+    assert loss.item() == pytest.approx(total / 4, rel=1e-9)
+
+
+def test_gradients_reach_both_towers_and_the_temperature(tiny):
+    model = tiny.model
+    model.zero_grad()
+    images, texts = tiny_batch(tiny)
+    out = model(images, texts)
+    cm.ContrastiveLoss()(out["image_features"], out["text_features"], out["logit_scale"],
+                         torch.arange(4)).backward()
+    assert model.visual.conv1.weight.grad.abs().sum() > 0
+    assert model.token_embedding.weight.grad.abs().sum() > 0
+    assert model.logit_scale.grad.abs() > 0
+    model.zero_grad()
+
+
+def test_logit_scale_starts_at_one_over_0_07_and_is_clamped_at_100(tiny):
+    assert tiny.model.logit_scale.item() == pytest.approx(math.log(1 / 0.07), rel=1e-6)
+    with torch.no_grad():
+        tiny.model.logit_scale.fill_(8.0)
+    cm.clamp_logit_scale(tiny.model)
+    assert tiny.model.logit_scale.exp().item() == pytest.approx(100.0, rel=1e-6)
+    with torch.no_grad():
+        tiny.model.logit_scale.fill_(cm.INIT_LOGIT_SCALE)
+
+
+def test_siglip_model_has_a_learned_bias():
+    setup = cm.build_model("tiny-vit-64", loss="siglip")
+    assert setup.model.logit_bias.item() == pytest.approx(-10.0)
+    assert setup.model.logit_scale.exp().item() == pytest.approx(10.0, rel=1e-5)
+
+
+# ---- models ------------------------------------------------------------------------------------
+
+def test_presets_are_registered_with_open_clip():
+    for name in ("tiny-vit-64", "small-vit-128", "simple-rn18"):
+        assert name in cm.PRESETS
+        assert open_clip.get_model_config(name) is not None
+
+
+def test_tiny_preset_has_a_few_million_parameters_at_64_px(tiny):
+    assert 2e6 < cm.count_parameters(tiny.model) < 10e6
+    assert tuple(tiny.preprocess_cfg["size"]) == (64, 64)
+
+
+def test_unknown_model_name_names_the_flag_and_the_presets():
+    with pytest.raises(ValueError, match="--model_name 'no-such-model'.*tiny-vit-64"):
+        cm.build_model("no-such-model")
+
+
+def test_unknown_pretrained_tag_lists_the_tags():
+    with pytest.raises(ValueError, match="'no-such-tag'.*tags: .*openai"):
+        cm.build_model("RN50", pretrained="no-such-tag")
+
+
+def test_an_unreachable_download_fails_fast_with_a_way_out(monkeypatch):
+    import time
+    monkeypatch.setattr(cm, "_cached_hf_file", lambda entry: None)
+    monkeypatch.setattr(cm, "_host_reachable", lambda url, timeout=3.0: False)
+    started = time.time()
+    with pytest.raises(cm.PretrainedUnavailable, match="RN50/openai.*--pretrained /path/to"):
+        cm.resolve_pretrained("RN50", "openai")
+    assert time.time() - started < 5
+
+
+def test_a_local_open_clip_weights_file_loads(tmp_path, tiny):
+    path = tmp_path / "weights.pt"
+    torch.save(tiny.model.state_dict(), path)              # a bare open_clip state dict
+    loaded = cm.build_model("tiny-vit-64", pretrained=str(path))
+    for (name, a), b in zip(tiny.model.state_dict().items(), loaded.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_custom_config_json_builds_and_rebuilds_from_the_checkpoint_alone(tmp_path):
+    config = json.loads((cm.PRESET_DIR / "tiny-vit-64.json").read_text())
+    config["vision_cfg"]["layers"] = 2
+    config["embed_dim"] = 96
+    path = tmp_path / "my-custom-clip.json"
+    path.write_text(json.dumps(config))
+    setup = cm.build_model(str(path))
+    assert setup.model_name == "my-custom-clip"
+    assert setup.model.visual.proj.shape[1] == 96
+    cm.save_checkpoint(tmp_path / "c.pt", setup, step=3)
+    # forget the config, as a fresh process on another machine would
+    open_clip.factory._MODEL_CONFIGS.pop("my-custom-clip")
+    rebuilt, checkpoint = cm.model_from_checkpoint(tmp_path / "c.pt")
+    assert checkpoint["step"] == 3
+    assert len(rebuilt.model.visual.transformer.resblocks) == 2
+    images, texts = tiny_batch(setup, 2)
+    setup.model.eval(), rebuilt.model.eval()
+    assert torch.equal(setup.model.encode_image(images), rebuilt.model.encode_image(images))
+
+
+def test_encode_helpers_return_unit_vectors_without_gradient(tiny):
+    images, _ = tiny_batch(tiny, 5)
+    loader = [(images[:3], torch.arange(3)), (images[3:], torch.arange(3, 5))]
+    image_features = cm.encode_images(tiny.model, loader, "cpu")
+    text_features = cm.encode_texts(tiny.model, tiny.tokenizer, ["a", "b", "c"], "cpu", batch_size=2)
+    assert image_features.shape == (5, 128) and text_features.shape == (3, 128)
+    assert torch.allclose(image_features.norm(dim=1), torch.ones(5), atol=1e-5)
+    assert torch.allclose(text_features.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert not image_features.requires_grad
+
+
+def test_chinese_text_encodes_to_distinct_features(tiny):
+    tokens = tiny.tokenizer(["左边有一个红色的圆形", "右边有一个蓝色的方形"])
+    assert (tokens[0] != 0).sum() > 5
+    features = cm.encode_texts(tiny.model, tiny.tokenizer, ["左边有一个红色的圆形", "右边有一个蓝色的方形"], "cpu")
+    assert not torch.allclose(features[0], features[1])
+
+
+# ---- fine-tuning controls -----------------------------------------------------------------------
+
+def trainable(model):
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_freeze_backbone_trains_only_projections_and_temperature():
+    setup = cm.build_model("tiny-vit-64")
+    cm.freeze_for_finetuning(setup.model, freeze_backbone=True)
+    assert trainable(setup.model) == {"visual.proj", "text_projection", "logit_scale"}
+
+
+def test_lock_image_keeps_only_the_last_groups_of_the_image_tower_trainable():
+    setup = cm.build_model("tiny-vit-64")
+    cm.freeze_for_finetuning(setup.model, lock_image=1)
+    names = trainable(setup.model)
+    image_names = {n for n in names if n.startswith("visual.")}
+    assert image_names == {"visual.proj"}                    # the last group is the projection
+    assert "token_embedding.weight" in names                 # the text tower is untouched
+
+
+def test_lock_text_with_one_unlocked_layer():
+    setup = cm.build_model("tiny-vit-64")
+    cm.freeze_for_finetuning(setup.model, lock_text=1)
+    names = trainable(setup.model)
+    text_names = {n for n in names if not n.startswith("visual.") and n != "logit_scale"}
+    assert "token_embedding.weight" not in names
+    assert text_names and all(n.startswith(("transformer.resblocks.3.", "ln_final", "text_projection"))
+                              for n in text_names)
+    assert "visual.conv1.weight" in names
+
+
+def test_frozen_resnet_tower_freezes_batchnorm_statistics():
+    setup = cm.build_model("simple-rn18")
+    cm.freeze_for_finetuning(setup.model, lock_image=0)
+    trunk = setup.model.visual.trunk
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in trunk.modules())
+    buffers = {k: v.clone() for k, v in trunk.state_dict().items() if "running" in k}
+    assert buffers
+    setup.model.train()
+    setup.model.encode_image(torch.randn(2, 3, 128, 128))
+    for k, v in trunk.state_dict().items():
+        if "running" in k:
+            assert torch.equal(v, buffers[k]), k
+    assert not any(p.requires_grad for p in trunk.parameters())
+
+
+def test_grad_checkpointing_and_patch_dropout_are_applied():
+    setup = cm.build_model("tiny-vit-64", grad_checkpointing=True, patch_dropout=0.5)
+    assert setup.model.visual.transformer.grad_checkpointing
+    assert setup.model.visual.patch_dropout.prob == 0.5
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+
+def test_save_and_load_give_identical_outputs_and_open_clip_reads_our_checkpoint(tmp_path, tiny):
+    path = tmp_path / "ckpt.pt"
+    cm.save_checkpoint(path, tiny, step=12, rng=cm.rng_state())
+    images, texts = tiny_batch(tiny)
+    tiny.model.eval()
+    expected = tiny.model(images, texts)
+    rebuilt, checkpoint = cm.model_from_checkpoint(path)
+    rebuilt.model.eval()
+    got = rebuilt.model(images, texts)
+    assert torch.equal(expected["image_features"], got["image_features"])
+    assert torch.equal(expected["text_features"], got["text_features"])
+    theirs = open_clip.create_model("tiny-vit-64", pretrained=str(path)).eval()
+    assert torch.equal(theirs.encode_image(images, normalize=True), expected["image_features"])
+    assert checkpoint["step"] == 12
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path, tiny):
+    import random
+    cm.save_checkpoint(tmp_path / "r.pt", tiny, rng=cm.rng_state())
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    cm.set_rng_state(cm.load_checkpoint(tmp_path / "r.pt")["rng"])
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], got[0])
+    assert np.array_equal(expected[1], got[1]) and expected[2] == got[2]
+
+
+def test_truncated_checkpoint_gives_a_clear_error(tmp_path, tiny):
+    path = tmp_path / "last.pt"
+    cm.save_checkpoint(path, tiny)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(cm.CheckpointError, match="last.pt cannot be read.*truncated"):
+        cm.load_checkpoint(path)
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_intact(tmp_path, tiny, monkeypatch):
+    path = tmp_path / "last.pt"
+    cm.save_checkpoint(path, tiny, step=1)
+
+    def dies_midway(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        cm.save_checkpoint(path, tiny, step=2)
+    monkeypatch.undo()
+    assert cm.load_checkpoint(path)["step"] == 1
+
+
+def test_checkpoint_cannot_run_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {}, "x": Evil()}, path)
+    with pytest.raises(cm.CheckpointError, match="cannot be read"):
+        cm.load_checkpoint(path)
