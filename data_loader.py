@@ -1,0 +1,686 @@
+"""Data for CLIP: read (image, caption) pairs from any supported format and feed them to training.
+
+CLIP learns a shared embedding space from pairs: an image and a sentence that describes it. Every
+format is read into one `CaptionIndex` (images, their captions, which image each caption belongs
+to); everything after loading works on that index only. Formats, detected from the path given:
+  1. JSON index: a list of {"image_path": ..., "caption": "..."} or {..., "captions": [...]};
+     relative image paths resolve against the index file's folder; or a folder holding data.json.
+  2. A folder with images/NAME.ext and captions/NAME.txt (one caption per non-empty line).
+  3. A CSV or TSV file with image and caption columns (default `filepath` and `title`, as in
+     open_clip); the separator is the one that splits the header into those columns.
+  4. The Chinese-CLIP layout (MUGE, Flickr30K-CN, COCO-CN): {split}_imgs.tsv holding
+     `image_id<TAB>base64 image` plus {split}_texts.jsonl holding {"text_id", "text", "image_ids"}.
+An image named more than once (COCO-style, one line per caption) is one image with several
+captions: retrieval metrics must know that five captions describe the same picture.
+CLI: `python data_loader.py --make_sample DIR` writes a generated data set, `--inspect PATH` checks
+that a data set loads.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import csv
+import io
+import json
+import os
+import random
+import sys
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageOps
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class DataError(ValueError):
+    """A problem with the user's data; the message names the file, entry and path."""
+
+
+# ----------------------------------------------------------------------------- the index
+
+def _gather_ranges(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """arange(starts[k], starts[k] + lengths[k]) for every k, concatenated without a Python loop,
+    and the offset of each range in the result."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1]), offsets
+
+
+@dataclass(frozen=True)
+class PackedStrings:
+    """Many strings stored as one utf-8 byte buffer plus offsets.
+
+    Why not a list of str: a million Python strings cost ~60 bytes of overhead each, and every
+    DataLoader worker that reads them touches their reference counts, which makes a forked worker
+    copy the memory pages holding them: gigabytes across workers. Two numpy arrays are two objects
+    whatever their length, so forked workers keep sharing them (and spawned ones get one copy).
+    """
+    buffer: np.ndarray   # uint8: every string utf-8 encoded, back to back
+    offsets: np.ndarray  # int64[n + 1]: string k is buffer[offsets[k]:offsets[k + 1]]
+
+    @classmethod
+    def pack(cls, strings) -> PackedStrings:
+        encoded = [s.encode("utf-8") for s in strings]
+        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)), out=offsets[1:])
+        return cls(np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, k: int) -> str:
+        return self.buffer[self.offsets[k]:self.offsets[k + 1]].tobytes().decode("utf-8")
+
+    def take(self, indices: np.ndarray) -> PackedStrings:
+        starts = self.offsets[indices]
+        positions, offsets = _gather_ranges(starts, self.offsets[indices + 1] - starts)
+        return PackedStrings(self.buffer[positions], offsets)
+
+
+class CaptionIndex:
+    """Images and their captions, whatever format they were read from.
+
+    Captions are stored grouped by image: image i owns captions first_caption[i] ..
+    first_caption[i + 1] - 1, so `caption_image` (caption j -> its image, what retrieval metrics
+    need) and `captions_of(i)` (what training draws from) are array lookups.
+    Images are files (names resolved against `image_root`), or base64 text inside the TSV file
+    `tsv_path` (Chinese-CLIP layout), where `tsv_spans[i]` is the byte range of image i: read and
+    decoded on demand, so no image is held in memory.
+    """
+
+    def __init__(self, names: PackedStrings, captions: PackedStrings, first_caption: np.ndarray, source: str,
+                 image_root: str = "", tsv_path: str | None = None, tsv_spans: np.ndarray | None = None):
+        self._names, self._captions, self._first_caption = names, captions, first_caption
+        self.num_images, self.num_captions = len(names), len(captions)
+        self.caption_image = np.repeat(np.arange(len(names), dtype=np.int64), np.diff(first_caption))
+        self.source, self.image_root, self.tsv_path, self.tsv_spans = source, image_root, tsv_path, tsv_spans
+
+    def caption(self, j: int) -> str:
+        return self._captions[j]
+
+    def captions(self) -> list[str]:
+        return [self._captions[j] for j in range(self.num_captions)]
+
+    def captions_of(self, i: int) -> np.ndarray:
+        return np.arange(self._first_caption[i], self._first_caption[i + 1], dtype=np.int64)
+
+    def image_name(self, i: int) -> str:
+        """The image's path (resolved), or its id inside the TSV file."""
+        return self._names[i] if self.tsv_path else os.path.join(self.image_root, self._names[i])
+
+    def load_image(self, i: int) -> Image.Image:
+        """Image i in RGB; DataError naming the image if it cannot be read or decoded."""
+        if self.tsv_path is None:
+            name = self.image_name(i)
+            try:
+                with open(name, "rb") as f:
+                    return decode_image(f.read(), name)
+            except OSError as e:
+                raise DataError(f"image '{name}' cannot be read: {e.strerror}") from e
+        name, (start, end) = f"{self.tsv_path}, image id {self._names[i]}", self.tsv_spans[i]
+        with open(self.tsv_path, "rb") as f:
+            f.seek(start)
+            encoded = f.read(end - start)
+        try:  # Chinese-CLIP writes url-safe base64; this decodes the standard alphabet too
+            data = base64.urlsafe_b64decode(encoded)
+        except ValueError as e:
+            raise DataError(f"image '{name}' is not valid base64 ({e})") from e
+        return decode_image(data, name)
+
+    def subset(self, image_indices) -> CaptionIndex:
+        """The given images, each with all its captions (train/val splits)."""
+        images = np.asarray(image_indices, dtype=np.int64)
+        starts = self._first_caption[images]
+        caption_ids, first_caption = _gather_ranges(starts, self._first_caption[images + 1] - starts)
+        return CaptionIndex(self._names.take(images), self._captions.take(caption_ids), first_caption,
+                            f"{self.source} [{len(images)} of {self.num_images} images]", self.image_root,
+                            self.tsv_path, None if self.tsv_spans is None else self.tsv_spans[images])
+
+    def __repr__(self) -> str:
+        return f"CaptionIndex({self.source}: {self.num_images} images, {self.num_captions} captions)"
+
+
+# ----------------------------------------------------------------------------- images
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode.startswith("I"):
+        # 16-bit (and 32-bit integer) grey: Pillow's convert("L") clips at 255, so almost every
+        # pixel would turn white. Integer images are taken as 16-bit, 0..65535.
+        values = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(np.clip(values, 0, 255).round().astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        # Transparent pixels keep arbitrary colours that dropping alpha would reveal (often black).
+        # Composite on white, as a viewer shows them.
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...: Pillow's own conversions are right
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """Decode image bytes to RGB with the EXIF orientation applied (phone photos are often stored
+    sideways with a flag saying so). DataError naming the image if the bytes are not an image."""
+    if not data:
+        raise DataError(f"image '{name}' is empty (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # Pillow decodes lazily: convert inside the try
+            return _to_rgb(ImageOps.exif_transpose(image))
+    except Exception as e:  # Pillow raises many types for corrupt data (OSError, SyntaxError, ...)
+        raise DataError(f"image '{name}' cannot be decoded ({type(e).__name__}: {e})") from e
+
+
+# ----------------------------------------------------------------------------- readers
+
+def _clean_caption(caption, where: str, image) -> str:
+    if not isinstance(caption, str) or not caption.strip():
+        raise DataError(f"{where}: empty caption for image '{image}'")
+    return caption.strip()
+
+
+def _make_index(names: list[str], captions: list[str], owner, source: str, **storage) -> CaptionIndex:
+    """Pack names and captions; captions are reordered (stably) so that each image's are contiguous."""
+    owner = np.asarray(owner, dtype=np.int64)
+    first_caption = np.zeros(len(names) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(owner, minlength=len(names)), out=first_caption[1:])
+    ordered = (captions[k] for k in np.argsort(owner, kind="stable"))
+    return CaptionIndex(PackedStrings.pack(names), PackedStrings.pack(ordered), first_caption, source,
+                        **storage)
+
+
+def _index_from_pairs(index_file: str, pairs: list[tuple[int, str, str]]) -> CaptionIndex:
+    """Index of (entry number, image path, caption) triples; an image named twice is one image.
+    Every image must exist: a missing file is reported now, not hours into training."""
+    if not pairs:
+        raise DataError(f"{index_file}: no entries")
+    image_of_name, first_entry = {}, []
+    for entry, name, _ in pairs:
+        if name not in image_of_name:
+            image_of_name[name] = len(first_entry)
+            first_entry.append(entry)
+    names, root = list(image_of_name), os.path.dirname(os.path.abspath(index_file))
+    # One directory listing per folder instead of one stat() per image: a million images in a few
+    # folders are checked in about a second. stat() still decides for names not in the listing
+    # (they may differ only in case on a case-insensitive file system).
+    listings, missing = {}, []
+    for k, name in enumerate(names):
+        folder, base = os.path.split(os.path.join(root, name))
+        if folder not in listings:
+            listings[folder] = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+        if base not in listings[folder] and not os.path.isfile(os.path.join(folder, base)):
+            missing.append(k)
+    if missing:
+        k, more = missing[0], f"; {len(missing) - 1} more images are missing" if len(missing) > 1 else ""
+        raise DataError(f"{index_file}, entry {first_entry[k]}: image '{names[k]}' not found "
+                        f"(resolved to {os.path.join(root, names[k])}){more}")
+    return _make_index(names, [caption for _, _, caption in pairs],
+                       [image_of_name[name] for _, name, _ in pairs], index_file, image_root=root)
+
+
+def _read_json(path: str) -> CaptionIndex:
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
+            entries = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    if not isinstance(entries, list):
+        raise DataError(f"{path}: expected a JSON list of {{\"image_path\": ..., \"caption\": ...}}, "
+                        f"found a {type(entries).__name__}")
+    pairs = []
+    for k, entry in enumerate(entries):
+        where = f"{path}, entry {k}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("image_path"), str):
+            raise DataError(f"{where}: missing 'image_path' (each entry needs 'image_path' and 'caption' "
+                            f"or 'captions')")
+        image, captions = entry["image_path"], entry.get("captions", [entry.get("caption")])
+        if not isinstance(captions, list) or not captions:
+            raise DataError(f"{where}: 'captions' of image '{image}' must be a non-empty list of strings")
+        pairs += [(k, image, _clean_caption(caption, where, image)) for caption in captions]
+    return _index_from_pairs(path, pairs)
+
+
+def _read_table(path: str, image_column: str, caption_column: str) -> CaptionIndex:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: Excel writes a byte-order mark
+        try:
+            header_line, pairs = f.readline(), []
+            # The separator is the one that splits the header into the two columns we need; unlike
+            # guessing from character counts, commas inside captions cannot fool it.
+            for delimiter in ("\t", ",", ";", "|"):
+                header = next(csv.reader([header_line], delimiter=delimiter), [])
+                if image_column in header and caption_column in header:
+                    break
+            else:
+                raise DataError(f"{path}: header {header_line.strip()!r} lacks the columns '{image_column}' "
+                                f"and '{caption_column}' (separators tried: tab, comma, semicolon, pipe); "
+                                f"set image_column and caption_column to the names your file uses")
+            ic, cc = header.index(image_column), header.index(caption_column)
+            for k, row in enumerate(csv.reader(f, delimiter=delimiter)):
+                if not row:  # a blank line
+                    continue
+                if len(row) <= max(ic, cc):
+                    raise DataError(f"{path}, entry {k}: {len(row)} fields, but the header has {len(header)}")
+                pairs.append((k, row[ic], _clean_caption(row[cc], f"{path}, entry {k}", row[ic])))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    return _index_from_pairs(path, pairs)
+
+
+def _read_folder(folder: str) -> CaptionIndex:
+    images_dir, captions_dir = os.path.join(folder, "images"), os.path.join(folder, "captions")
+    files = sorted(f for f in os.listdir(images_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+        raise DataError(f"{images_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    names, captions, owner = [], [], []
+    for k, file in enumerate(files):
+        caption_file = os.path.join(captions_dir, os.path.splitext(file)[0] + ".txt")
+        where, image = f"{caption_file}, entry {k}", f"images/{file}"
+        try:
+            with open(caption_file, encoding="utf-8-sig") as f:
+                lines = [line.strip() for line in f if line.strip()]
+        except FileNotFoundError:
+            raise DataError(f"{images_dir}, entry {k}: image '{file}' has no caption file "
+                            f"(expected {caption_file})") from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: caption file of image '{image}' is not UTF-8 text "
+                            f"({e.reason} at byte {e.start})") from e
+        _clean_caption("".join(lines), where, image)
+        names.append(image)
+        captions += lines
+        owner += [k] * len(lines)
+    return _make_index(names, captions, owner, folder, image_root=os.path.abspath(folder))
+
+
+def _read_chinese_clip(texts_path: str) -> CaptionIndex:
+    imgs_path = texts_path[:-len("_texts.jsonl")] + "_imgs.tsv"
+    if not os.path.isfile(imgs_path):
+        raise DataError(f"{texts_path}: the matching image file {imgs_path} is missing")
+    # Scan the image TSV once, remembering where each image's base64 text starts and ends.
+    image_of_id, spans, position = {}, [], 0
+    with open(imgs_path, "rb") as f:
+        for k, line in enumerate(f):
+            tab = line.find(b"\t")
+            if tab <= 0:
+                raise DataError(f"{imgs_path}, entry {k}: expected 'image_id<TAB>base64 image'")
+            image_of_id[line[:tab].decode("utf-8", "replace")] = len(spans)
+            spans.append((position + tab + 1, position + len(line.rstrip(b"\r\n"))))
+            position += len(line)
+    captions, owner = [], []
+    with open(texts_path, encoding="utf-8-sig") as f:
+        try:
+            for k, line in enumerate(f):
+                if not line.strip():
+                    continue
+                where = f"{texts_path}, entry {k}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: not valid JSON ({e.msg})") from e
+                image_ids = record.get("image_ids") if isinstance(record, dict) else None
+                if not isinstance(image_ids, list) or not image_ids:
+                    raise DataError(f"{where}: needs 'image_ids', a non-empty list of ids in {imgs_path}")
+                # A text describing several images (common in retrieval test sets) becomes one
+                # caption per image: in a CaptionIndex each caption belongs to exactly one image.
+                for image_id in image_ids:
+                    if str(image_id) not in image_of_id:
+                        raise DataError(f"{where}: image id {image_id!r} is not in {imgs_path}")
+                    captions.append(_clean_caption(record.get("text"), where, image_id))
+                    owner.append(image_of_id[str(image_id)])
+        except UnicodeDecodeError as e:
+            raise DataError(f"{texts_path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    if not captions:
+        raise DataError(f"{texts_path}: no texts")
+    # Images that no text mentions can be neither trained on nor retrieved: leave them out.
+    ids, used = list(image_of_id), np.flatnonzero(np.bincount(owner, minlength=len(image_of_id)))
+    renumber = np.full(len(ids), -1, dtype=np.int64)
+    renumber[used] = np.arange(len(used))
+    return _make_index([ids[i] for i in used], captions, renumber[owner], texts_path, tsv_path=imgs_path,
+                       tsv_spans=np.asarray(spans, dtype=np.int64).reshape(-1, 2)[used])
+
+
+def load_captions(path, image_column: str = "filepath", caption_column: str = "title",
+                  split: str = "train") -> CaptionIndex:
+    """Read a data set in any supported format (see the top of this file) into a CaptionIndex."""
+    path = str(path)
+    if os.path.isdir(path):
+        texts = os.path.join(path, f"{split}_texts.jsonl")
+        if os.path.isfile(os.path.join(path, "data.json")):
+            return _read_json(os.path.join(path, "data.json"))
+        if os.path.isdir(os.path.join(path, "images")) and os.path.isdir(os.path.join(path, "captions")):
+            return _read_folder(path)
+        if os.path.isfile(texts):
+            return _read_chinese_clip(texts)
+        raise DataError(f"{path}: found no data.json, no images/ + captions/ folders and no "
+                        f"{split}_texts.jsonl + {split}_imgs.tsv (formats: the top of data_loader.py)")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file or folder")
+    if path.endswith("_texts.jsonl"):
+        return _read_chinese_clip(path)
+    if path.lower().endswith(".json"):
+        return _read_json(path)
+    return _read_table(path, image_column, caption_column)
+
+
+def split_by_image(index: CaptionIndex, val_fraction: float, seed: int) -> tuple[CaptionIndex, CaptionIndex]:
+    """Split by image, not by caption: if captions of one picture landed on both sides, validation
+    would measure memorisation of that picture instead of generalisation."""
+    num_val = round(val_fraction * index.num_images)
+    if not 0 < num_val < index.num_images:
+        raise ValueError(f"val_fraction {val_fraction} of {index.num_images} images leaves one side empty")
+    order = np.random.default_rng(seed).permutation(index.num_images)
+    return index.subset(np.sort(order[num_val:])), index.subset(np.sort(order[:num_val]))
+
+
+# ----------------------------------------------------------------------------- training samples
+
+# Mild augmentation: crops keep most of the picture (captions say "on the left"), colour jitter
+# keeps the hue (captions name colours), and no flips (they would swap left and right).
+TRAIN_AUGMENTATION = {"scale": (0.8, 1.0), "color_jitter": (0.3, 0.3, 0.3, 0.0), "color_jitter_prob": 0.8}
+
+
+def image_transform(preprocess_cfg: dict, train: bool, augment: bool = True):
+    """The model's own preprocessing (size, mean, std, resizing) from its `preprocess_cfg`, with
+    training augmentation when train and augment are both set."""
+    import open_clip
+    options = {k: preprocess_cfg.get(k) for k in ("mean", "std", "interpolation", "resize_mode")}
+    if not (train and augment):
+        return open_clip.image_transform(preprocess_cfg["size"], is_train=False,
+                                         fill_color=preprocess_cfg.get("fill_color", 0), **options)
+    with warnings.catch_warnings():  # open_clip applies the colour jitter but warns it is "unused"
+        warnings.filterwarnings("ignore", message="Unused augmentation cfg items")
+        return open_clip.image_transform(preprocess_cfg["size"], is_train=True, aug_cfg=TRAIN_AUGMENTATION,
+                                         **options)
+
+
+@contextlib.contextmanager
+def _seeded_random(seed: int):
+    """Seed the global CPU torch and Python generators (torchvision and open_clip transforms draw
+    from them) for one sample, then restore them: the augmentation depends only on the sample,
+    and the caller's random streams (dropout, shuffling) are left as they were."""
+    python_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+
+
+@dataclass
+class FailedSample:
+    """What TrainDataset returns instead of a sample whose image cannot be decoded (strict=False)."""
+    image_name: str
+    reason: str
+
+
+class TrainDataset(Dataset):
+    """Item i is image i with ONE of its captions, drawn anew each epoch.
+
+    The caption and the augmentation come from a generator seeded with (seed, epoch, i), so an
+    epoch's samples depend neither on worker count nor on order, and a resumed run sees exactly
+    the samples the interrupted one would have.
+    """
+
+    def __init__(self, index: CaptionIndex, transform, tokenizer, seed: int = 0, strict: bool = False):
+        self.index, self.transform, self.tokenizer = index, transform, tokenizer
+        self.seed, self.strict = seed, strict
+        # Persistent DataLoader workers keep their own copy of the dataset, so an epoch stored in
+        # a plain attribute would never reach them; a shared-memory tensor does.
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int):
+        self._epoch[0] = epoch
+
+    def __len__(self) -> int:
+        return self.index.num_images
+
+    def __getitem__(self, i: int):
+        rng = np.random.default_rng((self.seed, int(self._epoch[0]), i))
+        captions = self.index.captions_of(i)
+        caption = self.index.caption(int(captions[rng.integers(len(captions))]))
+        try:
+            image = self.index.load_image(i)
+        except DataError as e:
+            if self.strict:
+                raise
+            return FailedSample(self.index.image_name(i), str(e))
+        with _seeded_random(int(rng.integers(2**63))):
+            pixels = self.transform(image)
+        return pixels, self.tokenizer([caption])[0], i
+
+
+class ImageDataset(Dataset):
+    """Every image once, for evaluation: `(image_tensor, i)`; a failing image raises DataError."""
+
+    def __init__(self, index: CaptionIndex, transform):
+        self.index, self.transform = index, transform
+
+    def __len__(self) -> int:
+        return self.index.num_images
+
+    def __getitem__(self, i: int):
+        return self.transform(self.index.load_image(i)), i
+
+
+def collate_batch(samples: list) -> dict:
+    """Stack TrainDataset samples. Failed ones are dropped and their image names reported, so the
+    training loop can count them and warn; a batch may end up empty (check `image_ids`)."""
+    good = [s for s in samples if not isinstance(s, FailedSample)]
+    failed = [s.image_name for s in samples if isinstance(s, FailedSample)]
+    if not good:
+        return {"images": torch.empty(0, 3, 0, 0), "texts": torch.empty(0, 0, dtype=torch.long),
+                "image_ids": torch.empty(0, dtype=torch.long), "failed": failed}
+    images, texts, image_ids = zip(*good)
+    return {"images": torch.stack(images), "texts": torch.stack(texts),
+            "image_ids": torch.tensor(image_ids, dtype=torch.long), "failed": failed}
+
+
+class EpochSampler(Sampler):
+    """Seeded order of each epoch, shared out across ranks, resumable mid-epoch.
+
+    The order of an epoch is randperm(num_samples) seeded with seed + epoch. `set_epoch(epoch,
+    start)` skips its first `start` entries (consumed by all ranks together before a checkpoint),
+    cuts the rest to a multiple of world_size, and rank r takes rest[r::world_size]. After k steps
+    of batch B on W ranks exactly the first k*B*W entries are consumed, whatever W is, so a run
+    resumes exactly on any number of ranks.
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.num_samples, self.seed, self.rank, self.world_size = num_samples, seed, rank, world_size
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int, start: int = 0):
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + epoch)
+        rest = torch.randperm(self.num_samples, generator=generator)[start:]
+        self._indices = rest[:len(rest) // self.world_size * self.world_size][self.rank::self.world_size]
+
+    def __iter__(self):
+        return iter(self._indices.tolist())
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+
+def _seed_worker(worker_id: int):
+    # DataLoader seeds torch in each worker (its generator's base seed + worker id); give numpy
+    # and Python the same seed so that transforms drawing from them are reproducible too.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def build_dataloader(dataset, batch_size: int, *, sampler=None, num_workers: int = 0, seed: int = 0,
+                     train: bool = True, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader with seeded workers. Training drops the last incomplete batch (a tiny batch has
+    few negatives and gives a noisy contrastive loss). Pass an EpochSampler (or DistributedSampler)
+    to shard across ranks; without one, training shuffles with the seed."""
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    collate = collate_batch if isinstance(dataset, TrainDataset) else None
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=train and sampler is None,
+                      num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory, drop_last=train,
+                      worker_init_fn=_seed_worker, generator=generator, persistent_workers=num_workers > 0)
+
+
+# ----------------------------------------------------------------------------- sample data set
+
+# Saturated colours far apart in hue, and shapes of 16 px or more in a 64 px image: a visual
+# vocabulary that a 6M-parameter CLIP learns on a CPU in minutes.
+SAMPLE_COLOURS = {"red": ((220, 30, 30), "红色"), "green": ((30, 160, 50), "绿色"),
+                  "blue": ((35, 70, 225), "蓝色"), "yellow": ((240, 200, 0), "黄色"),
+                  "purple": ((145, 50, 190), "紫色")}
+SAMPLE_SHAPES = {"circle": "圆形", "square": "正方形", "triangle": "三角形", "star": "星形"}
+SAMPLE_IMAGE_SIZE = 64
+_CENTRES = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bottom": (0.5, 0.72),
+            "center": (0.5, 0.5)}
+_RADIUS = {"small": 0.14, "large": 0.22, "pair": 0.17}  # fraction of the image side
+_WORDS = {  # several phrasings of each position and size, so captions are paraphrases, not one template
+    "en": {"left": ["on the left", "at the left side", "in the left half"],
+           "right": ["on the right", "at the right side", "in the right half"],
+           "top": ["at the top", "near the top", "in the upper half"],
+           "bottom": ["at the bottom", "near the bottom", "in the lower half"],
+           "center": ["in the center", "in the middle", "at the centre"],
+           "small": ["small", "little", "tiny"], "large": ["large", "big", "huge"], "pair": [""]},
+    "zh": {"left": ["左边", "左侧"], "right": ["右边", "右侧"], "top": ["上方", "上面"],
+           "bottom": ["下方", "下面"], "center": ["中间", "中央"],
+           "small": ["小"], "large": ["大"], "pair": [""]},
+}
+_TEMPLATES = {  # c = colour, s = shape, p = position, z = size; 1 and 2 number the shapes
+    ("en", 1): ["a {z1} {c1} {s1} {p1}", "a {c1} {s1}, {z1}, {p1}", "{p1}, a {z1} {c1} {s1}",
+                "there is a {z1} {c1} {s1} {p1}", "a picture of a {z1} {c1} {s1} {p1}"],
+    ("en", 2): ["a {c1} {s1} {p1} and a {c2} {s2} {p2}", "a {c2} {s2} {p2} and a {c1} {s1} {p1}",
+                "two shapes: a {c1} {s1} {p1}, a {c2} {s2} {p2}", "{p1} a {c1} {s1}, {p2} a {c2} {s2}"],
+    ("zh", 1): ["{p1}有一个{z1}的{c1}{s1}", "一个{z1}的{c1}{s1}在{p1}",
+                "{c1}{s1}，很{z1}，在图片{p1}", "图片{p1}是一个{z1}的{c1}{s1}"],
+    ("zh", 2): ["{p1}是一个{c1}{s1}，{p2}是一个{c2}{s2}", "{p1}有{c1}{s1}，{p2}有{c2}{s2}",
+                "一个{c1}{s1}在{p1}，一个{c2}{s2}在{p2}",
+                "图中有{c1}{s1}和{c2}{s2}，分别在{p1}和{p2}"],
+}
+
+
+def _sample_image(rng: np.random.Generator, shapes: list[tuple]) -> bytes:
+    """PNG bytes of shapes [(colour, shape, position, size)] on a plain background."""
+    side = SAMPLE_IMAGE_SIZE
+    background = rng.integers(185, 250) + rng.integers(-12, 13, 3)  # pale grey, slightly tinted
+    image = Image.new("RGB", (side, side), tuple(int(v) for v in background))
+    draw = ImageDraw.Draw(image)
+    for colour, shape, position, size in shapes:
+        cx, cy = (np.array(_CENTRES[position]) + rng.uniform(-0.03, 0.03, 2)) * side
+        r, fill = _RADIUS[size] * side * rng.uniform(0.9, 1.1), SAMPLE_COLOURS[colour][0]
+        if shape == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif shape == "square":  # 0.85 r: a square as wide as the circle would look bigger
+            draw.rectangle((cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r), fill=fill)
+        else:  # triangle: 3 corners at 1.15 r; star: 10 corners alternating between r and 0.45 r
+            radii, n = ([1.15 * r], 3) if shape == "triangle" else ([r, 0.45 * r], 10)
+            corners = [(radii[k % len(radii)], 2 * np.pi * k / n) for k in range(n)]
+            draw.polygon([(cx + d * np.sin(a), cy - d * np.cos(a)) for d, a in corners], fill=fill)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _sample_captions(rng: np.random.Generator, shapes: list[tuple], language: str) -> list[str]:
+    """Two or three different paraphrases naming each shape's colour, kind and position (and size)."""
+    templates, words, captions = _TEMPLATES[language, len(shapes)], _WORDS[language], []
+    for t in rng.choice(len(templates), size=int(rng.integers(2, 4)), replace=False):
+        fields = {}
+        for k, (colour, shape, position, size) in enumerate(shapes, 1):
+            fields[f"c{k}"] = colour if language == "en" else SAMPLE_COLOURS[colour][1]
+            fields[f"s{k}"] = shape if language == "en" else SAMPLE_SHAPES[shape]
+            fields[f"p{k}"], fields[f"z{k}"] = rng.choice(words[position]), rng.choice(words[size])
+        captions.append(templates[t].format(**fields))
+    return captions
+
+
+def _random_shapes(rng: np.random.Generator, count: int) -> list[tuple]:
+    looks = [(colour, shape) for colour in SAMPLE_COLOURS for shape in SAMPLE_SHAPES]
+    if count == 1:
+        position, size = list(_CENTRES)[rng.integers(len(_CENTRES))], ("small", "large")[rng.integers(2)]
+        return [(*looks[rng.integers(len(looks))], position, size)]
+    positions = (("left", "right"), ("top", "bottom"))[rng.integers(2)]  # side by side, never overlapping
+    return [(*looks[look], position, "pair")
+            for look, position in zip(rng.choice(len(looks), size=2, replace=False), positions)]
+
+
+def _write(path: str, data: bytes | str):
+    with open(path, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def create_sample_dataset(out_dir, num_samples: int = 1000, seed: int = 0, language: str = "en") -> dict:
+    """Write a generated data set: images of one or two coloured shapes, each with two or three
+    paraphrased captions naming colour, shape and position (and size), in English or Chinese.
+
+    Written as out_dir/data.json and as the images/ + captions/ layout (the same images), plus
+    out_dir/zeroshot/<class>/*.png (class = colour + shape, one shape per image) for zero-shot
+    classification. The same seed gives the same bytes.
+    """
+    if language not in ("en", "zh"):
+        raise ValueError(f"language must be 'en' or 'zh', not {language!r}")
+    out_dir = str(out_dir)
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise DataError(f"{out_dir}: folder exists and is not empty; choose a new folder or delete it")
+    for sub in ("images", "captions", "zeroshot"):
+        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+    rng, entries = np.random.default_rng([seed, 0]), []
+    for k in range(num_samples):
+        shapes = _random_shapes(rng, 2 if rng.random() < 0.25 else 1)
+        captions = _sample_captions(rng, shapes, language)
+        _write(os.path.join(out_dir, "images", f"{k:05d}.png"), _sample_image(rng, shapes))
+        _write(os.path.join(out_dir, "captions", f"{k:05d}.txt"), "\n".join(captions) + "\n")
+        entries.append({"image_path": f"images/{k:05d}.png", "captions": captions})
+    _write(os.path.join(out_dir, "data.json"), json.dumps(entries, ensure_ascii=False, indent=1))
+    # Zero-shot images come from their own random stream: new pictures, never training ones.
+    rng, per_class = np.random.default_rng([seed, 1]), max(2, min(20, num_samples // 50))
+    for colour, (_, colour_zh) in SAMPLE_COLOURS.items():
+        for shape, shape_zh in SAMPLE_SHAPES.items():
+            name = f"{colour} {shape}" if language == "en" else colour_zh + shape_zh
+            os.makedirs(os.path.join(out_dir, "zeroshot", name))
+            for k in range(per_class):
+                shapes = [(colour, shape, *_random_shapes(rng, 1)[0][2:])]  # a random position and size
+                _write(os.path.join(out_dir, "zeroshot", name, f"{k:03d}.png"), _sample_image(rng, shapes))
+    return {"index": os.path.join(out_dir, "data.json"), "folder": out_dir,
+            "zeroshot": os.path.join(out_dir, "zeroshot")}
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Make a sample data set, or check that a data set loads.")
+    add = parser.add_argument
+    add("--make_sample", metavar="DIR", help="write a generated data set into DIR (new or empty)")
+    add("--num_samples", type=int, default=1000, help="images in the generated set")
+    add("--seed", type=int, default=0, help="seed of the generated set (same seed, same files)")
+    add("--language", choices=("en", "zh"), default="en", help="caption language of the generated set")
+    add("--inspect", metavar="PATH", help="load a data set (any format); print counts and a few entries")
+    add("--image_column", default="filepath", help="image column of a CSV/TSV file")
+    add("--caption_column", default="title", help="caption column of a CSV/TSV file")
+    add("--split", default="train", help="split of a Chinese-CLIP folder ({split}_texts.jsonl)")
+    args = parser.parse_args(argv)
+    if not (args.make_sample or args.inspect):
+        parser.error("give --make_sample DIR or --inspect PATH")
+    try:
+        if args.make_sample:
+            paths = create_sample_dataset(args.make_sample, args.num_samples, args.seed, args.language)
+            print(f"wrote {args.num_samples} images: index {paths['index']}, folder layout "
+                  f"{paths['folder']}, zero-shot classes {paths['zeroshot']}")
+        if args.inspect:
+            index = load_captions(args.inspect, args.image_column, args.caption_column, args.split)
+            print(index)
+            for i in range(min(3, index.num_images)):
+                image = index.load_image(i)  # decoding a few images catches a wrong image format early
+                print(f"  {index.image_name(i)} ({image.width}x{image.height}): " +
+                      " | ".join(index.caption(j) for j in index.captions_of(i)))
+    except DataError as e:
+        sys.exit(f"data error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,419 @@
+"""Specification of data_loader.py: every format, bad input, the sample set, exact sampling."""
+import base64
+import csv
+import dataclasses
+import io
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from open_clip.transform import PreprocessCfg
+from PIL import Image
+
+import data_loader as dl
+
+PREPROCESS = dataclasses.asdict(PreprocessCfg(size=32))  # the shape of model.visual.preprocess_cfg
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    return dl.create_sample_dataset(tmp_path_factory.mktemp("sample") / "set", num_samples=12, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return open_clip.get_tokenizer("ViT-B-32")
+
+
+def png_bytes(image: Image.Image, fmt="PNG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def write_png(path, colour=(255, 0, 0)):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", (8, 8), colour).save(path)
+
+
+def write_json(path, entries):
+    path.write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def contents(index):
+    """{decoded pixels: sorted captions}: what a data set means, whatever the format."""
+    return {index.load_image(i).tobytes(): sorted(index.caption(j) for j in index.captions_of(i))
+            for i in range(index.num_images)}
+
+
+def write_table(index, path, delimiter, relative_to=None):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter=delimiter)
+        writer.writerow(["filepath", "title"])
+        for j in range(index.num_captions):
+            name = index.image_name(index.caption_image[j])
+            writer.writerow([os.path.relpath(name, relative_to) if relative_to else name, index.caption(j)])
+    return path
+
+
+def write_chinese_clip(index, folder, split="train"):
+    folder.mkdir()
+    with open(folder / f"{split}_imgs.tsv", "w") as f:
+        for i in range(index.num_images):
+            with open(index.image_name(i), "rb") as image:
+                f.write(f"{1000 + i}\t{base64.urlsafe_b64encode(image.read()).decode()}\n")
+    with open(folder / f"{split}_texts.jsonl", "w", encoding="utf-8") as f:
+        for j in range(index.num_captions):
+            image_id = 1000 + int(index.caption_image[j])
+            f.write(json.dumps({"text_id": j, "text": index.caption(j), "image_ids": [image_id]}) + "\n")
+    return folder
+
+
+# ----------------------------------------------------------------------------- formats
+
+def test_every_format_loads_the_same_samples(sample, tmp_path):
+    reference = dl.load_captions(sample["index"])
+    folder = tmp_path / "folder"  # the images/ + captions/ layout on its own (no data.json beside it)
+    for sub in ("images", "captions"):
+        shutil.copytree(os.path.join(sample["folder"], sub), folder / sub)
+    cn = write_chinese_clip(reference, tmp_path / "cn")
+    sources = [sample["folder"], folder, write_table(reference, tmp_path / "pairs.csv", ","),
+               write_table(reference, tmp_path / "pairs.tsv", "\t", relative_to=tmp_path),
+               cn, cn / "train_texts.jsonl"]
+    expected = contents(reference)
+    assert len(expected) == 12 and reference.num_captions >= 24
+    for source in sources:
+        index = dl.load_captions(source)
+        assert (index.num_images, index.num_captions) == (12, reference.num_captions), source
+        assert contents(index) == expected, source
+    assert dl.load_captions(folder).source == str(folder)  # really read as the folder layout
+
+
+def test_table_columns_are_configurable_and_the_separator_is_detected(tmp_path):
+    write_png(tmp_path / "a.png")
+    (tmp_path / "pairs.txt").write_text('id;img;text\n1;a.png;"a red square, small"\n2;a.png;red\n')
+    index = dl.load_captions(tmp_path / "pairs.txt", image_column="img", caption_column="text")
+    assert index.num_images == 1 and index.captions() == ["a red square, small", "red"]
+
+
+def test_an_image_named_several_times_is_one_image_with_all_its_captions(tmp_path):
+    write_png(tmp_path / "a.png"), write_png(tmp_path / "b.png")
+    index = dl.load_captions(write_json(tmp_path / "data.json", [
+        {"image_path": "a.png", "captions": ["a1", "a2"]}, {"image_path": "b.png", "caption": "b1"},
+        {"image_path": "a.png", "caption": "a3"}]))
+    assert (index.num_images, index.num_captions) == (2, 4)
+    assert index.caption_image.tolist() == [0, 0, 0, 1]
+    assert [index.caption(j) for j in index.captions_of(0)] == ["a1", "a2", "a3"]
+    assert [index.caption(j) for j in index.captions_of(1)] == ["b1"]
+
+
+def test_chinese_clip_text_of_several_images_belongs_to_each_and_unused_images_are_left_out(tmp_path):
+    encoded = [base64.urlsafe_b64encode(png_bytes(Image.new("RGB", (4, 4), c))).decode()
+               for c in ("red", "blue", "green")]
+    (tmp_path / "valid_imgs.tsv").write_text("".join(f"{k}\t{e}\n" for k, e in zip((7, 8, 9), encoded)))
+    (tmp_path / "valid_texts.jsonl").write_text(
+        '{"text_id": 1, "text": "红色和蓝色", "image_ids": [7, 8]}\n'
+        '{"text_id": 2, "text": "蓝色", "image_ids": [8]}\n',
+        encoding="utf-8")
+    index = dl.load_captions(tmp_path, split="valid")
+    assert [index.image_name(i) for i in range(index.num_images)] == ["7", "8"]  # 9 has no text
+    assert index.captions() == ["红色和蓝色", "红色和蓝色", "蓝色"]
+    assert index.caption_image.tolist() == [0, 1, 1]
+    assert index.load_image(1).getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_split_is_per_image_seeded_and_keeps_every_caption_with_its_image(sample):
+    index = dl.load_captions(sample["index"])
+    train, val = dl.split_by_image(index, 0.25, seed=1)
+    names = lambda part: {part.image_name(i) for i in range(part.num_images)}  # noqa: E731
+    assert val.num_images == 3 and train.num_images == 9
+    assert not names(train) & names(val) and names(train) | names(val) == names(index)
+    assert train.num_captions + val.num_captions == index.num_captions
+    assert contents(train) | contents(val) == contents(index)  # captions travel with their image
+    assert names(dl.split_by_image(index, 0.25, seed=1)[1]) == names(val)
+    assert any(names(dl.split_by_image(index, 0.25, seed=s)[1]) != names(val) for s in (2, 3))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_invalid_json_names_the_file_and_line(tmp_path):
+    (tmp_path / "data.json").write_text('[{"image_path": "a.png",\n "caption": }]')
+    with pytest.raises(dl.DataError, match=r"data\.json: not valid JSON \(line 2"):
+        dl.load_captions(tmp_path)
+
+
+def test_entry_without_image_path_is_named_by_number(tmp_path):
+    write_png(tmp_path / "a.png")
+    path = write_json(tmp_path / "train.json", [{"image_path": "a.png", "caption": "x"}, {"caption": "y"}])
+    with pytest.raises(dl.DataError, match=re.escape(f"{path}, entry 1: missing 'image_path'")):
+        dl.load_captions(path)
+
+
+def test_empty_caption_names_the_entry_and_image(tmp_path):
+    write_png(tmp_path / "a.png"), write_png(tmp_path / "b.png")
+    path = write_json(tmp_path / "train.json", [{"image_path": "a.png", "caption": "x"},
+                                                {"image_path": "b.png", "captions": ["ok", "  "]}])
+    with pytest.raises(dl.DataError, match=re.escape(f"{path}, entry 1: empty caption for image 'b.png'")):
+        dl.load_captions(path)
+
+
+def test_missing_image_is_reported_at_load_time_with_entry_and_resolved_path(tmp_path):
+    write_png(tmp_path / "img" / "0.png")
+    path = write_json(tmp_path / "train.json", [
+        {"image_path": f"img/{k}.png", "caption": "x"} for k in range(4)])
+    resolved = tmp_path / "img" / "1.png"
+    message = f"{path}, entry 1: image 'img/1.png' not found (resolved to {resolved}); 2 more"
+    with pytest.raises(dl.DataError, match=re.escape(message)):
+        dl.load_captions(path)
+
+
+def test_caption_file_that_is_not_utf8_is_named(tmp_path):
+    write_png(tmp_path / "images" / "cat.png")
+    (tmp_path / "captions").mkdir()
+    (tmp_path / "captions" / "cat.txt").write_bytes(b"a cat\n\xff\xfe caf\xe9\n")
+    with pytest.raises(dl.DataError, match=re.escape(f"{tmp_path / 'captions' / 'cat.txt'}, entry 0: caption "
+                                                     f"file of image 'images/cat.png' is not UTF-8")):
+        dl.load_captions(tmp_path)
+
+
+def test_table_without_the_columns_shows_its_header(tmp_path):
+    (tmp_path / "pairs.csv").write_text("path,text\na.png,x\n")
+    with pytest.raises(dl.DataError, match="header 'path,text' lacks the columns 'filepath' and 'title'"):
+        dl.load_captions(tmp_path / "pairs.csv")
+
+
+def test_chinese_clip_text_pointing_to_an_unknown_image_is_named(tmp_path):
+    (tmp_path / "train_imgs.tsv").write_text("1\tAAAA\n")
+    (tmp_path / "train_texts.jsonl").write_text('{"text_id": 1, "text": "x", "image_ids": [1]}\n'
+                                                '{"text_id": 2, "text": "y", "image_ids": [5]}\n')
+    with pytest.raises(dl.DataError, match=r"train_texts\.jsonl, entry 1: image id 5 is not in .*train_imgs"):
+        dl.load_captions(tmp_path)
+
+
+BROKEN_IMAGES = {"empty": b"", "truncated": png_bytes(Image.new("RGB", (64, 64), "red"))[:60],
+                 "not an image": b"<html>404 not found</html>"}
+BROKEN_MESSAGES = {"empty": "is empty (0 bytes)", "truncated": "cannot be decoded",
+                   "not an image": "cannot be decoded (UnidentifiedImageError"}
+
+
+@pytest.fixture
+def index_with_broken_image(tmp_path):
+    write_png(tmp_path / "good1.png"), write_png(tmp_path / "good2.png", (0, 0, 255))
+    (tmp_path / "broken.png").write_bytes(BROKEN_IMAGES["truncated"])
+    return dl.load_captions(write_json(tmp_path / "data.json", [
+        {"image_path": name, "caption": "a picture"} for name in ("good1.png", "broken.png", "good2.png")]))
+
+
+@pytest.mark.parametrize("kind", BROKEN_IMAGES)
+def test_undecodable_image_raises_data_error_naming_it(kind, tmp_path):
+    (tmp_path / "x.png").write_bytes(BROKEN_IMAGES[kind])
+    index = dl.load_captions(write_json(tmp_path / "data.json", [{"image_path": "x.png", "caption": "c"}]))
+    message = f"image '{tmp_path / 'x.png'}' {BROKEN_MESSAGES[kind]}"
+    with pytest.raises(dl.DataError, match=re.escape(message)):
+        index.load_image(0)
+
+
+def test_failed_image_is_skipped_and_reported_unless_strict(index_with_broken_image, tokenizer):
+    transform = dl.image_transform(PREPROCESS, train=True)
+    dataset = dl.TrainDataset(index_with_broken_image, transform, tokenizer)
+    batch = dl.collate_batch([dataset[i] for i in range(3)])
+    assert batch["images"].shape == (2, 3, 32, 32) and batch["image_ids"].tolist() == [0, 2]
+    assert batch["failed"] == [index_with_broken_image.image_name(1)]
+    strict = dl.TrainDataset(index_with_broken_image, transform, tokenizer, strict=True)
+    with pytest.raises(dl.DataError, match="broken.png"):
+        strict[1]
+    loader = dl.build_dataloader(strict, 3, num_workers=1, train=False)
+    with pytest.raises(dl.DataError, match="broken.png' cannot be decoded"):  # readable, from a worker
+        next(iter(loader))
+
+
+# ----------------------------------------------------------------------------- image modes
+
+def _rgba():
+    image = Image.new("RGBA", (2, 1), (0, 0, 0, 0))
+    image.putpixel((1, 0), (255, 0, 0, 255))
+    return png_bytes(image)
+
+
+def _palette(transparent: bool):
+    image = Image.new("P", (2, 1), 0)
+    image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    image.putpixel((1, 0), 1)
+    return png_bytes(image, transparency=0) if transparent else png_bytes(image)
+
+
+def _exif_rotated():
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    image.paste((0, 0, 255), (20, 0, 40, 20))  # stored: red left half, blue right half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    return png_bytes(image, "JPEG", exif=exif, quality=95)
+
+
+MODES = {  # name: (encoded image, size expected, {pixel: colour expected})
+    "RGBA": (_rgba(), (2, 1), {(0, 0): (255, 255, 255), (1, 0): (255, 0, 0)}),
+    "LA": (png_bytes(Image.new("LA", (1, 1), (0, 0))), (1, 1), {(0, 0): (255, 255, 255)}),
+    "P transparent": (_palette(True), (2, 1), {(0, 0): (255, 255, 255), (1, 0): (255, 0, 0)}),
+    "P opaque": (_palette(False), (2, 1), {(0, 0): (0, 0, 0), (1, 0): (255, 0, 0)}),
+    "I;16 max": (png_bytes(Image.fromarray(np.full((2, 2), 65535, np.uint16))), (2, 2), {(0, 0): (255,) * 3}),
+    "I;16 mid": (png_bytes(Image.fromarray(np.full((2, 2), 128 * 257, np.uint16))), (2, 2),
+                 {(0, 0): (128,) * 3}),
+    "I 32-bit": (png_bytes(Image.fromarray(np.full((2, 2), 65535, np.int32)), "TIFF"), (2, 2),
+                 {(0, 0): (255,) * 3}),
+    "L": (png_bytes(Image.new("L", (1, 1), 100)), (1, 1), {(0, 0): (100, 100, 100)}),
+    "CMYK": (png_bytes(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG"), (8, 8), {(4, 4): (255, 0, 0)}),
+    "EXIF rotated": (_exif_rotated(), (20, 40), {(10, 5): (255, 0, 0), (10, 34): (0, 0, 255)}),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_image_mode_becomes_correct_rgb(mode):
+    data, size, pixels = MODES[mode]
+    image = dl.decode_image(data, mode)
+    assert image.mode == "RGB" and image.size == size
+    for xy, colour in pixels.items():
+        assert np.abs(np.subtract(image.getpixel(xy), colour)).max() <= 8, (xy, image.getpixel(xy))
+
+
+# ----------------------------------------------------------------------------- sample data set
+
+def _files(folder):
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(folder) for f in files}
+
+
+def test_sample_dataset_is_deterministic_for_a_seed(tmp_path):
+    first, again, other = (_files(dl.create_sample_dataset(tmp_path / name, 6, seed)["folder"])
+                           for name, seed in (("a", 3), ("b", 3), ("c", 4)))
+    assert first == again
+    assert first.keys() == other.keys() and first["data.json"] != other["data.json"]
+    assert first["images/00000.png"] != other["images/00000.png"]
+
+
+def test_sample_dataset_layouts_captions_and_zeroshot_classes(sample):
+    entries = json.load(open(sample["index"], encoding="utf-8"))
+    colours, shapes = set(dl.SAMPLE_COLOURS), set(dl.SAMPLE_SHAPES)
+    for k, entry in enumerate(entries):
+        assert entry["image_path"] == f"images/{k:05d}.png"
+        caption_file = os.path.join(sample["folder"], "captions", f"{k:05d}.txt")
+        assert open(caption_file, encoding="utf-8").read() == "\n".join(entry["captions"]) + "\n"
+        assert 2 <= len(set(entry["captions"])) == len(entry["captions"]) <= 3  # distinct paraphrases
+        for caption in entry["captions"]:
+            words = re.findall(r"[a-z]+", caption)
+            named_colours = [w for w in words if w in colours]
+            named_shapes = [w for w in words if w in shapes]
+            assert len(named_colours) in (1, 2) and len(named_shapes) == len(named_colours)
+            assert len(named_colours) == 2 or {"small", "little", "tiny", "large", "big", "huge"} & set(words)
+    classes = sorted(os.listdir(sample["zeroshot"]))
+    assert len(classes) == 20 and "red circle" in classes
+    red = np.asarray(Image.open(os.path.join(sample["zeroshot"], "red circle", "000.png")), int)
+    assert (np.abs(red - dl.SAMPLE_COLOURS["red"][0]).max(axis=2) < 10).sum() > 150  # a visible red shape
+
+
+def test_chinese_sample_captions_are_chinese_and_tokenised(tmp_path, tokenizer):
+    paths = dl.create_sample_dataset(tmp_path / "zh", num_samples=8, seed=0, language="zh")
+    index = dl.load_captions(paths["index"])
+    colour_names = [zh for _, zh in dl.SAMPLE_COLOURS.values()]
+    assert all(any(c in caption for c in colour_names) for caption in index.captions())
+    assert "红色圆形" in os.listdir(paths["zeroshot"])
+    first, second = (tokenizer([index.caption(j)])[0] for j in (0, index.num_captions - 1))
+    assert (first != 0).sum() > 2 and not torch.equal(first, second)  # more than start + end tokens
+    dataset = dl.TrainDataset(index, dl.image_transform(PREPROCESS, train=False), tokenizer)
+    assert (dataset[0][1] != 0).sum() > 2
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def test_image_transform_uses_the_model_size_and_augments_only_for_training(sample):
+    image = dl.load_captions(sample["index"]).load_image(0)
+    evaluate = dl.image_transform(PREPROCESS, train=False)
+    assert evaluate(image).shape == (3, 32, 32) and torch.equal(evaluate(image), evaluate(image))
+    assert torch.equal(dl.image_transform(PREPROCESS, train=True, augment=False)(image), evaluate(image))
+    train = dl.image_transform(PREPROCESS, train=True)
+    assert train(image).shape == (3, 32, 32) and not torch.equal(train(image), train(image))
+
+
+def test_each_epoch_draws_one_seeded_caption_per_image(sample):
+    index = dl.load_captions(sample["index"])
+    dataset = dl.TrainDataset(index, lambda image: torch.zeros(1), lambda texts: texts, seed=1)
+    draws = []
+    for epoch in range(6):
+        dataset.set_epoch(epoch)
+        draws.append([dataset[i][1] for i in range(index.num_images)])
+    for i in range(index.num_images):
+        own = {index.caption(j) for j in index.captions_of(i)}
+        assert {epoch_draws[i] for epoch_draws in draws} <= own
+    assert draws[0] != draws[1]
+    dataset.set_epoch(0)
+    assert [dataset[i][1] for i in range(index.num_images)] == draws[0]
+
+
+def test_train_batches_do_not_depend_on_worker_count(sample, tokenizer):
+    index = dl.load_captions(sample["index"])
+
+    def batches(num_workers):
+        dataset = dl.TrainDataset(index, dl.image_transform(PREPROCESS, train=True), tokenizer, seed=5)
+        sampler = dl.EpochSampler(len(dataset), seed=5)
+        loader = dl.build_dataloader(dataset, 4, sampler=sampler, num_workers=num_workers, seed=5)
+        result = []
+        for epoch in (0, 1):  # the epoch must reach persistent workers too
+            dataset.set_epoch(epoch)
+            sampler.set_epoch(epoch)
+            result += list(loader)
+        return result
+
+    serial, parallel = batches(0), batches(2)
+    assert len(serial) == len(parallel) == 6
+    for a, b in zip(serial, parallel):
+        assert all(torch.equal(a[key], b[key]) for key in ("images", "texts", "image_ids"))
+    assert not torch.equal(serial[0]["images"], serial[3]["images"])
+
+
+def test_loader_drops_the_last_partial_batch_only_for_training(sample, tokenizer):
+    index = dl.load_captions(sample["index"])
+    transform = dl.image_transform(PREPROCESS, train=False)
+    evaluation = list(dl.build_dataloader(dl.ImageDataset(index, transform), 5, train=False))
+    assert [len(indices) for _, indices in evaluation] == [5, 5, 2]
+    assert torch.cat([indices for _, indices in evaluation]).tolist() == list(range(12))
+    training = list(dl.build_dataloader(dl.TrainDataset(index, transform, tokenizer), 5, seed=0))
+    assert [len(batch["image_ids"]) for batch in training] == [5, 5]
+
+
+def test_epoch_sampler_resumes_exactly_after_a_checkpoint():
+    sampler = dl.EpochSampler(50, seed=7)
+    sampler.set_epoch(2)
+    uninterrupted = list(sampler)
+    sampler.set_epoch(2, start=20)
+    assert uninterrupted[:20] + list(sampler) == uninterrupted
+    assert sorted(uninterrupted) == list(range(50))
+    sampler.set_epoch(3)
+    assert list(sampler) != uninterrupted
+
+
+def test_epoch_sampler_ranks_partition_an_epoch_without_overlap():
+    ranks = [dl.EpochSampler(51, seed=7, rank=r, world_size=2) for r in (0, 1)]
+    for sampler in ranks:
+        sampler.set_epoch(1)
+    first, second = (list(sampler) for sampler in ranks)
+    assert len(first) == len(second) == len(ranks[0]) == 25  # cut to a multiple of the world size
+    assert not set(first) & set(second)
+
+
+def test_epoch_sampler_resumed_on_another_world_size_covers_exactly_the_rest():
+    single = dl.EpochSampler(40, seed=3)
+    order = list(single)
+    ranks = [dl.EpochSampler(40, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    # 2 ranks, 3 steps of batch 4 each: together they consumed the first 24 entries of the order
+    assert set(list(ranks[0])[:12]) | set(list(ranks[1])[:12]) == set(order[:24])
+    for sampler in ranks:
+        sampler.set_epoch(0, start=24)
+    rest = [list(sampler) for sampler in ranks]
+    assert not set(rest[0]) & set(rest[1]) and set(rest[0]) | set(rest[1]) == set(order[24:])
+    single.set_epoch(0, start=24)  # and back on one process
+    assert list(single) == order[24:]
