@@ -19,8 +19,20 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$wanted" ]; then
 else
     echo "setup: installing requirements.txt (the first time downloads PyTorch and takes a while)"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    "$VENV/bin/python" -m pip install --quiet -r requirements.txt
+    # (pip warns about every package missing from this machine's extra local indexes: noise)
+    "$VENV/bin/python" -m pip install --quiet -r requirements.txt 2> >(grep -v "is ignored: it is neither" >&2)
     echo "$wanted" > "$STAMP"
+fi
+
+# Plots of Chinese captions need a CJK font; install one where we can (root with apt-get).
+if [ -z "$(fc-list :lang=zh 2>/dev/null || true)" ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "setup: installing a CJK font for plots of Chinese captions (fonts-noto-cjk)"
+        apt-get update -qq >/dev/null && apt-get install -y -qq fonts-noto-cjk >/dev/null \
+            || echo "setup: could not install fonts-noto-cjk; Chinese text in plots will show boxes"
+    else
+        echo "setup: no CJK font found; for Chinese captions in plots: sudo apt-get install fonts-noto-cjk"
+    fi
 fi
 
 "$VENV/bin/python" - <<'PY'
