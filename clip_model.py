@@ -12,6 +12,7 @@ The towers come from open_clip, so every open_clip architecture and pretrained t
 `model_configs/` adds small presets of our own for CPUs and small GPUs.
 """
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -90,12 +91,19 @@ def resolve_model_name(model_name):
 
 
 def register_model_config(model_name, model_config):
-    """Make a config known to open_clip under its name (for checkpoints of custom architectures)."""
-    if open_clip.get_model_config(model_name) == model_config:
-        return
+    """Make a config known to open_clip (for checkpoints of custom architectures) and return the
+    name it is known by: model_name itself, or model_name plus a hash of the config when
+    open_clip knows a different config by that name (a preset trained with another context length)."""
+    known = open_clip.get_model_config(model_name)
+    if known == model_config:
+        return model_name
+    if known is not None:
+        digest = hashlib.sha1(json.dumps(model_config, sort_keys=True).encode()).hexdigest()[:8]
+        model_name = f"{model_name}-{digest}"
     folder = Path(tempfile.mkdtemp(prefix="clip_configs_"))
     (folder / f"{model_name}.json").write_text(json.dumps(model_config))
     open_clip.add_model_config(folder / f"{model_name}.json")
+    return model_name
 
 
 def _host_reachable(url, timeout=3.0):
@@ -162,14 +170,16 @@ def _quiet_open_clip():
 
 
 def build_model(model_name, pretrained="", device="cpu", loss="clip", patch_dropout=0.0,
-                grad_checkpointing=False, model_config=None):
+                grad_checkpointing=False, context_length=0, model_config=None):
     """Create a CLIP model (and its tokenizer and image preprocessing) from open_clip.
 
     model_config rebuilds an architecture stored in a checkpoint, even one that open_clip does
     not know by name. With loss="siglip" the model gets SigLIP's learned bias and initial scale.
+    context_length > 0 changes how many tokens the text tower reads (longer captions, or
+    Chinese, which the byte-level BPE splits into about 3 tokens per character).
     """
     if model_config is not None:
-        register_model_config(model_name, model_config)
+        model_name = register_model_config(model_name, model_config)
     else:
         model_name = resolve_model_name(model_name)
     weights, tag_cfg = resolve_pretrained(model_name, pretrained)
@@ -178,6 +188,8 @@ def build_model(model_name, pretrained="", device="cpu", loss="clip", patch_drop
         options.update(init_logit_scale=SIGLIP_INIT_LOGIT_SCALE, init_logit_bias=SIGLIP_INIT_LOGIT_BIAS)
     if patch_dropout:
         options["force_patch_dropout"] = patch_dropout
+    if context_length:
+        options["force_context_length"] = context_length
     # A tag may need settings the bare config lacks (OpenAI weights use QuickGELU, some tags
     # normalise images with their own mean and std).
     preprocess_keys = ("mean", "std", "interpolation", "resize_mode")
@@ -189,9 +201,12 @@ def build_model(model_name, pretrained="", device="cpu", loss="clip", patch_drop
             force_preprocess_cfg=forced_preprocess or None, **options)
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
-    return ClipSetup(model=model, tokenizer=open_clip.get_tokenizer(model_name),
-                     preprocess_cfg=dict(model.visual.preprocess_cfg), model_name=model_name,
-                     model_config=open_clip.get_model_config(model_name))
+    config = open_clip.get_model_config(model_name)
+    if context_length:
+        config["text_cfg"]["context_length"] = context_length
+    return ClipSetup(model=model, preprocess_cfg=dict(model.visual.preprocess_cfg),
+                     tokenizer=open_clip.get_tokenizer(model_name, context_length=context_length or None),
+                     model_name=model_name, model_config=config)
 
 
 def count_parameters(model, trainable_only=False):

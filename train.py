@@ -49,6 +49,8 @@ SCHEMA = [
     Setting("model", "grad_checkpointing", False, "recompute activations in backward to save memory"),
     Setting("model", "patch_dropout", 0.0, "fraction of image patches dropped in training (FLIP); "
             "ViT towers only"),
+    Setting("model", "context_length", 0, "tokens the text tower reads; 0 = the model's own "
+            "(Chinese needs about 3 tokens per character)"),
     Setting("model", "compile", False, "torch.compile the model"),
     # data
     Setting("data", "data_dir", DEFAULT_DATA_DIR, "training data: JSON index, images/+captions/ "
@@ -398,7 +400,8 @@ def main(argv=None):
     # Model.
     setup = clip_model.build_model(cfg.model_name, cfg.pretrained, device=device, loss=cfg.loss,
                                    patch_dropout=cfg.patch_dropout,
-                                   grad_checkpointing=cfg.grad_checkpointing)
+                                   grad_checkpointing=cfg.grad_checkpointing,
+                                   context_length=cfg.context_length)
     clip_model.freeze_for_finetuning(setup.model, cfg.freeze_backbone, cfg.lock_image, cfg.lock_text)
     model = setup.model
     log.info(f"model {setup.model_name}: {clip_model.count_parameters(model) / 1e6:.1f}M parameters, "

@@ -299,3 +299,13 @@ def test_checkpoint_cannot_run_code(tmp_path):
     torch.save({"state_dict": {}, "x": Evil()}, path)
     with pytest.raises(cm.CheckpointError, match="cannot be read"):
         cm.load_checkpoint(path)
+
+
+def test_a_longer_context_is_kept_in_the_checkpoint_without_changing_the_preset(tmp_path):
+    setup = cm.build_model("tiny-vit-64", context_length=48)
+    assert setup.tokenizer(["一个红色的圆形"]).shape == (1, 48)
+    cm.save_checkpoint(tmp_path / "c.pt", setup)
+    rebuilt, _ = cm.model_from_checkpoint(tmp_path / "c.pt")
+    assert rebuilt.model.positional_embedding.shape[0] == 48
+    assert rebuilt.tokenizer(["a"]).shape == (1, 48)
+    assert cm.build_model("tiny-vit-64").model.positional_embedding.shape[0] == 32
