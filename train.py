@@ -6,6 +6,7 @@ Under `torchrun` the same script trains on many GPUs or machines.
 """
 import argparse
 import contextlib
+import datetime
 import json
 import logging
 import math
@@ -106,6 +107,15 @@ def default_config():
     """config.json's content: every setting's default, by section."""
     return {section: {s.name: s.default for s in SCHEMA if s.section == section}
             for section in SECTIONS}
+
+
+def settings_markdown():
+    """The README's table of train.py's settings, generated from the schema."""
+    rows = ["| flag | section | default | meaning |", "|---|---|---|---|"]
+    for s in SCHEMA:
+        flag = f"`--{s.name}` / `--no-{s.name}`" if isinstance(s.default, bool) else f"`--{s.name}`"
+        rows.append(f"| {flag} | {s.section} | `{json.dumps(s.default)}` | {s.help} |")
+    return "\n".join(rows)
 
 
 def _check_value(name, value, where):
@@ -353,12 +363,17 @@ def main(argv=None):
     if distributed:
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Validation runs on rank 0 while the others wait: allow it more than the default timeout.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(hours=2))
     rank, world_size = clip_model.world_info()
     is_main = rank == 0
     precision = pick_precision(cfg.precision, device)
 
-    run_name = cfg.run_name or f"{Path(cfg.model_name).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_name = [cfg.run_name or f"{Path(cfg.model_name).stem}-{time.strftime('%Y%m%d-%H%M%S')}"]
+    if distributed:
+        dist.broadcast_object_list(run_name, src=0)     # every rank uses rank 0's timestamp
+    run_name = run_name[0]
     checkpoint_dir = Path(cfg.checkpoint_dir) / run_name
     log_dir, results_dir = Path(cfg.log_dir) / run_name, Path(cfg.results_dir) / run_name
     log = setup_logging(log_dir / "train.log", is_main)
@@ -389,13 +404,21 @@ def main(argv=None):
         if distributed:
             dist.barrier()
     read = dict(image_column=cfg.image_column, caption_column=cfg.caption_column)
-    train_index = data_loader.load_captions(cfg.data_dir, split=cfg.split, **read)
+    # WebDataset shards (a brace pattern, .tar or folder of shards) are streamed, not indexed,
+    # so they cannot be split into training and validation images.
+    streamed = data_loader.is_webdataset(cfg.data_dir)
+    if streamed and not cfg.val_data:
+        raise SystemExit(f"--data_dir {cfg.data_dir} is a set of WebDataset shards, which are streamed "
+                         f"and cannot be split: give --val_data (any format data_loader reads)")
+    train_index = None if streamed else data_loader.load_captions(cfg.data_dir, split=cfg.split, **read)
     if cfg.val_data:
         val_index = data_loader.load_captions(cfg.val_data, split="valid", **read)
     else:
         train_index, val_index = data_loader.split_by_image(train_index, cfg.val_fraction, cfg.seed)
-    log.info(f"data: {train_index.num_images} training images ({train_index.num_captions} "
-             f"captions), {val_index.num_images} validation images ({val_index.num_captions} captions)")
+    training_data = (f"WebDataset shards {cfg.data_dir}" if streamed else
+                     f"{train_index.num_images} training images ({train_index.num_captions} captions)")
+    log.info(f"data: {training_data}, {val_index.num_images} validation images "
+             f"({val_index.num_captions} captions)")
 
     # Model.
     setup = clip_model.build_model(cfg.model_name, cfg.pretrained, device=device, loss=cfg.loss,
@@ -407,16 +430,21 @@ def main(argv=None):
     log.info(f"model {setup.model_name}: {clip_model.count_parameters(model) / 1e6:.1f}M parameters, "
              f"{clip_model.count_parameters(model, trainable_only=True) / 1e6:.1f}M trainable")
     transform = data_loader.image_transform(setup.preprocess_cfg, train=True, augment=cfg.augment)
-    train_set = data_loader.TrainDataset(train_index, transform, setup.tokenizer, seed=cfg.seed,
-                                         strict=cfg.strict_data)
-    sampler = data_loader.EpochSampler(len(train_set), seed=cfg.seed, rank=rank, world_size=world_size)
+    if streamed:  # the dataset shares the shards out across ranks and workers itself
+        train_set = data_loader.WebDatasetTrain(cfg.data_dir, transform, setup.tokenizer, seed=cfg.seed,
+                                                rank=rank, world_size=world_size, strict=cfg.strict_data)
+        sampler = None
+    else:
+        train_set = data_loader.TrainDataset(train_index, transform, setup.tokenizer, seed=cfg.seed,
+                                             strict=cfg.strict_data)
+        sampler = data_loader.EpochSampler(len(train_set), seed=cfg.seed, rank=rank, world_size=world_size)
     loader = data_loader.build_dataloader(train_set, cfg.batch_size, sampler=sampler,
                                           num_workers=cfg.num_workers, seed=cfg.seed, train=True,
                                           pin_memory=device.type == "cuda")
     global_batch = cfg.batch_size * cfg.accum_steps * world_size
     steps_per_epoch = len(train_set) // global_batch
     if steps_per_epoch == 0:
-        raise SystemExit(f"{train_index.num_images} training images are fewer than one global batch "
+        raise SystemExit(f"{len(train_set)} training images are fewer than one global batch "
                          f"(batch_size {cfg.batch_size} x accum_steps {cfg.accum_steps} x "
                          f"{world_size} processes = {global_batch}); lower batch_size")
     total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
@@ -519,8 +547,11 @@ def main(argv=None):
     log.info(f"training {total_steps} steps ({steps_per_epoch} per epoch) with a global batch of "
              f"{global_batch}")
     while step < total_steps and stop_reason is None:
-        sampler.set_epoch(epoch, start=samples_in_epoch)
-        train_set.set_epoch(epoch)
+        if sampler is None:
+            train_set.set_epoch(epoch, start=samples_in_epoch)
+        else:
+            sampler.set_epoch(epoch, start=samples_in_epoch)
+            train_set.set_epoch(epoch)
         batches = iter(loader)
         progress = tqdm(total=steps_per_epoch, initial=samples_in_epoch // global_batch,
                         desc=f"epoch {epoch}", disable=not is_main, dynamic_ncols=True)

@@ -1,0 +1,297 @@
+"""Specification of training on many processes (CPU, gloo): the gathered losses give the gradient
+of one big batch, train.py runs under torchrun, and WebDataset shards share an epoch out."""
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms
+
+import clip_model as cm
+import data_loader as dl
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+LOSSES = {"clip": ("clip", False), "clip local_loss": ("clip", True), "siglip": ("siglip", False)}
+
+
+# ----------------------------------------------------------------------------- gathered losses
+
+class TwoTowers(nn.Module):
+    """The smallest CLIP: linear image and text towers into a shared space, a learned temperature
+    and, for SigLIP, a learned bias."""
+
+    def __init__(self, siglip: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.image, self.text = nn.Linear(6, 4), nn.Linear(5, 4)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.logit_bias = nn.Parameter(torch.tensor(-2.0)) if siglip else None
+        self.double()  # float64: the comparison can be exact to 1e-12
+
+    def forward(self, images, texts):
+        return (F.normalize(self.image(images), dim=-1), F.normalize(self.text(texts), dim=-1),
+                self.logit_scale.exp(), self.logit_bias)
+
+
+def global_batch():
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(8, 6, generator=generator, dtype=torch.float64)
+    texts = torch.randn(8, 5, generator=generator, dtype=torch.float64)
+    ids = torch.tensor([0, 1, 2, 3, 4, 5, 0, 6])  # image 0 on both ranks: a positive across processes
+    return images, texts, ids
+
+
+def parameter_gradients(model, loss_name, images, texts, ids):
+    loss, local_loss = LOSSES[loss_name]
+    image_features, text_features, scale, bias = model(images, texts)
+    cm.create_loss(loss, local_loss=local_loss)(image_features, text_features, scale, ids, bias).backward()
+    return {name: p.grad.clone() for name, p in cm.unwrap(model).named_parameters()}
+
+
+def _rank_gradients(rank, store, out):
+    """One of two processes: its half of the global batch through DDP (which averages the
+    gradients of the processes), for every loss."""
+    torch.set_num_threads(1)  # as in DataLoader workers: no thread pool inherited across the fork
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    images, texts, ids = global_batch()
+    half = slice(4 * rank, 4 * rank + 4)
+    grads = {name: parameter_gradients(nn.parallel.DistributedDataParallel(TwoTowers(name == "siglip")), name,
+                            images[half], texts[half], ids[half]) for name in LOSSES}
+    torch.save(grads, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def rank_gradients(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gloo")
+    # fork: the children start at once with everything imported (spawn would import it all again)
+    mp.start_processes(_rank_gradients, args=(str(folder / "store"), str(folder)), nprocs=2, start_method="fork")
+    return [torch.load(folder / f"rank{rank}.pt") for rank in range(2)]
+
+
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_two_processes_get_the_gradient_of_the_loss_on_the_concatenated_batch(loss_name, rank_gradients):
+    expected = parameter_gradients(TwoTowers(loss_name == "siglip"), loss_name, *global_batch())
+    for rank, grads in enumerate(rank_gradients):
+        for name, grad in expected.items():
+            torch.testing.assert_close(grads[loss_name][name], grad, rtol=1e-10, atol=1e-12,
+                                       msg=lambda m: f"rank {rank}, {name}: {m}")
+
+
+# ----------------------------------------------------------------------------- train.py under torchrun
+
+@pytest.fixture(scope="module")
+def sample_set(tmp_path_factory):
+    return dl.create_sample_dataset(tmp_path_factory.mktemp("data") / "set", num_samples=200, seed=0)
+
+
+def train_flags(data, out, *extra, batch_size=16):
+    # 180 training images (20 are held out), a global batch of 2 x 16: 5 steps per epoch
+    return ["--data_dir", data["index"], "--model_name", "tiny-vit-64", "--batch_size", str(batch_size),
+            "--num_workers", "0", "--max_steps", "6", "--warmup_steps", "2", "--log_every", "1",
+            "--checkpoint_dir", str(out / "ckpt"), "--log_dir", str(out / "logs"),
+            "--results_dir", str(out / "results"), *extra]
+
+
+def torchrun(args, cwd):
+    done = subprocess.run([*TORCHRUN, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def torchrun_runs(sample_set, tmp_path_factory):
+    """A 2-process run stopped at step 3, then continued to step 6 with --resume auto."""
+    out = tmp_path_factory.mktemp("torchrun")
+    first = torchrun(train_flags(sample_set, out, "--run_name", "dist", "--stop_at_step", "3"), out)
+    first_log = (out / "logs/dist/train.log").read_text()
+    shutil.copy(out / "ckpt/dist/last.pt", out / "step3.pt")
+    second = torchrun(train_flags(sample_set, out, "--run_name", "dist", "--resume", "auto"), out)
+    return out, first, first_log, second
+
+
+def messages(log_text):
+    return [line.split(" ", 1)[1] for line in log_text.splitlines()]  # without the time stamp
+
+
+def test_torchrun_trains_on_two_processes_logging_and_checkpointing_once(torchrun_runs):
+    out, first, first_log, _ = torchrun_runs
+    assert "2 process(es)" in first_log and "global batch of 32" in first_log
+    lines = messages(first_log)
+    assert len(lines) == len(set(lines)), "a log line was written twice"
+    assert sum(line.startswith("INFO training ") and " steps " in line for line in lines) == 1
+    assert first.stdout.count("INFO training 6 steps") == 1  # only rank 0 prints
+    assert os.listdir(out / "ckpt") == ["dist"]
+    assert cm.load_checkpoint(out / "step3.pt")["step"] == 3
+
+
+def test_resume_auto_under_torchrun_continues_the_run(torchrun_runs):
+    out, _, first_log, second = torchrun_runs
+    log = (out / "logs/dist/train.log").read_text()[len(first_log):]
+    assert "resumed" in log and "at step 3" in log and "finished at step 6" in log
+    assert second.stdout.count("finished at step 6") == 1
+    last = cm.load_checkpoint(out / "ckpt/dist/last.pt")
+    assert last["step"] == 6
+    assert [e["step"] for e in last["history"]["train"]] == [1, 2, 3, 4, 5, 6]
+    assert [e["step"] for e in last["history"]["val"]] == [5, 6]  # the end of epoch 0, the end
+    assert sorted(os.listdir(out / "ckpt/dist")) == ["best.pt", "config.json", "last.pt"]
+
+
+def test_a_checkpoint_of_two_processes_resumes_on_one_with_the_same_global_batch(torchrun_runs, sample_set,
+                                                                                 tmp_path):
+    out, *_ = torchrun_runs
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun process has; two threads on a shared 2-core machine crawl
+    try:
+        single = train.main(train_flags(sample_set, tmp_path, "--run_name", "single", "--resume",
+                                        str(out / "step3.pt"), batch_size=32))
+    finally:
+        torch.set_num_threads(threads)
+    assert single["step"] == 6
+    one = cm.load_checkpoint(tmp_path / "ckpt/single/last.pt")["state_dict"]
+    two = cm.load_checkpoint(out / "ckpt/dist/last.pt")["state_dict"]
+    # the same samples, loss and updates; only the order of float additions differs (the weights
+    # end ~1e-7 apart, while three steps move them by ~1e-3)
+    for name, tensor in two.items():
+        torch.testing.assert_close(one[name], tensor, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+# ----------------------------------------------------------------------------- WebDataset shards
+
+def byte_tokens(captions):
+    """A tokenizer that keeps the text: the caption's utf-8 bytes, padded to 96."""
+    return torch.tensor([list(c.encode("utf-8")[:96].ljust(96, b"\0")) for c in captions])
+
+
+AUGMENT = transforms.Compose([transforms.RandomResizedCrop(32, scale=(0.5, 1.0)), transforms.PILToTensor()])
+
+
+def no_pixels(image):
+    return torch.zeros(1)
+
+
+@pytest.fixture(scope="module")
+def shard_set(sample_set, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards") / "set"
+    info = dl.convert_to_webdataset(sample_set["index"], out, shard_size=10, seed=0)
+    return {"pattern": str(out / "{00000..00019}.tar"), "folder": out, "info": info,
+            "index": dl.load_captions(sample_set["index"])}
+
+
+def read_shards(folder):
+    """{shard name: [(key, files)]} straight from the tar files."""
+    import webdataset as wds
+    names = sorted(f for f in os.listdir(folder) if f.endswith(".tar"))
+    return {name: [(s["__key__"], s) for s in wds.tarfile_samples([{"url": str(folder / name)}])]
+            for name in names}
+
+
+def epoch_ids(pattern, epoch, world_size, num_workers, batch_size=5, start=0, loaders=None):
+    """The sample ids each rank's DataLoader yields in an epoch, batch by batch."""
+    ranks = []
+    for rank in range(world_size):
+        dataset = dl.WebDatasetTrain(pattern, no_pixels, byte_tokens, seed=0, rank=rank, world_size=world_size)
+        loader = loaders[rank] if loaders else dl.build_dataloader(dataset, batch_size, num_workers=num_workers)
+        loader.dataset.set_epoch(epoch, start)
+        ranks.append([batch["image_ids"].tolist() for batch in loader])
+    return ranks
+
+
+def test_shards_converted_from_a_json_index_hold_every_image_with_all_its_captions(shard_set):
+    index, shards = shard_set["index"], read_shards(shard_set["folder"])
+    assert shard_set["info"]["total"] == index.num_images == 200
+    assert [len(samples) for samples in shards.values()] == [10] * 20
+    keys = [key for samples in shards.values() for key, _ in samples]
+    assert sorted(int(key) for key in keys) == list(range(200))
+    for samples in shards.values():
+        for key, files in samples:
+            i, meta = int(key), json.loads(files["json"])
+            assert meta["captions"] == [index.caption(j) for j in index.captions_of(i)]
+            assert meta["image"] == index.image_name(i)
+            assert np.array_equal(np.asarray(Image.open(io.BytesIO(files["png"]))),
+                                  np.asarray(index.load_image(i)))
+
+
+def test_webdataset_train_yields_the_samples_train_dataset_gives_the_source(shard_set):
+    streamed = dl.WebDatasetTrain(shard_set["pattern"], AUGMENT, byte_tokens, seed=3)
+    indexed = dl.TrainDataset(shard_set["index"], AUGMENT, byte_tokens, seed=3)
+    streamed.set_epoch(2)
+    indexed.set_epoch(2)
+    seen = []
+    for pixels, tokens, i in streamed:  # the same caption drawn, the same crop of the same pixels
+        expected_pixels, expected_tokens, _ = indexed[i]
+        assert torch.equal(pixels, expected_pixels) and torch.equal(tokens, expected_tokens), i
+        seen.append(i)
+    assert sorted(seen) == list(range(200)) and len(streamed) == 200
+
+
+def test_two_ranks_with_two_workers_each_read_every_sample_once_per_epoch(shard_set):
+    loaders = []
+    for rank in range(2):  # persistent workers, which must learn the new epoch
+        dataset = dl.WebDatasetTrain(shard_set["pattern"], no_pixels, byte_tokens, rank=rank, world_size=2)
+        loaders.append(dl.build_dataloader(dataset, 5, num_workers=2))
+    orders = []
+    for epoch in range(2):
+        ranks = epoch_ids(shard_set["pattern"], epoch, 2, 2, loaders=loaders)
+        assert len(ranks[0]) == len(ranks[1])  # ranks step together: DDP needs as many batches
+        ids = [i for batches in ranks for batch in batches for i in batch]
+        assert sorted(ids) == list(range(200))  # 20 shards of 10 over 4 readers: nothing left out
+        orders.append(ids)
+    assert orders[0] != orders[1]
+
+
+def test_shards_that_do_not_share_out_evenly_leave_out_less_than_documented_and_never_repeat(shard_set):
+    ranks = epoch_ids(shard_set["pattern"], 0, world_size=3, num_workers=0)  # 20 shards, 3 readers
+    assert len({len(batches) for batches in ranks}) == 1
+    ids = [i for batches in ranks for batch in batches for i in batch]
+    assert len(ids) == len(set(ids))
+    assert len(ids) > 200 - 2 * 3 * 10  # the bound in WebDatasetTrain's docstring
+
+
+def test_resuming_mid_epoch_skips_whole_shards_holding_the_consumed_samples(shard_set):
+    shard_of = {int(key): name for name, samples in read_shards(shard_set["folder"]).items()
+                for key, _ in samples}
+    [batches] = epoch_ids(shard_set["pattern"], 1, world_size=1, num_workers=0, start=100)
+    ids = [i for batch in batches for i in batch]
+    assert len(ids) == len(set(ids)) == 100
+    shards = {shard_of[i] for i in ids}
+    assert len(shards) == 10  # 10 whole shards read, the other 10 skipped without reading
+
+
+def test_to_webdataset_resizes_skips_unreadable_images_and_prints_the_pattern(tmp_path, capsys):
+    Image.new("RGB", (90, 60), (200, 10, 10)).save(tmp_path / "wide.jpg", quality=90)
+    Image.new("RGB", (20, 10), (10, 10, 200)).save(tmp_path / "small.png")
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    index = tmp_path / "data.json"
+    index.write_text(json.dumps([{"image_path": name, "caption": f"a {name}"}
+                                 for name in ("wide.jpg", "small.png", "broken.jpg")]))
+    out = tmp_path / "shards"
+    dl.main(["--to_webdataset", str(index), str(out), "--shard_size", "1", "--resize", "30"])
+    printed = capsys.readouterr().out
+    assert f"'{out}/{{00000..00001}}.tar'" in printed and "1 unreadable" in printed and "broken.jpg" in printed
+    files = {int(key): files for samples in read_shards(out).values() for key, files in samples}
+    assert Image.open(io.BytesIO(files[0]["jpg"])).size == (45, 30)       # shorter side 60 -> 30
+    assert files[1]["png"] == (tmp_path / "small.png").read_bytes()     # small enough: bytes kept
+    assert dl.is_webdataset(f"{out}/{{00000..00001}}.tar") and dl.is_webdataset(out)
+    assert not dl.is_webdataset(index) and not dl.is_webdataset(tmp_path)
+
+
+def test_shards_without_their_info_file_are_refused_naming_it(shard_set, tmp_path):
+    shutil.copy(shard_set["folder"] / "00000.tar", tmp_path / "00000.tar")
+    with pytest.raises(dl.DataError, match=f"{tmp_path / '_info.json'} not found.*--to_webdataset"):
+        dl.WebDatasetTrain(tmp_path / "00000.tar", no_pixels, byte_tokens)
