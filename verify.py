@@ -108,8 +108,12 @@ def run_checks():
     return rows
 
 
+def build_parser():
+    return argparse.ArgumentParser(description=__doc__)
+
+
 def main(argv=None):
-    argparse.ArgumentParser(description=__doc__).parse_args(argv)
+    build_parser().parse_args(argv)
     sys.path.insert(0, str(ROOT))
     rows = run_checks()
     width = max(len(name) for name, *_ in rows)

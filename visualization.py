@@ -554,7 +554,7 @@ def _heatmap_inputs(saved, images, count):
             saved["image_features"][chosen], saved["text_features"][texts])
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     where = parser.add_mutually_exclusive_group(required=True)
@@ -580,11 +580,11 @@ def parse_args(argv=None):
         help="images, each with all its captions, in the embedding plot (default: 60)")
     add("--tsne", action="store_true",
         help="project embeddings with t-SNE instead of PCA (needs scikit-learn)")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     results_dir = Path(args.results_dir or Path("results") / args.run_name)
     logs_dir = args.logs_dir or (Path("logs") / args.run_name if args.run_name else None)
     eval_path = Path(args.eval_json or results_dir / "eval_results.json")

@@ -1,0 +1,547 @@
+"""Evaluate a CLIP model: image-text retrieval, similarity analysis, zero-shot classification.
+
+    python evaluation.py --checkpoint model-checkpoint/<run>/best.pt --data data/sample
+    python evaluation.py --model_name ViT-B-32 --pretrained openai --data captions.csv
+    python evaluation.py --embeddings results/<run>/embeddings        (no model needed)
+
+Retrieval, measured the way Flickr30K and COCO papers measure it. Each image has several
+captions (five in both sets). Every caption is a query over all images (text -> image) and every
+image is a query over all captions (image -> text); candidates are ranked by cosine similarity.
+The rank of a query is the 1-based position of its first correct item:
+  - text -> image: one item is correct, the caption's own image.
+  - image -> text: every caption of the image is correct. Each is an equally valid description,
+    so retrieving any one of them is a success; the rank is that of the best-placed one.
+R@K is the percentage of queries with rank <= K. Papers report R@1, R@5 and R@10 both ways, their
+sum (rsum) and their mean (mean_recall, the "MR" of Chinese-CLIP).
+
+Ties are broken by index, lower first, so every run gives the same ranks:
+    rank = 1 + #(score > s) + #(score == s and index < correct index)
+They do occur: duplicate captions ("a dog.") have identical vectors.
+
+Scale. The N x M score matrix is never built (100k images x 500k captions would be 200 GB in
+float32). A rank needs only a count of the items that score ahead of the correct one, so scores
+are computed one tile (chunk_size images x chunk_size captions) at a time; each tile adds to the
+counts of both directions and is dropped. Memory is O((N + M) * D + chunk_size^2).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+RECALL_AT = (1, 5, 10)
+EMBEDDING_FILES = ("image_features.npy", "text_features.npy", "caption_image.npy", "meta.json")
+
+# Zero-shot prompts. A sentence describes a class better than its bare name (training captions are
+# sentences), and the mean over several sentences ("prompt ensembling") better still: CLIP paper,
+# section 3.1.4. `{}` is where the class name goes.
+TEMPLATES = {
+    "en": ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a photo of the {}.",
+           "a close-up photo of a {}.", "a photo of a small {}.", "a photo of a large {}.",
+           "a drawing of a {}."],
+    "zh": ["{}的照片。", "一张{}的照片。", "一张包含{}的图片。", "这是一张{}的照片。", "{}的图片。",
+           "一张小{}的照片。", "一张大{}的照片。", "一幅{}的画。"],
+}
+
+# Scores are computed exactly. Each feature is normalised and rounded to a multiple of 2^-24 (the
+# resolution of float32 near 1), held in float64. A product of two such numbers is a multiple of
+# 2^-48, and no partial sum of a dot product of unit vectors exceeds 1 in size (Cauchy-Schwarz),
+# so every partial sum fits in float64's 53-bit mantissa and no addition ever rounds. A score is
+# then the same bits whatever order the matrix multiply adds in (any chunk size, BLAS or device):
+# chunked equals unchunked, identical vectors tie exactly, and the score of a correct pair taken
+# from a row-wise dot product equals its entry in the matrix. On this CPU float64 costs 2x float32.
+GRID = 2.0 ** 24
+
+
+def _unit_rows(features):
+    """Rows normalised and rounded to the exact grid, float64 [n, D] (a new tensor)."""
+    import torch
+    x = torch.as_tensor(features)
+    if x.device.type == "mps":  # MPS has no float64
+        x = x.cpu()
+    x = x.to(torch.float64, copy=True)
+    x.div_(x.norm(dim=1, keepdim=True).clamp_min_(1e-12))
+    return x.mul_(GRID).round_().div_(GRID)
+
+
+def _caption_owner(image_features, text_features, caption_image):
+    """caption_image as a LongTensor [M], after checking that the inputs describe one data set."""
+    import torch
+    image_shape, text_shape = tuple(image_features.shape), tuple(text_features.shape)
+    owner = torch.as_tensor(caption_image, dtype=torch.long)
+    n, m = image_shape[0], text_shape[0]
+    if len(image_shape) != 2 or len(text_shape) != 2 or image_shape[1] != text_shape[1] \
+            or n == 0 or m == 0 or owner.shape != (m,):
+        raise ValueError(f"image features {image_shape}, text features {text_shape} and caption_image "
+                         f"{tuple(owner.shape)}: expected [N, D], [M, D] and [M] with N, M > 0")
+    if owner.min() < 0 or owner.max() >= n:
+        bad = int(owner[(owner < 0) | (owner >= n)][0])
+        raise ValueError(f"caption_image holds image {bad}, but images are numbered 0..{n - 1}")
+    counts = torch.bincount(owner, minlength=n)
+    if (counts == 0).any():
+        raise ValueError(f"image {int(torch.nonzero(counts == 0)[0])} has no caption; image->text "
+                         f"retrieval needs one or more per image (evaluate index.subset(...) of "
+                         f"the captioned images)")
+    return owner
+
+
+def _positive_scores(images, texts, owner, chunk_size):
+    """Score of every caption with its own image, [M], a chunk of captions at a time."""
+    import torch
+    # Written into one preallocated tensor: small results kept between the chunk's large
+    # temporaries would fragment the heap and grow the process by a chunk's size per chunk.
+    positive = torch.empty(len(texts), dtype=texts.dtype, device=texts.device)
+    for j in range(0, len(texts), chunk_size):
+        positive[j:j + chunk_size] = (texts[j:j + chunk_size] * images[owner[j:j + chunk_size]]).sum(1)
+    return positive
+
+
+def _count_ahead(scores, correct_score, ids, correct_id, dim):
+    """How many items along `dim` rank ahead of the correct one (higher score, or equal score and
+    lower index). Shapes broadcast against scores."""
+    return ((scores > correct_score) | ((scores == correct_score) & (ids < correct_id))).sum(dim)
+
+
+def _rank_summary(ranks) -> dict:
+    summary = {f"R@{k}": 100.0 * int((ranks <= k).sum()) / len(ranks) for k in RECALL_AT}
+    summary["mean_rank"] = float(ranks.double().mean())
+    summary["median_rank"] = float(np.median(ranks.cpu().numpy()))  # mean of the middle two if even
+    return summary
+
+
+def retrieval_metrics(image_features, text_features, caption_image, chunk_size=1024) -> dict:
+    """Recall@1/5/10 (percent), mean and median rank in both directions, rsum and mean_recall.
+
+    image_features [N, D] and text_features [M, D] (numpy or torch; normalised here, so any scale
+    will do); caption j describes image caption_image[j]. Captions need not be grouped by image.
+    """
+    import torch
+    owner = _caption_owner(image_features, text_features, caption_image)
+    images, texts = _unit_rows(image_features), _unit_rows(text_features)
+    owner = owner.to(images.device)
+    num_images, num_texts = len(images), len(texts)
+    image_ids = torch.arange(num_images, device=images.device)
+    text_ids = torch.arange(num_texts, device=images.device)
+    positive = _positive_scores(images, texts, owner, chunk_size)  # [M]
+
+    # Image -> text. In ranking order the first correct caption of image i is its best-scoring
+    # caption (the lowest-numbered among equals): no other caption of i can rank ahead of it, so
+    # its rank is 1 + the number of captions of any image ahead of it.
+    best = torch.full((num_images,), -math.inf, dtype=torch.float64, device=images.device)
+    best.scatter_reduce_(0, owner, positive, "amax")
+    is_best = positive == best[owner]
+    best_text = torch.full((num_images,), num_texts, device=images.device)
+    best_text.scatter_reduce_(0, owner[is_best], text_ids[is_best], "amin")
+
+    texts_ahead = torch.zeros(num_texts, dtype=torch.long, device=images.device)
+    images_ahead = torch.zeros(num_images, dtype=torch.long, device=images.device)
+    for i in range(0, num_images, chunk_size):
+        rows = slice(i, i + chunk_size)
+        for j in range(0, num_texts, chunk_size):
+            cols = slice(j, j + chunk_size)
+            scores = images[rows] @ texts[cols].T  # (images of the tile, captions of the tile)
+            # Down each column: images of this tile ahead of the caption's own image.
+            texts_ahead[cols] += _count_ahead(scores, positive[cols], image_ids[rows, None],
+                                              owner[cols], dim=0)
+            # Along each row: captions of this tile ahead of the image's best caption.
+            images_ahead[rows] += _count_ahead(scores, best[rows, None], text_ids[cols],
+                                               best_text[rows, None], dim=1)
+
+    result = {"image_to_text": _rank_summary(images_ahead + 1),
+              "text_to_image": _rank_summary(texts_ahead + 1)}
+    recalls = [result[direction][f"R@{k}"] for direction in ("image_to_text", "text_to_image")
+               for k in RECALL_AT]
+    result["rsum"] = sum(recalls)
+    result["mean_recall"] = result["rsum"] / len(recalls)
+    return result
+
+
+def similarity_stats(image_features, text_features, caption_image, chunk_size=1024) -> dict:
+    """Mean cosine similarity of matching pairs (positive_mean, over captions), of all
+    non-matching image-caption pairs (negative_mean), and the gap between them.
+
+    Recall only says whether matches come first; the gap says by how much they stand out.
+    negative_mean is nan when there is a single image (no non-matching pair exists).
+    """
+    owner = _caption_owner(image_features, text_features, caption_image)
+    images, texts = _unit_rows(image_features), _unit_rows(text_features)
+    positive_sum = float(_positive_scores(images, texts, owner.to(images.device), chunk_size).sum())
+    # The sum over all N*M pairs needs no N x M matrix: the dot product is bilinear, so
+    #     sum_i sum_j x_i . y_j = (sum_i x_i) . (sum_j y_j),
+    # O((N + M) * D). The M matching pairs are among them; taking their sum away leaves the
+    # N*M - M non-matching ones.
+    all_pairs_sum = float(images.sum(0) @ texts.sum(0))
+    num_negative = len(images) * len(texts) - len(texts)
+    positive_mean = positive_sum / len(texts)
+    negative_mean = (all_pairs_sum - positive_sum) / num_negative if num_negative else math.nan
+    return {"positive_mean": positive_mean, "negative_mean": negative_mean,
+            "gap": positive_mean - negative_mean}
+
+
+# ----------------------------------------------------------------------------- zero-shot
+
+def zeroshot_classifier(prompt_features):
+    """Class vectors [C, D] from the embeddings of each class's prompts [C, T, D]:
+    w_c = normalise(mean_t normalise(e_ct)), one prompt per template t.
+
+    This is how CLIP classifies without training a classifier: the text tower writes the weights
+    of a linear classifier from class names, and an image goes to the class whose vector is most
+    similar to it.
+    """
+    import torch
+    import torch.nn.functional as F
+    prompts = F.normalize(torch.as_tensor(prompt_features), dim=-1)
+    return F.normalize(prompts.mean(dim=1), dim=-1)
+
+
+def zeroshot_metrics(image_features, labels, classifier, classnames, chunk_size=1024) -> dict:
+    """Top-1 and top-5 accuracy (percent), per-class top-1 accuracy (None for a class without
+    images) and the confusion matrix (rows: true class, columns: predicted class).
+
+    Zero-shot classification is retrieval with the image as query over the C class vectors: the
+    prediction is the best-scoring class, and the true class's rank (ties: lower index first, as
+    in retrieval) decides the top-k hits.
+    """
+    import torch
+    images, weights = _unit_rows(image_features), _unit_rows(classifier)
+    labels = torch.as_tensor(labels, dtype=torch.long, device=images.device)
+    num_classes = len(weights)
+    if len(classnames) != num_classes or labels.shape != (len(images),) or len(images) == 0:
+        raise ValueError(f"{len(images)} images with {tuple(labels.shape)} labels, {num_classes} "
+                         f"class vectors and {len(classnames)} class names do not fit together")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"labels must be class numbers 0..{num_classes - 1}")
+    class_ids = torch.arange(num_classes, device=images.device)
+    ranks, predicted = torch.empty_like(labels), torch.empty_like(labels)
+    for i in range(0, len(images), chunk_size):
+        scores = images[i:i + chunk_size] @ weights.T  # (images, classes)
+        true = labels[i:i + chunk_size, None]
+        ranks[i:i + chunk_size] = 1 + _count_ahead(scores, scores.gather(1, true), class_ids, true, dim=1)
+        predicted[i:i + chunk_size] = scores.argmax(dim=1)  # first of equal maxima: the rank-1 class
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=images.device)
+    confusion.index_put_((labels, predicted), torch.ones_like(labels), accumulate=True)
+    counts, correct = confusion.sum(dim=1).tolist(), confusion.diagonal().tolist()
+    per_class = {name: 100.0 * correct[c] / counts[c] if counts[c] else None
+                 for c, name in enumerate(classnames)}
+    return {"top1": 100.0 * int((ranks <= 1).sum()) / len(ranks),
+            "top5": 100.0 * int((ranks <= 5).sum()) / len(ranks),
+            "per_class": per_class, "classnames": list(classnames), "confusion": confusion.tolist()}
+
+
+def _has_cjk(text: str) -> bool:
+    return any("\u4e00" <= ch <= "\u9fff" or "\u3400" <= ch <= "\u4dbf" or "\uf900" <= ch <= "\ufaff"
+               for ch in text)
+
+
+def choose_templates(classnames, language="auto", templates_file=None) -> list[str]:
+    """Templates from a file (one per line, each with `{}`), else the built-in set of the language;
+    "auto" picks Chinese when a class name holds CJK characters."""
+    if templates_file:
+        from data_loader import DataError
+        with open(templates_file, encoding="utf-8") as f:
+            lines = [(k, line.strip()) for k, line in enumerate(f, 1) if line.strip()]
+        for k, line in lines:
+            if "{}" not in line:
+                raise DataError(f"{templates_file}, line {k}: template {line!r} has no '{{}}' for "
+                                f"the class name (write e.g. 'a photo of a {{}}.')")
+        if not lines:
+            raise DataError(f"{templates_file}: no templates (one per line, each with '{{}}')")
+        return [line for _, line in lines]
+    if language == "auto":
+        language = "zh" if any(_has_cjk(name) for name in classnames) else "en"
+    return TEMPLATES[language]
+
+
+def load_zeroshot_folder(directory) -> tuple[list[str], list[str], list[int]]:
+    """(class names, image paths, labels) of a folder holding one folder of images per class.
+
+    Classes are numbered in the sorted order of the folder names. The names are the folder names,
+    or the lines of DIRECTORY/classnames.txt (one per line, in that same order) when it exists.
+    """
+    from data_loader import IMAGE_EXTENSIONS, DataError
+    if not os.path.isdir(directory):
+        raise DataError(f"--zeroshot_dir {directory}: no such folder")
+    folders = sorted(entry.name for entry in os.scandir(directory)
+                     if entry.is_dir() and not entry.name.startswith("."))  # not .ipynb_checkpoints
+    if not folders:
+        raise DataError(f"{directory}: no class folders (expected one folder of images per class)")
+    classnames, names_file = folders, os.path.join(directory, "classnames.txt")
+    if os.path.isfile(names_file):
+        with open(names_file, encoding="utf-8") as f:
+            classnames = [line.strip() for line in f if line.strip()]
+        if len(classnames) != len(folders):
+            raise DataError(f"{names_file}: {len(classnames)} names for {len(folders)} class "
+                            f"folders; write one name per line, in the sorted order of the "
+                            f"folders ({', '.join(folders[:3])}, ...)")
+    repeated = [name for name, count in Counter(classnames).items() if count > 1]
+    if repeated:
+        raise DataError(f"{directory}: class name {repeated[0]!r} is used twice; per-class results "
+                        f"need distinct names (edit classnames.txt)")
+    paths, labels = [], []
+    for label, folder in enumerate(folders):
+        files = sorted(f for f in os.listdir(os.path.join(directory, folder))
+                       if f.lower().endswith(IMAGE_EXTENSIONS))
+        paths += [os.path.join(directory, folder, f) for f in files]
+        labels += [label] * len(files)
+    if not paths:
+        raise DataError(f"{directory}: the class folders hold no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return classnames, paths, labels
+
+
+class ImageFiles:
+    """Map-style dataset of image files yielding (image tensor, i), like data_loader.ImageDataset."""
+
+    def __init__(self, paths, transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from data_loader import DataError, decode_image
+        try:
+            with open(self.paths[i], "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise DataError(f"image '{self.paths[i]}' cannot be read: {e.strerror}") from e
+        return self.transform(decode_image(data, self.paths[i])), i
+
+
+def evaluate_zeroshot(setup, directory, batch_size=64, num_workers=0, device="cpu",
+                      precision="fp32", templates_file=None, language="auto",
+                      chunk_size=1024) -> dict:
+    """Zero-shot classification of the images of `directory` (see load_zeroshot_folder)."""
+    import clip_model
+    import data_loader
+    classnames, paths, labels = load_zeroshot_folder(directory)
+    templates = choose_templates(classnames, language, templates_file)
+    prompts = [template.replace("{}", name) for name in classnames for template in templates]
+    prompt_features = clip_model.encode_texts(setup.model, setup.tokenizer, prompts, device,
+                                              batch_size, precision)
+    classifier = zeroshot_classifier(prompt_features.view(len(classnames), len(templates), -1))
+    transform = data_loader.image_transform(setup.preprocess_cfg, train=False)
+    loader = data_loader.build_dataloader(ImageFiles(paths, transform), batch_size,
+                                          num_workers=num_workers, train=False)
+    image_features = clip_model.encode_images(setup.model, loader, device, precision)
+    return {**zeroshot_metrics(image_features, labels, classifier, classnames, chunk_size),
+            "templates": templates}
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+def encode_index(setup, index, batch_size=64, num_workers=0, device="cpu", precision="fp32"):
+    """L2-normalised float32 embeddings of every image [N, D] and every caption [M, D] of a
+    CaptionIndex, in index order."""
+    import clip_model
+    import data_loader
+    transform = data_loader.image_transform(setup.preprocess_cfg, train=False)
+    loader = data_loader.build_dataloader(data_loader.ImageDataset(index, transform), batch_size,
+                                          num_workers=num_workers, train=False)
+    image_features = clip_model.encode_images(setup.model, loader, device, precision)
+    text_features = clip_model.encode_texts(setup.model, setup.tokenizer, index.captions(), device,
+                                            batch_size, precision)
+    return image_features, text_features
+
+
+def evaluate_features(image_features, text_features, caption_image, chunk_size=1024) -> dict:
+    """Retrieval and similarity metrics of embeddings: the evaluation without a model."""
+    return {"retrieval": retrieval_metrics(image_features, text_features, caption_image, chunk_size),
+            "similarity": similarity_stats(image_features, text_features, caption_image, chunk_size),
+            "num_images": len(image_features), "num_texts": len(text_features)}
+
+
+def evaluate_model(setup, index, batch_size=64, num_workers=0, device="cpu", precision="fp32",
+                   chunk_size=1024) -> dict:
+    """Retrieval and similarity metrics of a model (a ClipSetup) on a CaptionIndex; train.py
+    validates with this."""
+    image_features, text_features = encode_index(setup, index, batch_size, num_workers, device,
+                                                 precision)
+    return evaluate_features(image_features, text_features, index.caption_image, chunk_size)
+
+
+def save_embeddings(directory, image_features, text_features, caption_image, meta: dict):
+    """Write the four files of EMBEDDING_FILES; meta holds image_names, captions, data, checkpoint."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    np.save(directory / "image_features.npy", np.asarray(image_features, dtype=np.float32))
+    np.save(directory / "text_features.npy", np.asarray(text_features, dtype=np.float32))
+    np.save(directory / "caption_image.npy", np.asarray(caption_image, dtype=np.int64))
+    (directory / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+
+
+def load_embeddings(directory) -> dict:
+    """The files of save_embeddings as a dict: image_features, text_features, caption_image, meta."""
+    directory = Path(directory)
+    missing = [name for name in EMBEDDING_FILES if not (directory / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"--embeddings {directory}: {', '.join(missing)} missing (write "
+                                f"them with: python evaluation.py ... --save_embeddings {directory})")
+    saved = {name[:-4]: np.load(directory / name) for name in EMBEDDING_FILES[:3]}
+    saved["meta"] = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+    images, texts, owner = saved["image_features"], saved["text_features"], saved["caption_image"]
+    if images.ndim != 2 or texts.ndim != 2 or owner.shape != (len(texts),):
+        raise ValueError(f"{directory}: image_features {images.shape}, text_features {texts.shape} "
+                         f"and caption_image {owner.shape} should be [N, D], [M, D] and [M]; "
+                         f"save the embeddings again")
+    return saved
+
+
+# ----------------------------------------------------------------------------- command line
+
+def format_results(results: dict) -> str:
+    """The readable table printed by the command line."""
+    lines = []
+    if "retrieval" in results:
+        r = results["retrieval"]
+        lines += [f"Retrieval: {results['num_images']} images, {results['num_texts']} captions",
+                  f"  {'':15}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'mean rank':>11}{'median rank':>13}"]
+        for key, label in (("image_to_text", "image -> text"), ("text_to_image", "text -> image")):
+            m = r[key]
+            lines.append(f"  {label:15}{m['R@1']:8.2f}{m['R@5']:8.2f}{m['R@10']:8.2f}"
+                         f"{m['mean_rank']:11.1f}{m['median_rank']:13.1f}")
+        lines.append(f"  rsum {r['rsum']:.2f}, mean recall {r['mean_recall']:.2f}")
+    if "similarity" in results:
+        s = results["similarity"]
+        lines.append(f"Cosine similarity: matching pairs {s['positive_mean']:.4f}, non-matching "
+                     f"{s['negative_mean']:.4f}, gap {s['gap']:.4f}")
+    if "zeroshot" in results:
+        z = results["zeroshot"]
+        lines.append(f"Zero-shot: {len(z['classnames'])} classes, {sum(map(sum, z['confusion']))} "
+                     f"images, {len(z['templates'])} templates: top-1 {z['top1']:.2f}, "
+                     f"top-5 {z['top5']:.2f}")
+        shown = sorted(z["per_class"].items(), key=lambda item: -1 if item[1] is None else item[1])
+        lines.append("  top-1 per class, worst first:")
+        for name, accuracy in shown[:20]:
+            lines.append(f"  {name:30} {'no images' if accuracy is None else f'{accuracy:6.2f}'}")
+        if len(shown) > 20:
+            lines.append(f"  ... the 20 worst classes of {len(shown)}; all are in the --output JSON")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Evaluate a CLIP model: retrieval R@1/5/10 both ways, cosine similarity of "
+                    "matching and non-matching pairs, zero-shot classification.")
+    add = parser.add_argument
+    add("--checkpoint", help="checkpoint written by train.py, e.g. model-checkpoint/<run>/best.pt")
+    add("--model_name", help="open_clip model or preset (e.g. ViT-B-32, tiny-vit-64) to evaluate "
+                             "without a checkpoint of ours; weights from --pretrained")
+    add("--pretrained", default="", help="with --model_name: an open_clip pretrained tag (e.g. "
+                                         "openai) or a local weights file; empty = random weights")
+    add("--data", help="captioned images to retrieve, in any format data_loader.py reads")
+    add("--image_column", default="filepath", help="image column of a CSV/TSV --data file")
+    add("--caption_column", default="title", help="caption column of a CSV/TSV --data file")
+    add("--split", default="train", help="split of a Chinese-CLIP --data folder ({split}_texts.jsonl)")
+    add("--embeddings", metavar="DIR", help="evaluate embeddings saved by --save_embeddings instead "
+                                            "of --data; needs no model")
+    add("--save_embeddings", metavar="DIR", help="write the image and text embeddings of --data "
+                                                 "(with image names and captions) to DIR")
+    add("--zeroshot_dir", metavar="DIR", help="zero-shot classification of DIR/<class>/*.jpg; "
+                                              "class names from the folders or DIR/classnames.txt")
+    add("--templates", metavar="FILE", help="zero-shot prompt templates, one per line, '{}' "
+                                            "standing for the class name (default: built-in set)")
+    add("--language", choices=("auto", "en", "zh"), default="auto",
+        help="built-in template set; auto = Chinese if class names contain CJK characters")
+    add("--output", metavar="FILE", help="write the results as JSON to FILE")
+    add("--batch_size", type=int, default=64, help="images or texts encoded per batch")
+    add("--num_workers", type=int, default=2, help="data loading worker processes")
+    add("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+        help="auto = cuda, else mps, else cpu")
+    add("--precision", choices=("fp32", "amp", "bf16"), default="fp32",
+        help="encoding precision: fp32, amp (float16 autocast) or bf16 (bfloat16 autocast)")
+    add("--chunk_size", type=int, default=1024, help="rows and columns of one tile of the score "
+                                                     "matrix; memory ~ 8 * chunk_size^2 bytes")
+    return parser
+
+
+def _resolve_device(name: str) -> str:
+    import torch
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if name == "auto":
+        return "cuda" if available["cuda"] else "mps" if available["mps"] else "cpu"
+    if not available[name]:
+        sys.exit(f"evaluation.py: error: --device {name} is not available here; use --device auto")
+    return name
+
+
+def main(argv=None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for wrong, message in [
+            (args.checkpoint and args.model_name, "give --checkpoint or --model_name, not both"),
+            (args.pretrained and not args.model_name, "--pretrained needs --model_name"),
+            (args.embeddings and args.data, "give --data (with a model) or --embeddings, not both"),
+            (args.save_embeddings and not args.data, "--save_embeddings needs --data"),
+            (not (args.data or args.embeddings or args.zeroshot_dir),
+             "nothing to evaluate: give --data, --embeddings or --zeroshot_dir"),
+            ((args.data or args.zeroshot_dir) and not (args.checkpoint or args.model_name),
+             "--data and --zeroshot_dir need a model: --checkpoint or --model_name"),
+            (args.chunk_size < 1 or args.batch_size < 1, "--chunk_size and --batch_size must be > 0")]:
+        if wrong:
+            parser.error(message)
+    try:
+        results = run(args)
+    except (ValueError, OSError) as error:  # DataError is a ValueError; messages name the file
+        sys.exit(f"evaluation.py: error: {error}")
+    print(format_results(results))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
+        print(f"results written to {args.output}")
+    return results
+
+
+def _load_model(args, device):
+    """The ClipSetup of --checkpoint or of --model_name/--pretrained."""
+    import clip_model
+    try:
+        if args.checkpoint:
+            return clip_model.model_from_checkpoint(args.checkpoint, device)[0]
+        return clip_model.build_model(args.model_name, args.pretrained, device)
+    except (clip_model.CheckpointError, clip_model.PretrainedUnavailable) as error:
+        sys.exit(f"evaluation.py: error: {error}")
+
+
+def run(args) -> dict:
+    """Everything the command line asks for; the model is loaded only when something needs it."""
+    device, results = _resolve_device(args.device), {}
+    setup = _load_model(args, device) if args.data or args.zeroshot_dir else None
+    model = {"checkpoint": args.checkpoint or args.pretrained or None,
+             "model": setup.model_name if setup else None}
+    if args.embeddings:
+        saved = load_embeddings(args.embeddings)
+        results = evaluate_features(saved["image_features"], saved["text_features"],
+                                    saved["caption_image"], args.chunk_size)
+        results.update(checkpoint=saved["meta"].get("checkpoint"), data=saved["meta"].get("data"),
+                       model=saved["meta"].get("model"))
+    elif args.data:
+        from data_loader import load_captions
+        index = load_captions(args.data, args.image_column, args.caption_column, args.split)
+        image_features, text_features = encode_index(setup, index, args.batch_size,
+                                                     args.num_workers, device, args.precision)
+        data = os.path.abspath(args.data)
+        if args.save_embeddings:
+            meta = {"image_names": [index.image_name(i) for i in range(index.num_images)],
+                    "captions": index.captions(), "data": data, **model}
+            save_embeddings(args.save_embeddings, image_features, text_features,
+                            index.caption_image, meta)
+        results = evaluate_features(image_features, text_features, index.caption_image,
+                                    args.chunk_size)
+        results.update(data=data, **model)
+    if args.zeroshot_dir:
+        results["zeroshot"] = evaluate_zeroshot(setup, args.zeroshot_dir, args.batch_size,
+                                                args.num_workers, device, args.precision,
+                                                args.templates, args.language, args.chunk_size)
+        for key, value in model.items():
+            results.setdefault(key, value)
+    return results
+
+
+if __name__ == "__main__":
+    main()

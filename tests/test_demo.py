@@ -1,0 +1,27 @@
+"""demo.py runs the whole pipeline end to end (here with a small budget) and writes every output."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PLOTS = ["training_curves.png", "model_metrics.png", "similarity_heatmap.png",
+         "retrieval_examples.png", "embedding_space.png", "zeroshot_confusion.png"]
+
+
+def test_demo_runs_end_to_end_and_writes_every_output(tmp_path):
+    # Unknown flags go to train.py: a short run keeps the test quick.
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "demo.py"), "--num_samples", "300", "--val_samples", "60",
+         "--num_epochs", "2", "--batch_size", "32", "--num_workers", "0"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = tmp_path / "results/demo-en"
+    for name in PLOTS + ["training_results.json", "eval_results.json", "embeddings/meta.json"]:
+        assert (results / name).is_file(), name
+    assert (tmp_path / "model-checkpoint/demo-en/best.pt").is_file()
+    assert list((tmp_path / "logs/demo-en").glob("events.out.tfevents.*"))
+    evaluation = json.loads((results / "eval_results.json").read_text())
+    assert evaluation["num_images"] == 60 and "zeroshot" in evaluation
+    assert "query: a large red circle on the left" in result.stdout
+    assert "== summary" in result.stdout and "zero-shot top-1" in result.stdout

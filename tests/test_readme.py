@@ -1,0 +1,93 @@
+"""The README is the manual: its settings table comes from the schema, it names every flag of
+every script, and its snippets run."""
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import data_loader
+import demo
+import evaluation
+import train
+import verify
+import visualization
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+PARSERS = {"train.py": train.build_parser, "evaluation.py": evaluation.build_parser,
+           "visualization.py": visualization.build_parser, "demo.py": demo.build_parser,
+           "data_loader.py": data_loader.build_parser, "verify.py": verify.build_parser}
+# Commands the test only checks against their script's parser, and why they cannot run here.
+NOT_RUN_HERE = {"setup.sh": "installs the environment the tests already run in",
+                "demo.py": "takes minutes; tests/test_demo.py runs it with a small budget",
+                "--pretrained laion2b": "downloads weights, and this machine has no network",
+                "torchrun": "multi-GPU and multi-node runs; tests/test_distributed.py runs torchrun"}
+
+
+def snippets(language):
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+
+
+def commands():
+    """Each command of the bash snippets, with continuation lines joined and comments dropped."""
+    for block in snippets("bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].strip()
+            if line:
+                yield line
+
+
+def script_and_args(command):
+    words = shlex.split(command)
+    for i, word in enumerate(words):
+        if word.endswith(".py"):
+            return Path(word).name, words[i + 1:]
+    return None, words
+
+
+def test_settings_table_is_generated_from_the_schema():
+    table = re.search(r"<!-- train-settings:start -->\n(.*?)\n<!-- train-settings:end -->",
+                      README, flags=re.S).group(1)
+    assert table == train.settings_markdown(), \
+        "regenerate with: python -c 'import train; print(train.settings_markdown())'"
+
+
+@pytest.mark.parametrize("script", sorted(PARSERS))
+def test_every_flag_of_every_script_is_documented(script):
+    parser = PARSERS[script]()
+    flags = {option for action in parser._actions for option in action.option_strings
+             if option.startswith("--") and option != "--help"}
+    missing = [flag for flag in sorted(flags) if flag not in README]
+    assert not missing, f"{script} flags missing from README.md: {missing}"
+
+
+def test_every_command_in_the_readme_parses_with_its_script():
+    for command in commands():
+        script, args = script_and_args(command)
+        if script in PARSERS:
+            PARSERS[script]().parse_args(args)     # SystemExit on an unknown or malformed flag
+
+
+def test_the_readme_snippets_run(tmp_path):
+    """Run the README's commands in order in an empty folder, then its Python snippets."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    ran = 0
+    for command in commands():
+        script, args = script_and_args(command)
+        if any(marker in command for marker in NOT_RUN_HERE) or script is None:
+            continue
+        result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+        ran += 1
+    assert ran >= 6
+    for code in snippets("python"):
+        result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, f"{code}\n{result.stderr[-2000:]}"
+    assert (tmp_path / "results/shapes/similarity_heatmap.png").is_file()
+    assert (tmp_path / "results/notebook/embedding_space.png").is_file()
