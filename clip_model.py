@@ -58,6 +58,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that is missing, truncated or not ours."""
 
 
+class ModelError(ValueError):
+    """A model name, config file or pretrained tag that does not exist."""
+
+
 class PretrainedUnavailable(RuntimeError):
     """Pretrained weights that cannot be downloaded here."""
 
@@ -80,11 +84,11 @@ def resolve_model_name(model_name):
     if model_name.endswith(".json"):
         path = Path(model_name)
         if not path.is_file():
-            raise FileNotFoundError(f"--model_name {model_name}: config file not found")
+            raise ModelError(f"--model_name {model_name}: config file not found")
         open_clip.add_model_config(path)
         model_name = path.stem
     if open_clip.get_model_config(model_name) is None:
-        raise ValueError(f"--model_name {model_name!r} is not an open_clip model, a preset "
+        raise ModelError(f"--model_name {model_name!r} is not an open_clip model, a preset "
                          f"({', '.join(PRESETS)}) or a config .json file. "
                          f"Known names: python -c 'import open_clip; print(open_clip.list_models())'")
     return model_name
@@ -140,7 +144,7 @@ def resolve_pretrained(model_name, pretrained):
     tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
     if not tag_cfg:
         tags = open_clip.list_pretrained_tags_by_model(model_name)
-        raise ValueError(f"--pretrained {pretrained!r}: neither a file nor a pretrained tag of "
+        raise ModelError(f"--pretrained {pretrained!r}: neither a file nor a pretrained tag of "
                          f"{model_name} (tags: {', '.join(tags) or 'none'})")
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     url = f"{endpoint}/{tag_cfg['hf_hub']}" if tag_cfg.get("hf_hub") else tag_cfg.get("url", "")

@@ -18,9 +18,10 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$wanted" ]; then
     echo "setup: $VENV is up to date with requirements.txt"
 else
     echo "setup: installing requirements.txt (the first time downloads PyTorch and takes a while)"
-    "$VENV/bin/python" -m pip install --quiet --upgrade pip
     # (pip warns about every package missing from this machine's extra local indexes: noise)
-    "$VENV/bin/python" -m pip install --quiet -r requirements.txt 2> >(grep -v "is ignored: it is neither" >&2)
+    quiet_pip() { "$VENV/bin/python" -m pip install --quiet "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
+    quiet_pip --upgrade pip
+    quiet_pip -r requirements.txt
     echo "$wanted" > "$STAMP"
 fi
 

@@ -688,4 +688,13 @@ def plot_curves(results, path, log):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Exception as error:
+        # Mistakes in data, model names or checkpoints get one clear line, not a traceback.
+        import clip_model
+        import data_loader
+        if isinstance(error, (data_loader.DataError, clip_model.ModelError,
+                              clip_model.CheckpointError, clip_model.PretrainedUnavailable)):
+            sys.exit(f"train.py: error: {error}")
+        raise

@@ -148,3 +148,13 @@ def test_sigterm_saves_a_loadable_last_checkpoint(data, tmp_path):
     checkpoint = cm.load_checkpoint(tmp_path / "ckpt/term/last.pt")
     assert checkpoint["step"] > 0
     assert "--resume auto" in output
+
+
+def test_zero_shot_on_the_generated_shape_classes_is_far_above_chance(learned_run, data):
+    import evaluation
+    out, _ = learned_run
+    setup, _ = cm.model_from_checkpoint(out / "ckpt/learn/best.pt")
+    zeroshot = evaluation.evaluate_zeroshot(setup, data["val"]["zeroshot"])
+    chance = 100 / len(zeroshot["classnames"])
+    assert zeroshot["top1"] > 3 * chance
+    assert zeroshot["top5"] > 3 * 5 * chance
