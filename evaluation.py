@@ -528,7 +528,9 @@ def run(args) -> dict:
         data = os.path.abspath(args.data)
         if args.save_embeddings:
             meta = {"image_names": [index.image_name(i) for i in range(index.num_images)],
-                    "captions": index.captions(), "data": data, **model}
+                    "captions": index.captions(), "data": data, "split": args.split,
+                    "image_column": args.image_column, "caption_column": args.caption_column,
+                    **model}
             save_embeddings(args.save_embeddings, image_features, text_features,
                             index.caption_image, meta)
         results = evaluate_features(image_features, text_features, index.caption_image,

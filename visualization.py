@@ -521,7 +521,10 @@ def _load_images(saved: dict, data):
     data = data or saved["meta"].get("data")
     if not data:
         raise MissingInput("no data set for thumbnails: meta.json has no 'data'; pass --data PATH")
-    index = data_loader.load_captions(data)
+    # read the data the way evaluation.py did (CSV columns, Chinese-CLIP split)
+    read = {k: saved["meta"][k] for k in ("image_column", "caption_column", "split")
+            if k in saved["meta"]}
+    index = data_loader.load_captions(data, **read)
     names = saved["meta"].get("image_names")
     if index.num_images != len(saved["image_features"]) or (
             names and [Path(n).name for n in names] !=
