@@ -309,3 +309,16 @@ def test_a_longer_context_is_kept_in_the_checkpoint_without_changing_the_preset(
     assert rebuilt.model.positional_embedding.shape[0] == 48
     assert rebuilt.tokenizer(["a"]).shape == (1, 48)
     assert cm.build_model("tiny-vit-64").model.positional_embedding.shape[0] == 32
+
+
+def test_a_pretrained_tag_uses_the_cached_download_with_the_tags_settings(tmp_path, monkeypatch):
+    # The OpenAI RN50 weights need QuickGELU; a cached file must be found without any network.
+    reference = cm.build_model("RN50").model
+    path = tmp_path / "open_clip_model.bin"
+    torch.save(reference.state_dict(), path)
+    monkeypatch.setattr(cm, "_cached_hf_file", lambda entry: str(path))
+    monkeypatch.setattr(cm, "_host_reachable", lambda url, timeout=3.0: pytest.fail("no network use"))
+    loaded = cm.build_model("RN50", pretrained="openai")
+    assert loaded.model.transformer.resblocks[0].mlp.gelu.__class__.__name__ == "QuickGELU"
+    assert torch.equal(loaded.model.logit_scale, reference.logit_scale)
+    assert torch.equal(loaded.model.visual.conv1.weight, reference.visual.conv1.weight)

@@ -1,0 +1,325 @@
+"""What the training benchmarks (bench_overhead, bench_peer, bench_data, bench_scaling,
+bench_startup) share: generated data sets, the bare loop they compare against, measured runs in
+fresh processes, medians of side-by-side ratios, tables and bench/README.md sections.
+
+Why ratios, side by side. This machine is shared: other jobs come and go, and a speed measured at
+one moment says little about the next. So every figure is a ratio of two things measured in the
+same run, in alternating order (A B B A A B ...), and the tables show the median of the ratios of
+neighbouring pairs together with the spread.
+
+Why fresh processes. A measured run happens in its own process (`python bench/common.py JOB
+'{json}'`, see `run_job`): its peak resident memory (ru_maxrss from os.wait4) is its own, torch
+starts with its default threads, and nothing one run imported or cached helps the next.
+
+The bare loop (`bare_loop`) is the model's own speed: forward, loss, backward and an AdamW step
+on one batch of tensors already in memory, the same model, batch and precision as train.py, and
+nothing else: no data loading, clipping, schedule, logging or checkpoints.
+"""
+import json
+import os
+import itertools
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+OUT = BENCH / "out"
+RESULT_MARK = "BENCH_RESULT "   # a job's last stdout line: this mark and its result as JSON
+
+
+# ----------------------------------------------------------------------------------------------
+# Data, machine, tables
+
+def sample_data(num_images: int = 2000, seed: int = 0) -> Path:
+    """A generated data set (data_loader.create_sample_dataset), written once under bench/out/data/
+    and reused: its data.json holds num_images 64 px PNGs with 2 or 3 captions each."""
+    folder = OUT / "data" / f"shapes-{num_images}-seed{seed}"
+    if not (folder / "data.json").is_file():
+        sys.path.insert(0, str(REPO))
+        import data_loader
+        tmp = folder.with_name(folder.name + ".tmp")
+        if tmp.exists():
+            import shutil
+            shutil.rmtree(tmp)
+        data_loader.create_sample_dataset(tmp, num_samples=num_images, seed=seed)
+        os.replace(tmp, folder)
+    return folder
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    torch_version = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"],
+                                   capture_output=True, text=True).stdout.strip()
+    return (f"{os.cpu_count()} cores ({cpu}), torch {torch_version}, "
+            f"Python {platform.python_version()}")
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+def median_spread(values) -> str:
+    """'0.93 (0.90-0.95)': the median and the range of a list of ratios."""
+    values = sorted(values)
+    return f"{statistics.median(values):.2f} ({values[0]:.2f}-{values[-1]:.2f})"
+
+
+def table(headers, rows) -> str:
+    """A Markdown table; the first column is left-aligned, the others right-aligned."""
+    lines = ["| " + " | ".join(headers) + " |",
+             "|---|" + "---:|" * (len(headers) - 1)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_readme(heading: str, section: str):
+    """Replace the section `heading` of bench/README.md (other sections are left alone)."""
+    path = BENCH / "README.md"
+    text = path.read_text(encoding="utf-8") if path.exists() else (
+        "# Benchmarks\n\nOne section per script in bench/; each script writes its own section.\n")
+    start = text.find(heading + "\n")
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + len(heading))
+        text = text[:start] + section + ("" if end < 0 else text[end:])
+    path.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+    print(f"wrote the section {heading!r} of {path}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Running jobs in fresh processes
+
+def run_job(job: str, params: dict, env: dict = None, repo: Path = REPO, log_name: str = None) -> dict:
+    """Run JOB (a function of this file named _job_JOB) in a fresh process; its result plus
+    `wall_s` (the process from start to exit) and `peak_mib` (its peak resident memory). The job's
+    output goes to bench/out/logs/; a failing job stops the benchmark with the tail of that log."""
+    log = OUT / "logs" / f"{log_name or job}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with open(log, "w") as output:
+        process = subprocess.Popen(
+            [sys.executable, __file__, job, json.dumps({**params, "repo": str(repo)})],
+            stdout=output, stderr=subprocess.STDOUT, cwd=OUT, env={**os.environ, **(env or {})})
+        _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    lines = log.read_text(errors="replace").splitlines()
+    result = next((line for line in reversed(lines) if line.startswith(RESULT_MARK)), None)
+    if os.waitstatus_to_exitcode(status) or result is None:
+        tail = "\n".join(lines[-25:])
+        sys.exit(f"job {job} {params} failed (exit code {os.waitstatus_to_exitcode(status)}); "
+                 f"the end of {log}:\n{tail}")
+    return {**json.loads(result[len(RESULT_MARK):]), "wall_s": wall,
+            "peak_mib": usage.ru_maxrss / 1024}   # ru_maxrss is in KiB on Linux
+
+
+_run_numbers = itertools.count()
+
+
+def train_argv(data, *flags, repo: Path = REPO) -> list:
+    """train.py's arguments for a benchmark run: the repository's config.json, the data, the given
+    flags, and a new run name with its folders under bench/out/runs/ (deleted by nobody: small)."""
+    run = f"bench-{os.getpid()}-{time.strftime('%H%M%S')}-{next(_run_numbers)}"
+    runs = OUT / "runs"
+    return ["--config", str(repo / "config.json"), "--data_dir", str(data), "--run_name", run,
+            "--checkpoint_dir", str(runs / "checkpoints"), "--log_dir", str(runs / "logs"),
+            "--results_dir", str(runs / "results"), *map(str, flags)]
+
+
+def alternate(sides: dict, rounds: int, on_result=None) -> dict:
+    """Run every side (name -> function returning a result dict) `rounds` times, in an order that
+    alternates (A B, B A, A B, ...) so that a drifting load affects all sides alike.
+    Returns name -> list of results, in round order."""
+    results = {name: [] for name in sides}
+    names = list(sides)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            results[name].append(sides[name]())
+            if on_result:
+                on_result(name, r, results[name][-1])
+    return results
+
+
+def _finish(result: dict):
+    print(RESULT_MARK + json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Jobs: each runs in its own process (see run_job)
+
+def bare_loop(model_name="tiny-vit-64", batch_size=64, precision="fp32", steps=20, warmup=0,
+              grad_checkpointing=False, patch_dropout=0.0, compile=False, channels_last=False,
+              threads=0, repo=REPO, **_) -> dict:
+    """Samples/s of forward, loss, backward and AdamW step on one batch of tensors in memory.
+
+    Everything train.py's step does to the model is here (its loss, its AdamW parameter groups,
+    autocast for bf16), nothing around it. The first `warmup` steps are not timed (torch.compile
+    compiles during them); with warmup=0 the first step, as in train.py, is counted."""
+    sys.path.insert(0, str(repo))
+    import torch
+    import clip_model
+    import train
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    setup = clip_model.build_model(model_name, loss="clip", patch_dropout=patch_dropout,
+                                   grad_checkpointing=grad_checkpointing)
+    model = setup.model.train()
+    size = setup.preprocess_cfg["size"]
+    size = size if isinstance(size, int) else size[0]
+    images = torch.randn(batch_size, 3, size, size)
+    captions = ["a small red circle on the left", "a blue square and a green star at the top"]
+    texts = setup.tokenizer([captions[i % 2] for i in range(batch_size)])
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    ids = torch.arange(batch_size)
+    loss_fn = clip_model.create_loss("clip")
+    optimizer = torch.optim.AdamW(train.parameter_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.98), eps=1e-6)
+    step_model = torch.compile(model) if compile else model
+
+    def step():
+        with clip_model.autocast("cpu", precision):
+            out = step_model(images, texts)
+            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        clip_model.clamp_logit_scale(model)
+        return loss
+
+    compile_started = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    started = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    elapsed = time.perf_counter() - started
+    return {"samples_per_s": steps * batch_size / elapsed, "step_s": elapsed / steps,
+            "warmup_s": started - compile_started, "loss": float(loss),
+            "threads": torch.get_num_threads()}
+
+
+def _job_bare(params):
+    _finish(bare_loop(**params))
+
+
+def _job_train(params):
+    """train.main(argv) with timing marks. The loop is timed from just before its first step
+    (when train.py installs its stop-signal handler, the last thing before the loop) to just
+    before the training curves are plotted (after the final last.pt is saved); the time spent
+    inside evaluation.evaluate_model (validation) is taken out and reported on its own. So the
+    loop time holds every step, epoch boundary, log line, TensorBoard point, periodic
+    checkpoint and best.pt save. torch is not imported here before train.main runs, so that
+    train.py's own start-up (environment, thread settings) happens as on the command line."""
+    sys.path.insert(0, params["repo"])
+    import train
+    marks = {"validation_s": 0.0, "validations": 0}
+
+    class MarkedStopRequest(train.StopRequest):
+        def __init__(self):
+            import evaluation
+            evaluate = evaluation.evaluate_model
+
+            def timed_evaluate(*args, **kwargs):
+                started = time.perf_counter()
+                try:
+                    return evaluate(*args, **kwargs)
+                finally:
+                    marks["validation_s"] += time.perf_counter() - started
+                    marks["validations"] += 1
+            evaluation.evaluate_model = timed_evaluate
+            super().__init__()
+            marks["loop_start"] = time.perf_counter()
+
+    def mark_end(*args, **kwargs):   # and skip the plot: matplotlib has nothing to do with training
+        marks["loop_end"] = time.perf_counter()
+
+    train.StopRequest, train.plot_curves = MarkedStopRequest, mark_end
+    argv = params["argv"]
+    started = time.perf_counter()
+    result = train.main(argv)
+    import torch
+    cfg = train.parse_config(argv)
+    loop_s = marks["loop_end"] - marks["loop_start"] - marks["validation_s"]
+    history = result["history"]["train"]
+    samples = result["step"] * cfg.batch_size * cfg.accum_steps
+    _finish({"steps": result["step"], "samples": samples, "loop_s": loop_s,
+             "samples_per_s": samples / loop_s, "startup_s": marks["loop_start"] - started,
+             "validation_s": marks["validation_s"], "validations": marks["validations"],
+             "data_wait": statistics.mean(e["data_wait"] for e in history),
+             "data_wait_max": max(e["data_wait"] for e in history),
+             "logged_samples_per_s": statistics.median(e["samples_per_s"] for e in history),
+             "threads": torch.get_num_threads(), "final_loss": history[-1]["loss"],
+             "checkpoint_dir": str(result["checkpoint_dir"])})
+
+
+def _job_open_clip_train(params):
+    """open_clip's own trainer, `python -m open_clip_train.main ARGV`, with our presets
+    (model_configs/*.json) registered first, timed like _job_train: from the start of the first
+    epoch to the end (checkpoints included), without the time of its evaluate()."""
+    sys.path.insert(0, params["repo"])
+    try:
+        import open_clip
+        import open_clip_train.main as peer
+    except ImportError as error:
+        sys.exit(f"open_clip_train cannot be imported ({error}): it needs pandas and braceexpand, "
+                 f"which open_clip_torch does not install; `pip install pandas braceexpand`")
+    open_clip.add_model_config(Path(params["repo"]) / "model_configs")
+    marks = {"evaluate_s": 0.0}
+    train_one_epoch, evaluate = peer.train_one_epoch, peer.evaluate
+
+    def timed_epoch(*args, **kwargs):
+        marks.setdefault("loop_start", time.perf_counter())
+        return train_one_epoch(*args, **kwargs)
+
+    def timed_evaluate(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return evaluate(*args, **kwargs)
+        finally:
+            marks["evaluate_s"] += time.perf_counter() - started
+
+    peer.train_one_epoch, peer.evaluate = timed_epoch, timed_evaluate
+    started = time.perf_counter()
+    peer.main(params["argv"])
+    loop_s = time.perf_counter() - marks["loop_start"] - marks["evaluate_s"]
+    import torch
+    _finish({"loop_s": loop_s, "startup_s": marks["loop_start"] - started,
+             "validation_s": marks["evaluate_s"], "threads": torch.get_num_threads()})
+
+
+def _job_loader(params):
+    """Images/s that train.py's DataLoader delivers on its own (no model): the data set, sampler
+    and DataLoader built as train.py builds them, iterated for `epochs` whole epochs."""
+    sys.path.insert(0, params["repo"])
+    import torch
+    import clip_model
+    import data_loader
+    if params.get("threads"):
+        torch.set_num_threads(params["threads"])
+    setup = clip_model.build_model(params.get("model_name", "tiny-vit-64"))
+    index = data_loader.load_captions(params["data"])
+    transform = data_loader.image_transform(setup.preprocess_cfg, train=True, augment=True)
+    dataset = data_loader.TrainDataset(index, transform, setup.tokenizer, seed=0)
+    sampler = data_loader.EpochSampler(len(dataset), seed=0)
+    loader = data_loader.build_dataloader(dataset, params["batch_size"], sampler=sampler,
+                                          num_workers=params["num_workers"], seed=0, train=True)
+    images, started = 0, time.perf_counter()
+    for epoch in range(params["epochs"]):
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        for batch in loader:
+            images += len(batch["image_ids"])
+    elapsed = time.perf_counter() - started
+    _finish({"images_per_s": images / elapsed, "images": images, "seconds": elapsed})
+
+
+if __name__ == "__main__":
+    job, job_params = sys.argv[1], json.loads(sys.argv[2])
+    globals()[f"_job_{job}"](job_params)
