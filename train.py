@@ -456,8 +456,11 @@ def main(argv=None):
     loss_fn = clip_model.create_loss(cfg.loss, local_loss=cfg.local_loss)
 
     # Optimiser and schedule.
+    # fused=True updates all parameters in one kernel instead of a Python loop over tensors
+    # (measured ~15% more samples/s for the tiny preset on CPU; bench/README.md).
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
-                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                  fused=device.type in ("cuda", "cpu"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(total_steps, cfg.warmup_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp")
