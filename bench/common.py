@@ -154,11 +154,12 @@ def _finish(result: dict):
 
 def bare_loop(model_name="tiny-vit-64", batch_size=64, precision="fp32", steps=20, warmup=0,
               grad_checkpointing=False, patch_dropout=0.0, compile=False, channels_last=False,
-              threads=0, repo=REPO, **_) -> dict:
+              fused=False, threads=0, repo=REPO, **_) -> dict:
     """Samples/s of forward, loss, backward and AdamW step on one batch of tensors in memory.
 
     Everything train.py's step does to the model is here (its loss, its AdamW parameter groups,
-    autocast for bf16), nothing around it. The first `warmup` steps are not timed (torch.compile
+    autocast for bf16), nothing around it. fused=True uses torch's fused AdamW kernel instead of
+    its default (a loop over the parameters on a CPU). The first `warmup` steps are not timed (torch.compile
     compiles during them); with warmup=0 the first step, as in train.py, is counted."""
     sys.path.insert(0, str(repo))
     import torch
@@ -180,7 +181,8 @@ def bare_loop(model_name="tiny-vit-64", batch_size=64, precision="fp32", steps=2
         images = images.contiguous(memory_format=torch.channels_last)
     ids = torch.arange(batch_size)
     loss_fn = clip_model.create_loss("clip")
-    optimizer = torch.optim.AdamW(train.parameter_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = torch.optim.AdamW(train.parameter_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.98),
+                                  eps=1e-6, **({"fused": True} if fused else {}))
     step_model = torch.compile(model) if compile else model
 
     def step():
