@@ -14,8 +14,13 @@ Data wait: train.py's own measure (TensorBoard tag train/data_wait, the share of
 window spent waiting for the next batch), averaged over the windows of a 2-epoch run; samples/s is
 that run's loop, as in bench_overhead.py. Target (issue 8): under 5% in the default
 configuration (2 workers).
+Two more tables say where the workers' time goes and what threads fighting over the cores cost:
+the time of one training sample on one thread for small PNGs, 512 px photos and photos resized
+once (`sample_costs`), and the bare loop's speed with torch's threads set three ways, alone and
+next to one busy process (`thread_rows`).
 """
 import argparse
+import json
 import shutil
 import statistics
 
@@ -23,6 +28,85 @@ import common
 
 HEADING = "## bench_data.py"
 WORKERS = (0, 1, 2)
+
+
+def photo_sets(num_images: int = 200) -> dict:
+    """The first num_images images of the generated set as 512 px JPEG files ("photos": what a
+    camera or web data set holds), and the same photos resized once to 64 px JPEG (what
+    `data_loader.py --to_webdataset SRC OUT --resize 64` stores): name -> data.json."""
+    from PIL import Image
+    source = common.sample_data(2000)
+    entries = json.loads((source / "data.json").read_text())[:num_images]
+    sets = {}
+    for name, size, quality in (("512 px JPEG", 512, 90), ("resized once to 64 px JPEG", 64, 95)):
+        folder = common.OUT / "data" / f"photos-{size}"
+        if not (folder / "data.json").is_file():
+            (folder / "images").mkdir(parents=True, exist_ok=True)
+            for entry in entries:
+                with Image.open(source / entry["image_path"]) as image:
+                    photo = image.convert("RGB").resize((512, 512), Image.Resampling.BICUBIC)
+                if size != 512:
+                    photo = photo.resize((size, size), Image.Resampling.BICUBIC)
+                photo.save(folder / entry["image_path"].replace(".png", ".jpg"), quality=quality)
+            (folder / "data.json").write_text(json.dumps(
+                [{**e, "image_path": e["image_path"].replace(".png", ".jpg")} for e in entries]))
+        sets[name] = folder / "data.json"
+    return sets
+
+
+def sample_costs(repo, rounds: int) -> dict:
+    """Microseconds per training sample (TrainDataset[i]: read, decode, augment, tokenise) in
+    this process on one thread, as in a DataLoader worker; the sets take turns, median of rounds."""
+    import sys
+    import time
+    sys.path.insert(0, str(repo))
+    import torch
+    import clip_model
+    import data_loader
+    torch.set_num_threads(1)
+    setup = clip_model.build_model("tiny-vit-64")
+    transform = data_loader.image_transform(setup.preprocess_cfg, train=True, augment=True)
+    sets = {"64 px PNG (the generated set)": common.sample_data(2000) / "data.json", **photo_sets()}
+    datasets = {name: data_loader.TrainDataset(data_loader.load_captions(path), transform, setup.tokenizer)
+                for name, path in sets.items()}
+    times = {name: [] for name in sets}
+    for _ in range(rounds):
+        for name, dataset in datasets.items():
+            started = time.perf_counter()
+            for i in range(200):
+                dataset[i]
+            times[name].append((time.perf_counter() - started) / 200 * 1e6)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+THREADS = {  # name -> (environment, torch threads) of a bare-loop run
+    "2 threads, OpenMP default spinning": ({}, 0),
+    "2 threads, GOMP_SPINCOUNT=1000": ({"GOMP_SPINCOUNT": "1000"}, 0),
+    "1 thread": ({}, 1),
+}
+
+
+def thread_rows(repo, rounds: int, batch: int) -> list:
+    """The bare loop with torch's threads set three ways, on idle cores and next to one busy
+    process (a stand-in for a DataLoader worker or another job); samples/s, medians."""
+    import subprocess
+    import sys
+    rows = []
+    for contended in (False, True):
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if contended else None
+        try:
+            sides = {name: (lambda env=env, threads=threads: common.run_job(
+                "bare", {"batch_size": batch, "steps": 10, "warmup": 1, "threads": threads, "fused": True},
+                env=env, repo=repo, log_name="data-threads")) for name, (env, threads) in THREADS.items()}
+            runs = common.alternate(sides, rounds)
+        finally:
+            if busy:
+                busy.kill()
+                busy.wait()
+        for name in THREADS:
+            speed = statistics.median(r["samples_per_s"] for r in runs[name])
+            rows.append([name, "one busy process" if contended else "idle", f"{speed:.1f}"])
+    return rows
 
 
 def main():
@@ -77,10 +161,18 @@ def main():
     train_table = common.table(["train.py workers", "data wait, mean of windows (%)",
                                 "data wait, worst window (%)", "train.py (samples/s)",
                                 "train.py / bare loop"], train_rows)
+    rows = thread_rows(repo, args.rounds, batch)
+    threads_table = common.table(["torch threads", "other load", "bare loop (samples/s)"], rows)
+    speed = {(name, load): float(value) for name, load, value in rows}
+    busy = {name: speed[name, "one busy process"] / speed[name, "idle"] for name in THREADS}
+    costs = sample_costs(repo, 2 * args.rounds + 1)
+    model_us = 1e6 / statistics.median(model)
+    cost_table = common.table(["images", "worker time per sample (us)", "vs the model's time per sample"],
+                              [[name, f"{us:.0f}", f"{us / model_us:.2f}"] for name, us in costs.items()])
     default_wait = statistics.median(100 * r["data_wait"] for r in runs["train 2"])
     summary = (f"Data wait in the default configuration: {default_wait:.1f}% (median of {args.rounds} runs): "
                f"target under 5% {'met' if default_wait < 5 else 'NOT met'}.")
-    print(f"\n{loader_table}\n\n{train_table}\n\n{summary}")
+    print(f"\n{loader_table}\n\n{train_table}\n\n{cost_table}\n\n{threads_table}\n\n{summary}")
     if args.no_readme:
         return
     common.write_readme(HEADING, f"""{HEADING}
@@ -98,7 +190,36 @@ Rerun: `.venv/bin/python bench/bench_data.py`.
 
 {train_table}
 
+Where the workers' time goes: one training sample (TrainDataset[i]) on one thread, for the
+generated set and for 200 of its images stored as 512 px photos, before and after a one-time
+resize; the model's time per sample is 1 / its samples/s on all cores ({model_us:.0f} us).
+
+{cost_table}
+
+Threads fighting over the cores: the bare loop (fused AdamW, 10 steps) with torch's threads set
+three ways, on otherwise idle cores and next to one busy process started by this benchmark (as
+a DataLoader worker or another job would be). "Idle" means idle of this benchmark's own
+processes: other jobs on the machine count too (see the load average).
+
+{threads_table}
+
 {summary}
+
+- Headroom: the loader alone delivers more than the model consumes (2 workers:
+  {loader_rows[2][3]}), so train.py waits for data mostly at the start of an epoch. The price
+  of the workers is the CPU time they take from the model's threads: bench_overhead.py shows
+  it as a slower forward-backward inside train.py.
+- Photos: a 512 px JPEG costs {costs["512 px JPEG"] / costs["64 px PNG (the generated set)"]:.1f}x
+  the whole pipeline of a 64 px PNG, decoded again every epoch; resized once it costs
+  {costs["resized once to 64 px JPEG"] / costs["64 px PNG (the generated set)"]:.1f}x. The one-time
+  resized copy exists: `python data_loader.py --to_webdataset SRC OUT --resize 64` writes shards
+  of resized images, and `train.py --data_dir OUT --val_data ...` trains on them.
+- Threads: next to one busy process, two threads with OpenMP's default spinning keep
+  {busy["2 threads, OpenMP default spinning"]:.2f} of their idle speed, with GOMP_SPINCOUNT=1000
+  {busy["2 threads, GOMP_SPINCOUNT=1000"]:.2f}, one thread {busy["1 thread"]:.2f}: a thread
+  that waits for a descheduled partner keeps spinning on the core the partner needs. On idle
+  cores two threads run {speed["2 threads, GOMP_SPINCOUNT=1000", "idle"] / speed["1 thread", "idle"]:.2f}x
+  as fast as one, so two threads that spin briefly is the default to want.
 """)
 
 

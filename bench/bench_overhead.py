@@ -6,12 +6,16 @@
 
 train.py runs in a fresh process in its default configuration (config.json: tiny-vit-64, batch
 64, fp32 on a CPU, 2 workers, augmentation) on a generated set of 2000 images (1800 train, 200
-validation), for whole epochs, with --save_every 20 so that periodic checkpoints happen too. Its
-loop time holds every step, epoch boundary, log line and checkpoint, and leaves out validation,
-which is reported on its own (see common._job_train). The bare loop (common.bare_loop) runs the
-same number of steps of the same model, batch and precision on tensors in memory, also in a fresh
-process with torch's default threads. The two alternate, and each round's ratio is train.py's
-samples/s over the bare loop's. Target (issue 8): a median ratio of at least 0.97.
+validation), for 2 whole epochs, with --save_every 50 so that a periodic checkpoint happens too
+(besides best.pt after each validation and the final last.pt). Its loop time holds every step,
+epoch boundary, log line and checkpoint, and leaves out validation, which is reported on its own
+(see common._job_train). The bare loop (common.bare_loop) runs the same number of steps of the
+same model, batch and precision on tensors in memory, in a fresh process, twice: with torch's
+defaults (AdamW's default implementation, OpenMP's default spinning), and tuned (fused AdamW,
+GOMP_SPINCOUNT=1000), the fastest bare loop found here. The three alternate; each round's ratios
+are train.py's samples/s over each bare loop's. Target (issue 8): a median ratio of at least 0.97
+against the tuned bare loop (against the untuned one train.py would get credit for the optimiser
+and thread settings, which are not harness overhead).
 """
 import argparse
 import shutil
@@ -20,14 +24,17 @@ import statistics
 import common
 
 HEADING = "## bench_overhead.py"
+# The tuned bare loop: fused AdamW, and OpenMP threads that spin only briefly before they sleep
+# (GNU OpenMP's default spins for ~300000 rounds, which costs dearly when the cores are shared).
+TUNED_ENV = {"GOMP_SPINCOUNT": "1000"}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3, help="pairs of runs (train.py, bare loop)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the three runs")
     parser.add_argument("--epochs", type=int, default=2, help="epochs of each train.py run")
     parser.add_argument("--num_images", type=int, default=2000, help="images of the generated set")
-    parser.add_argument("--save_every", type=int, default=20, help="train.py --save_every")
+    parser.add_argument("--save_every", type=int, default=50, help="train.py --save_every")
     parser.add_argument("--repo", default=str(common.REPO), help="repository whose train.py is measured")
     parser.add_argument("--no_readme", action="store_true", help="print the table only")
     parser.add_argument("--train_args", nargs=argparse.REMAINDER, default=[],
@@ -47,32 +54,49 @@ def main():
         shutil.rmtree(result["checkpoint_dir"], ignore_errors=True)   # ~100 MB each, not needed
         return result
 
-    def run_bare():
-        return common.run_job("bare", {"model_name": cfg.model_name, "batch_size":
-                                       cfg.batch_size, "precision": precision,
-                                       "steps": steps}, repo=repo, log_name="overhead-bare")
+    def bare(**settings):
+        params = {"model_name": cfg.model_name, "batch_size": cfg.batch_size, "precision": precision,
+                  "steps": steps}
+        return lambda: common.run_job("bare", {**params, **settings.get("params", {})},
+                                      env=settings.get("env"), repo=repo, log_name="overhead-bare")
 
     def report(name, r, result):
         print(f"round {r + 1} {name:5}: {result['samples_per_s']:6.1f} samples/s "
               f"(load {common.load_average():.1f})", flush=True)
 
     load_before = common.load_average()
-    runs = common.alternate({"train": run_train, "bare": run_bare}, args.rounds, report)
+    runs = common.alternate({"train": run_train, "bare": bare(),
+                             "tuned": bare(params={"fused": True}, env=TUNED_ENV)}, args.rounds, report)
     load_after = common.load_average()
-    rows, ratios = [], []
-    for r, (t, b) in enumerate(zip(runs["train"], runs["bare"]), 1):
+    rows, ratios, tuned_ratios = [], [], []
+    for r, (t, b, u) in enumerate(zip(runs["train"], runs["bare"], runs["tuned"]), 1):
         ratios.append(t["samples_per_s"] / b["samples_per_s"])
-        rows.append([r, f"{t['samples_per_s']:.1f}", f"{b['samples_per_s']:.1f}", f"{ratios[-1]:.2f}",
-                     f"{100 * t['data_wait']:.1f}", f"{t['validation_s'] / t['validations']:.1f}",
-                     f"{t['startup_s']:.1f}", t["threads"], b["threads"]])
-    result = common.table(["round", "train.py (samples/s)", "bare loop (samples/s)", "ratio",
-                           "data wait (%)", "validation (s each)", "start-up (s)",
-                           "train threads", "bare threads"], rows)
-    median = statistics.median(ratios)
-    verdict = "met" if median >= 0.97 else "NOT met"
-    summary = (f"Median ratio {common.median_spread(ratios)} over {args.rounds} rounds: target 0.97 "
-               f"{verdict}.")
-    print(f"\n{result}\n\n{summary}")
+        tuned_ratios.append(t["samples_per_s"] / u["samples_per_s"])
+        rows.append([r, f"{t['samples_per_s']:.1f}", f"{b['samples_per_s']:.1f}", f"{u['samples_per_s']:.1f}",
+                     f"{ratios[-1]:.2f}", f"{tuned_ratios[-1]:.2f}", f"{100 * t['data_wait']:.1f}",
+                     f"{t['validation_s'] / t['validations']:.1f}", f"{t['startup_s']:.1f}"])
+    result = common.table(["round", "train.py (samples/s)", "bare loop (samples/s)",
+                           "tuned bare loop (samples/s)", "train.py / bare", "train.py / tuned bare",
+                           "data wait (%)", "validation (s each)", "start-up (s)"], rows)
+
+    def per_step(results, key):   # ms per step, median over the rounds
+        return statistics.median(1000 * r.get(key, 0.0) / steps for r in results)
+    t, u = runs["train"], runs["tuned"]
+    parts = [["forward and backward (backward_step)", per_step(t, "model_s"), per_step(u, "model_s")],
+             ["waiting for data", per_step(t, "data_s"), 0.0],
+             ["checkpoints (save_checkpoint)", per_step(t, "checkpoint_s"), 0.0],
+             ["gradient clipping", per_step(t, "clip_s"), 0.0],
+             ["optimiser step, schedule, logging, the rest", per_step(t, "rest_s"),
+              per_step(u, "loop_s") - per_step(u, "model_s")]]
+    parts.append(["the whole step", sum(row[1] for row in parts), sum(row[2] for row in parts)])
+    breakdown = common.table(["ms per step (median of rounds)", "train.py", "tuned bare loop",
+                              "difference"],
+                             [[name, f"{a:.1f}", f"{b:.1f}", f"{a - b:+.1f}"] for name, a, b in parts])
+    verdict = "met" if statistics.median(tuned_ratios) >= 0.97 else "NOT met"
+    summary = (f"Median ratio over {args.rounds} rounds: {common.median_spread(ratios)} against the bare "
+               f"loop, {common.median_spread(tuned_ratios)} against the tuned bare loop, which is the "
+               f"one the target is judged by: target 0.97 {verdict}.")
+    print(f"\n{result}\n\n{breakdown}\n\n{summary}")
     if args.no_readme:
         return
     extra = f" {' '.join(args.train_args)}" if args.train_args else ""
@@ -84,13 +108,32 @@ backward, AdamW step on tensors in memory), same model ({cfg.model_name}), batch
 epochs of a generated set of {args.num_images} images (1 in 10 held out for validation), reading
 PNG files with augmentation and tokenisation in DataLoader workers, gradient clipping, schedule,
 logging, `--save_every {args.save_every}` checkpoints, best.pt after each validation; its
-validation time is left out and shown on its own. Each side in a fresh process, alternating.
-Machine: {common.machine()}; load average {load_before:.1f} before, {load_after:.1f} after.
+validation time is left out and shown on its own. Bare loop: torch's defaults; tuned bare
+loop: fused AdamW and `GOMP_SPINCOUNT=1000`. Each run in a fresh process, alternating,
+{args.rounds} rounds. Machine: {common.machine()}; load average {load_before:.1f} before, {load_after:.1f} after.
 Rerun: `.venv/bin/python bench/bench_overhead.py`.
 
 {result}
 
+Where the time goes, in ms per step: the loop time of train.py split by timers around
+`backward_step`, the training DataLoader's `__next__`, `save_checkpoint` and
+`clip_grad_norm_` (see common._job_train), against the tuned bare loop's forward-backward and
+optimiser step.
+
+{breakdown}
+
 {summary}
+
+- Most of the difference is the model itself running slower inside train.py
+  ({parts[0][1] - parts[0][2]:+.0f} ms of forward and backward per step): the DataLoader workers read,
+  decode, augment and tokenise about 0.7 ms of CPU per sample on the same 2 cores (bench_data.py),
+  and while a worker holds a core one of the model's two threads waits, and its partner with it.
+  In an ad-hoc run with every sample computed before the loop and no workers, train.py's
+  forward and backward took as long as the bare loop's, and its loop reached 0.87 of the tuned
+  bare loop; the rest was checkpoints, clipping and the data loader's own overhead.
+- Checkpoints: each save writes the weights and the AdamW state (96 MB for tiny-vit-64) and
+  fsyncs them, 0.1-0.2 s; best.pt is written after every validation that improves, which on
+  this set means almost every epoch of 28 steps.
 """)
 
 

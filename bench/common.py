@@ -185,11 +185,15 @@ def bare_loop(model_name="tiny-vit-64", batch_size=64, precision="fp32", steps=2
                                   eps=1e-6, **({"fused": True} if fused else {}))
     step_model = torch.compile(model) if compile else model
 
+    model_s = [0.0]
+
     def step():
+        started = time.perf_counter()
         with clip_model.autocast("cpu", precision):
             out = step_model(images, texts)
             loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], ids)
         loss.backward()
+        model_s[0] += time.perf_counter() - started
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         clip_model.clamp_logit_scale(model)
@@ -198,11 +202,12 @@ def bare_loop(model_name="tiny-vit-64", batch_size=64, precision="fp32", steps=2
     compile_started = time.perf_counter()
     for _ in range(warmup):
         step()
-    started = time.perf_counter()
+    started, model_s[0] = time.perf_counter(), 0.0
     for _ in range(steps):
         loss = step()
     elapsed = time.perf_counter() - started
     return {"samples_per_s": steps * batch_size / elapsed, "step_s": elapsed / steps,
+            "model_s": model_s[0], "loop_s": elapsed,
             "warmup_s": started - compile_started, "loss": float(loss),
             "threads": torch.get_num_threads()}
 
@@ -211,31 +216,66 @@ def _job_bare(params):
     _finish(bare_loop(**params))
 
 
+def _timed(owner, name, marks, key):
+    """Replace owner.name by a wrapper that adds its running time to marks[key]."""
+    function = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            marks[key] = marks.get(key, 0.0) + time.perf_counter() - started
+    setattr(owner, name, wrapper)
+
+
 def _job_train(params):
     """train.main(argv) with timing marks. The loop is timed from just before its first step
     (when train.py installs its stop-signal handler, the last thing before the loop) to just
     before the training curves are plotted (after the final last.pt is saved); the time spent
     inside evaluation.evaluate_model (validation) is taken out and reported on its own. So the
     loop time holds every step, epoch boundary, log line, TensorBoard point, periodic
-    checkpoint and best.pt save. torch is not imported here before train.main runs, so that
-    train.py's own start-up (environment, thread settings) happens as on the command line."""
+    checkpoint and best.pt save.
+
+    Where the loop's time goes: the time inside train.backward_step (forward and backward),
+    torch.nn.utils.clip_grad_norm_, clip_model.save_checkpoint, and the training DataLoader's
+    __next__ outside validation (waiting for data); the rest is the optimiser step, schedule,
+    logging and bookkeeping. The wrappers cost microseconds per call.
+    torch is not imported here before train.main runs, so that train.py's own start-up
+    (environment, thread settings) happens as on the command line."""
     sys.path.insert(0, params["repo"])
     import train
     marks = {"validation_s": 0.0, "validations": 0}
 
     class MarkedStopRequest(train.StopRequest):
         def __init__(self):
+            import clip_model
             import evaluation
+            import torch
+            from torch.utils.data import dataloader
+            _timed(evaluation, "evaluate_model", marks, "validation_s")
+            _timed(train, "backward_step", marks, "model_s")
+            _timed(torch.nn.utils, "clip_grad_norm_", marks, "clip_s")
+            _timed(clip_model, "save_checkpoint", marks, "checkpoint_s")
+            next_batch = dataloader._BaseDataLoaderIter.__next__
+
+            def timed_next(iterator):
+                started = time.perf_counter()
+                try:
+                    return next_batch(iterator)
+                finally:
+                    if marks["validations"] == marks.get("validations_done", 0):   # not validating
+                        marks["data_s"] = marks.get("data_s", 0.0) + time.perf_counter() - started
+            dataloader._BaseDataLoaderIter.__next__ = timed_next
             evaluate = evaluation.evaluate_model
 
-            def timed_evaluate(*args, **kwargs):
-                started = time.perf_counter()
+            def counted_evaluate(*args, **kwargs):
+                marks["validations"] += 1
                 try:
                     return evaluate(*args, **kwargs)
                 finally:
-                    marks["validation_s"] += time.perf_counter() - started
-                    marks["validations"] += 1
-            evaluation.evaluate_model = timed_evaluate
+                    marks["validations_done"] = marks["validations"]
+            evaluation.evaluate_model = counted_evaluate
             super().__init__()
             marks["loop_start"] = time.perf_counter()
 
@@ -251,12 +291,13 @@ def _job_train(params):
     loop_s = marks["loop_end"] - marks["loop_start"] - marks["validation_s"]
     history = result["history"]["train"]
     samples = result["step"] * cfg.batch_size * cfg.accum_steps
+    parts = {key: marks.get(key, 0.0) for key in ("model_s", "data_s", "checkpoint_s", "clip_s")}
     _finish({"steps": result["step"], "samples": samples, "loop_s": loop_s,
              "samples_per_s": samples / loop_s, "startup_s": marks["loop_start"] - started,
              "validation_s": marks["validation_s"], "validations": marks["validations"],
+             **parts, "rest_s": loop_s - sum(parts.values()),
              "data_wait": statistics.mean(e["data_wait"] for e in history),
              "data_wait_max": max(e["data_wait"] for e in history),
-             "logged_samples_per_s": statistics.median(e["samples_per_s"] for e in history),
              "threads": torch.get_num_threads(), "final_loss": history[-1]["loss"],
              "checkpoint_dir": str(result["checkpoint_dir"])})
 
