@@ -12,13 +12,12 @@ The towers come from open_clip, so every open_clip architecture and pretrained t
 `model_configs/` adds small presets of our own for CPUs and small GPUs.
 """
 import contextlib
-import hashlib
 import json
 import logging
 import math
 import os
+import pickle
 import random
-import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from errors import (CheckpointError, ModelError, OutputError, PretrainedUnavailable, SettingsError,
+                    UserError, disk_full_message, is_disk_full)
+
 PRESET_DIR = Path(__file__).resolve().parent / "model_configs"
 open_clip.add_model_config(PRESET_DIR)
 PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.json"))
@@ -38,11 +40,11 @@ PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 # CLIP initialises the temperature at 0.07, i.e. logit scale 1/0.07, and stores its log so that the
 # optimiser works on an unconstrained number. It is clamped at 100: beyond that the softmax becomes
 # nearly one-hot and training turns unstable (CLIP paper, section 2.5).
-INIT_LOGIT_SCALE = math.log(1 / 0.07)
-MAX_LOGIT_SCALE = math.log(100)
+LOG_INIT_LOGIT_SCALE = math.log(1 / 0.07)
+LOG_MAX_LOGIT_SCALE = math.log(100)
 # SigLIP starts from a scale of 10 and a bias of -10, so that at initialisation every pair looks
 # like a negative: the right prior when only 1 in B pairs is positive (Zhai et al. 2023, sec. 3.2).
-SIGLIP_INIT_LOGIT_SCALE = math.log(10)
+SIGLIP_LOG_INIT_LOGIT_SCALE = math.log(10)
 SIGLIP_INIT_LOGIT_BIAS = -10.0
 
 # The last linear map of each tower into the shared space, across open_clip's tower types
@@ -51,29 +53,89 @@ PROJECTION_PARAMETERS = ("visual.proj", "visual.head.proj", "visual.attnpool.c_p
                          "text_projection", "text.text_projection", "text.proj")
 TEMPERATURE_PARAMETERS = ("logit_scale", "logit_bias")
 
+# Version of the checkpoint layout written by save_checkpoint; load_checkpoint refuses newer ones.
 CHECKPOINT_FORMAT = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file that is missing, truncated or not ours."""
-
-
-class ModelError(ValueError):
-    """A model name, config file or pretrained tag that does not exist."""
-
-
-class PretrainedUnavailable(RuntimeError):
-    """Pretrained weights that cannot be downloaded here."""
 
 
 @dataclass
 class ClipSetup:
     """A model with everything needed to feed it and to rebuild it."""
     model: nn.Module
-    tokenizer: object        # open_clip tokenizer: list[str] -> LongTensor[N, context_length]
+    tokenizer: object        # CaptionTokenizer: list[str] -> LongTensor[N, context_length]
     preprocess_cfg: dict     # image size, mean, std, interpolation, resize mode
     model_name: str
     model_config: dict       # the full open_clip config: rebuilds the architecture on its own
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices
+
+def pick_device(requested="auto", local_rank=0):
+    """torch.device for a name: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.
+    SettingsError when the device does not exist here."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise SettingsError(f"device {requested!r}: not a device name; use auto, cpu, cuda, cuda:N "
+                            f"or mps") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}.get(device.type, False)
+    if not available or device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SettingsError(f"device {requested!r} is not available on this machine; use auto")
+    return device
+
+
+def pick_precision(requested, device):
+    """auto: amp (fp16 with loss scaling) on CUDA, fp32 elsewhere. amp needs CUDA."""
+    if requested == "auto":
+        return "amp" if device.type == "cuda" else "fp32"
+    if requested == "amp" and device.type != "cuda":
+        raise SettingsError(f"precision amp needs CUDA (device is {device}); use bf16 or fp32")
+    return requested
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenising
+
+class CaptionTokenizer:
+    """open_clip's tokenizer, with each caption cut before it is tokenised.
+
+    Byte-pair encoding takes time quadratic in the length of a word, and the tokenizer encodes
+    the whole caption before keeping the first context_length tokens: one 100,000-letter caption
+    without spaces took 77 s. Only the first K = context_length - 2 tokens are kept, and a token
+    is at most L characters long (L = the longest token of the vocabulary, 32 for CLIP's), so the
+    kept tokens come from the first K * L characters of a word. Each word (a run without
+    whitespace) is therefore cut to (K + 8) * L characters: the kept tokens and eight more
+    tokens' worth of the word stay, and a merge of byte pairs, which only joins neighbours,
+    cannot carry the effect of the cut back over that margin (tests check random long words).
+    Runs of whitespace become one space first, as the tokenizer's cleaning would do anyway.
+    Tokenizers without this cost (the Rust tokenizers of Hugging Face text towers) are left as
+    they are.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.context_length = tokenizer.context_length
+        vocabulary = getattr(tokenizer, "encoder", None)
+        if isinstance(tokenizer, open_clip.tokenizer.SimpleTokenizer) and vocabulary:
+            longest = max(len(token) for token in vocabulary)
+            self.max_word = (self.context_length - 2 + 8) * longest
+        else:
+            self.max_word = None
+
+    def cut(self, text):
+        if self.max_word is None:
+            return text
+        return " ".join(word[:self.max_word] for word in text.split())
+
+    def __call__(self, texts):
+        if isinstance(texts, str):
+            texts = [texts]
+        return self.tokenizer([self.cut(text) for text in texts])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,29 +156,23 @@ def resolve_model_name(model_name):
     return model_name
 
 
-def register_model_config(model_name, model_config):
-    """Make a config known to open_clip (for checkpoints of custom architectures) and return the
-    name it is known by: model_name itself, or model_name plus a hash of the config when
-    open_clip knows a different config by that name (a preset trained with another context length)."""
-    known = open_clip.get_model_config(model_name)
-    if known == model_config:
-        return model_name
-    if known is not None:
-        digest = hashlib.sha1(json.dumps(model_config, sort_keys=True).encode()).hexdigest()[:8]
-        model_name = f"{model_name}-{digest}"
-    folder = Path(tempfile.mkdtemp(prefix="clip_configs_"))
-    (folder / f"{model_name}.json").write_text(json.dumps(model_config))
-    open_clip.add_model_config(folder / f"{model_name}.json")
-    return model_name
-
-
 def _host_reachable(url, timeout=3.0):
-    host = urlparse(url).hostname
+    """True if an HTTP server answers at url within timeout seconds, through the proxy of
+    HTTPS_PROXY / HTTP_PROXY when one is set (urllib honours them, and NO_PROXY)."""
+    import urllib.error
+    import urllib.request
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
         return True
-    except OSError:
+    except urllib.error.HTTPError:     # the server answered (401, 404, ...): the host is reachable
+        return True
+    except (urllib.error.URLError, OSError, ValueError):
         return False
+
+
+def _hub_offline():
+    """HF_HUB_OFFLINE=1 (the Hugging Face convention) means: never try the network."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _cached_hf_file(hf_hub_entry):
@@ -135,7 +191,8 @@ def resolve_pretrained(model_name, pretrained):
     """Turn a pretrained tag into a local weights file, downloading it if needed.
 
     Returns (path, tag_config). open_clip's own downloader retries for a minute when the hub is
-    unreachable; we probe the host first so that an offline machine gets a clear answer at once.
+    unreachable; we look in the cache first, respect HF_HUB_OFFLINE, and probe the host (through
+    the configured proxy) so that an offline machine gets a clear answer at once.
     """
     if not pretrained or pretrained == "none":
         return None, {}
@@ -151,13 +208,16 @@ def resolve_pretrained(model_name, pretrained):
     cached = _cached_hf_file(tag_cfg["hf_hub"]) if tag_cfg.get("hf_hub") else None
     if cached:
         return cached, tag_cfg
-    if not _host_reachable(url):
+    offline = _hub_offline()
+    if offline or not _host_reachable(url):
+        why = "HF_HUB_OFFLINE is set" if offline else \
+            f"{urlparse(url).hostname} cannot be reached from this machine"
         raise PretrainedUnavailable(
-            f"--pretrained {pretrained}: the weights of {model_name}/{pretrained} must be downloaded "
-            f"from {urlparse(url).hostname}, which cannot be reached from this machine. Download them "
-            f"where there is a network (python -c \"import open_clip; open_clip.create_model("
-            f"'{model_name}', pretrained='{pretrained}')\" fills the Hugging Face cache), or copy "
-            f"the weights file here and pass its path: --pretrained /path/to/open_clip_model.safetensors")
+            f"--pretrained {pretrained}: the weights of {model_name}/{pretrained} are not in the "
+            f"cache and must be downloaded, but {why}. Download them where there is a network "
+            f"(python -c \"import open_clip; open_clip.create_model('{model_name}', "
+            f"pretrained='{pretrained}')\" fills the Hugging Face cache), or copy the weights file "
+            f"here and pass its path: --pretrained /path/to/open_clip_model.safetensors")
     return open_clip.download_pretrained(tag_cfg), tag_cfg
 
 
@@ -173,44 +233,129 @@ def _quiet_open_clip():
         logger.setLevel(level)
 
 
-def build_model(model_name, pretrained="", device="cpu", loss="clip", patch_dropout=0.0,
-                grad_checkpointing=False, context_length=0, model_config=None):
-    """Create a CLIP model (and its tokenizer and image preprocessing) from open_clip.
-
-    model_config rebuilds an architecture stored in a checkpoint, even one that open_clip does
-    not know by name. With loss="siglip" the model gets SigLIP's learned bias and initial scale.
-    context_length > 0 changes how many tokens the text tower reads (longer captions, or
-    Chinese, which the byte-level BPE splits into about 3 tokens per character).
-    """
-    if model_config is not None:
-        model_name = register_model_config(model_name, model_config)
-    else:
-        model_name = resolve_model_name(model_name)
-    weights, tag_cfg = resolve_pretrained(model_name, pretrained)
+def _model_options(loss, patch_dropout, context_length):
     options = {}
     if loss == "siglip":
-        options.update(init_logit_scale=SIGLIP_INIT_LOGIT_SCALE, init_logit_bias=SIGLIP_INIT_LOGIT_BIAS)
+        options.update(init_logit_scale=SIGLIP_LOG_INIT_LOGIT_SCALE, init_logit_bias=SIGLIP_INIT_LOGIT_BIAS)
     if patch_dropout:
         options["force_patch_dropout"] = patch_dropout
     if context_length:
         options["force_context_length"] = context_length
-    # A tag may need settings the bare config lacks (OpenAI weights use QuickGELU, some tags
-    # normalise images with their own mean and std).
-    preprocess_keys = ("mean", "std", "interpolation", "resize_mode")
-    forced_preprocess = {k: tag_cfg[k] for k in preprocess_keys if k in tag_cfg}
-    with _quiet_open_clip():
-        model = open_clip.create_model(
-            model_name, pretrained=weights, device=device, output_dict=True,
-            force_quick_gelu=tag_cfg.get("quick_gelu", False),
-            force_preprocess_cfg=forced_preprocess or None, **options)
-    if grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    config = open_clip.get_model_config(model_name)
+    return options
+
+
+def _create_from_config(model_config, preprocess_cfg, options, source):
+    """(model, tokenizer) of an architecture given as a config dict, e.g. read from a checkpoint.
+
+    open_clip builds such a model from a folder holding open_clip_config.json ("local-dir:").
+    The folder is a private temporary one, removed at once, and the file name is fixed: the
+    checkpoint's model name is data, never part of a path, so no checkpoint can make us write
+    anywhere else. Keys open_clip does not know are refused.
+    """
+    if not isinstance(model_config, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(model_config):
+        raise CheckpointError(f"{source}: its model_config is not an open_clip model config "
+                              f"(needs embed_dim, vision_cfg and text_cfg)")
+    with tempfile.TemporaryDirectory(prefix="clip_config_") as folder:
+        with open(os.path.join(folder, "open_clip_config.json"), "w", encoding="utf-8") as f:
+            json.dump({"model_cfg": model_config, "preprocess_cfg": preprocess_cfg or {}}, f)
+        try:
+            with _quiet_open_clip():
+                model = open_clip.create_model(f"local-dir:{folder}", output_dict=True, **options)
+                tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}",
+                                                    context_length=options.get("force_context_length"))
+        except (TypeError, ValueError, KeyError) as error:
+            raise CheckpointError(f"{source}: its model_config cannot be built by open_clip "
+                                  f"({type(error).__name__}: {error})") from None
+    return model, tokenizer
+
+
+def build_model(model_name, pretrained="", device="cpu", loss="clip", patch_dropout=0.0,
+                grad_checkpointing=False, context_length=0, model_config=None, preprocess_cfg=None):
+    """Create a CLIP model (and its tokenizer and image preprocessing) from open_clip.
+
+    model_config (with its preprocess_cfg) rebuilds an architecture stored in a checkpoint, even
+    one that open_clip does not know by name; pretrained is then ignored (the weights come from
+    the checkpoint). With loss="siglip" the model gets SigLIP's learned bias and initial scale.
+    context_length > 0 changes how many tokens the text tower reads (longer captions, or
+    Chinese, which the byte-level BPE splits into about 3 tokens per character).
+    """
+    options = _model_options(loss, patch_dropout, context_length)
+    if model_config is not None:
+        model, tokenizer = _create_from_config(model_config, preprocess_cfg, options, model_name)
+        config = json.loads(json.dumps(model_config))
+    else:
+        model_name = resolve_model_name(model_name)
+        weights, tag_cfg = resolve_pretrained(model_name, pretrained)
+        # A tag may need settings the bare config lacks (OpenAI weights use QuickGELU, some tags
+        # normalise images with their own mean and std).
+        preprocess_keys = ("mean", "std", "interpolation", "resize_mode")
+        forced_preprocess = {k: tag_cfg[k] for k in preprocess_keys if k in tag_cfg}
+        with _quiet_open_clip(), _readable_weights_errors(weights, model_name, options):
+            model = open_clip.create_model(
+                model_name, pretrained=weights, output_dict=True,
+                force_quick_gelu=tag_cfg.get("quick_gelu", False),
+                force_preprocess_cfg=forced_preprocess or None, **options)
+        tokenizer = open_clip.get_tokenizer(model_name, context_length=context_length or None)
+        config = open_clip.get_model_config(model_name)
+        if tag_cfg.get("quick_gelu"):
+            config["quick_gelu"] = True
     if context_length:
         config["text_cfg"]["context_length"] = context_length
+    model.to(device)
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
     return ClipSetup(model=model, preprocess_cfg=dict(model.visual.preprocess_cfg),
-                     tokenizer=open_clip.get_tokenizer(model_name, context_length=context_length or None),
-                     model_name=model_name, model_config=config)
+                     tokenizer=CaptionTokenizer(tokenizer), model_name=model_name, model_config=config)
+
+
+@contextlib.contextmanager
+def _readable_weights_errors(path, model_name, options):
+    """Turn open_clip's errors while loading a weights file into one CheckpointError line."""
+    try:
+        yield
+    except Exception as error:
+        if path is None or isinstance(error, UserError):
+            raise
+        if _refused_by_weights_only(error):
+            raise CheckpointError(_unsafe_file_message(path)) from None
+        try:
+            state, stored_name = _read_weights(path)
+        except Exception as read_error:
+            reason = (str(read_error).splitlines() or [""])[0][:200]
+            raise CheckpointError(f"--pretrained {path} cannot be read ({type(read_error).__name__}: "
+                                  f"{reason}); the file is truncated or not a weights file") from None
+        with _quiet_open_clip():
+            expected = open_clip.create_model(model_name, **options).state_dict()
+        raise CheckpointError(f"--pretrained {path}: " + _state_dict_difference(
+            state, expected, stored_name, model_name)) from None
+
+
+def _read_weights(path):
+    """(state_dict, model name or None) of a weights file: safetensors, a state_dict, or a
+    checkpoint holding one under "state_dict" (ours, with its model name)."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path), None
+    stored = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(stored, dict):
+        raise ValueError(f"holds a {type(stored).__name__}, not a dictionary of tensors")
+    state = stored.get("state_dict", stored)
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    return state, stored.get("model_name") if "state_dict" in stored else None
+
+
+def _state_dict_difference(state, expected, stored_name, model_name):
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    first = (f"'{reshaped[0]}' is {list(state[reshaped[0]].shape)} in the file and "
+             f"{list(expected[reshaped[0]].shape)} in the model" if reshaped else
+             f"'{(missing or unexpected)[0]}' is {'missing' if missing else 'unexpected'}"
+             if missing or unexpected else "the weights could not be loaded")
+    holds = f"a {stored_name} model" if stored_name else "weights of another architecture"
+    return (f"holds {holds}, not {model_name}: {len(missing)} tensors missing, {len(unexpected)} "
+            f"unexpected, {len(reshaped)} of another shape ({first}). Use the --model_name it was "
+            f"trained with (and its --context_length), or other weights")
 
 
 def count_parameters(model, trainable_only=False):
@@ -229,8 +374,10 @@ def freeze_for_finetuning(model, freeze_backbone=False, lock_image=-1, lock_text
 
     freeze_backbone: only the two projections into the shared space and the temperature train,
         a linear probe of both towers at once (cheap, and hard to overfit on small data).
-    lock_image / lock_text = N >= 0: lock the tower except its last N layer groups (LiT:
-        "Locked-image Tuning", Zhai et al. 2022); -1 leaves the tower trainable.
+    lock_image / lock_text = N: the tower trains only its last N blocks (transformer blocks; the
+        stages of a timm ResNet) and what follows them (the final norm, the pooling and the
+        projection into the shared space). N = 0 freezes the whole tower, as LiT does with the
+        image tower ("Locked-image Tuning", Zhai et al. 2022); -1 leaves it trainable.
     A frozen ResNet tower also freezes its BatchNorm statistics: updating running means with a
     frozen trunk would silently change the features the projection was trained on.
     """
@@ -240,15 +387,44 @@ def freeze_for_finetuning(model, freeze_backbone=False, lock_image=-1, lock_text
             param.requires_grad = _matches(name, PROJECTION_PARAMETERS + TEMPERATURE_PARAMETERS)
         return
     if lock_image >= 0:
-        model.lock_image_tower(unlocked_groups=lock_image, freeze_bn_stats=True)
+        _lock_image_tower(model, lock_image)
     if lock_text >= 0:
-        model.lock_text_tower(unlocked_layers=lock_text)
+        _lock_text_tower(model, lock_text)
+
+
+def _lock_image_tower(model, keep):
+    # open_clip counts "groups": for a ViT the projection is a group of its own after the last
+    # block, for a timm trunk the head is never locked; we count blocks in both.
+    visual = model.visual
+    if keep == 0:
+        model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
+        for param in visual.parameters():
+            param.requires_grad = False
+    elif isinstance(visual, open_clip.timm_model.TimmModel):
+        visual.lock(unlocked_groups=keep, freeze_bn_stats=True)
+    elif hasattr(visual, "transformer"):
+        visual.lock(unlocked_groups=keep + 1, freeze_bn_stats=True)
+    else:
+        raise SettingsError(f"lock_image {keep}: the {type(visual).__name__} image tower can only be "
+                            f"locked whole (lock_image 0) or left trainable (-1)")
+
+
+def _lock_text_tower(model, keep):
+    if keep == 0:
+        for name, param in model.named_parameters():
+            if not name.startswith("visual.") and not _matches(name, TEMPERATURE_PARAMETERS):
+                param.requires_grad = False
+    elif isinstance(getattr(model, "text", None), open_clip.hf_model.HFTextEncoder):
+        model.lock_text_tower(unlocked_layers=keep)    # counts the encoder's layers already
+    else:
+        model.lock_text_tower(unlocked_layers=keep + 1)  # + the projection, its own "layer" there
 
 
 def clamp_logit_scale(model):
-    """Keep the learned temperature inside [1, 100] after each optimiser step."""
+    """Keep the learned temperature inside [1, 100] after each optimiser step (the stored
+    parameter is its logarithm, hence 0 and LOG_MAX_LOGIT_SCALE)."""
     with torch.no_grad():
-        model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        model.logit_scale.clamp_(0, LOG_MAX_LOGIT_SCALE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,14 +441,16 @@ def autocast(device, precision):
 
 
 @torch.inference_mode()
-def encode_images(model, loader, device, precision="fp32"):
-    """L2-normalised features of every image a loader of (images, indices) batches yields."""
+def encode_images(model, batches, device, precision="fp32"):
+    """L2-normalised features of every image of an iterable of image batches (tensors, or
+    (images, indices) pairs as a plain DataLoader yields them)."""
     model.eval()
     features = []
-    for images, _ in loader:
+    for batch in batches:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
         with autocast(device, precision):
             features.append(model.encode_image(images.to(device), normalize=True).float().cpu())
-    return torch.cat(features)
+    return torch.cat(features) if features else torch.empty(0)
 
 
 @torch.inference_mode()
@@ -432,9 +610,10 @@ def set_rng_state(state):
 def save_checkpoint(path, setup, **training_state):
     """Write a checkpoint atomically: a temporary file in the same folder, then a rename.
 
-    A run killed mid-save leaves the temporary file behind and the previous checkpoint intact,
-    because os.replace is atomic on POSIX and Windows. The weights sit under "state_dict", the key
-    open_clip reads, so open_clip.create_model(name, pretrained=path) loads our checkpoints.
+    A run killed mid-save leaves the previous checkpoint intact, because os.replace is atomic on
+    POSIX and Windows; a save that fails (a full disk) removes its temporary file and raises
+    OutputError naming the folder. The weights sit under "state_dict", the key open_clip reads,
+    so open_clip.create_model(name, pretrained=path) loads our checkpoints.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -444,11 +623,33 @@ def save_checkpoint(path, setup, **training_state):
                                   for k, v in setup.preprocess_cfg.items()},
                **training_state}
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(error):
+            raise OutputError(f"{path.name} not written: {disk_full_message(error, path.parent)}") from None
+        raise
+
+
+def _refused_by_weights_only(error):
+    """The file is a valid pickle that names Python code (a global torch does not allow)."""
+    message = str(error).lower()
+    return isinstance(error, pickle.UnpicklingError) and "weights only" in message and \
+        "unsupported global" in message
+
+
+def _unsafe_file_message(path):
+    # torch's own message advises weights_only=False; for a file of unknown origin that advice
+    # is the attack, so it is not passed on.
+    return (f"{path} was NOT loaded: besides tensors it holds Python objects, and unpickling them "
+            f"could run any code. Checkpoints written by train.py and open_clip weights hold only "
+            f"tensors and plain values; get the file from its author again, or save just its "
+            f"weights (a state_dict) where it was made")
 
 
 def load_checkpoint(path):
@@ -459,13 +660,31 @@ def load_checkpoint(path):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for a damaged zip archive
+        if _refused_by_weights_only(error):
+            raise CheckpointError(_unsafe_file_message(path)) from None
+        reason = (str(error).splitlines() or [""])[0][:200]
         raise CheckpointError(
-            f"checkpoint {path} cannot be read ({type(error).__name__}: {error}). The file is "
+            f"checkpoint {path} cannot be read ({type(error).__name__}: {reason}). The file is "
             f"truncated or corrupt, e.g. copied while it was being written; use another "
             f"checkpoint of the run (last.pt / best.pt)") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"checkpoint {path} has no 'state_dict': not a model checkpoint")
+    if checkpoint.get("format", 1) > CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {path} has format {checkpoint['format']}, written by a "
+                              f"newer version of this code (this one reads up to format "
+                              f"{CHECKPOINT_FORMAT}); update the code")
     return checkpoint
+
+
+def load_weights(model, state_dict, source, model_name):
+    """model.load_state_dict, with a one-line CheckpointError when the weights are of another
+    architecture (torch's own message lists every tensor: over a hundred lines)."""
+    try:
+        unwrap(model).load_state_dict(state_dict)
+    except RuntimeError:
+        expected = unwrap(model).state_dict()
+        raise CheckpointError(f"{source} " + _state_dict_difference(
+            state_dict, expected, None, model_name)) from None
 
 
 def model_from_checkpoint(path, device="cpu"):
@@ -475,7 +694,8 @@ def model_from_checkpoint(path, device="cpu"):
         raise CheckpointError(f"checkpoint {path} has weights but no model config; load it with "
                               f"--model_name NAME --pretrained {path} instead")
     loss = "siglip" if "logit_bias" in checkpoint["state_dict"] else "clip"
-    setup = build_model(checkpoint["model_name"], device=device, loss=loss,
-                        model_config=checkpoint["model_config"])
-    setup.model.load_state_dict(checkpoint["state_dict"])
+    setup = build_model(str(checkpoint.get("model_name", "model")), device=device, loss=loss,
+                        model_config=checkpoint["model_config"],
+                        preprocess_cfg=checkpoint.get("preprocess_cfg"))
+    load_weights(setup.model, checkpoint["state_dict"], path, setup.model_name)
     return setup, checkpoint

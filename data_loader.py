@@ -28,6 +28,7 @@ import itertools
 import json
 import os
 import random
+import signal
 import sys
 import warnings
 from dataclasses import dataclass
@@ -37,13 +38,10 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
+from errors import DataError
 from sample_data import SAMPLE_COLOURS, SAMPLE_SHAPES, create_sample_dataset  # noqa: F401 (used as data_loader.*)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
-class DataError(ValueError):
-    """A problem with the user's data; the message names the file, entry and path."""
 
 
 # ----------------------------------------------------------------------------- the index
@@ -99,8 +97,10 @@ class CaptionIndex:
     """
 
     def __init__(self, names: PackedStrings, captions: PackedStrings, first_caption: np.ndarray, source: str,
-                 image_root: str = "", tsv_path: str | None = None, tsv_spans: np.ndarray | None = None):
+                 image_root: str = "", tsv_path: str | None = None, tsv_spans: np.ndarray | None = None,
+                 skipped: tuple = ()):
         self._names, self._captions, self._first_caption = names, captions, first_caption
+        self.skipped = list(skipped)  # messages of the images of the source left out as unreadable
         self.num_images, self.num_captions = len(names), len(captions)
         self.caption_image = np.repeat(np.arange(len(names), dtype=np.int64), np.diff(first_caption))
         self.source, self.image_root, self.tsv_path, self.tsv_spans = source, image_root, tsv_path, tsv_spans
@@ -201,9 +201,13 @@ def _make_index(names: list[str], captions: list[str], owner, source: str, **sto
                         **storage)
 
 
-def _index_from_pairs(index_file: str, pairs: list[tuple[int, str, str]]) -> CaptionIndex:
+def _index_from_pairs(index_file: str, pairs: list[tuple[int, str, str]], strict: bool = False) -> CaptionIndex:
     """Index of (entry number, image path, caption) triples; an image named twice is one image.
-    Every image must exist: a missing file is reported now, not hours into training."""
+
+    Missing image files are found now, not hours into training. Like every unreadable image they
+    are left out (with their captions) and listed in `index.skipped`; strict=True stops at the
+    first one instead, naming the index file, the entry and the resolved path.
+    """
     if not pairs:
         raise DataError(f"{index_file}: no entries")
     image_of_name, first_entry = {}, []
@@ -212,25 +216,39 @@ def _index_from_pairs(index_file: str, pairs: list[tuple[int, str, str]]) -> Cap
             image_of_name[name] = len(first_entry)
             first_entry.append(entry)
     names, root = list(image_of_name), os.path.dirname(os.path.abspath(index_file))
-    # One directory listing per folder instead of one stat() per image: a million images in a few
-    # folders are checked in about a second. stat() still decides for names not in the listing
-    # (they may differ only in case on a case-insensitive file system).
+    missing = _missing_files([os.path.join(root, name) for name in names])
+    messages = [f"{index_file}, entry {first_entry[k]}: image '{names[k]}' not found (resolved to "
+                f"{os.path.join(root, names[k])})" for k in missing]
+    if messages and (strict or len(missing) == len(names)):
+        more = f"; {len(missing) - 1} more images are missing" if len(missing) > 1 else ""
+        raise DataError(messages[0] + more)
+    keep = np.ones(len(names), dtype=bool)
+    keep[missing] = False
+    number = np.cumsum(keep) - 1                       # new number of each kept image
+    kept_pairs = [(image_of_name[name], caption) for _, name, caption in pairs if keep[image_of_name[name]]]
+    return _make_index([name for name, kept in zip(names, keep) if kept],
+                       [caption for _, caption in kept_pairs], [number[i] for i, _ in kept_pairs],
+                       index_file, image_root=root, skipped=messages)
+
+
+def _missing_files(paths: list[str]) -> list[int]:
+    """Positions of the paths that are not files. One directory listing per folder instead of one
+    stat() per image: a million images in a few folders are checked in about a second; stat()
+    still decides for names not in the listing (they may differ only in case)."""
     listings, missing = {}, []
-    for k, name in enumerate(names):
-        folder, base = os.path.split(os.path.join(root, name))
+    for k, path in enumerate(paths):
+        folder, base = os.path.split(path)
         if folder not in listings:
-            listings[folder] = set(os.listdir(folder)) if os.path.isdir(folder) else set()
-        if base not in listings[folder] and not os.path.isfile(os.path.join(folder, base)):
+            try:
+                listings[folder] = set(os.listdir(folder))
+            except OSError:                              # missing, unreadable, a symlink loop
+                listings[folder] = set()
+        if base not in listings[folder] and not os.path.isfile(path):
             missing.append(k)
-    if missing:
-        k, more = missing[0], f"; {len(missing) - 1} more images are missing" if len(missing) > 1 else ""
-        raise DataError(f"{index_file}, entry {first_entry[k]}: image '{names[k]}' not found "
-                        f"(resolved to {os.path.join(root, names[k])}){more}")
-    return _make_index(names, [caption for _, _, caption in pairs],
-                       [image_of_name[name] for _, name, _ in pairs], index_file, image_root=root)
+    return missing
 
 
-def _read_json(path: str) -> CaptionIndex:
+def _read_json(path: str, strict: bool) -> CaptionIndex:
     try:
         with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
             entries = json.load(f)
@@ -252,10 +270,10 @@ def _read_json(path: str) -> CaptionIndex:
             raise DataError(f"{where}: 'captions' of image '{image}' must be a non-empty list of strings")
         pairs += [(k, image, _clean_caption(caption, where, image)) for caption in captions]
     del entries  # the parsed JSON (a dict per entry) is the largest thing in memory: free it first
-    return _index_from_pairs(path, pairs)
+    return _index_from_pairs(path, pairs, strict)
 
 
-def _read_table(path: str, image_column: str, caption_column: str) -> CaptionIndex:
+def _read_table(path: str, image_column: str, caption_column: str, strict: bool) -> CaptionIndex:
     with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: Excel writes a byte-order mark
         try:
             header_line, pairs = f.readline(), []
@@ -278,7 +296,7 @@ def _read_table(path: str, image_column: str, caption_column: str) -> CaptionInd
                 pairs.append((k, row[ic], _clean_caption(row[cc], f"{path}, entry {k}", row[ic])))
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
-    return _index_from_pairs(path, pairs)
+    return _index_from_pairs(path, pairs, strict)
 
 
 def _read_folder(folder: str) -> CaptionIndex:
@@ -354,13 +372,22 @@ def _read_chinese_clip(texts_path: str) -> CaptionIndex:
 
 
 def load_captions(path, image_column: str = "filepath", caption_column: str = "title",
-                  split: str = "train") -> CaptionIndex:
-    """Read a data set in any supported format (see the top of this file) into a CaptionIndex."""
+                  split: str = "train", strict: bool = False) -> CaptionIndex:
+    """Read a data set in any supported format (see the top of this file) into a CaptionIndex.
+
+    Images listed but missing are left out and named in `index.skipped` (strict: DataError)."""
     path = str(path)
+    try:
+        return _read_any(path, image_column, caption_column, split, strict)
+    except OSError as e:  # unreadable files and folders, symlink loops
+        raise DataError(f"{e.filename or path}: cannot be read ({e.strerror})") from e
+
+
+def _read_any(path: str, image_column: str, caption_column: str, split: str, strict: bool) -> CaptionIndex:
     if os.path.isdir(path):
         texts = os.path.join(path, f"{split}_texts.jsonl")
         if os.path.isfile(os.path.join(path, "data.json")):
-            return _read_json(os.path.join(path, "data.json"))
+            return _read_json(os.path.join(path, "data.json"), strict)
         if os.path.isdir(os.path.join(path, "images")) and os.path.isdir(os.path.join(path, "captions")):
             return _read_folder(path)
         if os.path.isfile(texts):
@@ -372,8 +399,8 @@ def load_captions(path, image_column: str = "filepath", caption_column: str = "t
     if path.endswith("_texts.jsonl"):
         return _read_chinese_clip(path)
     if path.lower().endswith(".json"):
-        return _read_json(path)
-    return _read_table(path, image_column, caption_column)
+        return _read_json(path, strict)
+    return _read_table(path, image_column, caption_column, strict)
 
 
 def split_by_image(index: CaptionIndex, val_fraction: float, seed: int) -> tuple[CaptionIndex, CaptionIndex]:
@@ -424,9 +451,14 @@ def _seeded_random(seed: int):
 
 @dataclass
 class FailedSample:
-    """What TrainDataset returns instead of a sample whose image cannot be decoded (strict=False)."""
-    image_name: str
-    reason: str
+    """What a dataset returns instead of a sample whose image cannot be read or decoded.
+
+    Datasets never raise for a bad image: an exception inside a DataLoader worker reaches the
+    main process wrapped in a multi-line worker traceback. The main process decides instead:
+    skip and count (the default), or stop with the message (--strict_data).
+    """
+    index: int
+    message: str   # DataError's message: names the image and what is wrong
 
 
 class TrainDataset(Dataset):
@@ -437,14 +469,15 @@ class TrainDataset(Dataset):
     the samples the interrupted one would have.
     """
 
-    def __init__(self, index: CaptionIndex, transform, tokenizer, seed: int = 0, strict: bool = False):
-        self.index, self.transform, self.tokenizer = index, transform, tokenizer
-        self.seed, self.strict = seed, strict
+    def __init__(self, index: CaptionIndex, transform, tokenizer, seed: int = 0):
+        self.index, self.transform, self.tokenizer, self.seed = index, transform, tokenizer, seed
         # Persistent DataLoader workers keep their own copy of the dataset, so an epoch stored in
         # a plain attribute would never reach them; a shared-memory tensor does.
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
 
-    def set_epoch(self, epoch: int):
+    def set_epoch(self, epoch: int, start: int = 0):
+        """(start: where the sampler resumes; each item is seeded by its own number, so this
+        dataset needs only the epoch)"""
         self._epoch[0] = epoch
 
     def __len__(self) -> int:
@@ -452,51 +485,73 @@ class TrainDataset(Dataset):
 
     def __getitem__(self, i: int):
         captions = [self.index.caption(int(j)) for j in self.index.captions_of(i)]
-        return _train_sample(i, int(self._epoch[0]), captions, lambda: self.index.load_image(i),
-                             self.index.image_name(i), self)
+        return _train_sample(i, int(self._epoch[0]), captions, lambda: self.index.load_image(i), self)
 
 
-def _train_sample(i: int, epoch: int, captions: list[str], load_image, image_name: str, dataset):
+def _train_sample(i: int, epoch: int, captions: list[str], load_image, dataset):
     """Sample i of an epoch, `(pixels, tokens, i)`: ONE caption and the augmentation, both drawn
-    from a generator seeded with (seed, epoch, i); a FailedSample if the image cannot be read
-    (DataError if the dataset is strict). Shared by TrainDataset and WebDatasetTrain."""
+    from a generator seeded with (seed, epoch, i); a FailedSample if the image cannot be read.
+    Shared by TrainDataset and WebDatasetTrain."""
     rng = np.random.default_rng((dataset.seed, epoch, i))
     caption = captions[rng.integers(len(captions))]
     try:
         image = load_image()
     except DataError as e:
-        if dataset.strict:
-            raise
-        return FailedSample(image_name, str(e))
+        return FailedSample(i, str(e))
     with _seeded_random(int(rng.integers(2**63))):
         pixels = dataset.transform(image)
     return pixels, dataset.tokenizer([caption])[0], i
 
 
 class ImageDataset(Dataset):
-    """Every image once, for evaluation: `(image_tensor, i)`; a failing image raises DataError."""
+    """Every image once, for evaluation: `(pixels, i)`, or a FailedSample. The images are those of
+    a CaptionIndex, or a list of image files (zero-shot class folders)."""
 
-    def __init__(self, index: CaptionIndex, transform):
-        self.index, self.transform = index, transform
+    def __init__(self, source, transform):
+        self.source, self.transform = source, transform
 
     def __len__(self) -> int:
-        return self.index.num_images
+        return self.source.num_images if isinstance(self.source, CaptionIndex) else len(self.source)
 
     def __getitem__(self, i: int):
-        return self.transform(self.index.load_image(i)), i
+        try:
+            image = self.source.load_image(i) if isinstance(self.source, CaptionIndex) else \
+                load_image_file(self.source[i])
+        except DataError as e:
+            return FailedSample(i, str(e))
+        return self.transform(image), i
+
+
+def load_image_file(path: str) -> Image.Image:
+    """An image file in RGB; DataError naming it if it cannot be read or decoded."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise DataError(f"image '{path}' cannot be read: {e.strerror}") from e
+    return decode_image(data, path)
 
 
 def collate_batch(samples: list) -> dict:
-    """Stack TrainDataset samples. Failed ones are dropped and their image names reported, so the
-    training loop can count them and warn; a batch may end up empty (check `image_ids`)."""
+    """Stack TrainDataset samples. Failed ones are dropped and their messages kept in "failed",
+    so the training loop can count them and warn (or stop); a batch may end up empty."""
     good = [s for s in samples if not isinstance(s, FailedSample)]
-    failed = [s.image_name for s in samples if isinstance(s, FailedSample)]
+    failed = [s.message for s in samples if isinstance(s, FailedSample)]
     if not good:
         return {"images": torch.empty(0, 3, 0, 0), "texts": torch.empty(0, 0, dtype=torch.long),
                 "image_ids": torch.empty(0, dtype=torch.long), "failed": failed}
     images, texts, image_ids = zip(*good)
     return {"images": torch.stack(images), "texts": torch.stack(texts),
             "image_ids": torch.tensor(image_ids, dtype=torch.long), "failed": failed}
+
+
+def collate_images(samples: list) -> dict:
+    """Stack ImageDataset samples: {"images", "indices", "failed": [(i, message), ...]}."""
+    good = [s for s in samples if not isinstance(s, FailedSample)]
+    failed = [(s.index, s.message) for s in samples if isinstance(s, FailedSample)]
+    images = torch.stack([pixels for pixels, _ in good]) if good else torch.empty(0)
+    return {"images": images, "indices": torch.tensor([i for _, i in good], dtype=torch.long),
+            "failed": failed}
 
 
 class EpochSampler(Sampler):
@@ -526,9 +581,19 @@ class EpochSampler(Sampler):
         return len(self._indices)
 
 
-def _seed_worker(worker_id: int):
-    # DataLoader seeds torch in each worker (its generator's base seed + worker id); give numpy
-    # and Python the same seed so that transforms drawing from them are reproducible too.
+def _init_worker(worker_id: int):
+    """Runs first in every DataLoader worker.
+
+    Stop signals belong to the main process. A scheduler's preemption, `timeout`, or Ctrl-C in a
+    terminal signal the whole process group; a worker killed by it would take the run down with
+    "DataLoader worker is killed by signal" before the main process could save. Workers ignore
+    SIGTERM and SIGINT; the main process finishes its step, saves, and shuts them down.
+
+    DataLoader seeds torch in each worker (its generator's base seed + worker id); numpy and
+    Python get the same seed so that transforms drawing from them are reproducible too.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
@@ -542,11 +607,38 @@ def build_dataloader(dataset, batch_size: int, *, sampler=None, num_workers: int
     and shuffles itself, so it takes neither."""
     generator = torch.Generator()
     generator.manual_seed(seed)
-    collate = collate_batch if isinstance(dataset, (TrainDataset, WebDatasetTrain)) else None
+    collate = collate_batch if isinstance(dataset, (TrainDataset, WebDatasetTrain)) else \
+        collate_images if isinstance(dataset, ImageDataset) else None
     shuffle = train and sampler is None and not isinstance(dataset, IterableDataset)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle,
                       num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory, drop_last=train,
-                      worker_init_fn=_seed_worker, generator=generator, persistent_workers=num_workers > 0)
+                      worker_init_fn=_init_worker, generator=generator, persistent_workers=num_workers > 0)
+
+
+class EpochLoader:
+    """The training batches, epoch by epoch: `set_epoch(epoch, start)` then iterate.
+
+    The one object to ask for a position in the data: it forwards the epoch, and the samples
+    consumed before a checkpoint (`start`, by all ranks together), to whoever needs them -- the
+    EpochSampler and the dataset of a map-style set, or the stream of WebDataset shards, which
+    deals its shards itself.
+    """
+
+    def __init__(self, dataset, batch_size: int, *, num_workers: int = 0, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, pin_memory: bool = False):
+        self.dataset = dataset
+        self.sampler = None if isinstance(dataset, IterableDataset) else \
+            EpochSampler(len(dataset), seed=seed, rank=rank, world_size=world_size)
+        self.loader = build_dataloader(dataset, batch_size, sampler=self.sampler, num_workers=num_workers,
+                                       seed=seed, train=True, pin_memory=pin_memory)
+
+    def set_epoch(self, epoch: int, start: int = 0):
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch, start)
+        self.dataset.set_epoch(epoch, start)
+
+    def __iter__(self):
+        return iter(self.loader)
 
 
 # ----------------------------------------------------------------------------- WebDataset shards
@@ -639,10 +731,9 @@ class WebDatasetTrain(IterableDataset):
     not at all in that epoch. An epoch started from 0 is the same for the same number of readers.
     """
 
-    def __init__(self, pattern, transform, tokenizer, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 strict: bool = False):
+    def __init__(self, pattern, transform, tokenizer, seed: int = 0, rank: int = 0, world_size: int = 1):
         self.pattern, self.transform, self.tokenizer = str(pattern), transform, tokenizer
-        self.seed, self.rank, self.world_size, self.strict = seed, rank, world_size, strict
+        self.seed, self.rank, self.world_size = seed, rank, world_size
         self.urls, self.counts = _read_shard_set(self.pattern)
         # epoch and start, in shared memory so that persistent DataLoader workers see them
         self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
@@ -688,7 +779,7 @@ class WebDatasetTrain(IterableDataset):
             if data is None:
                 raise DataError(f"image '{image_name}': the sample has no .jpg or .png")
             return decode_image(data, image_name)
-        return _train_sample(i, epoch, captions, load_image, image_name, self)
+        return _train_sample(i, epoch, captions, load_image, self)
 
 
 def _shard_image(index: CaptionIndex, i: int, resize: int) -> tuple[str, bytes]:

@@ -184,6 +184,26 @@ def similarity_stats(image_features, text_features, caption_image, chunk_size=10
             "gap": positive_mean - negative_mean}
 
 
+def flatten_metrics(metrics, prefix="val"):
+    """Metric names as TensorBoard tags: {'retrieval': {'image_to_text': {'R@1': ..}}} ->
+    {'val/image_to_text/R@1': ..}; other parts keep their name ('val/similarity/gap')."""
+    flat = {}
+    for key, value in metrics.items():
+        name = f"{prefix}/{key}" if key != "retrieval" else prefix
+        if isinstance(value, dict):
+            flat.update(flatten_metrics(value, name))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[name] = value
+    return flat
+
+
+def recall_summary(metrics) -> str:
+    """One line of the recalls both ways: 'image->text R@1/5/10 a/b/c, text->image d/e/f'."""
+    r = metrics["retrieval"]
+    return ", ".join(f"{label} R@1/5/10 " + "/".join(f"{r[key][f'R@{k}']:.1f}" for k in RECALL_AT)
+                     for key, label in (("image_to_text", "image->text"), ("text_to_image", "text->image")))
+
+
 # ----------------------------------------------------------------------------- zero-shot
 
 def zeroshot_classifier(prompt_features):
@@ -294,59 +314,77 @@ def load_zeroshot_folder(directory) -> tuple[list[str], list[str], list[int]]:
     return classnames, paths, labels
 
 
-class ImageFiles:
-    """Map-style dataset of image files yielding (image tensor, i), like data_loader.ImageDataset."""
+def encode_image_files(setup, source, batch_size=64, num_workers=0, device="cpu", precision="fp32",
+                       strict=False):
+    """Features [n, D] of the readable images of a CaptionIndex or a list of files, the numbers
+    of those images [n] (in order), and the (number, message) of each unreadable one.
 
-    def __init__(self, paths, transform):
-        self.paths, self.transform = paths, transform
+    Unreadable images are treated as training treats them: skipped and reported, or, with
+    strict, a DataError naming the first one (raised here, in the main process, in one line).
+    """
+    import torch
+    import clip_model
+    import data_loader
+    transform = data_loader.image_transform(setup.preprocess_cfg, train=False)
+    loader = data_loader.build_dataloader(data_loader.ImageDataset(source, transform), batch_size,
+                                          num_workers=num_workers, train=False)
+    kept, failed = [], []
 
-    def __len__(self):
-        return len(self.paths)
+    def readable_batches():
+        for batch in loader:
+            if batch["failed"] and strict:
+                raise data_loader.DataError(batch["failed"][0][1])
+            failed.extend(batch["failed"])
+            if len(batch["indices"]):
+                kept.append(batch["indices"])
+                yield batch["images"]
+    features = clip_model.encode_images(setup.model, readable_batches(), device, precision)
+    if not kept:
+        raise data_loader.DataError(f"no readable image among {len(failed)}; first: {failed[0][1]}")
+    return features, torch.cat(kept), failed
 
-    def __getitem__(self, i):
-        from data_loader import DataError, decode_image
-        try:
-            with open(self.paths[i], "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise DataError(f"image '{self.paths[i]}' cannot be read: {e.strerror}") from e
-        return self.transform(decode_image(data, self.paths[i])), i
+
+def skipped_summary(messages, shown=5) -> dict:
+    """How results record unreadable images: their number and the first few messages."""
+    return {"count": len(messages), "first": list(messages[:shown])}
 
 
 def evaluate_zeroshot(setup, directory, batch_size=64, num_workers=0, device="cpu",
                       precision="fp32", templates_file=None, language="auto",
-                      chunk_size=1024) -> dict:
+                      chunk_size=1024, strict=False) -> dict:
     """Zero-shot classification of the images of `directory` (see load_zeroshot_folder)."""
     import clip_model
-    import data_loader
     classnames, paths, labels = load_zeroshot_folder(directory)
     templates = choose_templates(classnames, language, templates_file)
     prompts = [template.replace("{}", name) for name in classnames for template in templates]
     prompt_features = clip_model.encode_texts(setup.model, setup.tokenizer, prompts, device,
                                               batch_size, precision)
     classifier = zeroshot_classifier(prompt_features.view(len(classnames), len(templates), -1))
-    transform = data_loader.image_transform(setup.preprocess_cfg, train=False)
-    loader = data_loader.build_dataloader(ImageFiles(paths, transform), batch_size,
-                                          num_workers=num_workers, train=False)
-    image_features = clip_model.encode_images(setup.model, loader, device, precision)
-    return {**zeroshot_metrics(image_features, labels, classifier, classnames, chunk_size),
-            "templates": templates}
+    image_features, kept, failed = encode_image_files(setup, paths, batch_size, num_workers, device,
+                                                      precision, strict)
+    metrics = zeroshot_metrics(image_features, [labels[i] for i in kept.tolist()], classifier,
+                               classnames, chunk_size)
+    return {**metrics, "templates": templates,
+            "skipped_images": skipped_summary([message for _, message in failed])}
 
 
 # ----------------------------------------------------------------------------- embeddings
 
-def encode_index(setup, index, batch_size=64, num_workers=0, device="cpu", precision="fp32"):
-    """L2-normalised float32 embeddings of every image [N, D] and every caption [M, D] of a
-    CaptionIndex, in index order."""
+def encode_index(setup, index, batch_size=64, num_workers=0, device="cpu", precision="fp32",
+                 strict=False):
+    """L2-normalised float32 embeddings of every readable image [N, D] and of its captions
+    [M, D], with the index they belong to: `index` itself, or the part of it without the
+    unreadable images (listed in its `skipped`)."""
     import clip_model
-    import data_loader
-    transform = data_loader.image_transform(setup.preprocess_cfg, train=False)
-    loader = data_loader.build_dataloader(data_loader.ImageDataset(index, transform), batch_size,
-                                          num_workers=num_workers, train=False)
-    image_features = clip_model.encode_images(setup.model, loader, device, precision)
+    image_features, kept, failed = encode_image_files(setup, index, batch_size, num_workers, device,
+                                                      precision, strict)
+    if failed:
+        skipped = index.skipped + [message for _, message in failed]
+        index = index.subset(kept.numpy())
+        index.skipped = skipped
     text_features = clip_model.encode_texts(setup.model, setup.tokenizer, index.captions(), device,
                                             batch_size, precision)
-    return image_features, text_features
+    return image_features, text_features, index
 
 
 def evaluate_features(image_features, text_features, caption_image, chunk_size=1024) -> dict:
@@ -357,12 +395,13 @@ def evaluate_features(image_features, text_features, caption_image, chunk_size=1
 
 
 def evaluate_model(setup, index, batch_size=64, num_workers=0, device="cpu", precision="fp32",
-                   chunk_size=1024) -> dict:
+                   chunk_size=1024, strict=False) -> dict:
     """Retrieval and similarity metrics of a model (a ClipSetup) on a CaptionIndex; train.py
-    validates with this."""
-    image_features, text_features = encode_index(setup, index, batch_size, num_workers, device,
-                                                 precision)
-    return evaluate_features(image_features, text_features, index.caption_image, chunk_size)
+    validates with this. Unreadable images are left out, with their captions, and counted."""
+    image_features, text_features, index = encode_index(setup, index, batch_size, num_workers,
+                                                        device, precision, strict)
+    return {**evaluate_features(image_features, text_features, index.caption_image, chunk_size),
+            "skipped_images": skipped_summary(index.skipped)}
 
 
 def save_embeddings(directory, image_features, text_features, caption_image, meta: dict):
@@ -380,13 +419,15 @@ def load_embeddings(directory) -> dict:
     directory = Path(directory)
     missing = [name for name in EMBEDDING_FILES if not (directory / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"--embeddings {directory}: {', '.join(missing)} missing (write "
+        from errors import MissingInputError
+        raise MissingInputError(f"--embeddings {directory}: {', '.join(missing)} missing (write "
                                 f"them with: python evaluation.py ... --save_embeddings {directory})")
     saved = {name[:-4]: np.load(directory / name) for name in EMBEDDING_FILES[:3]}
     saved["meta"] = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
     images, texts, owner = saved["image_features"], saved["text_features"], saved["caption_image"]
     if images.ndim != 2 or texts.ndim != 2 or owner.shape != (len(texts),):
-        raise ValueError(f"{directory}: image_features {images.shape}, text_features {texts.shape} "
+        from errors import DataError
+        raise DataError(f"{directory}: image_features {images.shape}, text_features {texts.shape} "
                          f"and caption_image {owner.shape} should be [N, D], [M, D] and [M]; "
                          f"save the embeddings again")
     return saved
@@ -451,23 +492,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--output", metavar="FILE", help="write the results as JSON to FILE")
     add("--batch_size", type=int, default=64, help="images or texts encoded per batch")
     add("--num_workers", type=int, default=2, help="data loading worker processes")
-    add("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
-        help="auto = cuda, else mps, else cpu")
-    add("--precision", choices=("fp32", "amp", "bf16"), default="fp32",
-        help="encoding precision: fp32, amp (float16 autocast) or bf16 (bfloat16 autocast)")
+    add("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    add("--precision", choices=("auto", "fp32", "amp", "bf16"), default="auto",
+        help="encoding precision: auto (amp on CUDA, else fp32), fp32, amp (float16 autocast, "
+             "CUDA) or bf16 (bfloat16 autocast)")
+    add("--strict_data", action="store_true", help="stop at the first unreadable image instead of "
+                                                   "skipping it (and its captions)")
     add("--chunk_size", type=int, default=1024, help="rows and columns of one tile of the score "
                                                      "matrix; memory ~ 8 * chunk_size^2 bytes")
     return parser
-
-
-def _resolve_device(name: str) -> str:
-    import torch
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if name == "auto":
-        return "cuda" if available["cuda"] else "mps" if available["mps"] else "cpu"
-    if not available[name]:
-        sys.exit(f"evaluation.py: error: --device {name} is not available here; use --device auto")
-    return name
 
 
 def main(argv=None) -> dict:
@@ -482,36 +515,53 @@ def main(argv=None) -> dict:
              "nothing to evaluate: give --data, --embeddings or --zeroshot_dir"),
             ((args.data or args.zeroshot_dir) and not (args.checkpoint or args.model_name),
              "--data and --zeroshot_dir need a model: --checkpoint or --model_name"),
-            (args.chunk_size < 1 or args.batch_size < 1, "--chunk_size and --batch_size must be > 0")]:
+            (args.chunk_size < 1 or args.batch_size < 1, "--chunk_size and --batch_size must be > 0"),
+            (args.num_workers < 0, "--num_workers must be >= 0")]:
         if wrong:
             parser.error(message)
-    try:
-        results = run(args)
-    except (ValueError, OSError) as error:  # DataError is a ValueError; messages name the file
-        sys.exit(f"evaluation.py: error: {error}")
+    results = run(args)
     print(format_results(results))
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
+        write_json(args.output, results)
         print(f"results written to {args.output}")
     return results
+
+
+def write_json(path, data):
+    """Write JSON whole or not at all: a temporary file, then a rename. A full disk leaves the
+    previous file as it was and raises OutputError naming the folder."""
+    from errors import OutputError, disk_full_message, is_disk_full
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(error):
+            raise OutputError(f"{path} not written: {disk_full_message(error, path.parent)}") from None
+        raise OutputError(f"{path} cannot be written ({error.strerror})") from None
 
 
 def _load_model(args, device):
     """The ClipSetup of --checkpoint or of --model_name/--pretrained."""
     import clip_model
-    try:
-        if args.checkpoint:
-            return clip_model.model_from_checkpoint(args.checkpoint, device)[0]
-        return clip_model.build_model(args.model_name, args.pretrained, device)
-    except (clip_model.CheckpointError, clip_model.PretrainedUnavailable) as error:
-        sys.exit(f"evaluation.py: error: {error}")
+    if args.checkpoint:
+        return clip_model.model_from_checkpoint(args.checkpoint, device)[0]
+    return clip_model.build_model(args.model_name, args.pretrained, device)
 
 
 def run(args) -> dict:
     """Everything the command line asks for; the model is loaded only when something needs it."""
-    device, results = _resolve_device(args.device), {}
-    setup = _load_model(args, device) if args.data or args.zeroshot_dir else None
+    results = {}
+    if args.data or args.zeroshot_dir:
+        import clip_model
+        device = clip_model.pick_device(args.device)
+        precision = clip_model.pick_precision(args.precision, device)
+        setup = _load_model(args, device)
+    else:
+        device, precision, setup = None, None, None
     model = {"checkpoint": args.checkpoint or args.pretrained or None,
              "model": setup.model_name if setup else None}
     if args.embeddings:
@@ -519,31 +569,47 @@ def run(args) -> dict:
         results = evaluate_features(saved["image_features"], saved["text_features"],
                                     saved["caption_image"], args.chunk_size)
         results.update(checkpoint=saved["meta"].get("checkpoint"), data=saved["meta"].get("data"),
-                       model=saved["meta"].get("model"))
+                       model=saved["meta"].get("model"),
+                       skipped_images=skipped_summary(saved["meta"].get("skipped", [])))
     elif args.data:
         from data_loader import load_captions
-        index = load_captions(args.data, args.image_column, args.caption_column, args.split)
-        image_features, text_features = encode_index(setup, index, args.batch_size,
-                                                     args.num_workers, device, args.precision)
+        index = load_captions(args.data, args.image_column, args.caption_column, args.split,
+                              strict=args.strict_data)
+        image_features, text_features, index = encode_index(
+            setup, index, args.batch_size, args.num_workers, device, precision, args.strict_data)
+        report_skipped(index.skipped)
         data = os.path.abspath(args.data)
         if args.save_embeddings:
             meta = {"image_names": [index.image_name(i) for i in range(index.num_images)],
                     "captions": index.captions(), "data": data, "split": args.split,
                     "image_column": args.image_column, "caption_column": args.caption_column,
-                    **model}
+                    "skipped": index.skipped, **model}
             save_embeddings(args.save_embeddings, image_features, text_features,
                             index.caption_image, meta)
         results = evaluate_features(image_features, text_features, index.caption_image,
                                     args.chunk_size)
-        results.update(data=data, **model)
+        results.update(data=data, skipped_images=skipped_summary(index.skipped), **model)
     if args.zeroshot_dir:
         results["zeroshot"] = evaluate_zeroshot(setup, args.zeroshot_dir, args.batch_size,
-                                                args.num_workers, device, args.precision,
-                                                args.templates, args.language, args.chunk_size)
+                                                args.num_workers, device, precision,
+                                                args.templates, args.language, args.chunk_size,
+                                                args.strict_data)
+        report_skipped(results["zeroshot"]["skipped_images"]["first"],
+                       results["zeroshot"]["skipped_images"]["count"])
         for key, value in model.items():
             results.setdefault(key, value)
     return results
 
 
+def report_skipped(messages, count=None, shown=5):
+    """Warn about skipped unreadable images on stderr: their number and the first few."""
+    count = len(messages) if count is None else count
+    if count:
+        print(f"skipped {count} unreadable images (--strict_data stops instead):", file=sys.stderr)
+        for message in messages[:shown]:
+            print(f"  {message}", file=sys.stderr)
+
+
 if __name__ == "__main__":
-    main()
+    from errors import run_script
+    run_script(main, "evaluation.py")

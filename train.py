@@ -1,8 +1,8 @@
 """Train CLIP: `python train.py [--config config.json] [--flag value ...]`.
 
-Reads top to bottom in the order training happens: settings, processes and device, data, model,
-optimiser and schedule, resume, the loop (with validation and checkpoints), and the results.
-Under `torchrun` the same script trains on many GPUs or machines.
+`main()` is the table of contents: settings, processes and run folder, data, model, optimiser and
+schedule, resume, the loop, the results. Each step is a function below it, in that order. Under
+`torchrun` the same script trains on many GPUs or machines.
 """
 import argparse
 import contextlib
@@ -14,15 +14,17 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
+from errors import DataError, OutputError, SettingsError, TrainingError, disk_full_message, is_disk_full
+
 DEFAULT_DATA_DIR = "data/sample"
 
 
 # ----------------------------------------------------------------------------------------------
-# Settings: one schema makes both config.json's defaults and the command-line flags.
+# Settings: one schema makes config.json's defaults, the command-line flags, their checks and the
+# README's table.
 
 @dataclass(frozen=True)
 class Setting:
@@ -31,6 +33,7 @@ class Setting:
     default: object
     help: str
     choices: tuple = None
+    valid: str = None        # range of a number: ">= 1", "> 0", "[0, 1)", "(0, 1)"
 
 
 SCHEMA = [
@@ -43,64 +46,80 @@ SCHEMA = [
     Setting("model", "local_loss", False, "with many processes, compute the loss of local rows "
             "against the global batch only (less memory, same gradient on average)"),
     Setting("model", "freeze_backbone", False, "train only the two projections and the temperature"),
-    Setting("model", "lock_image", -1, "lock the image tower except its last N layer groups "
-            "(LiT); -1 leaves it trainable"),
-    Setting("model", "lock_text", -1, "lock the text tower except its last N layers; -1 leaves "
-            "it trainable"),
+    Setting("model", "lock_image", -1, "train only the image tower's last N blocks (and the "
+            "norm and projection after them); 0 freezes it (LiT); -1 leaves it trainable",
+            valid=">= -1"),
+    Setting("model", "lock_text", -1, "train only the text tower's last N blocks (and the norm "
+            "and projection after them); 0 freezes it; -1 leaves it trainable", valid=">= -1"),
     Setting("model", "grad_checkpointing", False, "recompute activations in backward to save memory"),
     Setting("model", "patch_dropout", 0.0, "fraction of image patches dropped in training (FLIP); "
-            "ViT towers only"),
+            "ViT towers only", valid="[0, 1)"),
     Setting("model", "context_length", 0, "tokens the text tower reads; 0 = the model's own "
-            "(Chinese needs about 3 tokens per character)"),
+            "(Chinese needs about 3 tokens per character)", valid=">= 0"),
     Setting("model", "compile", False, "torch.compile the model"),
     # data
     Setting("data", "data_dir", DEFAULT_DATA_DIR, "training data: JSON index, images/+captions/ "
             "folder, CSV/TSV, or Chinese-CLIP folder; the default is generated if missing"),
     Setting("data", "val_data", "", "validation data in any of those formats; '' splits "
             "val_fraction of the images off data_dir"),
-    Setting("data", "val_fraction", 0.1, "share of images held out for validation when val_data is ''"),
+    Setting("data", "val_fraction", 0.1, "share of images held out for validation when val_data "
+            "is ''", valid="(0, 1)"),
     Setting("data", "image_column", "filepath", "CSV/TSV column of image paths"),
     Setting("data", "caption_column", "title", "CSV/TSV column of captions"),
     Setting("data", "split", "train", "split of a Chinese-CLIP folder (train, valid, test)"),
     Setting("data", "augment", True, "random resized crop and colour jitter in training (no flips)"),
-    Setting("data", "strict_data", False, "stop at the first unreadable image instead of skipping it"),
-    Setting("data", "num_workers", 2, "DataLoader worker processes per training process"),
+    Setting("data", "strict_data", False, "stop at the first unreadable image (missing or "
+            "corrupt) instead of skipping it and counting it"),
+    Setting("data", "num_workers", 2, "DataLoader worker processes per training process",
+            valid=">= 0"),
     # training
-    Setting("training", "batch_size", 64, "images per process per micro-batch"),
+    Setting("training", "batch_size", 64, "images per process per micro-batch", valid=">= 1"),
     Setting("training", "accum_steps", 1, "micro-batches per optimiser step; the loss still sees "
-            "the negatives of all of them"),
-    Setting("training", "num_epochs", 10, "passes over the training data"),
-    Setting("training", "max_steps", 0, "optimiser steps to train for; 0 = num_epochs decides"),
-    Setting("training", "learning_rate", 5e-4, "peak learning rate of AdamW"),
-    Setting("training", "weight_decay", 0.1, "AdamW weight decay (not on 1-D tensors)"),
-    Setting("training", "beta1", 0.9, "AdamW beta1"),
-    Setting("training", "beta2", 0.98, "AdamW beta2 (0.98 as in CLIP, steadier than 0.999)"),
-    Setting("training", "eps", 1e-6, "AdamW epsilon"),
-    Setting("training", "warmup_steps", 100, "linear warmup steps before the cosine decay"),
-    Setting("training", "grad_clip_norm", 1.0, "clip the global gradient norm; 0 = no clipping"),
+            "the negatives of all of them", valid=">= 1"),
+    Setting("training", "num_epochs", 10, "passes over the training data", valid=">= 1"),
+    Setting("training", "max_steps", 0, "optimiser steps to train for; 0 = num_epochs decides",
+            valid=">= 0"),
+    Setting("training", "learning_rate", 5e-4, "peak learning rate of AdamW", valid="> 0"),
+    Setting("training", "weight_decay", 0.1, "AdamW weight decay (not on 1-D tensors)", valid=">= 0"),
+    Setting("training", "beta1", 0.9, "AdamW beta1", valid="[0, 1)"),
+    Setting("training", "beta2", 0.98, "AdamW beta2 (0.98 as in CLIP, steadier than 0.999)",
+            valid="[0, 1)"),
+    Setting("training", "eps", 1e-6, "AdamW epsilon", valid="> 0"),
+    Setting("training", "warmup_steps", 100, "linear warmup steps before the cosine decay; at "
+            "most half the run (a longer one is shortened, with a warning)", valid=">= 0"),
+    Setting("training", "grad_clip_norm", 1.0, "clip the global gradient norm; 0 = no clipping",
+            valid=">= 0"),
     Setting("training", "precision", "auto", "auto (amp on CUDA, else fp32), fp32, amp (fp16 "
             "with loss scaling, CUDA), bf16", ("auto", "fp32", "amp", "bf16")),
     Setting("training", "device", "auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps"),
-    Setting("training", "seed", 0, "seed of model init, data order, captions and augmentation"),
-    Setting("training", "max_bad_steps", 5, "stop after this many non-finite losses in a row"),
-    Setting("training", "eval_every", 0, "validate every N steps; 0 = at the end of each epoch"),
+    Setting("training", "seed", 0, "seed of model init, data order, captions and augmentation",
+            valid=">= 0"),
+    Setting("training", "max_bad_steps", 5, "stop after this many non-finite losses in a row",
+            valid=">= 1"),
+    Setting("training", "eval_every", 0, "validate every N steps; 0 = at the end of each epoch",
+            valid=">= 0"),
     Setting("training", "best_metric", "rsum", "validation metric that picks best.pt: rsum, "
             "mean_recall, image_to_text/R@1, text_to_image/R@5, ..."),
     Setting("training", "early_stopping_patience", 0, "stop after N validations without a new "
-            "best; 0 = never"),
+            "best; 0 = never", valid=">= 0"),
     Setting("training", "resume", "", "'auto' continues the run's last.pt; or a checkpoint path"),
     Setting("training", "stop_at_step", 0, "save and stop after this step without changing the "
-            "schedule (split a run into jobs); 0 = off"),
+            "schedule (split a run into jobs); 0 = off", valid=">= 0"),
     # logging
     Setting("logging", "run_name", "", "name of the run's folders; '' = model name and time"),
-    Setting("logging", "save_every", 500, "write last.pt every N steps (and at the end)"),
-    Setting("logging", "log_every", 10, "steps between log lines and TensorBoard points"),
+    Setting("logging", "save_every", 500, "write last.pt every N steps (and at the end)",
+            valid=">= 1"),
+    Setting("logging", "log_every", 10, "steps between log lines and TensorBoard points",
+            valid=">= 1"),
     Setting("logging", "checkpoint_dir", "model-checkpoint", "folder of the runs' checkpoints"),
     Setting("logging", "log_dir", "logs", "folder of the runs' logs and TensorBoard events"),
     Setting("logging", "results_dir", "results", "folder of the runs' results and plots"),
 ]
 SETTINGS = {s.name: s for s in SCHEMA}
 SECTIONS = list(dict.fromkeys(s.section for s in SCHEMA))
+
+# Settings that decide the architecture: a resumed run must keep them.
+ARCHITECTURE_SETTINGS = ("model_name", "loss", "context_length")
 
 
 def default_config():
@@ -111,24 +130,38 @@ def default_config():
 
 def settings_markdown():
     """The README's table of train.py's settings, generated from the schema."""
-    rows = ["| flag | section | default | meaning |", "|---|---|---|---|"]
+    rows = ["| flag | section | default | valid | meaning |", "|---|---|---|---|---|"]
     for s in SCHEMA:
         flag = f"`--{s.name}` / `--no-{s.name}`" if isinstance(s.default, bool) else f"`--{s.name}`"
-        rows.append(f"| {flag} | {s.section} | `{json.dumps(s.default)}` | {s.help} |")
+        valid = f"`{s.valid}`" if s.valid else " \\| ".join(s.choices) if s.choices else ""
+        rows.append(f"| {flag} | {s.section} | `{json.dumps(s.default)}` | {valid} | {s.help} |")
     return "\n".join(rows)
 
 
-def _check_value(name, value, where):
+def in_range(value, valid):
+    """Whether a number lies in a range written as '>= 1', '> 0', '[0, 1)' or '(0, 1)'."""
+    if valid.startswith((">=", ">")):
+        bound = float(valid.lstrip(">= "))
+        return value >= bound if valid.startswith(">=") else value > bound
+    low, high = (float(x) for x in valid[1:-1].split(","))
+    return (value >= low if valid[0] == "[" else value > low) and \
+        (value <= high if valid[-1] == "]" else value < high)
+
+
+def check_value(name, value, where):
+    """A setting's value checked against the schema: known name, type, choices, range."""
     setting = SETTINGS.get(name)
     if setting is None:
-        raise SystemExit(f"{where}: unknown setting {name!r}. Known: {', '.join(SETTINGS)}")
+        raise SettingsError(f"{where}: unknown setting {name!r}. Known: {', '.join(SETTINGS)}")
     expected = type(setting.default)
     if expected is float and type(value) is int:
         value = float(value)
     if type(value) is not expected:
-        raise SystemExit(f"{where}: {name} must be {expected.__name__}, got {value!r}")
+        raise SettingsError(f"{where}: {name} must be {expected.__name__}, got {value!r}")
     if setting.choices and value not in setting.choices:
-        raise SystemExit(f"{where}: {name} must be one of {', '.join(setting.choices)}, got {value!r}")
+        raise SettingsError(f"{where}: {name} must be one of {', '.join(setting.choices)}, got {value!r}")
+    if setting.valid and not (math.isfinite(value) and in_range(value, setting.valid)):
+        raise SettingsError(f"{where}: {name} must be {setting.valid}, got {value!r}")
     return value
 
 
@@ -137,15 +170,17 @@ def read_config_file(path):
     try:
         sections = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise SystemExit(f"--config {path}: {error}")
+        raise SettingsError(f"--config {path}: {error}")
+    if not isinstance(sections, dict):
+        raise SettingsError(f"{path}: expected sections {', '.join(SECTIONS)} as a JSON object")
     values = {}
     for section, settings in sections.items():
         if section not in SECTIONS or not isinstance(settings, dict):
-            raise SystemExit(f"{path}: unknown section {section!r}; sections are {', '.join(SECTIONS)}")
+            raise SettingsError(f"{path}: unknown section {section!r}; sections are {', '.join(SECTIONS)}")
         for name, value in settings.items():
-            values[name] = _check_value(name, value, f"{path}, section {section}")
+            values[name] = check_value(name, value, f"{path}, section {section}")
             if SETTINGS[name].section != section:
-                raise SystemExit(f"{path}: {name} belongs in section {SETTINGS[name].section!r}")
+                raise SettingsError(f"{path}: {name} belongs in section {SETTINGS[name].section!r}")
     return values
 
 
@@ -162,22 +197,27 @@ def build_parser():
             kind = type(s.default)
             extra = ({"action": argparse.BooleanOptionalAction} if kind is bool
                      else {"type": kind, "choices": s.choices, "metavar": kind.__name__.upper()})
+            valid = f", valid: {s.valid}" if s.valid else ""
             # default=None marks "not given", so the config file's value survives
-            group.add_argument(f"--{s.name}", default=None, help=f"{s.help} (default: {s.default!r})",
+            group.add_argument(f"--{s.name}", default=None,
+                               help=f"{s.help} (default: {s.default!r}{valid})".replace("%", "%%"),
                                **extra)
     return parser
 
 
 def parse_config(argv=None):
-    """Resolve settings: schema defaults, then the config file, then flags."""
+    """Resolve settings: schema defaults, then the config file, then flags; each one checked."""
     args = build_parser().parse_args(argv)
     config = {s.name: s.default for s in SCHEMA}
     config_path = Path(args.config)
     if config_path.is_file():
         config.update(read_config_file(config_path))
     elif args.config != "config.json":
-        raise SystemExit(f"--config {args.config}: file not found")
-    config.update({k: v for k, v in vars(args).items() if k in SETTINGS and v is not None})
+        raise SettingsError(f"--config {args.config}: file not found")
+    for name, value in vars(args).items():
+        if name in SETTINGS and value is not None:
+            config[name] = check_value(name, value, f"--{name}")
+    check_best_metric(config["best_metric"])
     if args.print_config:
         print(json.dumps(config, indent=2))
         raise SystemExit(0)
@@ -185,26 +225,28 @@ def parse_config(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Small helpers
+# Validation metrics that can pick best.pt: higher is better for all of them.
 
-def pick_device(requested, local_rank=0):
-    import torch
-    if requested != "auto":
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+BEST_METRICS = ("rsum", "mean_recall") + tuple(
+    f"{direction}/R@{k}" for direction in ("image_to_text", "text_to_image") for k in (1, 5, 10))
 
 
-def pick_precision(requested, device):
-    if requested == "auto":
-        return "amp" if device.type == "cuda" else "fp32"
-    if requested == "amp" and device.type != "cuda":
-        raise SystemExit(f"precision amp needs CUDA (device is {device}); use bf16 or fp32")
-    return requested
+def check_best_metric(name):
+    if name not in BEST_METRICS:
+        raise SettingsError(f"best_metric {name!r}: no such metric; use one of {', '.join(BEST_METRICS)}")
 
+
+def metric_value(metrics, name):
+    """A validation metric by path: 'rsum' or 'image_to_text/R@1'."""
+    check_best_metric(name)
+    value = metrics["retrieval"]
+    for key in name.split("/"):
+        value = value[key]
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# The schedule and the optimiser's parameter groups
 
 def cosine_with_warmup(total_steps, warmup_steps):
     """Learning-rate factor per step: linear warmup to 1, then cosine decay to 0.
@@ -222,6 +264,16 @@ def cosine_with_warmup(total_steps, warmup_steps):
     return factor
 
 
+def warmup_for(total_steps, warmup_steps):
+    """The warmup actually used: at most half the run, so that the other half can decay (a
+    warmup as long as the run would end it at the peak rate). Returns (steps, warning or None)."""
+    cap = total_steps // 2
+    if warmup_steps <= cap:
+        return warmup_steps, None
+    return cap, (f"warmup_steps {warmup_steps} is more than half of this {total_steps}-step run: "
+                 f"warming up for {cap} steps instead, so that the rate decays over the other half")
+
+
 def parameter_groups(model, weight_decay):
     """AdamW groups by rule: tensors of fewer than 2 dimensions (biases, norm gains and offsets,
     the logit scale and bias) get no weight decay; shrinking them towards 0 has no regularising
@@ -234,64 +286,6 @@ def parameter_groups(model, weight_decay):
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def metric_value(metrics, name):
-    """A validation metric by path: 'rsum' or 'image_to_text/R@1'."""
-    value = metrics["retrieval"]
-    for key in name.split("/"):
-        if key not in value:
-            raise SystemExit(f"best_metric {name!r}: no such metric; try rsum, mean_recall, "
-                             f"image_to_text/R@1, text_to_image/R@10")
-        value = value[key]
-    return value
-
-
-def flatten_metrics(metrics, prefix="val"):
-    """{'retrieval': {'image_to_text': {'R@1': ..}}} -> {'val/image_to_text/R@1': ..}"""
-    flat = {}
-    for key, value in metrics.items():
-        name = f"{prefix}/{key}" if key != "retrieval" else prefix
-        if isinstance(value, dict):
-            flat.update(flatten_metrics(value, name))
-        elif isinstance(value, (int, float)):
-            flat[name] = value
-    return flat
-
-
-def setup_logging(log_file, is_main):
-    """Our own logger (open_clip logs chatty INFO lines to the root logger); only rank 0 writes
-    the log file, other ranks print warnings only."""
-    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    handlers = [logging.StreamHandler(sys.stdout)]
-    if is_main:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
-    log = logging.getLogger("train")
-    for handler in list(log.handlers):
-        log.removeHandler(handler)
-        handler.close()
-    for handler in handlers:
-        handler.setFormatter(formatter)
-        log.addHandler(handler)
-    log.setLevel(logging.INFO if is_main else logging.WARNING)
-    log.propagate = False
-    return log
-
-
-class StopRequest:
-    """Turns SIGTERM and Ctrl-C into a flag the loop checks after each step, so the run saves
-    last.pt and exits cleanly instead of dying mid-update."""
-
-    def __init__(self):
-        self.reason = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.reason is not None:          # a second Ctrl-C: stop right now
-            raise KeyboardInterrupt
-        self.reason = signal.Signals(signum).name
-
-
 # ----------------------------------------------------------------------------------------------
 # One optimiser step
 
@@ -302,10 +296,16 @@ def backward_step(model, loss_fn, micro_batches, scaler, precision, device):
     negative of the accumulated batch (Gao et al. 2021, "gradient caching"; as open_clip and
     Chinese-CLIP do). First every micro-batch's features are computed without gradient; then each
     micro-batch is recomputed with gradient and the loss is taken over all features, its own live
-    and the others cached. The gradients of the micro-batches add up to exactly the gradient of
-    one big batch, at the memory cost of one micro-batch. The temperature gets its gradient only
-    once (from the first micro-batch): every pass sees the same full loss, so counting it in each
-    would multiply its gradient by the number of micro-batches.
+    and the others cached. The gradients of the micro-batches add up to the gradient of one big
+    batch, at the memory cost of one micro-batch. The temperature gets its gradient only once
+    (from the last micro-batch): every pass sees the same full loss, so counting it in each would
+    multiply its gradient by the number of micro-batches. It is the last pass because under DDP
+    that is the one that synchronises gradients, and DDP expects every parameter in it.
+
+    "The gradient of one big batch" holds when the cached and the live pass compute the same
+    features: it does not hold exactly with patch dropout (each pass drops other patches) or with
+    BatchNorm in training mode (batch statistics of a micro-batch, and running statistics updated
+    by both passes); LayerNorm towers (ViTs, the text transformer) are exact.
     """
     import torch
     from clip_model import autocast
@@ -333,354 +333,429 @@ def backward_step(model, loss_fn, micro_batches, scaler, precision, device):
                 text_features = torch.cat([out["text_features"] if i == j else c["text_features"]
                                            for i, c in enumerate(cached)])
                 scale, bias = out["logit_scale"], out.get("logit_bias")
-                if j > 0:
+                if not last:
                     scale, bias = scale.detach(), bias.detach() if bias is not None else None
                 loss = loss_fn(image_features, text_features, scale, ids, bias)
             scaler.scale(loss).backward()
     return loss.detach()
 
 
+@dataclass
+class StepResult:
+    loss: object          # tensor: the loss of the step (not synced)
+    grad_norm: object     # tensor: the global gradient norm before clipping
+    finite: bool          # False: the update was skipped
+
+
+def optimizer_step(job, micro_batches):
+    """One optimiser step: backward, unscale, clip, finiteness check, step, schedule, clamp."""
+    import torch
+    import clip_model
+    loss = backward_step(job.model, job.loss_fn, micro_batches, job.scaler, job.run.precision,
+                         job.run.device)
+    job.scaler.unscale_(job.optimizer)
+    clip = job.cfg.grad_clip_norm if job.cfg.grad_clip_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(job.model.parameters(), clip)
+    # One host-device sync per step: the price of never applying a non-finite update. With amp
+    # an infinite gradient is the loss scaler's business (it skips and retries with a smaller
+    # scale); only a non-finite loss counts as a bad step.
+    finite = bool(torch.isfinite(loss)) and (job.run.precision == "amp" or bool(torch.isfinite(grad_norm)))
+    if finite:
+        job.scaler.step(job.optimizer)
+    job.scaler.update()
+    job.optimizer.zero_grad(set_to_none=True)
+    job.scheduler.step()
+    clip_model.clamp_logit_scale(job.raw_model)
+    return StepResult(loss, grad_norm, finite)
+
+
+# ----------------------------------------------------------------------------------------------
+# What a run is made of
+
+@dataclass
+class TrainState:
+    """Where training stands: what a checkpoint saves beside the weights and optimiser, and all
+    that a resumed run restores."""
+    step: int = 0
+    epoch: int = 0
+    samples_in_epoch: int = 0         # consumed by all processes together in this epoch
+    best: dict = field(default_factory=lambda: {"metric": None, "value": None, "step": None})
+    history: dict = field(default_factory=lambda: {"train": [], "val": []})
+    evals_without_gain: int = 0
+    bad_steps: int = 0                # non-finite losses in a row
+    unreadable: list = field(default_factory=list)   # messages of the images skipped, once each
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint):
+        return cls(**{f.name: checkpoint[f.name] for f in fields(cls) if f.name in checkpoint})
+
+
+@dataclass
+class Run:
+    """The processes, device and folders of a run, and where it reports."""
+    name: str
+    device: object
+    precision: str
+    rank: int
+    world_size: int
+    checkpoint_dir: Path
+    log_dir: Path
+    results_dir: Path
+    log: logging.Logger
+    writer: object = None              # TensorBoard SummaryWriter, rank 0 only
+    lock: object = None                # the run folder's lock, rank 0 only
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+
+@dataclass
+class Job:
+    """Everything the loop works with, built once by main()."""
+    cfg: argparse.Namespace
+    run: Run
+    setup: object                      # clip_model.ClipSetup of the bare model
+    model: object                      # the model as trained: wrapped by DDP / torch.compile
+    loss_fn: object
+    optimizer: object
+    scheduler: object
+    scaler: object
+    loader: object                     # data_loader.EpochLoader: batches of an epoch, resumable
+    val_index: object
+    steps_per_epoch: int
+    total_steps: int
+    global_batch: int
+
+    @property
+    def raw_model(self):
+        return self.setup.model
+
+
 # ----------------------------------------------------------------------------------------------
 # Training
 
 def main(argv=None):
+    """Train CLIP; returns the run's summary (its folders, step, best, history and timings)."""
     cfg = parse_config(argv)
+    run = start_run(cfg)
+    try:
+        import torch
+        torch.manual_seed(cfg.seed)
+        train_index, val_index = load_data(cfg, run)
+        setup, model, loss_fn = build_model(cfg, run)
+        loader, steps_per_epoch, global_batch = build_loader(cfg, run, setup, train_index)
+        total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
+        optimizer, scheduler, scaler = build_optimizer(cfg, run, model, total_steps)
+        job = Job(cfg, run, setup, model, loss_fn, optimizer, scheduler, scaler, loader, val_index,
+                  steps_per_epoch, total_steps, global_batch)
+        state = resume(job, train_index)
+        timing = train(job, state)
+        return finish(job, state, timing)
+    finally:
+        close_run(run)
 
-    # Processes and device. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK for every process.
-    import numpy as np
+
+def train(job, state):
+    """The loop: epochs until the run is done or stopped. Returns its timing and why it ended.
+
+    Any error after the first step saves last.pt (if the weights are finite) before it is
+    reported: no error loses the steps already trained.
+    """
+    run, cfg = job.run, job.cfg
+    run.log.info(f"training {job.total_steps} steps ({job.steps_per_epoch} per epoch) with a global "
+                 f"batch of {job.global_batch}")
+    timing = {"started": time.perf_counter(), "validation_s": 0.0, "samples": 0, "stop_reason": None}
+    stop = StopRequest()
+    try:
+        while state.step < job.total_steps and timing["stop_reason"] is None:
+            timing["stop_reason"] = train_one_epoch(job, state, stop, timing)
+            if timing["stop_reason"] is None and state.step < job.total_steps:
+                state.epoch, state.samples_in_epoch = state.epoch + 1, 0
+                if not cfg.eval_every:
+                    timing["stop_reason"] = validate(job, state, timing)
+        if state.step >= job.total_steps and (not state.history["val"] or
+                                              state.history["val"][-1]["step"] != state.step):
+            validate(job, state, timing)
+    except Exception as error:
+        if state.step > 0:
+            save_last(job, state, after_error=error)
+        raise
+    finally:
+        stop.restore()
+    save_last(job, state)
+    timing["loop_s"] = time.perf_counter() - timing.pop("started")
+    return timing
+
+
+def train_one_epoch(job, state, stop, timing):
+    """Steps through (the rest of) one epoch; returns why the run must stop, or None."""
+    import torch
+    from tqdm import tqdm
+    run, cfg = job.run, job.cfg
+    job.loader.set_epoch(state.epoch, start=state.samples_in_epoch)
+    batches = iter(job.loader)
+    progress = tqdm(total=job.steps_per_epoch, initial=state.samples_in_epoch // job.global_batch,
+                    desc=f"epoch {state.epoch}", disable=not run.is_main, dynamic_ncols=True)
+    window = Window(run.device)
+    job.model.train()
+    try:
+        while state.step < job.total_steps:
+            waited = time.perf_counter()
+            micro_batches = next_micro_batches(job, state, batches)
+            window.wait += time.perf_counter() - waited
+            if micro_batches is None:
+                return None                                        # the end of the epoch
+            result = optimizer_step(job, micro_batches)
+            count_step(job, state, result, window)
+            timing["samples"] += job.global_batch
+            progress.update(1)
+            if state.step % cfg.log_every == 0 or state.step == job.total_steps:
+                log_train(job, state, result, window, progress)
+            reason = after_step(job, state, result, stop, timing)
+            if reason:
+                return reason
+    finally:
+        progress.close()
+    return None
+
+
+def next_micro_batches(job, state, batches):
+    """The micro-batches of the next step, on the device; None at the end of the epoch.
+    Unreadable images are counted, and named the first time (strict_data: DataError)."""
+    micro_batches = []
+    for batch in batches:
+        report_unreadable(job, state, batch["failed"])
+        if len(batch["image_ids"]) == 0:
+            continue
+        micro_batches.append({k: v.to(job.run.device, non_blocking=True) if hasattr(v, "to") else v
+                              for k, v in batch.items()})
+        if len(micro_batches) == job.cfg.accum_steps:
+            return micro_batches
+    return None
+
+
+def report_unreadable(job, state, messages):
+    new = [m for m in messages if m not in state.unreadable]
+    if new and job.cfg.strict_data:
+        raise DataError(f"{new[0]} (--strict_data stops at the first unreadable image)")
+    for message in new:
+        state.unreadable.append(message)
+        if len(state.unreadable) <= 5:
+            job.run.log.warning(f"skipped unreadable image: {message}")
+
+
+class Window:
+    """Sums over the steps between two log lines."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self):
+        import torch
+        self.loss, self.steps, self.samples, self.wait = torch.zeros((), device=self.device), 0, 0, 0.0
+        self.start = time.perf_counter()
+
+
+def count_step(job, state, result, window):
+    state.step += 1
+    state.samples_in_epoch += job.global_batch
+    window.samples += job.global_batch
+    if result.finite:
+        state.bad_steps = 0
+        window.loss += result.loss
+        window.steps += 1
+    else:
+        state.bad_steps += 1
+        job.run.log.warning(f"step {state.step - 1}: non-finite loss or gradient, update skipped "
+                            f"({state.bad_steps} in a row)")
+        if job.run.writer:
+            job.run.writer.add_scalar("train/skipped_step", 1, state.step - 1)
+
+
+def log_train(job, state, result, window, progress):
+    """A point of the training curves: history, TensorBoard and the progress bar; resets window."""
+    elapsed = time.perf_counter() - window.start
+    entry = {"step": state.step, "epoch": state.epoch,
+             "loss": (window.loss / max(1, window.steps)).item(),
+             "lr": job.scheduler.get_last_lr()[0],
+             "logit_scale": job.raw_model.logit_scale.exp().item(),
+             "grad_norm": result.grad_norm.item(),
+             "samples_per_s": window.samples / elapsed,
+             "data_wait": window.wait / elapsed}
+    state.history["train"].append(entry)
+    if job.run.writer:
+        for key, value in entry.items():
+            if key not in ("step", "epoch"):
+                job.run.writer.add_scalar(f"train/{key}", value, state.step)
+    progress.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{entry['lr']:.1e}",
+                         scale=f"{entry['logit_scale']:.1f}", sps=f"{entry['samples_per_s']:.0f}")
+    window.reset()
+
+
+def after_step(job, state, result, stop, timing):
+    """Validation, checkpoint and the stop decisions that follow a step; returns why to stop."""
+    cfg = job.cfg
+    if state.bad_steps >= cfg.max_bad_steps:
+        return f"{state.bad_steps} non-finite losses in a row"
+    reason = None
+    if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < job.total_steps:
+        reason = validate(job, state, timing)
+    if state.step % cfg.save_every == 0:
+        save_last(job, state)
+    if agree(job.run, stop.reason is not None):
+        reason = f"{stop.reason or 'signal'} received"
+    elif cfg.stop_at_step and state.step >= cfg.stop_at_step:
+        reason = reason or f"stop_at_step {cfg.stop_at_step} reached"
+    return reason
+
+
+def validate(job, state, timing):
+    """Full retrieval metrics on the validation set, computed once (on rank 0); saves best.pt on
+    a new best. Returns the early-stopping reason, or None."""
+    import evaluation
+    run, cfg = job.run, job.cfg
+    stop = None
+    if run.is_main:
+        started = time.perf_counter()
+        metrics = evaluation.evaluate_model(job.setup, job.val_index, batch_size=cfg.batch_size,
+                                            num_workers=cfg.num_workers, device=run.device,
+                                            precision=run.precision, strict=cfg.strict_data)
+        job.model.train()
+        elapsed = time.perf_counter() - started
+        timing["validation_s"] += elapsed
+        improved = record_validation(job, state, metrics)
+        run.log.info(f"step {state.step} validation ({elapsed:.1f}s): "
+                     f"{evaluation.recall_summary(metrics)}, {cfg.best_metric} "
+                     f"{metric_value(metrics, cfg.best_metric):.2f}{' (best)' if improved else ''}")
+        if improved:
+            save_best(job, state, metrics)       # the weights first: a results file can wait
+        write_results(job, state)
+        if cfg.early_stopping_patience and state.evals_without_gain >= cfg.early_stopping_patience:
+            stop = f"no gain in {cfg.best_metric} for {cfg.early_stopping_patience} validations"
+    return stop if agree(run, stop is not None) else None
+
+
+def record_validation(job, state, metrics):
+    """Add a validation to the history and TensorBoard; returns whether it is a new best."""
+    import evaluation
+    state.history["val"].append({"step": state.step, "epoch": state.epoch, **metrics})
+    if job.run.writer:
+        for name, value in evaluation.flatten_metrics(metrics).items():
+            job.run.writer.add_scalar(name, value, state.step)
+    if len(state.history["val"]) == 1 and metrics["skipped_images"]["count"]:
+        job.run.log.warning(f"validation skips {metrics['skipped_images']['count']} unreadable "
+                            f"images: {'; '.join(metrics['skipped_images']['first'])}")
+    value = metric_value(metrics, job.cfg.best_metric)
+    improved = state.best["value"] is None or value > state.best["value"]
+    if improved:
+        state.best.update(metric=job.cfg.best_metric, value=value, step=state.step)
+        state.evals_without_gain = 0
+    else:
+        state.evals_without_gain += 1
+    return improved
+
+
+def agree(run, flag):
+    """Every process takes rank 0's decision (to stop, for instance)."""
+    if not run.distributed:
+        return flag
     import torch
     import torch.distributed as dist
-    from torch.utils.tensorboard import SummaryWriter
-    from tqdm import tqdm
+    decision = torch.tensor([int(flag)], device=run.device if run.device.type == "cuda" else "cpu")
+    dist.broadcast(decision, src=0)
+    return bool(decision.item())
 
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and results
+
+def weights_are_finite(model):
+    import torch
+    return all(torch.isfinite(w).all() for w in model.state_dict().values() if w.is_floating_point())
+
+
+def save_last(job, state, after_error=None):
+    """last.pt: everything a resumed run needs. Never written from non-finite weights; after an
+    error it is attempted once and its own failure is logged, not raised over the first error."""
     import clip_model
-    import data_loader
-    import evaluation
-
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(cfg.device, local_rank)
-    if distributed:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        # Validation runs on rank 0 while the others wait: allow it more than the default timeout.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(hours=2))
-    rank, world_size = clip_model.world_info()
-    is_main = rank == 0
-    precision = pick_precision(cfg.precision, device)
-
-    run_name = [cfg.run_name or f"{Path(cfg.model_name).stem}-{time.strftime('%Y%m%d-%H%M%S')}"]
-    if distributed:
-        dist.broadcast_object_list(run_name, src=0)     # every rank uses rank 0's timestamp
-    run_name = run_name[0]
-    checkpoint_dir = Path(cfg.checkpoint_dir) / run_name
-    log_dir, results_dir = Path(cfg.log_dir) / run_name, Path(cfg.results_dir) / run_name
-    log = setup_logging(log_dir / "train.log", is_main)
-    resume_path = None
-    if cfg.resume == "auto":
-        resume_path = checkpoint_dir / "last.pt"
-        if not resume_path.is_file():
-            log.info(f"--resume auto: no {resume_path} yet, starting run {run_name} from scratch")
-            resume_path = None
-    elif cfg.resume:
-        resume_path = Path(cfg.resume)
-    elif (checkpoint_dir / "last.pt").exists():
-        raise SystemExit(f"{checkpoint_dir / 'last.pt'} exists: continue that run with --resume "
-                         f"auto, or pick another --run_name")
-    if is_main:
-        for folder in (checkpoint_dir, log_dir, results_dir):
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "config.json").write_text(json.dumps(vars(cfg), indent=2))
-    log.info(f"run {run_name}: device {device}, precision {precision}, {world_size} process(es)")
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-
-    # Data. The default data set is generated on first use so that a fresh clone trains at once.
-    if cfg.data_dir == DEFAULT_DATA_DIR and not Path(cfg.data_dir).exists():
-        if is_main:
-            log.info(f"{cfg.data_dir} not found: generating the sample data set there")
-            data_loader.create_sample_dataset(cfg.data_dir, num_samples=2000, seed=0)
-        if distributed:
-            dist.barrier()
-    read = dict(image_column=cfg.image_column, caption_column=cfg.caption_column)
-    # WebDataset shards (a brace pattern, .tar or folder of shards) are streamed, not indexed,
-    # so they cannot be split into training and validation images.
-    streamed = data_loader.is_webdataset(cfg.data_dir)
-    if streamed and not cfg.val_data:
-        raise SystemExit(f"--data_dir {cfg.data_dir} is a set of WebDataset shards, which are streamed "
-                         f"and cannot be split: give --val_data (any format data_loader reads)")
-    train_index = None if streamed else data_loader.load_captions(cfg.data_dir, split=cfg.split, **read)
-    if cfg.val_data:
-        val_index = data_loader.load_captions(cfg.val_data, split="valid", **read)
-    else:
-        train_index, val_index = data_loader.split_by_image(train_index, cfg.val_fraction, cfg.seed)
-    training_data = (f"WebDataset shards {cfg.data_dir}" if streamed else
-                     f"{train_index.num_images} training images ({train_index.num_captions} captions)")
-    log.info(f"data: {training_data}, {val_index.num_images} validation images "
-             f"({val_index.num_captions} captions)")
-
-    # Model.
-    setup = clip_model.build_model(cfg.model_name, cfg.pretrained, device=device, loss=cfg.loss,
-                                   patch_dropout=cfg.patch_dropout,
-                                   grad_checkpointing=cfg.grad_checkpointing,
-                                   context_length=cfg.context_length)
-    clip_model.freeze_for_finetuning(setup.model, cfg.freeze_backbone, cfg.lock_image, cfg.lock_text)
-    model = setup.model
-    log.info(f"model {setup.model_name}: {clip_model.count_parameters(model) / 1e6:.1f}M parameters, "
-             f"{clip_model.count_parameters(model, trainable_only=True) / 1e6:.1f}M trainable")
-    transform = data_loader.image_transform(setup.preprocess_cfg, train=True, augment=cfg.augment)
-    if streamed:  # the dataset shares the shards out across ranks and workers itself
-        train_set = data_loader.WebDatasetTrain(cfg.data_dir, transform, setup.tokenizer, seed=cfg.seed,
-                                                rank=rank, world_size=world_size, strict=cfg.strict_data)
-        sampler = None
-    else:
-        train_set = data_loader.TrainDataset(train_index, transform, setup.tokenizer, seed=cfg.seed,
-                                             strict=cfg.strict_data)
-        sampler = data_loader.EpochSampler(len(train_set), seed=cfg.seed, rank=rank, world_size=world_size)
-    loader = data_loader.build_dataloader(train_set, cfg.batch_size, sampler=sampler,
-                                          num_workers=cfg.num_workers, seed=cfg.seed, train=True,
-                                          pin_memory=device.type == "cuda")
-    global_batch = cfg.batch_size * cfg.accum_steps * world_size
-    steps_per_epoch = len(train_set) // global_batch
-    if steps_per_epoch == 0:
-        raise SystemExit(f"{len(train_set)} training images are fewer than one global batch "
-                         f"(batch_size {cfg.batch_size} x accum_steps {cfg.accum_steps} x "
-                         f"{world_size} processes = {global_batch}); lower batch_size")
-    total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
-    if cfg.compile:
-        model = torch.compile(model)
-    if distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None)
-    loss_fn = clip_model.create_loss(cfg.loss, local_loss=cfg.local_loss)
-
-    # Optimiser and schedule.
-    # fused=True updates all parameters in one kernel instead of a Python loop over tensors
-    # (measured ~15% more samples/s for the tiny preset on CPU; bench/README.md).
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
-                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                  fused=device.type in ("cuda", "cpu"))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(total_steps, cfg.warmup_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp")
-
-    # Resume: weights, optimiser, schedule, loss scale, position in the data and RNG states.
-    step, epoch, samples_in_epoch = 0, 0, 0
-    best = {"metric": cfg.best_metric, "value": None, "step": None}
-    history = {"train": [], "val": []}
-    evals_without_gain = 0
-    if resume_path is not None:
-        state = clip_model.load_checkpoint(resume_path)
-        clip_model.unwrap(model).load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step, epoch, samples_in_epoch = state["step"], state["epoch"], state["samples_in_epoch"]
-        best, history = state["best"], state["history"]
-        evals_without_gain = state["evals_without_gain"]
-        clip_model.set_rng_state(state["rng"])
-        log.info(f"resumed {resume_path} at step {step} (epoch {epoch}, {samples_in_epoch} samples in)")
-
-    writer = SummaryWriter(str(log_dir)) if is_main else None
-    stop = StopRequest()
-
-    def save(name):
-        if not is_main:
-            return
-        weights = clip_model.unwrap(model).state_dict().values()
-        if not all(torch.isfinite(w).all() for w in weights if w.is_floating_point()):
-            log.error(f"weights are not finite at step {step}: {name} NOT written, the previous "
-                      f"file is kept")
-            return
+    run = job.run
+    if not run.is_main:
+        return
+    if not weights_are_finite(job.raw_model):
+        run.log.error(f"weights are not finite at step {state.step}: last.pt NOT written, the "
+                      f"previous file is kept")
+        return
+    try:
         clip_model.save_checkpoint(
-            checkpoint_dir / name, setup, step=step, epoch=epoch, samples_in_epoch=samples_in_epoch,
-            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-            scaler=scaler.state_dict(), best=best, history=history,
-            evals_without_gain=evals_without_gain, rng=clip_model.rng_state(), config=vars(cfg))
-
-    def validate():
-        """Full retrieval metrics on the validation set, computed once (on rank 0)."""
-        nonlocal evals_without_gain
-        improved = False
-        if is_main:
-            started = time.time()
-            metrics = evaluation.evaluate_model(
-                clip_model.ClipSetup(clip_model.unwrap(model), setup.tokenizer, setup.preprocess_cfg,
-                                     setup.model_name, setup.model_config),
-                val_index, batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device,
-                precision=precision)
-            model.train()
-            history["val"].append({"step": step, "epoch": epoch, **metrics})
-            for name, value in flatten_metrics(metrics).items():
-                writer.add_scalar(name, value, step)
-            value = metric_value(metrics, cfg.best_metric)
-            improved = best["value"] is None or value > best["value"]
-            if improved:
-                best.update(value=value, step=step)
-                evals_without_gain = 0
-            else:
-                evals_without_gain += 1
-            r = metrics["retrieval"]
-            log.info(f"step {step} validation ({time.time() - started:.1f}s): "
-                     f"image->text R@1/5/10 {r['image_to_text']['R@1']:.1f}/"
-                     f"{r['image_to_text']['R@5']:.1f}/{r['image_to_text']['R@10']:.1f}, "
-                     f"text->image {r['text_to_image']['R@1']:.1f}/{r['text_to_image']['R@5']:.1f}/"
-                     f"{r['text_to_image']['R@10']:.1f}, {cfg.best_metric} {value:.2f}"
-                     f"{' (best)' if improved else ''}")
-            write_results(results_dir / "training_results.json", cfg, history, best,
-                          checkpoint_dir / "best.pt")
-        if improved:
-            save("best.pt")
-        patience_over = cfg.early_stopping_patience > 0 and \
-            evals_without_gain >= cfg.early_stopping_patience
-        return agree(patience_over)
-
-    def agree(flag):
-        """Every process takes rank 0's decision (to stop, for instance)."""
-        if not distributed:
-            return flag
-        decision = torch.tensor([int(flag)], device=device if device.type == "cuda" else "cpu")
-        dist.broadcast(decision, src=0)
-        return bool(decision.item())
-
-    # The loop.
-    model.train()
-    bad_steps, failed_images, stop_reason = 0, 0, None
-    log.info(f"training {total_steps} steps ({steps_per_epoch} per epoch) with a global batch of "
-             f"{global_batch}")
-    while step < total_steps and stop_reason is None:
-        if sampler is None:
-            train_set.set_epoch(epoch, start=samples_in_epoch)
-        else:
-            sampler.set_epoch(epoch, start=samples_in_epoch)
-            train_set.set_epoch(epoch)
-        batches = iter(loader)
-        progress = tqdm(total=steps_per_epoch, initial=samples_in_epoch // global_batch,
-                        desc=f"epoch {epoch}", disable=not is_main, dynamic_ncols=True)
-        window = {"loss": torch.zeros((), device=device), "steps": 0, "samples": 0,
-                  "wait": 0.0, "start": time.perf_counter()}
-        while step < total_steps and stop_reason is None:
-            waited = time.perf_counter()
-            micro_batches = []
-            for batch in batches:
-                failed_images += len(batch["failed"])
-                if batch["failed"] and failed_images <= 5 * len(batch["failed"]):
-                    log.warning(f"skipped unreadable images: {', '.join(batch['failed'])}")
-                if len(batch["image_ids"]) == 0:
-                    continue
-                micro_batches.append({k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-                                      for k, v in batch.items()})
-                if len(micro_batches) == cfg.accum_steps:
-                    break
-            window["wait"] += time.perf_counter() - waited
-            if len(micro_batches) < cfg.accum_steps:
-                break                                          # end of the epoch
-
-            loss = backward_step(model, loss_fn, micro_batches, scaler, precision, device)
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), cfg.grad_clip_norm if cfg.grad_clip_norm > 0 else float("inf"))
-            # One host-device sync per step: the price of never applying a non-finite update.
-            # With amp an infinite gradient is the loss scaler's business (it skips and retries
-            # with a smaller scale); only a non-finite loss counts as a bad step.
-            finite = bool(torch.isfinite(loss)) and (precision == "amp" or bool(torch.isfinite(grad_norm)))
-            if finite:
-                scaler.step(optimizer)
-                bad_steps = 0
-            else:
-                bad_steps += 1
-                log.warning(f"step {step}: non-finite loss or gradient, update skipped "
-                            f"({bad_steps} in a row)")
-                if writer:
-                    writer.add_scalar("train/skipped_step", 1, step)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            clip_model.clamp_logit_scale(clip_model.unwrap(model))
-            step += 1
-            samples_in_epoch += global_batch
-            progress.update(1)
-            if finite:
-                window["loss"] += loss
-            window["steps"] += int(finite)
-            window["samples"] += global_batch
-            if bad_steps >= cfg.max_bad_steps:
-                stop_reason = f"{bad_steps} non-finite losses in a row"
-                break
-
-            if step % cfg.log_every == 0 or step == total_steps:
-                elapsed = time.perf_counter() - window["start"]
-                entry = {"step": step, "epoch": epoch,
-                         "loss": (window["loss"] / max(1, window["steps"])).item(),
-                         "lr": scheduler.get_last_lr()[0],
-                         "logit_scale": clip_model.unwrap(model).logit_scale.exp().item(),
-                         "grad_norm": grad_norm.item(),
-                         "samples_per_s": window["samples"] / elapsed,
-                         "data_wait": window["wait"] / elapsed}
-                history["train"].append(entry)
-                if writer:
-                    for key, value in entry.items():
-                        if key not in ("step", "epoch"):
-                            writer.add_scalar(f"train/{key}", value, step)
-                progress.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{entry['lr']:.1e}",
-                                     scale=f"{entry['logit_scale']:.1f}",
-                                     sps=f"{entry['samples_per_s']:.0f}")
-                window.update(loss=torch.zeros((), device=device), steps=0, samples=0, wait=0.0,
-                              start=time.perf_counter())
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                if validate():
-                    stop_reason = f"no gain in {cfg.best_metric} for " \
-                                  f"{cfg.early_stopping_patience} validations"
-            if step % cfg.save_every == 0:
-                save("last.pt")
-            if agree(stop.reason is not None):
-                stop_reason = f"{stop.reason or 'signal'} received"
-            elif cfg.stop_at_step and step >= cfg.stop_at_step:
-                stop_reason = f"stop_at_step {cfg.stop_at_step} reached"
-        progress.close()
-        if step < total_steps and stop_reason is None:
-            epoch, samples_in_epoch = epoch + 1, 0
-            if not cfg.eval_every and validate():
-                stop_reason = f"no gain in {cfg.best_metric} for {cfg.early_stopping_patience} " \
-                              f"validations"
-
-    # The end: a final validation (unless this step was just validated), last.pt and results.
-    finished = step >= total_steps
-    if finished and (not history["val"] or history["val"][-1]["step"] != step):
-        validate()
-    save("last.pt")
-    if writer:
-        writer.close()
-    if failed_images:
-        log.warning(f"{failed_images} unreadable images were skipped in total")
-    if stop_reason and "non-finite" in stop_reason:
-        raise SystemExit(f"stopped at step {step}: {stop_reason}. Lower --learning_rate, check the "
-                         f"data, or try --precision fp32; {checkpoint_dir / 'last.pt'} holds the "
-                         f"last finite weights")
-    if is_main:
-        results = write_results(results_dir / "training_results.json", cfg, history, best,
-                                checkpoint_dir / "best.pt")
-        plot_curves(results, results_dir / "training_curves.png", log)
-        log.info(f"{'finished' if finished else 'stopped: ' + stop_reason} at step {step}; "
-                 f"best {cfg.best_metric} {best['value']} at step {best['step']}; "
-                 f"checkpoints in {checkpoint_dir}, TensorBoard: tensorboard --logdir {cfg.log_dir}")
-        if not finished:
-            log.info(f"continue with: python train.py --run_name {run_name} --resume auto")
-    if distributed:
-        dist.destroy_process_group()
-    return {"run_name": run_name, "step": step, "best": best, "history": history,
-            "checkpoint_dir": checkpoint_dir, "results_dir": results_dir, "stop_reason": stop_reason}
+            run.checkpoint_dir / "last.pt", job.setup, **asdict(state),
+            optimizer=job.optimizer.state_dict(), scheduler=job.scheduler.state_dict(),
+            scaler=job.scaler.state_dict(), rng=clip_model.rng_state(), config=vars(job.cfg))
+    except Exception as error:
+        if after_error is None:
+            raise
+        run.log.error(f"last.pt could not be written after the error: {error}")
+        return
+    if after_error is not None:
+        run.log.error(f"error at step {state.step} ({type(after_error).__name__}: {after_error}); "
+                      f"last.pt saved: continue with {resume_command(job)}")
 
 
-def write_results(path, cfg, history, best, best_path):
-    results = {"config": vars(cfg), "history": history,
-               "final": history["val"][-1] if history["val"] else None,
-               "best": best, "checkpoint": str(best_path)}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, path)
+def save_best(job, state, metrics):
+    """best.pt: the weights that scored best, with their config and metrics; no optimiser state
+    (nothing that reads best.pt needs it, and it is twice the size of the weights)."""
+    import clip_model
+    if weights_are_finite(job.raw_model):
+        clip_model.save_checkpoint(job.run.checkpoint_dir / "best.pt", job.setup, step=state.step,
+                                   epoch=state.epoch, best=state.best, metrics=metrics,
+                                   config=vars(job.cfg))
+
+
+def write_results(job, state):
+    """results/<run>/training_results.json: settings, history, best, and the unreadable images."""
+    import evaluation
+    results = {"config": vars(job.cfg), "history": state.history,
+               "final": state.history["val"][-1] if state.history["val"] else None,
+               "best": state.best, "checkpoint": str(job.run.checkpoint_dir / "best.pt"),
+               "unreadable_images": evaluation.skipped_summary(state.unreadable)}
+    evaluation.write_json(job.run.results_dir / "training_results.json", results)
     return results
+
+
+def resume_command(job):
+    return f"python train.py --run_name {job.run.name} --resume auto (with the same settings)"
+
+
+def finish(job, state, timing):
+    """The end: the last results and curves, a summary line, and what the run measured."""
+    run, reason = job.run, timing["stop_reason"]
+    if state.unreadable:
+        run.log.warning(f"{len(state.unreadable)} unreadable images were skipped in total")
+    if reason and "non-finite" in reason:
+        raise TrainingError(f"stopped at step {state.step}: {reason}. Lower --learning_rate, "
+                                 f"check the data, or try --precision fp32; "
+                                 f"{run.checkpoint_dir / 'last.pt'} holds the last finite weights")
+    finished = state.step >= job.total_steps
+    if run.is_main:
+        results = write_results(job, state)
+        plot_curves(results, run.results_dir / "training_curves.png", run.log)
+        run.log.info(f"{'finished' if finished else 'stopped: ' + reason} at step {state.step}; "
+                     f"best {job.cfg.best_metric} {state.best['value']} at step {state.best['step']}; "
+                     f"checkpoints in {run.checkpoint_dir}, TensorBoard: tensorboard --logdir "
+                     f"{job.cfg.log_dir}")
+        if not finished:
+            run.log.info(f"continue with: {resume_command(job)}")
+    loop_s, validation_s = timing["loop_s"], timing["validation_s"]
+    return {"run_name": run.name, "step": state.step, "best": state.best, "history": state.history,
+            "checkpoint_dir": run.checkpoint_dir, "results_dir": run.results_dir,
+            "log_dir": run.log_dir, "stop_reason": reason,
+            "timing": {"loop_s": loop_s, "validation_s": validation_s,
+                       "train_samples_per_s": timing["samples"] / max(1e-9, loop_s - validation_s)}}
 
 
 def plot_curves(results, path, log):
@@ -690,14 +765,292 @@ def plot_curves(results, path, log):
     log.info(f"training curves: {path}")
 
 
-if __name__ == "__main__":
+# ----------------------------------------------------------------------------------------------
+# The steps main() takes before the loop
+
+def start_run(cfg):
+    """Processes, device and precision, the run's name, folders, lock and log.
+
+    Everything that can be known to be wrong before the data and model are loaded is checked
+    here: the device, the precision, the paths given, the output folders.
+    """
+    import clip_model
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = clip_model.pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    precision = clip_model.pick_precision(cfg.precision, device)
+    check_paths(cfg)
+    if distributed:
+        init_distributed(device)
+    rank, world_size = clip_model.world_info()
+    name = run_name(cfg, distributed)
+    folders = [Path(cfg.checkpoint_dir) / name, Path(cfg.log_dir) / name, Path(cfg.results_dir) / name]
+    lock = prepare_folders(cfg, folders) if rank == 0 else None
+    log = setup_logging(folders[1] / "train.log", rank == 0)
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(folders[1]))
+    log.info(f"run {name}: device {device}, precision {precision}, {world_size} process(es)")
+    return Run(name, device, precision, rank, world_size, *folders, log=log, writer=writer, lock=lock)
+
+
+def check_paths(cfg):
+    """The input paths given exist (the default data set is generated on first use)."""
+    for name in ("data_dir", "val_data"):
+        value = getattr(cfg, name)
+        if value and value != DEFAULT_DATA_DIR and not is_stream(value) and not Path(value).exists():
+            raise SettingsError(f"{name} {value}: no such file or folder")
+    if cfg.resume not in ("", "auto") and not Path(cfg.resume).is_file():
+        raise SettingsError(f"resume {cfg.resume}: no such checkpoint file (or use --resume auto)")
+    looks_like_file = cfg.pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")) or \
+        os.sep in cfg.pretrained
+    if looks_like_file and not Path(cfg.pretrained).is_file():
+        raise SettingsError(f"pretrained {cfg.pretrained}: no such weights file")
+
+
+def is_stream(path):
+    import data_loader
+    return data_loader.is_webdataset(path)
+
+
+def init_distributed(device):
+    import torch
+    import torch.distributed as dist
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    # Validation runs on rank 0 while the others wait: allow it more than the default timeout.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(hours=2))
+
+
+def run_name(cfg, distributed):
+    name = [cfg.run_name or f"{Path(cfg.model_name).stem}-{time.strftime('%Y%m%d-%H%M%S')}"]
+    if distributed:
+        import torch.distributed as dist
+        dist.broadcast_object_list(name, src=0)        # every rank uses rank 0's timestamp
+    return name[0]
+
+
+def prepare_folders(cfg, folders):
+    """Create the run's folders, take the run's lock, refuse to overwrite a finished or running
+    run, and write the settings into each folder. Returns the lock (held until the run ends)."""
+    checkpoint_dir = folders[0]
+    for folder, setting in zip(folders, ("checkpoint_dir", "log_dir", "results_dir")):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OutputError(f"cannot create {folder} ({error.strerror}); choose another "
+                              f"--{setting}") from None
+    lock = lock_run_folder(checkpoint_dir)
+    for stale in checkpoint_dir.glob(".*.tmp"):        # left by a run killed while saving
+        stale.unlink()
+    if not cfg.resume and (checkpoint_dir / "last.pt").exists():
+        raise OutputError(f"{checkpoint_dir / 'last.pt'} exists: continue that run with --resume "
+                          f"auto, or pick another --run_name")
+    for folder, setting in zip(folders, ("checkpoint_dir", "log_dir", "results_dir")):
+        try:
+            (folder / "config.json").write_text(json.dumps(vars(cfg), indent=2))
+        except OSError as error:
+            reason = disk_full_message(error, folder) if is_disk_full(error) else \
+                f"{folder} is not writable ({error.strerror}); choose another --{setting}"
+            raise OutputError(reason) from None
+    return lock
+
+
+def lock_run_folder(folder):
+    """Hold an exclusive lock on the run's checkpoint folder while the run lives, so that a second
+    run with the same name is refused instead of mixing its files with this one's. The kernel
+    releases the lock when the process ends, however it ends: a killed run leaves no stale lock."""
+    import fcntl
+    handle = os.open(folder, os.O_RDONLY)
     try:
-        main()
-    except Exception as error:
-        # Mistakes in data, model names or checkpoints get one clear line, not a traceback.
-        import clip_model
-        import data_loader
-        if isinstance(error, (data_loader.DataError, clip_model.ModelError,
-                              clip_model.CheckpointError, clip_model.PretrainedUnavailable)):
-            sys.exit(f"train.py: error: {error}")
-        raise
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(handle)
+        raise OutputError(f"run folder {folder} is in use by another running train.py; wait for it "
+                          f"to end, or choose another --run_name") from None
+    return handle
+
+
+def close_run(run):
+    if run.writer:
+        run.writer.close()
+    if run.lock is not None:
+        os.close(run.lock)                               # releases the lock
+    if run.distributed:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def setup_logging(log_file, is_main):
+    """Our own logger (open_clip logs chatty INFO lines to the root logger); only rank 0 writes
+    the log file, other ranks print warnings only."""
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if is_main:
+        handlers.append(logging.FileHandler(log_file))
+    log = logging.getLogger("train")
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        log.addHandler(handler)
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    log.propagate = False
+    return log
+
+
+class StopRequest:
+    """Turns SIGTERM and Ctrl-C into a flag the loop checks after each step, so the run saves
+    last.pt and exits cleanly instead of dying mid-update. DataLoader workers ignore both
+    signals (data_loader._init_worker), so a signal to the whole process group, as schedulers
+    and `timeout` send, reaches this process alone in effect. A second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.reason = None
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        if self.reason is not None:          # a second Ctrl-C: stop right now
+            raise KeyboardInterrupt
+        self.reason = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def load_data(cfg, run):
+    """The training index (None when streaming shards) and the validation index."""
+    import data_loader
+    if cfg.data_dir == DEFAULT_DATA_DIR and not Path(cfg.data_dir).exists():
+        if run.is_main:
+            run.log.info(f"{cfg.data_dir} not found: generating the sample data set there")
+            data_loader.create_sample_dataset(cfg.data_dir, num_samples=2000, seed=0)
+        if run.distributed:
+            import torch.distributed as dist
+            dist.barrier()
+    read = dict(image_column=cfg.image_column, caption_column=cfg.caption_column, strict=cfg.strict_data)
+    # WebDataset shards (a brace pattern, .tar or folder of shards) are streamed, not indexed,
+    # so they cannot be split into training and validation images.
+    streamed = data_loader.is_webdataset(cfg.data_dir)
+    if streamed and not cfg.val_data:
+        raise SettingsError(f"data_dir {cfg.data_dir} is a set of WebDataset shards, which are "
+                            f"streamed and cannot be split: give --val_data (any format data_loader "
+                            f"reads)")
+    train_index = None if streamed else data_loader.load_captions(cfg.data_dir, split=cfg.split, **read)
+    if cfg.val_data:
+        val_index = data_loader.load_captions(cfg.val_data, split="valid", **read)
+    else:
+        train_index, val_index = data_loader.split_by_image(train_index, cfg.val_fraction, cfg.seed)
+    for index in (train_index, val_index):
+        for message in (index.skipped if index else [])[:5]:
+            run.log.warning(f"skipped missing image: {message}")
+        if index and len(index.skipped) > 5:
+            run.log.warning(f"... {len(index.skipped)} images of {index.source} are missing in all")
+    training = (f"WebDataset shards {cfg.data_dir}" if streamed else
+                f"{train_index.num_images} training images ({train_index.num_captions} captions)")
+    run.log.info(f"data: {training}, {val_index.num_images} validation images "
+                 f"({val_index.num_captions} captions)")
+    return train_index, val_index
+
+
+def build_model(cfg, run):
+    """The model with its trainable parts chosen, wrapped for compile and DDP; and the loss."""
+    import torch
+    import clip_model
+    setup = clip_model.build_model(cfg.model_name, cfg.pretrained, device=run.device, loss=cfg.loss,
+                                   patch_dropout=cfg.patch_dropout,
+                                   grad_checkpointing=cfg.grad_checkpointing,
+                                   context_length=cfg.context_length)
+    clip_model.freeze_for_finetuning(setup.model, cfg.freeze_backbone, cfg.lock_image, cfg.lock_text)
+    run.log.info(f"model {setup.model_name}: {clip_model.count_parameters(setup.model) / 1e6:.1f}M "
+                 f"parameters, {clip_model.count_parameters(setup.model, True) / 1e6:.1f}M trainable")
+    model = torch.compile(setup.model) if cfg.compile else setup.model
+    if run.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[run.device] if run.device.type == "cuda" else None)
+    return setup, model, clip_model.create_loss(cfg.loss, local_loss=cfg.local_loss)
+
+
+def build_loader(cfg, run, setup, train_index):
+    """The training batches, and the steps of an epoch at the global batch size."""
+    import data_loader
+    transform = data_loader.image_transform(setup.preprocess_cfg, train=True, augment=cfg.augment)
+    if train_index is None:   # streamed: the dataset shares the shards out across ranks and workers
+        dataset = data_loader.WebDatasetTrain(cfg.data_dir, transform, setup.tokenizer, seed=cfg.seed,
+                                              rank=run.rank, world_size=run.world_size)
+    else:
+        dataset = data_loader.TrainDataset(train_index, transform, setup.tokenizer, seed=cfg.seed)
+    loader = data_loader.EpochLoader(dataset, cfg.batch_size, num_workers=cfg.num_workers,
+                                     seed=cfg.seed, rank=run.rank, world_size=run.world_size,
+                                     pin_memory=run.device.type == "cuda")
+    global_batch = cfg.batch_size * cfg.accum_steps * run.world_size
+    steps_per_epoch = len(dataset) // global_batch
+    if steps_per_epoch == 0:
+        raise SettingsError(f"{len(dataset)} training images are fewer than one global batch "
+                            f"(batch_size {cfg.batch_size} x accum_steps {cfg.accum_steps} x "
+                            f"{run.world_size} processes = {global_batch}); lower batch_size")
+    return loader, steps_per_epoch, global_batch
+
+
+def build_optimizer(cfg, run, model, total_steps):
+    """AdamW over the trainable parameters, the warmup-cosine schedule, the fp16 loss scaler."""
+    import torch
+    warmup, warning = warmup_for(total_steps, cfg.warmup_steps)
+    if warning:
+        run.log.warning(warning)
+    # fused=True updates all parameters in one kernel instead of a Python loop over tensors
+    # (measured ~15% more samples/s for the tiny preset on CPU; bench/README.md).
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
+                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                  fused=run.device.type in ("cuda", "cpu"))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup))
+    scaler = torch.amp.GradScaler(run.device.type, enabled=run.precision == "amp")
+    return optimizer, scheduler, scaler
+
+
+def resume(job, train_index):
+    """A new TrainState, or the one of the checkpoint to resume (--resume auto or a path) with
+    its weights, optimiser, schedule, loss scale and random generators restored."""
+    import clip_model
+    cfg, run = job.cfg, job.run
+    path = run.checkpoint_dir / "last.pt" if cfg.resume == "auto" else cfg.resume and Path(cfg.resume)
+    if cfg.resume == "auto" and not path.is_file():
+        run.log.info(f"--resume auto: no {path} yet, starting run {run.name} from scratch")
+        path = None
+    if not path:
+        return TrainState(best={"metric": cfg.best_metric, "value": None, "step": None},
+                          unreadable=list(train_index.skipped) if train_index else [])
+    checkpoint = clip_model.load_checkpoint(path)
+    check_resumed_settings(cfg, checkpoint.get("config", {}), path, run.log)
+    clip_model.load_weights(job.raw_model, checkpoint["state_dict"], path, job.setup.model_name)
+    job.optimizer.load_state_dict(checkpoint["optimizer"])
+    job.scheduler.load_state_dict(checkpoint["scheduler"])
+    job.scaler.load_state_dict(checkpoint["scaler"])
+    clip_model.set_rng_state(checkpoint["rng"])
+    state = TrainState.from_checkpoint(checkpoint)
+    run.log.info(f"resumed {path} at step {state.step} (epoch {state.epoch}, "
+                 f"{state.samples_in_epoch} samples in)")
+    return state
+
+
+def check_resumed_settings(cfg, saved, path, log):
+    """Settings that differ from the checkpoint's are listed in the log; those that decide the
+    architecture cannot change (the weights would not fit)."""
+    changed = {name: (saved[name], getattr(cfg, name)) for name in SETTINGS
+               if name in saved and saved[name] != getattr(cfg, name) and name not in ("resume",)}
+    fixed = [name for name in ARCHITECTURE_SETTINGS if name in changed]
+    if fixed:
+        raise SettingsError(f"resume {path}: {', '.join(f'{n} {changed[n][0]!r} -> {changed[n][1]!r}' for n in fixed)}"
+                            f": the checkpoint's model cannot change; resume with its settings")
+    if changed:
+        log.warning("resuming with changed settings: " +
+                    ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changed.items()))
+
+
+if __name__ == "__main__":
+    from errors import run_script
+    run_script(main, "train.py")

@@ -526,6 +526,10 @@ def _load_images(saved: dict, data):
             if k in saved["meta"]}
     index = data_loader.load_captions(data, **read)
     names = saved["meta"].get("image_names")
+    if saved["meta"].get("skipped") and names:   # evaluation left unreadable images out
+        position = {index.image_name(i): i for i in range(index.num_images)}
+        if all(name in position for name in names):
+            index = index.subset([position[name] for name in names])
     if index.num_images != len(saved["image_features"]) or (
             names and [Path(n).name for n in names] !=
             [Path(index.image_name(i)).name for i in range(index.num_images)]):

@@ -1,6 +1,7 @@
 """clip_model.py: models, the contrastive losses, fine-tuning controls and checkpoints."""
 import json
 import math
+import tempfile
 
 import numpy as np
 import open_clip
@@ -99,7 +100,7 @@ def test_logit_scale_starts_at_one_over_0_07_and_is_clamped_at_100(tiny):
     cm.clamp_logit_scale(tiny.model)
     assert tiny.model.logit_scale.exp().item() == pytest.approx(100.0, rel=1e-6)
     with torch.no_grad():
-        tiny.model.logit_scale.fill_(cm.INIT_LOGIT_SCALE)
+        tiny.model.logit_scale.fill_(cm.LOG_INIT_LOGIT_SCALE)
 
 
 def test_siglip_model_has_a_learned_bias():
@@ -139,6 +140,36 @@ def test_an_unreachable_download_fails_fast_with_a_way_out(monkeypatch):
     with pytest.raises(cm.PretrainedUnavailable, match="RN50/openai.*--pretrained /path/to"):
         cm.resolve_pretrained("RN50", "openai")
     assert time.time() - started < 5
+
+
+def test_hf_hub_offline_means_never_trying_the_network(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(cm, "_cached_hf_file", lambda entry: None)
+    monkeypatch.setattr(cm, "_host_reachable", lambda url, timeout=3.0: pytest.fail("network tried"))
+    with pytest.raises(cm.PretrainedUnavailable, match="HF_HUB_OFFLINE is set.*--pretrained /path/to"):
+        cm.resolve_pretrained("RN50", "openai")
+
+
+def test_the_network_probe_goes_through_the_proxy_of_https_proxy(monkeypatch):
+    import socket
+    import threading
+    server = socket.create_server(("127.0.0.1", 0))
+    seen = []
+
+    def proxy():   # a proxy that cannot reach anything: it answers every CONNECT with 502
+        connection, _ = server.accept()
+        seen.append(connection.recv(4096).decode("latin-1").splitlines()[0])
+        connection.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+        connection.close()
+    thread = threading.Thread(target=proxy, daemon=True)
+    thread.start()
+    for name in ("NO_PROXY", "no_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{server.getsockname()[1]}")
+    assert cm._host_reachable("https://huggingface.co/timm/some-model", timeout=5) is False
+    thread.join(5)
+    server.close()
+    assert seen and seen[0].startswith("CONNECT huggingface.co:443 ")
 
 
 def test_a_local_open_clip_weights_file_loads(tmp_path, tiny):
@@ -199,24 +230,29 @@ def test_freeze_backbone_trains_only_projections_and_temperature():
     assert trainable(setup.model) == {"visual.proj", "text_projection", "logit_scale"}
 
 
-def test_lock_image_keeps_only_the_last_groups_of_the_image_tower_trainable():
-    setup = cm.build_model("tiny-vit-64")
-    cm.freeze_for_finetuning(setup.model, lock_image=1)
-    names = trainable(setup.model)
-    image_names = {n for n in names if n.startswith("visual.")}
-    assert image_names == {"visual.proj"}                    # the last group is the projection
-    assert "token_embedding.weight" in names                 # the text tower is untouched
+def tower_names(names, tower):
+    image = {n for n in names if n.startswith("visual.")}
+    return image if tower == "image" else names - image - {"logit_scale"}
 
 
-def test_lock_text_with_one_unlocked_layer():
-    setup = cm.build_model("tiny-vit-64")
-    cm.freeze_for_finetuning(setup.model, lock_text=1)
+BLOCK_OF = {"image": "visual.transformer.resblocks.", "text": "transformer.resblocks."}
+AFTER_BLOCKS = {"image": ("visual.ln_post.", "visual.proj"), "text": ("ln_final.", "text_projection")}
+
+
+@pytest.mark.parametrize("tower", ["image", "text"])
+@pytest.mark.parametrize("keep", [0, 1, 2])
+def test_lock_keeps_exactly_the_last_n_blocks_and_what_follows_them_trainable(tower, keep):
+    setup = cm.build_model("tiny-vit-64")                          # 4 blocks in each tower
+    all_names = trainable(setup.model)
+    cm.freeze_for_finetuning(setup.model, **{f"lock_{tower}": keep})
     names = trainable(setup.model)
-    text_names = {n for n in names if not n.startswith("visual.") and n != "logit_scale"}
-    assert "token_embedding.weight" not in names
-    assert text_names and all(n.startswith(("transformer.resblocks.3.", "ln_final", "text_projection"))
-                              for n in text_names)
-    assert "visual.conv1.weight" in names
+    expected = {n for n in tower_names(all_names, tower)
+                if keep and (n.startswith(AFTER_BLOCKS[tower])
+                             or any(n.startswith(f"{BLOCK_OF[tower]}{b}.") for b in range(4 - keep, 4)))}
+    assert tower_names(names, tower) == expected
+    other = "text" if tower == "image" else "image"
+    assert tower_names(names, other) == tower_names(all_names, other)     # the other tower is untouched
+    assert "logit_scale" in names
 
 
 def test_frozen_resnet_tower_freezes_batchnorm_statistics():
@@ -297,8 +333,97 @@ def test_checkpoint_cannot_run_code(tmp_path):
             return (print, ("pwned",))
     path = tmp_path / "evil.pt"
     torch.save({"state_dict": {}, "x": Evil()}, path)
-    with pytest.raises(cm.CheckpointError, match="cannot be read"):
+    with pytest.raises(cm.CheckpointError, match="NOT loaded.*could run any code") as refused:
         cm.load_checkpoint(path)
+    assert "weights_only" not in str(refused.value)       # torch's advice is the attack: not passed on
+
+
+def test_an_unsafe_pretrained_file_is_refused_in_one_line_and_runs_nothing(tmp_path, capfd):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    path = tmp_path / "weights.pt"
+    torch.save({"state_dict": {}, "x": Evil()}, path)
+    with pytest.raises(cm.CheckpointError, match="NOT loaded") as refused:
+        cm.build_model("tiny-vit-64", pretrained=str(path))
+    assert "\n" not in str(refused.value) and "weights_only" not in str(refused.value)
+    assert "pwned" not in capfd.readouterr().out
+
+
+def test_weights_of_another_architecture_are_refused_in_one_line_naming_both(tmp_path, tiny):
+    path = tmp_path / "tiny.pt"
+    cm.save_checkpoint(path, tiny)
+    with pytest.raises(cm.CheckpointError, match="holds a tiny-vit-64 model, not simple-rn18: "
+                                                 "[0-9]+ tensors missing") as refused:
+        cm.build_model("simple-rn18", pretrained=str(path))
+    assert "\n" not in str(refused.value)
+    other = cm.build_model("simple-rn18")
+    with pytest.raises(cm.CheckpointError, match="tensors missing.*of another shape"):
+        cm.load_weights(other.model, cm.load_checkpoint(path)["state_dict"], path, "simple-rn18")
+    (tmp_path / "junk.pt").write_bytes(b"not a weights file")
+    with pytest.raises(cm.CheckpointError, match="junk.pt cannot be read"):
+        cm.build_model("tiny-vit-64", pretrained=str(tmp_path / "junk.pt"))
+
+
+def test_a_checkpoint_of_a_newer_format_is_refused_with_a_way_out(tmp_path, tiny):
+    cm.save_checkpoint(tmp_path / "new.pt", tiny)
+    checkpoint = torch.load(tmp_path / "new.pt", weights_only=True)
+    checkpoint["format"] = cm.CHECKPOINT_FORMAT + 1
+    torch.save(checkpoint, tmp_path / "new.pt")
+    with pytest.raises(cm.CheckpointError, match="newer version of this code.*update"):
+        cm.load_checkpoint(tmp_path / "new.pt")
+
+
+HOSTILE_NAMES = ["/{outside}/evil", "../../evil", "../evil", "evil\x00name", "e" * 5000, "a/b/../../evil"]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES, ids=["absolute", "dotdot", "parent", "nul", "long", "nested"])
+def test_a_checkpoint_cannot_make_loading_write_outside_a_private_temporary_folder(tmp_path, tiny,
+                                                                                 monkeypatch, name):
+    # The config differs from the preset's, so loading rebuilds the architecture from the file.
+    outside, temp = tmp_path / "outside", tmp_path / "temp"
+    outside.mkdir(), temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    monkeypatch.chdir(outside)
+    setup = cm.build_model("tiny-vit-64", context_length=40)
+    setup.model_name = name.format(outside=str(outside).lstrip("/"))
+    cm.save_checkpoint(tmp_path / "c.pt", setup)
+    rebuilt, _ = cm.model_from_checkpoint(tmp_path / "c.pt")
+    assert rebuilt.model.positional_embedding.shape[0] == 40
+    assert list(outside.iterdir()) == [] and list(temp.iterdir()) == []    # nothing written, nothing left
+    assert set(tmp_path.iterdir()) == {outside, temp, tmp_path / "c.pt"}
+
+
+def test_a_checkpoint_config_with_keys_open_clip_does_not_know_is_refused(tmp_path, tiny, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    for extra in ({"evil": "x"}, {"vision_cfg": {**tiny.model_config["vision_cfg"], "evil": 1}}):
+        setup = cm.ClipSetup(tiny.model, tiny.tokenizer, tiny.preprocess_cfg, "tiny-vit-64",
+                             {**tiny.model_config, **extra})
+        cm.save_checkpoint(tmp_path / "c.pt", setup)
+        with pytest.raises(cm.CheckpointError, match="model_config cannot be built by open_clip"):
+            cm.model_from_checkpoint(tmp_path / "c.pt")
+        assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+# ---- tokenising ---------------------------------------------------------------------------------
+
+def test_a_caption_of_100000_letters_without_spaces_is_tokenised_in_well_under_a_second(tiny):
+    import time
+    started = time.perf_counter()
+    tokens = tiny.tokenizer(["".join(np.random.default_rng(0).choice(list("abcdefgh"), 100_000))])
+    assert time.perf_counter() - started < 1.5          # uncut: 77 s
+    assert tokens.shape == (1, 32) and (tokens[0] != 0).all()
+
+
+@pytest.mark.parametrize("text", ["random", "chinese", "spaces"])
+def test_cutting_long_captions_never_changes_the_tokens_kept(text):
+    tokenizer = cm.CaptionTokenizer(open_clip.get_tokenizer("ViT-B-32"))     # 77 tokens
+    rng = np.random.default_rng(1)
+    caption = {"random": "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), 4000)),
+               "chinese": "".join(rng.choice(list("红色的圆形在左边蓝方块"), 4000)),
+               "spaces": "a   red\t\tcircle " * 300 + "x" * 3000}[text]
+    assert len(tokenizer.cut(caption)) < len(caption)
+    assert torch.equal(tokenizer([caption]), tokenizer.tokenizer([caption]))
 
 
 def test_a_longer_context_is_kept_in_the_checkpoint_without_changing_the_preset(tmp_path):

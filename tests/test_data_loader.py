@@ -163,14 +163,33 @@ def test_empty_caption_names_the_entry_and_image(tmp_path):
         dl.load_captions(path)
 
 
-def test_missing_image_is_reported_at_load_time_with_entry_and_resolved_path(tmp_path):
-    write_png(tmp_path / "img" / "0.png")
+def test_missing_images_are_skipped_and_named_at_load_time_or_stop_a_strict_load(tmp_path):
+    write_png(tmp_path / "img" / "0.png"), write_png(tmp_path / "img" / "3.png", (0, 0, 255))
     path = write_json(tmp_path / "train.json", [
-        {"image_path": f"img/{k}.png", "caption": "x"} for k in range(4)])
+        {"image_path": f"img/{k}.png", "captions": [f"caption {k}", f"other {k}"]} for k in range(5)])
     resolved = tmp_path / "img" / "1.png"
-    message = f"{path}, entry 1: image 'img/1.png' not found (resolved to {resolved}); 2 more"
-    with pytest.raises(dl.DataError, match=re.escape(message)):
+    message = f"{path}, entry 1: image 'img/1.png' not found (resolved to {resolved})"
+    index = dl.load_captions(path)
+    assert index.num_images == 2 and index.skipped[0] == message and len(index.skipped) == 3
+    assert [index.image_name(i) for i in range(2)] == [str(tmp_path / "img/0.png"), str(tmp_path / "img/3.png")]
+    assert index.captions() == ["caption 0", "other 0", "caption 3", "other 3"]
+    assert index.caption_image.tolist() == [0, 0, 1, 1]
+    with pytest.raises(dl.DataError, match=re.escape(message + "; 2 more images are missing")):
+        dl.load_captions(path, strict=True)
+
+
+def test_an_index_whose_images_are_all_missing_is_an_error(tmp_path):
+    path = write_json(tmp_path / "train.json", [{"image_path": "nowhere.png", "caption": "x"}])
+    with pytest.raises(dl.DataError, match="entry 0: image 'nowhere.png' not found"):
         dl.load_captions(path)
+
+
+def test_a_symlink_loop_in_a_captions_folder_is_named_in_one_line(tmp_path):
+    write_png(tmp_path / "images" / "cat.png")
+    (tmp_path / "captions").mkdir()
+    os.symlink(tmp_path / "captions" / "cat.txt", tmp_path / "captions" / "cat.txt")
+    with pytest.raises(dl.DataError, match="cat.txt: cannot be read \\(Too many levels of symbolic links"):
+        dl.load_captions(tmp_path)
 
 
 def test_caption_file_that_is_not_utf8_is_named(tmp_path):
@@ -219,18 +238,20 @@ def test_undecodable_image_raises_data_error_naming_it(kind, tmp_path):
         index.load_image(0)
 
 
-def test_failed_image_is_skipped_and_reported_unless_strict(index_with_broken_image, tokenizer):
+def test_a_failed_image_is_dropped_from_its_batch_and_its_message_kept_even_from_a_worker(
+        index_with_broken_image, tokenizer):
     transform = dl.image_transform(PREPROCESS, train=True)
     dataset = dl.TrainDataset(index_with_broken_image, transform, tokenizer)
     batch = dl.collate_batch([dataset[i] for i in range(3)])
     assert batch["images"].shape == (2, 3, 32, 32) and batch["image_ids"].tolist() == [0, 2]
-    assert batch["failed"] == [index_with_broken_image.image_name(1)]
-    strict = dl.TrainDataset(index_with_broken_image, transform, tokenizer, strict=True)
-    with pytest.raises(dl.DataError, match="broken.png"):
-        strict[1]
-    loader = dl.build_dataloader(strict, 3, num_workers=1, train=False)
-    with pytest.raises(dl.DataError, match="broken.png' cannot be decoded"):  # readable, from a worker
-        next(iter(loader))
+    assert batch["failed"] == [f"image '{index_with_broken_image.image_name(1)}' cannot be decoded "
+                               f"(OSError: image file is truncated)"]
+    # Workers never raise for a bad image: the main process decides (skip, or stop in one line).
+    loader = dl.build_dataloader(dataset, 3, num_workers=1, train=False)
+    assert next(iter(loader))["failed"] == batch["failed"]
+    images = dl.ImageDataset(index_with_broken_image, dl.image_transform(PREPROCESS, train=False))
+    batch = dl.collate_images([images[i] for i in range(3)])
+    assert batch["indices"].tolist() == [0, 2] and batch["failed"][0][0] == 1
 
 
 # ----------------------------------------------------------------------------- image modes
@@ -379,8 +400,8 @@ def test_loader_drops_the_last_partial_batch_only_for_training(sample, tokenizer
     index = dl.load_captions(sample["index"])
     transform = dl.image_transform(PREPROCESS, train=False)
     evaluation = list(dl.build_dataloader(dl.ImageDataset(index, transform), 5, train=False))
-    assert [len(indices) for _, indices in evaluation] == [5, 5, 2]
-    assert torch.cat([indices for _, indices in evaluation]).tolist() == list(range(12))
+    assert [len(batch["indices"]) for batch in evaluation] == [5, 5, 2]
+    assert torch.cat([batch["indices"] for batch in evaluation]).tolist() == list(range(12))
     training = list(dl.build_dataloader(dl.TrainDataset(index, transform, tokenizer), 5, seed=0))
     assert [len(batch["image_ids"]) for batch in training] == [5, 5]
 

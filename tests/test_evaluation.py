@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import evaluation as ev
+from errors import MissingInputError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -151,7 +152,9 @@ def test_median_rank_of_an_even_count_is_the_mean_of_the_middle_two():
 
 def test_features_are_normalised_so_their_length_does_not_matter():
     images, texts, owner = random_set(seed=1)
-    lengths = torch.rand(len(texts), 1) * 10 + 0.1
+    # Powers of two scale a float exactly, so the normalised vectors are the same bits; other
+    # lengths would move scores by rounding and could flip near-ties.
+    lengths = 2.0 ** torch.randint(-4, 5, (len(texts), 1), generator=torch.Generator().manual_seed(0))
     assert ev.retrieval_metrics(images, texts * lengths, owner) == ev.retrieval_metrics(images, texts, owner)
 
 
@@ -308,7 +311,7 @@ def test_saved_embeddings_load_back_unchanged(tmp_path):
 
 
 def test_missing_embeddings_are_named_with_the_way_to_make_them(tmp_path):
-    with pytest.raises(SystemExit, match="image_features.npy.*--save_embeddings"):
+    with pytest.raises(MissingInputError, match="image_features.npy.*--save_embeddings"):
         ev.main(["--embeddings", str(tmp_path)])
 
 
@@ -407,3 +410,52 @@ def test_zeroshot_on_the_generated_classes_reports_every_class(sample, cli_run):
     assert zeroshot["top1"] == pytest.approx(100 * np.trace(confusion) / 40)
     assert 0 <= zeroshot["top1"] <= zeroshot["top5"] <= 100
     assert zeroshot["templates"] == ev.TEMPLATES["en"]
+
+
+def decompression_bomb_png(width=30000, height=30000):
+    """A valid PNG header that declares 30000 x 30000 pixels: Pillow refuses to decode it."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def damaged(sample, tmp_path_factory):
+    """The sample set with one image truncated and one replaced by a decompression bomb."""
+    import shutil
+    folder = tmp_path_factory.mktemp("damaged") / "data"
+    shutil.copytree(Path(sample["data"]).parent, folder)
+    entries = json.loads((folder / "data.json").read_text())
+    truncated, bomb = folder / entries[3]["image_path"], folder / entries[7]["image_path"]
+    truncated.write_bytes(truncated.read_bytes()[:50])
+    bomb.write_bytes(decompression_bomb_png())
+    return {"index": folder / "data.json", "bad": (3, 7), "names": (str(truncated), str(bomb))}
+
+
+def test_unreadable_images_are_left_out_with_their_captions_and_named(sample, damaged):
+    import data_loader
+    index = data_loader.load_captions(damaged["index"])
+    results = ev.evaluate_model(sample["setup"], index, batch_size=16, num_workers=2)
+    good = [i for i in range(index.num_images) if i not in damaged["bad"]]
+    reference = ev.evaluate_model(sample["setup"], index.subset(good), batch_size=16)
+    assert results["skipped_images"]["count"] == 2
+    first = results["skipped_images"]["first"]
+    assert damaged["names"][0] in first[0] and "cannot be decoded" in first[0]
+    assert damaged["names"][1] in first[1] and "DecompressionBombError" in first[1]
+    assert results["retrieval"] == reference["retrieval"] and results["num_images"] == 22
+    # (features of images encoded in other batches differ in the last bits: similarity is approx)
+    assert results["similarity"] == pytest.approx(reference["similarity"], abs=1e-6)
+
+
+def test_strict_data_stops_at_the_first_unreadable_image_in_one_line(sample, damaged):
+    result = subprocess.run([sys.executable, "evaluation.py", "--checkpoint", sample["checkpoint"],
+                             "--data", str(damaged["index"]), "--strict_data", "--num_workers", "2"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"evaluation.py: error: image '{damaged['names'][0]}' "
+                                                   f"cannot be decoded"), result.stderr

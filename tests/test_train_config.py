@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import clip_model as cm
+import evaluation
 import train
+from errors import SettingsError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,19 +50,19 @@ def test_boolean_flags_turn_settings_on_and_off(tmp_path):
 
 def test_unknown_key_in_the_config_file_is_an_error_naming_it(tmp_path):
     path = write_config(tmp_path, {"training": {"batch_sise": 16}})
-    with pytest.raises(SystemExit, match="unknown setting 'batch_sise'"):
+    with pytest.raises(SettingsError, match="unknown setting 'batch_sise'"):
         train.parse_config(["--config", path])
 
 
 def test_wrong_type_in_the_config_file_is_an_error_naming_the_key(tmp_path):
     path = write_config(tmp_path, {"training": {"batch_size": "64"}})
-    with pytest.raises(SystemExit, match="batch_size must be int, got '64'"):
+    with pytest.raises(SettingsError, match="batch_size must be int, got '64'"):
         train.parse_config(["--config", path])
 
 
 def test_key_in_the_wrong_section_is_an_error(tmp_path):
     path = write_config(tmp_path, {"model": {"batch_size": 64}})
-    with pytest.raises(SystemExit, match="batch_size belongs in section 'training'"):
+    with pytest.raises(SettingsError, match="batch_size belongs in section 'training'"):
         train.parse_config(["--config", path])
 
 
@@ -73,7 +75,7 @@ def test_invalid_choice_and_unknown_flag_are_rejected(tmp_path, capsys):
 
 
 def test_missing_config_file_is_an_error(tmp_path):
-    with pytest.raises(SystemExit, match="nope.json: file not found"):
+    with pytest.raises(SettingsError, match="nope.json: file not found"):
         train.parse_config(["--config", str(tmp_path / "nope.json")])
 
 
@@ -114,9 +116,9 @@ def test_metric_paths_and_flattening():
                "similarity": {"gap": 0.2}, "num_images": 4}
     assert train.metric_value(metrics, "image_to_text/R@1") == 10.0
     assert train.metric_value(metrics, "rsum") == 55.0
-    with pytest.raises(SystemExit, match="best_metric 'R@7'"):
+    with pytest.raises(SettingsError, match="best_metric 'R@7'"):
         train.metric_value(metrics, "R@7")
-    assert train.flatten_metrics(metrics) == {"val/image_to_text/R@1": 10.0, "val/rsum": 55.0,
+    assert evaluation.flatten_metrics(metrics) == {"val/image_to_text/R@1": 10.0, "val/rsum": 55.0,
                                               "val/similarity/gap": 0.2, "val/num_images": 4}
 
 

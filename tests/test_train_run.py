@@ -14,6 +14,7 @@ import torch
 import clip_model as cm
 import data_loader
 import train
+from errors import OutputError, TrainingError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,7 +108,7 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(data, tm
 
 def test_an_existing_run_is_not_overwritten_without_resume(data, tmp_path):
     train.main(run_args(data, tmp_path, "--run_name", "once", "--max_steps", "2"))
-    with pytest.raises(SystemExit, match="last.pt exists.*--resume auto"):
+    with pytest.raises(OutputError, match="last.pt exists.*--resume auto"):
         train.main(run_args(data, tmp_path, "--run_name", "once", "--max_steps", "2"))
 
 
@@ -121,7 +122,7 @@ def test_nan_losses_are_skipped_and_a_run_of_them_stops_cleanly(data, tmp_path, 
         # step 3 is one bad step; from step 7 on every loss is NaN
         return loss * float("nan") if calls["n"] == 3 or calls["n"] >= 7 else loss
     monkeypatch.setattr(cm.ContrastiveLoss, "forward", sometimes_nan)
-    with pytest.raises(SystemExit, match="stopped at step 9: 3 non-finite losses in a row"):
+    with pytest.raises(TrainingError, match="stopped at step 9: 3 non-finite losses in a row"):
         train.main(run_args(data, tmp_path, "--run_name", "nan", "--max_steps", "30",
                             "--max_bad_steps", "3", "--save_every", "4"))
     checkpoint = cm.load_checkpoint(tmp_path / "ckpt/nan/last.pt")

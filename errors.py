@@ -1,0 +1,67 @@
+"""The mistakes a user can make, and how every script reports them: in one line, not a traceback.
+
+Each error below is raised with a message that names the file, entry or setting that is wrong
+and the way out. A script's `__main__` runs through `run_script`, which turns them (and a full
+disk) into `script.py: error: <message>` and exit status 1. Anything else is a bug of ours and
+keeps its traceback.
+"""
+import errno
+import sys
+
+
+class UserError(Exception):
+    """Something the user can fix; the message says what and how."""
+
+
+class DataError(UserError, ValueError):
+    """A problem with the user's data; the message names the file, entry and path."""
+
+
+class MissingInputError(UserError, FileNotFoundError):
+    """An input file or folder that does not exist; the message says how to make it."""
+
+
+class SettingsError(UserError, ValueError):
+    """A setting that is unknown, of the wrong type or out of its range."""
+
+
+class ModelError(UserError, ValueError):
+    """A model name, config file or pretrained tag that does not exist."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint file that is missing, truncated, unsafe or of another model."""
+
+
+class PretrainedUnavailable(UserError, RuntimeError):
+    """Pretrained weights that cannot be downloaded here."""
+
+
+class TrainingError(UserError, RuntimeError):
+    """Training cannot go on (non-finite losses in a row); the message says what to change."""
+
+
+class OutputError(UserError, OSError):
+    """An output that cannot be written: a folder without permission, a full disk, a run folder
+    in use by another run."""
+
+
+def is_disk_full(error):
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_message(error, folder):
+    return f"no space left on the disk of {folder} ({error.strerror}); free some space or choose " \
+           f"another folder, then run again"
+
+
+def run_script(main, name):
+    """Run a script's main(); report a user's mistake in one line and exit with status 1."""
+    try:
+        return main()
+    except UserError as error:
+        sys.exit(f"{name}: error: {error}")
+    except OSError as error:
+        if is_disk_full(error):
+            sys.exit(f"{name}: error: {disk_full_message(error, error.filename or 'the output')}")
+        raise
