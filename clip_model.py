@@ -18,6 +18,7 @@ import math
 import os
 import pickle
 import random
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -631,7 +632,11 @@ def save_checkpoint(path, setup, **training_state):
         os.replace(tmp, path)
     except BaseException as error:
         tmp.unlink(missing_ok=True)
-        if is_disk_full(error):
+        # torch.save reports a failed write as a RuntimeError of its zip writer, without the
+        # errno; a disk with less room than the checkpoint needs tells what happened.
+        needed = sum(t.numel() * t.element_size() for t in payload["state_dict"].values())
+        if is_disk_full(error) or isinstance(error, RuntimeError) and \
+                shutil.disk_usage(path.parent).free < needed:
             raise OutputError(f"{path.name} not written: {disk_full_message(error, path.parent)}") from None
         raise
 

@@ -408,7 +408,9 @@ def split_by_image(index: CaptionIndex, val_fraction: float, seed: int) -> tuple
     would measure memorisation of that picture instead of generalisation."""
     num_val = round(val_fraction * index.num_images)
     if not 0 < num_val < index.num_images:
-        raise ValueError(f"val_fraction {val_fraction} of {index.num_images} images leaves one side empty")
+        raise DataError(f"val_fraction {val_fraction} of {index.num_images} images leaves "
+                        f"{'no validation' if num_val == 0 else 'no training'} image; give --val_data, "
+                        f"or a val_fraction that splits {index.num_images} images")
     order = np.random.default_rng(seed).permutation(index.num_images)
     return index.subset(np.sort(order[num_val:])), index.subset(np.sort(order[:num_val]))
 

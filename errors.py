@@ -6,6 +6,7 @@ disk) into `script.py: error: <message>` and exit status 1. Anything else is a b
 keeps its traceback.
 """
 import errno
+import os
 import sys
 
 
@@ -51,8 +52,8 @@ def is_disk_full(error):
 
 
 def disk_full_message(error, folder):
-    return f"no space left on the disk of {folder} ({error.strerror}); free some space or choose " \
-           f"another folder, then run again"
+    return f"no space left on the disk of {folder} ({os.strerror(errno.ENOSPC)}); free some space " \
+           f"or choose another folder, then run again"
 
 
 def run_script(main, name):
