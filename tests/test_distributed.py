@@ -83,6 +83,55 @@ def rank_gradients(tmp_path_factory):
     return [torch.load(folder / f"rank{rank}.pt") for rank in range(2)]
 
 
+class DictTowers(TwoTowers):
+    """TwoTowers answering as an open_clip model does (a dict), for train.backward_step."""
+
+    def forward(self, images, texts):
+        image_features, text_features, scale, bias = super().forward(images, texts)
+        out = {"image_features": image_features, "text_features": text_features, "logit_scale": scale}
+        return out if bias is None else {**out, "logit_bias": bias}
+
+
+def accumulated_gradients(model, loss_name, micro_batches, steps=1):
+    """Gradients of train.backward_step over micro-batches, after `steps` steps (the second step
+    is where DDP complains about a parameter that got no gradient in the synchronised pass)."""
+    loss, local_loss = LOSSES[loss_name]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for _ in range(steps):
+        model.zero_grad()
+        train.backward_step(model, cm.create_loss(loss, local_loss=local_loss), micro_batches, scaler,
+                            "fp32", "cpu")
+    return {name: p.grad.clone() for name, p in cm.unwrap(model).named_parameters()}
+
+
+def _rank_accumulated_gradients(rank, store, out):
+    """One of two processes: its half of the global batch as two micro-batches, through DDP."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    images, texts, ids = global_batch()
+    micro = [{"images": images[s:s + 2], "texts": texts[s:s + 2], "image_ids": ids[s:s + 2]}
+             for s in (4 * rank, 4 * rank + 2)]
+    grads = {name: accumulated_gradients(nn.parallel.DistributedDataParallel(DictTowers(name == "siglip")),
+                                         name, micro, steps=2) for name in LOSSES}
+    torch.save(grads, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("loss_name", LOSSES)
+def test_two_processes_of_two_micro_batches_get_the_gradient_of_the_whole_global_batch(loss_name, tmp_path):
+    mp.start_processes(_rank_accumulated_gradients, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2,
+                       start_method="fork")
+    images, texts, ids = global_batch()
+    expected = accumulated_gradients(DictTowers(loss_name == "siglip"), loss_name,
+                                     [{"images": images, "texts": texts, "image_ids": ids}])
+    for rank in range(2):
+        grads = torch.load(tmp_path / f"rank{rank}.pt")[loss_name]
+        assert grads.keys() == expected.keys() and "logit_scale" in grads    # the temperature too
+        for name, grad in expected.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-10, atol=1e-12,
+                                       msg=lambda m: f"rank {rank}, {name}: {m}")
+
+
 @pytest.mark.parametrize("loss_name", LOSSES)
 def test_two_processes_get_the_gradient_of_the_loss_on_the_concatenated_batch(loss_name, rank_gradients):
     expected = parameter_gradients(TwoTowers(loss_name == "siglip"), loss_name, *global_batch())
@@ -116,12 +165,16 @@ def torchrun(args, cwd):
 
 @pytest.fixture(scope="module")
 def torchrun_runs(sample_set, tmp_path_factory):
-    """A 2-process run stopped at step 3, then continued to step 6 with --resume auto."""
+    """A 2-process run of 2 accumulated micro-batches of 8 stopped at step 3, then continued to
+    step 6 with --resume auto."""
     out = tmp_path_factory.mktemp("torchrun")
-    first = torchrun(train_flags(sample_set, out, "--run_name", "dist", "--stop_at_step", "3"), out)
+    accumulated = ("--accum_steps", "2")
+    first = torchrun(train_flags(sample_set, out, "--run_name", "dist", "--stop_at_step", "3", *accumulated,
+                                 batch_size=8), out)
     first_log = (out / "logs/dist/train.log").read_text()
     shutil.copy(out / "ckpt/dist/last.pt", out / "step3.pt")
-    second = torchrun(train_flags(sample_set, out, "--run_name", "dist", "--resume", "auto"), out)
+    second = torchrun(train_flags(sample_set, out, "--run_name", "dist", "--resume", "auto", *accumulated,
+                                  batch_size=8), out)
     return out, first, first_log, second
 
 
