@@ -9,7 +9,7 @@ import shutil
 import time
 from pathlib import Path
 
-import data_loader
+import sample_data
 
 QUERIES = {"en": ["a large red circle on the left", "a small blue square at the top",
                   "a yellow star and a green triangle"],
@@ -31,7 +31,7 @@ def build_parser():
     return parser
 
 
-def sample_data(args):
+def generate_data(args):
     """Training and validation sets from different seeds (no image shared), generated once."""
     root = Path(args.data_root) / f"demo-{args.language}-{args.num_samples}"
     sets = {}
@@ -39,7 +39,7 @@ def sample_data(args):
         folder = root / split
         if not (folder / "data.json").is_file():
             print(f"generating {count} {split} images in {folder}")
-            data_loader.create_sample_dataset(folder, num_samples=count, seed=seed,
+            sample_data.create_sample_dataset(folder, num_samples=count, seed=seed,
                                               language=args.language)
         sets[split] = folder
     return sets
@@ -66,23 +66,21 @@ def answer_queries(checkpoint, embeddings_dir, queries):
 def main(argv=None):
     args, train_flags = build_parser().parse_known_args(argv)
     started = time.time()
-    run = args.run_name or f"demo-{args.language}"
-    data = sample_data(args)
-    for folder in ("model-checkpoint", "logs", "results"):
-        shutil.rmtree(Path(folder) / run, ignore_errors=True)
+    data = generate_data(args)
 
     import evaluation
     import train
     import visualization
-    print(f"\n== 1/4 training {run}")
+    print(f"\n== 1/4 training")
     # Chinese captions take about 3 tokens per character: give the text tower a longer context.
     language_flags = ["--context_length", "64"] if args.language == "zh" else []
-    train.main([*TRAIN_DEFAULTS, *language_flags, "--data_dir", str(data["train"]), "--val_data", str(data["val"]),
-                "--run_name", run, *train_flags])
+    flags = [*TRAIN_DEFAULTS, *language_flags, "--data_dir", str(data["train"]), "--val_data",
+             str(data["val"]), "--run_name", args.run_name or f"demo-{args.language}", *train_flags]
+    remove_earlier_run(train.parse_config(flags))
+    run = train.main(flags)
 
     print("\n== 2/4 evaluating the best checkpoint: retrieval and zero-shot")
-    checkpoint = Path("model-checkpoint") / run / "best.pt"
-    results_dir = Path("results") / run
+    checkpoint, results_dir = run["checkpoint_dir"] / "best.pt", run["results_dir"]
     results = evaluation.main(["--checkpoint", str(checkpoint), "--data", str(data["val"]),
                                "--zeroshot_dir", str(data["val"] / "zeroshot"),
                                "--language", args.language,
@@ -90,26 +88,29 @@ def main(argv=None):
                                "--output", str(results_dir / "eval_results.json")])
 
     print("\n== 3/4 plots")
-    visualization.main(["--run_name", run])
+    visualization.main(["--results_dir", str(results_dir), "--logs_dir", str(run["log_dir"])])
 
     print("\n== 4/4 text queries against the validation images")
     answer_queries(checkpoint, results_dir / "embeddings", QUERIES[args.language])
 
-    retrieval, zeroshot = results["retrieval"], results["zeroshot"]
-    classes = len(zeroshot["classnames"])
+    classes = len(results["zeroshot"]["classnames"])
     print(f"\n== summary ({time.time() - started:.0f} s)\n"
-          f"text -> image R@1/5/10: {retrieval['text_to_image']['R@1']:.1f} / "
-          f"{retrieval['text_to_image']['R@5']:.1f} / {retrieval['text_to_image']['R@10']:.1f}  "
-          f"(chance R@1 {100 / results['num_images']:.1f})\n"
-          f"image -> text R@1/5/10: {retrieval['image_to_text']['R@1']:.1f} / "
-          f"{retrieval['image_to_text']['R@5']:.1f} / {retrieval['image_to_text']['R@10']:.1f}\n"
-          f"zero-shot top-1 {zeroshot['top1']:.1f} over {classes} classes (chance {100 / classes:.1f})\n"
-          f"written:\n  {checkpoint}\n  {Path('logs') / run}  (tensorboard --logdir logs)\n"
-          f"  {results_dir}:")
+          f"{evaluation.recall_summary(results)} (chance R@1 {100 / results['num_images']:.1f})\n"
+          f"zero-shot top-1 {results['zeroshot']['top1']:.1f} over {classes} classes "
+          f"(chance {100 / classes:.1f})\n"
+          f"written:\n  {checkpoint}\n  {run['log_dir']}  (tensorboard --logdir "
+          f"{run['log_dir'].parent})\n  {results_dir}:")
     for path in sorted(results_dir.glob("*.*")):
         print(f"    {path.name}")
     return results
 
 
+def remove_earlier_run(cfg):
+    """A demo run replaces an earlier one of the same name: its three folders are removed."""
+    for folder in (cfg.checkpoint_dir, cfg.log_dir, cfg.results_dir):
+        shutil.rmtree(Path(folder) / cfg.run_name, ignore_errors=True)
+
+
 if __name__ == "__main__":
-    main()
+    from errors import run_script
+    run_script(main, "demo.py")

@@ -28,8 +28,8 @@ def required_packages():
 
 
 def check_python():
-    ok = sys.version_info >= (3, 9)
-    return ok, sys.version.split()[0], "install Python 3.9 or newer"
+    ok = sys.version_info >= (3, 10)   # torch 2.6+ and webdataset 1.x need it; the code uses X | None
+    return ok, sys.version.split()[0], "install Python 3.10 or newer"
 
 
 def check_package(name):

@@ -592,8 +592,9 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    results_dir = Path(args.results_dir or Path("results") / args.run_name)
-    logs_dir = args.logs_dir or (Path("logs") / args.run_name if args.run_name else None)
+    from train import SETTINGS   # where train.py writes by default
+    results_dir = Path(args.results_dir or Path(SETTINGS["results_dir"].default) / args.run_name)
+    logs_dir = args.logs_dir or (Path(SETTINGS["log_dir"].default) / args.run_name if args.run_name else None)
     eval_path = Path(args.eval_json or results_dir / "eval_results.json")
 
     @functools.cache
@@ -653,4 +654,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from errors import run_script
+    raise SystemExit(run_script(main, "visualization.py"))
