@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import csv
 import io
 import itertools
 import json
 import os
+import math
 import random
 import signal
 import sys
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -419,36 +418,112 @@ def split_by_image(index: CaptionIndex, val_fraction: float, seed: int) -> tuple
 
 # Mild augmentation: crops keep most of the picture (captions say "on the left"), colour jitter
 # keeps the hue (captions name colours), and no flips (they would swap left and right).
-TRAIN_AUGMENTATION = {"scale": (0.8, 1.0), "color_jitter": (0.3, 0.3, 0.3, 0.0), "color_jitter_prob": 0.8}
+CROP_SCALE, CROP_RATIO = (0.8, 1.0), (3 / 4, 4 / 3)
+COLOUR_JITTER, COLOUR_JITTER_PROB = (0.3, 0.3, 0.3), 0.8   # brightness, contrast, saturation
 
 
-def image_transform(preprocess_cfg: dict, train: bool, augment: bool = True):
-    """The model's own preprocessing (size, mean, std, resizing) from its `preprocess_cfg`, with
-    training augmentation when train and augment are both set."""
+def image_transform(preprocess_cfg: dict):
+    """The model's own evaluation preprocessing (size, mean, std, resizing) from its
+    `preprocess_cfg`: PIL image -> normalised tensor, exactly as open_clip prepares images."""
     import open_clip
     options = {k: preprocess_cfg.get(k) for k in ("mean", "std", "interpolation", "resize_mode")}
-    if not (train and augment):
-        return open_clip.image_transform(preprocess_cfg["size"], is_train=False,
-                                         fill_color=preprocess_cfg.get("fill_color", 0), **options)
-    with warnings.catch_warnings():  # open_clip applies the colour jitter but warns it is "unused"
-        warnings.filterwarnings("ignore", message="Unused augmentation cfg items")
-        return open_clip.image_transform(preprocess_cfg["size"], is_train=True, aug_cfg=TRAIN_AUGMENTATION,
-                                         **options)
+    return open_clip.image_transform(preprocess_cfg["size"], is_train=False,
+                                     fill_color=preprocess_cfg.get("fill_color", 0), **options)
 
 
-@contextlib.contextmanager
-def _seeded_random(seed: int):
-    """Seed the global CPU torch and Python generators (torchvision and open_clip transforms draw
-    from them) for one sample, then restore them: the augmentation depends only on the sample,
-    and the caller's random streams (dropout, shuffling) are left as they were."""
-    python_state = random.getstate()
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        random.seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
+class TrainAugmentation:
+    """Training images: an image is first shrunk once (`prepare`: its shorter side to `side`
+    pixels, uint8), then each epoch cropped, resized to the model's size, colour-jittered and
+    normalised (`__call__`), with every random choice drawn from the sample's own generator.
+
+    Why in two parts: decoding and shrinking a photo is most of the cost of a training sample,
+    and its result does not change from epoch to epoch, so it can be done once (ImageCache);
+    `side` is just large enough that the smallest crop of RandomResizedCrop (scale and aspect
+    ratio at their minimum) is never enlarged. The random part works on small uint8 arrays with
+    torchvision's tensor functions, and draws from a numpy Generator seeded by (seed, epoch, i)
+    instead of the global generators: the sample depends on nothing else, and no per-sample
+    seeding of global state is needed.
+    With augment=False the image is only resized and centre-cropped as for evaluation.
+    """
+
+    def __init__(self, preprocess_cfg: dict, augment: bool = True):
+        import open_clip
+        size = preprocess_cfg["size"]
+        self.size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        self.augment = augment
+        self.mean = torch.tensor(preprocess_cfg.get("mean") or open_clip.OPENAI_DATASET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(preprocess_cfg.get("std") or open_clip.OPENAI_DATASET_STD).view(3, 1, 1)
+        self.bilinear = preprocess_cfg.get("interpolation") == "bilinear"
+        self.resize_mode = preprocess_cfg.get("resize_mode") or "shortest"
+        shrink = math.sqrt(CROP_SCALE[0] * CROP_RATIO[0]) if augment else 1.0
+        self.side = math.ceil(max(self.size) / shrink)
+
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        """The image as uint8 [H, W, 3] with its shorter side `side` (never enlarged; the longer
+        side at most 4 x `side`, so that a panorama does not take the memory of 16 images)."""
+        width, height = image.size
+        factor = min(self.side / min(width, height), 4 * self.side / max(width, height))
+        if factor < 1:
+            size = (max(1, round(width * factor)), max(1, round(height * factor)))
+            image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        return np.asarray(image, dtype=np.uint8)
+
+    def __call__(self, pixels: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        """A prepared image -> the normalised float tensor [3, height, width] the model reads."""
+        from torchvision.transforms.v2 import functional as TF
+        image = torch.from_numpy(np.array(pixels, copy=True)).permute(2, 0, 1)     # [3, H, W] uint8
+        mode = TF.InterpolationMode.BILINEAR if self.bilinear else TF.InterpolationMode.BICUBIC
+        if self.augment:
+            top, left, height, width = _crop_box(*image.shape[1:], rng)
+            image = TF.resized_crop(image, top, left, height, width, list(self.size), mode, antialias=True)
+        else:
+            image = self._fit(image, mode, TF)
+        image = image.float().div_(255)
+        if self.augment and rng.random() < COLOUR_JITTER_PROB:
+            image = _colour_jitter(image, rng, TF)
+        return (image - self.mean) / self.std
+
+    def _fit(self, image, mode, TF):
+        """Resize as open_clip's evaluation transform does: shortest side and centre crop,
+        squash, or longest side and pad."""
+        if self.resize_mode == "squash":
+            return TF.resize(image, list(self.size), mode, antialias=True)
+        height, width = image.shape[1:]
+        shortest = self.resize_mode == "shortest"
+        scale = (max if shortest else min)(self.size[0] / height, self.size[1] / width)
+        image = TF.resize(image, [round(height * scale), round(width * scale)], mode, antialias=True)
+        return TF.center_crop(image, list(self.size))       # pads with 0 when the image is smaller
+
+
+def _crop_box(height: int, width: int, rng: np.random.Generator):
+    """RandomResizedCrop's box (top, left, height, width): an area of CROP_SCALE of the image's,
+    an aspect ratio drawn log-uniformly from CROP_RATIO, ten tries, else the central crop of the
+    nearest allowed aspect ratio (the algorithm of torchvision, drawing from `rng`)."""
+    area = height * width
+    log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*CROP_SCALE)
+        ratio = math.exp(rng.uniform(*log_ratio))
+        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    ratio = width / height
+    if ratio < CROP_RATIO[0]:
+        w, h = width, round(width / CROP_RATIO[0])
+    elif ratio > CROP_RATIO[1]:
+        h, w = height, round(height * CROP_RATIO[1])
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _colour_jitter(image: torch.Tensor, rng: np.random.Generator, TF) -> torch.Tensor:
+    """Brightness, contrast and saturation each scaled by a factor drawn from [1 - s, 1 + s], in
+    a random order (torchvision's ColorJitter; the hue is left alone: captions name colours)."""
+    adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    for k in rng.permutation(3):
+        image = adjust[k](image, rng.uniform(1 - COLOUR_JITTER[k], 1 + COLOUR_JITTER[k]))
+    return image
 
 
 @dataclass
@@ -468,11 +543,14 @@ class TrainDataset(Dataset):
 
     The caption and the augmentation come from a generator seeded with (seed, epoch, i), so an
     epoch's samples depend neither on worker count nor on order, and a resumed run sees exactly
-    the samples the interrupted one would have.
+    the samples the interrupted one would have. With an ImageCache the image is taken from it
+    instead of being read and decoded again.
     """
 
-    def __init__(self, index: CaptionIndex, transform, tokenizer, seed: int = 0):
-        self.index, self.transform, self.tokenizer, self.seed = index, transform, tokenizer, seed
+    def __init__(self, index: CaptionIndex, augmentation: TrainAugmentation, tokenizer, seed: int = 0,
+                 cache: ImageCache | None = None):
+        self.index, self.augmentation, self.tokenizer, self.seed = index, augmentation, tokenizer, seed
+        self.cache = cache
         # Persistent DataLoader workers keep their own copy of the dataset, so an epoch stored in
         # a plain attribute would never reach them; a shared-memory tensor does.
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
@@ -487,22 +565,104 @@ class TrainDataset(Dataset):
 
     def __getitem__(self, i: int):
         captions = [self.index.caption(int(j)) for j in self.index.captions_of(i)]
-        return _train_sample(i, int(self._epoch[0]), captions, lambda: self.index.load_image(i), self)
+        if self.cache is not None:
+            return _train_sample(i, int(self._epoch[0]), captions, lambda: self.cache[i], self)
+        return _train_sample(i, int(self._epoch[0]), captions,
+                             lambda: self.augmentation.prepare(self.index.load_image(i)), self)
 
 
-def _train_sample(i: int, epoch: int, captions: list[str], load_image, dataset):
+def _train_sample(i: int, epoch: int, captions: list[str], load_pixels, dataset):
     """Sample i of an epoch, `(pixels, tokens, i)`: ONE caption and the augmentation, both drawn
     from a generator seeded with (seed, epoch, i); a FailedSample if the image cannot be read.
-    Shared by TrainDataset and WebDatasetTrain."""
+    `load_pixels` gives the prepared image (TrainAugmentation.prepare). Shared by TrainDataset
+    and the WebDataset stream."""
     rng = np.random.default_rng((dataset.seed, epoch, i))
     caption = captions[rng.integers(len(captions))]
     try:
-        image = load_image()
+        pixels = load_pixels()
     except DataError as e:
         return FailedSample(i, str(e))
-    with _seeded_random(int(rng.integers(2**63))):
-        pixels = dataset.transform(image)
-    return pixels, dataset.tokenizer([caption])[0], i
+    return dataset.augmentation(pixels, rng), dataset.tokenizer([caption])[0], i
+
+
+class ImageCache:
+    """The training images decoded once and prepared (TrainAugmentation.prepare: small uint8
+    arrays), packed back to back in one buffer, so that later epochs skip reading and decoding.
+
+    One buffer and two index arrays, not a list of arrays: forked DataLoader workers read it
+    without copying it (see PackedStrings). `cache[i]` is image i as a read-only [H, W, 3] view.
+    """
+
+    def __init__(self, buffer: np.ndarray, offsets: np.ndarray, shapes: np.ndarray):
+        self.buffer, self.offsets, self.shapes = buffer, offsets, shapes
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        height, width = self.shapes[i]
+        return self.buffer[self.offsets[i]:self.offsets[i + 1]].reshape(height, width, 3)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.offsets[-1])
+
+
+class _Prepared(Dataset):
+    """(i, prepared image) of every image of an index, or a FailedSample: what caching reads."""
+
+    def __init__(self, index: CaptionIndex, augmentation: TrainAugmentation):
+        self.index, self.augmentation = index, augmentation
+
+    def __len__(self) -> int:
+        return self.index.num_images
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.augmentation.prepare(self.index.load_image(i))
+        except DataError as e:
+            return FailedSample(i, str(e))
+
+
+def cache_estimate(index: CaptionIndex, augmentation: TrainAugmentation) -> int:
+    """Bytes an ImageCache of the index will take, for images of aspect ratio 4:3."""
+    return index.num_images * augmentation.side * round(augmentation.side * 4 / 3) * 3
+
+
+def cache_images(index: CaptionIndex, augmentation: TrainAugmentation, num_workers: int = 0,
+                 strict: bool = False) -> tuple[CaptionIndex, ImageCache]:
+    """Read, decode and prepare every image of the index once, with DataLoader workers.
+
+    Returns the index of the readable images (the others are left out with their captions and
+    listed in its `skipped`; with strict, the first one raises DataError) and their ImageCache.
+    """
+    loader = DataLoader(_Prepared(index, augmentation), batch_size=64, num_workers=num_workers,
+                        collate_fn=list, worker_init_fn=_init_worker)
+    arrays, kept, failed = [], [], []
+    for batch in loader:
+        for item in batch:
+            if isinstance(item, FailedSample):
+                if strict:
+                    raise DataError(item.message)
+                failed.append(item.message)
+            else:
+                kept.append(item[0])
+                arrays.append(item[1])
+    if not arrays:
+        raise DataError(f"{index.source}: no readable image ({len(failed)} failed; first: {failed[0]})")
+    shapes = np.array([a.shape[:2] for a in arrays], dtype=np.int64)
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+    np.cumsum(shapes[:, 0] * shapes[:, 1] * 3, out=offsets[1:])
+    buffer = np.empty(offsets[-1], dtype=np.uint8)
+    for k in range(len(arrays)):         # copied one by one and freed: the peak stays near 1x
+        buffer[offsets[k]:offsets[k + 1]] = arrays[k].reshape(-1)
+        arrays[k] = None
+    buffer.flags.writeable = False
+    if failed:
+        skipped = index.skipped + failed
+        index = index.subset(kept)
+        index.skipped = skipped
+    return index, ImageCache(buffer, offsets, shapes)
 
 
 class ImageDataset(Dataset):
@@ -733,8 +893,8 @@ class WebDatasetTrain(IterableDataset):
     not at all in that epoch. An epoch started from 0 is the same for the same number of readers.
     """
 
-    def __init__(self, pattern, transform, tokenizer, seed: int = 0, rank: int = 0, world_size: int = 1):
-        self.pattern, self.transform, self.tokenizer = str(pattern), transform, tokenizer
+    def __init__(self, pattern, augmentation, tokenizer, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.pattern, self.augmentation, self.tokenizer = str(pattern), augmentation, tokenizer
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.urls, self.counts = _read_shard_set(self.pattern)
         # epoch and start, in shared memory so that persistent DataLoader workers see them
@@ -777,11 +937,11 @@ class WebDatasetTrain(IterableDataset):
                             f"as `--to_webdataset` writes ({type(e).__name__}: {e})") from e
         data = sample.get("jpg", sample.get("png"))
 
-        def load_image():
+        def load_pixels():
             if data is None:
                 raise DataError(f"image '{image_name}': the sample has no .jpg or .png")
-            return decode_image(data, image_name)
-        return _train_sample(i, epoch, captions, load_image, self)
+            return self.augmentation.prepare(decode_image(data, image_name))
+        return _train_sample(i, epoch, captions, load_pixels, self)
 
 
 def _shard_image(index: CaptionIndex, i: int, resize: int) -> tuple[str, bytes]:

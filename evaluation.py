@@ -325,7 +325,7 @@ def encode_image_files(setup, source, batch_size=64, num_workers=0, device="cpu"
     import torch
     import clip_model
     import data_loader
-    transform = data_loader.image_transform(setup.preprocess_cfg, train=False)
+    transform = data_loader.image_transform(setup.preprocess_cfg)
     loader = data_loader.build_dataloader(data_loader.ImageDataset(source, transform), batch_size,
                                           num_workers=num_workers, train=False)
     kept, failed = [], []

@@ -68,6 +68,8 @@ SCHEMA = [
     Setting("data", "caption_column", "title", "CSV/TSV column of captions"),
     Setting("data", "split", "train", "split of a Chinese-CLIP folder (train, valid, test)"),
     Setting("data", "augment", True, "random resized crop and colour jitter in training (no flips)"),
+    Setting("data", "cache_images", True, "decode each training image once, shrunk to just above the "
+            "model's input, and keep it in memory (when it fits in a quarter of the free memory)"),
     Setting("data", "strict_data", False, "stop at the first unreadable image (missing or "
             "corrupt) instead of skipping it and counting it"),
     Setting("data", "num_workers", 2, "DataLoader worker processes per training process",
@@ -448,7 +450,7 @@ def main(argv=None):
         torch.manual_seed(cfg.seed)
         train_index, val_index = load_data(cfg, run)
         setup, model, loss_fn = build_model(cfg, run)
-        loader, steps_per_epoch, global_batch = build_loader(cfg, run, setup, train_index)
+        loader, train_index, steps_per_epoch, global_batch = build_loader(cfg, run, setup, train_index)
         total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
         optimizer, scheduler, scaler = build_optimizer(cfg, run, model, total_steps)
         job = Job(cfg, run, setup, model, loss_fn, optimizer, scheduler, scaler, loader, val_index,
@@ -976,14 +978,18 @@ def build_model(cfg, run):
 
 
 def build_loader(cfg, run, setup, train_index):
-    """The training batches, and the steps of an epoch at the global batch size."""
+    """The training batches, the training index (without the images found unreadable), and the
+    steps of an epoch at the global batch size. The images of an index are decoded once into an
+    ImageCache when it fits in memory (cached_images)."""
     import data_loader
-    transform = data_loader.image_transform(setup.preprocess_cfg, train=True, augment=cfg.augment)
+    augmentation = data_loader.TrainAugmentation(setup.preprocess_cfg, augment=cfg.augment)
     if train_index is None:   # streamed: the dataset shares the shards out across ranks and workers
-        dataset = data_loader.WebDatasetTrain(cfg.data_dir, transform, setup.tokenizer, seed=cfg.seed,
+        dataset = data_loader.WebDatasetTrain(cfg.data_dir, augmentation, setup.tokenizer, seed=cfg.seed,
                                               rank=run.rank, world_size=run.world_size)
     else:
-        dataset = data_loader.TrainDataset(train_index, transform, setup.tokenizer, seed=cfg.seed)
+        train_index, cache = cached_images(cfg, run, train_index, augmentation)
+        dataset = data_loader.TrainDataset(train_index, augmentation, setup.tokenizer, seed=cfg.seed,
+                                           cache=cache)
     loader = data_loader.EpochLoader(dataset, cfg.batch_size, num_workers=cfg.num_workers,
                                      seed=cfg.seed, rank=run.rank, world_size=run.world_size,
                                      pin_memory=run.device.type == "cuda")
@@ -993,7 +999,41 @@ def build_loader(cfg, run, setup, train_index):
         raise SettingsError(f"{len(dataset)} training images are fewer than one global batch "
                             f"(batch_size {cfg.batch_size} x accum_steps {cfg.accum_steps} x "
                             f"{run.world_size} processes = {global_batch}); lower batch_size")
-    return loader, steps_per_epoch, global_batch
+    return loader, train_index, steps_per_epoch, global_batch
+
+
+def cached_images(cfg, run, train_index, augmentation):
+    """(index, ImageCache or None): the cache when cache_images is on and it fits in a quarter of
+    the memory available (shared by the processes of this machine); unreadable images found on
+    the way are left out of the index, and named."""
+    import data_loader
+    if not cfg.cache_images:
+        return train_index, None
+    needed = data_loader.cache_estimate(train_index, augmentation)
+    budget = available_memory() // 4 // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if needed > budget:
+        run.log.info(f"not caching the training images: about {needed / 2**30:.1f} GiB at "
+                     f"{augmentation.side} px, more than a quarter of the free memory "
+                     f"({budget / 2**30:.1f} GiB); they are decoded every epoch (shards written with "
+                     f"--resize {augmentation.side} make that cheaper)")
+        return train_index, None
+    started, before = time.perf_counter(), len(train_index.skipped)
+    train_index, cache = data_loader.cache_images(train_index, augmentation, cfg.num_workers,
+                                                  strict=cfg.strict_data)
+    for message in train_index.skipped[before:before + 5]:
+        run.log.warning(f"skipped unreadable image: {message}")
+    run.log.info(f"cached {len(cache)} training images at {augmentation.side} px "
+                 f"({cache.nbytes / 2**20:.0f} MiB) in {time.perf_counter() - started:.1f} s")
+    return train_index, cache
+
+
+def available_memory():
+    """Bytes of memory available to new allocations (Linux: MemAvailable; else the free pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def build_optimizer(cfg, run, model, total_steps):

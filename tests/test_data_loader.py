@@ -4,6 +4,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -240,8 +241,7 @@ def test_undecodable_image_raises_data_error_naming_it(kind, tmp_path):
 
 def test_a_failed_image_is_dropped_from_its_batch_and_its_message_kept_even_from_a_worker(
         index_with_broken_image, tokenizer):
-    transform = dl.image_transform(PREPROCESS, train=True)
-    dataset = dl.TrainDataset(index_with_broken_image, transform, tokenizer)
+    dataset = dl.TrainDataset(index_with_broken_image, dl.TrainAugmentation(PREPROCESS), tokenizer)
     batch = dl.collate_batch([dataset[i] for i in range(3)])
     assert batch["images"].shape == (2, 3, 32, 32) and batch["image_ids"].tolist() == [0, 2]
     assert batch["failed"] == [f"image '{index_with_broken_image.image_name(1)}' cannot be decoded "
@@ -249,7 +249,7 @@ def test_a_failed_image_is_dropped_from_its_batch_and_its_message_kept_even_from
     # Workers never raise for a bad image: the main process decides (skip, or stop in one line).
     loader = dl.build_dataloader(dataset, 3, num_workers=1, train=False)
     assert next(iter(loader))["failed"] == batch["failed"]
-    images = dl.ImageDataset(index_with_broken_image, dl.image_transform(PREPROCESS, train=False))
+    images = dl.ImageDataset(index_with_broken_image, dl.image_transform(PREPROCESS))
     batch = dl.collate_images([images[i] for i in range(3)])
     assert batch["indices"].tolist() == [0, 2] and batch["failed"][0][0] == 1
 
@@ -345,24 +345,85 @@ def test_chinese_sample_captions_are_chinese_and_tokenised(tmp_path, tokenizer):
     assert "红色圆形" in os.listdir(paths["zeroshot"])
     first, second = (tokenizer([index.caption(j)])[0] for j in (0, index.num_captions - 1))
     assert (first != 0).sum() > 2 and not torch.equal(first, second)  # more than start + end tokens
-    dataset = dl.TrainDataset(index, dl.image_transform(PREPROCESS, train=False), tokenizer)
+    dataset = dl.TrainDataset(index, dl.TrainAugmentation(PREPROCESS, augment=False), tokenizer)
     assert (dataset[0][1] != 0).sum() > 2
 
 
 # ----------------------------------------------------------------------------- sampling
 
-def test_image_transform_uses_the_model_size_and_augments_only_for_training(sample):
+def test_without_augmentation_a_training_image_is_the_evaluation_image(sample):
+    image = dl.load_captions(sample["index"]).load_image(0).resize((48, 40))
+    evaluate = dl.image_transform(PREPROCESS)
+    plain = dl.TrainAugmentation(PREPROCESS, augment=False)
+    assert evaluate(image).shape == (3, 32, 32) and plain.side == 32
+    # the same pixels up to the resampling of torchvision's tensor resize and PIL's
+    torch.testing.assert_close(plain(plain.prepare(image), None), evaluate(image), atol=0.05, rtol=0)
+
+
+def test_augmentation_is_drawn_from_the_samples_generator_alone(sample):
     image = dl.load_captions(sample["index"]).load_image(0)
-    evaluate = dl.image_transform(PREPROCESS, train=False)
-    assert evaluate(image).shape == (3, 32, 32) and torch.equal(evaluate(image), evaluate(image))
-    assert torch.equal(dl.image_transform(PREPROCESS, train=True, augment=False)(image), evaluate(image))
-    train = dl.image_transform(PREPROCESS, train=True)
-    assert train(image).shape == (3, 32, 32) and not torch.equal(train(image), train(image))
+    augment = dl.TrainAugmentation(PREPROCESS)
+    pixels = augment.prepare(image)
+    first = augment(pixels, np.random.default_rng((0, 0, 1)))
+    torch.manual_seed(123)                                   # global generators play no part
+    assert first.shape == (3, 32, 32)
+    assert torch.equal(first, augment(pixels, np.random.default_rng((0, 0, 1))))
+    assert not torch.equal(first, augment(pixels, np.random.default_rng((0, 1, 1))))
+
+
+@pytest.mark.parametrize("height,width", [(100, 100), (60, 200), (200, 60), (37, 41)])
+def test_crop_boxes_follow_random_resized_crop(height, width):
+    rng = np.random.default_rng(0)
+    boxes = [dl._crop_box(height, width, rng) for _ in range(300)]
+    for top, left, h, w in boxes:
+        assert 0 <= top and top + h <= height and 0 <= left and left + w <= width
+    areas = np.array([h * w / (height * width) for _, _, h, w in boxes])
+    ratios = np.array([w / h for _, _, h, w in boxes])
+    if height == width:     # every try succeeds: area and ratio in their ranges (up to rounding)
+        assert areas.min() > dl.CROP_SCALE[0] - 0.03 and areas.max() <= 1.0
+        assert ratios.min() > dl.CROP_RATIO[0] - 0.03 and ratios.max() < dl.CROP_RATIO[1] + 0.03
+    elif max(height, width) / min(height, width) > 2:   # too elongated: the central fallback box
+        assert len(set(boxes)) == 1
+
+
+def test_a_prepared_image_keeps_enough_pixels_for_the_smallest_crop():
+    augment = dl.TrainAugmentation(PREPROCESS)
+    big = Image.new("RGB", (400, 300))
+    pixels = augment.prepare(big)
+    assert pixels.shape == (augment.side, round(400 * augment.side / 300), 3)
+    # the smallest crop (scale 0.8 at ratio 3/4) of the prepared image still covers 32 pixels
+    assert math.sqrt(dl.CROP_SCALE[0] * dl.CROP_RATIO[0]) * augment.side >= 32
+    assert augment.prepare(Image.new("RGB", (20, 10))).shape == (10, 20, 3)       # never enlarged
+    assert augment.prepare(Image.new("RGB", (4000, 100))).shape[1] == 4 * augment.side
+
+
+def test_cached_images_give_the_samples_of_uncached_ones_and_leave_out_broken_ones(
+        index_with_broken_image, tokenizer):
+    augment = dl.TrainAugmentation(PREPROCESS)
+    index, cache = dl.cache_images(index_with_broken_image, augment, num_workers=1)
+    assert index.num_images == 2 and len(cache) == 2 and "broken.png" in index.skipped[0]
+    assert cache.nbytes == sum(a.size for a in (cache[0], cache[1])) and not cache[0].flags.writeable
+    cached = dl.TrainDataset(index, augment, tokenizer, seed=3, cache=cache)
+    decoded = dl.TrainDataset(index, augment, tokenizer, seed=3)
+    for i in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(cached[i][:2], decoded[i][:2]))
+    with pytest.raises(dl.DataError, match="broken.png"):
+        dl.cache_images(index_with_broken_image, augment, strict=True)
+
+
+class NoPixels:
+    """An augmentation that keeps nothing of the image: for tests of caption sampling."""
+
+    def prepare(self, image):
+        return None
+
+    def __call__(self, pixels, rng):
+        return torch.zeros(1)
 
 
 def test_each_epoch_draws_one_seeded_caption_per_image(sample):
     index = dl.load_captions(sample["index"])
-    dataset = dl.TrainDataset(index, lambda image: torch.zeros(1), lambda texts: texts, seed=1)
+    dataset = dl.TrainDataset(index, NoPixels(), lambda texts: texts, seed=1)
     draws = []
     for epoch in range(6):
         dataset.set_epoch(epoch)
@@ -379,7 +440,7 @@ def test_train_batches_do_not_depend_on_worker_count(sample, tokenizer):
     index = dl.load_captions(sample["index"])
 
     def batches(num_workers):
-        dataset = dl.TrainDataset(index, dl.image_transform(PREPROCESS, train=True), tokenizer, seed=5)
+        dataset = dl.TrainDataset(index, dl.TrainAugmentation(PREPROCESS), tokenizer, seed=5)
         sampler = dl.EpochSampler(len(dataset), seed=5)
         loader = dl.build_dataloader(dataset, 4, sampler=sampler, num_workers=num_workers, seed=5)
         result = []
@@ -398,11 +459,12 @@ def test_train_batches_do_not_depend_on_worker_count(sample, tokenizer):
 
 def test_loader_drops_the_last_partial_batch_only_for_training(sample, tokenizer):
     index = dl.load_captions(sample["index"])
-    transform = dl.image_transform(PREPROCESS, train=False)
-    evaluation = list(dl.build_dataloader(dl.ImageDataset(index, transform), 5, train=False))
+    evaluation = list(dl.build_dataloader(dl.ImageDataset(index, dl.image_transform(PREPROCESS)), 5,
+                                          train=False))
     assert [len(batch["indices"]) for batch in evaluation] == [5, 5, 2]
     assert torch.cat([batch["indices"] for batch in evaluation]).tolist() == list(range(12))
-    training = list(dl.build_dataloader(dl.TrainDataset(index, transform, tokenizer), 5, seed=0))
+    training = list(dl.build_dataloader(dl.TrainDataset(index, dl.TrainAugmentation(PREPROCESS), tokenizer),
+                                        5, seed=0))
     assert [len(batch["image_ids"]) for batch in training] == [5, 5]
 
 

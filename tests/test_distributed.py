@@ -17,7 +17,6 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from torchvision import transforms
 
 import clip_model as cm
 import data_loader as dl
@@ -231,11 +230,20 @@ def byte_tokens(captions):
     return torch.tensor([list(c.encode("utf-8")[:96].ljust(96, b"\0")) for c in captions])
 
 
-AUGMENT = transforms.Compose([transforms.RandomResizedCrop(32, scale=(0.5, 1.0)), transforms.PILToTensor()])
+AUGMENT = dl.TrainAugmentation({"size": 32})
 
 
-def no_pixels(image):
-    return torch.zeros(1)
+class NoPixels:
+    """An augmentation that keeps nothing of the image: for tests of what is read when."""
+
+    def prepare(self, image):
+        return None
+
+    def __call__(self, pixels, rng):
+        return torch.zeros(1)
+
+
+no_pixels = NoPixels()
 
 
 @pytest.fixture(scope="module")
