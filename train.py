@@ -417,6 +417,21 @@ class Run:
 
 
 @dataclass
+class Timing:
+    """Where a run's time went, in seconds: what main() reports, for benchmarks among others."""
+    startup_s: float = 0.0        # from main() to the first step: data, model, cache, resume
+    loop_s: float = 0.0           # the loop: steps, validations, checkpoints, epoch boundaries
+    validation_s: float = 0.0
+    data_wait_s: float = 0.0      # waiting for the next batch
+    checkpoint_s: float = 0.0
+    samples: int = 0              # trained, by all processes together
+
+    @property
+    def train_samples_per_s(self):
+        return self.samples / max(1e-9, self.loop_s - self.validation_s)
+
+
+@dataclass
 class Job:
     """Everything the loop works with, built once by main()."""
     cfg: argparse.Namespace
@@ -432,6 +447,7 @@ class Job:
     steps_per_epoch: int
     total_steps: int
     global_batch: int
+    timing: Timing = field(default_factory=Timing)
 
     @property
     def raw_model(self):
@@ -443,6 +459,7 @@ class Job:
 
 def main(argv=None):
     """Train CLIP; returns the run's summary (its folders, step, best, history and timings)."""
+    started = time.perf_counter()
     cfg = parse_config(argv)
     run = start_run(cfg)
     try:
@@ -456,14 +473,15 @@ def main(argv=None):
         job = Job(cfg, run, setup, model, loss_fn, optimizer, scheduler, scaler, loader, val_index,
                   steps_per_epoch, total_steps, global_batch)
         state = resume(job, train_index)
-        timing = train(job, state)
-        return finish(job, state, timing)
+        job.timing.startup_s = time.perf_counter() - started
+        stop_reason = train(job, state)
+        return finish(job, state, stop_reason)
     finally:
         close_run(run)
 
 
 def train(job, state):
-    """The loop: epochs until the run is done or stopped. Returns its timing and why it ended.
+    """The loop: epochs until the run is done or stopped. Returns why it stopped early, or None.
 
     Any error after the first step saves last.pt (if the weights are finite) before it is
     reported: no error loses the steps already trained.
@@ -471,18 +489,18 @@ def train(job, state):
     run, cfg = job.run, job.cfg
     run.log.info(f"training {job.total_steps} steps ({job.steps_per_epoch} per epoch) with a global "
                  f"batch of {job.global_batch}")
-    timing = {"started": time.perf_counter(), "validation_s": 0.0, "samples": 0, "stop_reason": None}
+    started, stop_reason = time.perf_counter(), None
     stop = StopRequest()
     try:
-        while state.step < job.total_steps and timing["stop_reason"] is None:
-            timing["stop_reason"] = train_one_epoch(job, state, stop, timing)
-            if timing["stop_reason"] is None and state.step < job.total_steps:
+        while state.step < job.total_steps and stop_reason is None:
+            stop_reason = train_one_epoch(job, state, stop)
+            if stop_reason is None and state.step < job.total_steps:
                 state.epoch, state.samples_in_epoch = state.epoch + 1, 0
                 if not cfg.eval_every:
-                    timing["stop_reason"] = validate(job, state, timing)
+                    stop_reason = validate(job, state)
         if state.step >= job.total_steps and (not state.history["val"] or
                                               state.history["val"][-1]["step"] != state.step):
-            validate(job, state, timing)
+            validate(job, state)
     except Exception as error:
         if state.step > 0:
             save_last(job, state, after_error=error)
@@ -490,11 +508,11 @@ def train(job, state):
     finally:
         stop.restore()
     save_last(job, state)
-    timing["loop_s"] = time.perf_counter() - timing.pop("started")
-    return timing
+    job.timing.loop_s = time.perf_counter() - started
+    return stop_reason
 
 
-def train_one_epoch(job, state, stop, timing):
+def train_one_epoch(job, state, stop):
     """Steps through (the rest of) one epoch; returns why the run must stop, or None."""
     import torch
     from tqdm import tqdm
@@ -510,15 +528,16 @@ def train_one_epoch(job, state, stop, timing):
             waited = time.perf_counter()
             micro_batches = next_micro_batches(job, state, batches)
             window.wait += time.perf_counter() - waited
+            job.timing.data_wait_s += time.perf_counter() - waited
             if micro_batches is None:
                 return None                                        # the end of the epoch
             result = optimizer_step(job, micro_batches)
             count_step(job, state, result, window)
-            timing["samples"] += job.global_batch
+            job.timing.samples += job.global_batch
             progress.update(1)
             if state.step % cfg.log_every == 0 or state.step == job.total_steps:
                 log_train(job, state, result, window, progress)
-            reason = after_step(job, state, result, stop, timing)
+            reason = after_step(job, state, result, stop)
             if reason:
                 return reason
     finally:
@@ -600,14 +619,14 @@ def log_train(job, state, result, window, progress):
     window.reset()
 
 
-def after_step(job, state, result, stop, timing):
+def after_step(job, state, result, stop):
     """Validation, checkpoint and the stop decisions that follow a step; returns why to stop."""
     cfg = job.cfg
     if state.bad_steps >= cfg.max_bad_steps:
         return f"{state.bad_steps} non-finite losses in a row"
     reason = None
     if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < job.total_steps:
-        reason = validate(job, state, timing)
+        reason = validate(job, state)
     if state.step % cfg.save_every == 0:
         save_last(job, state)
     if agree(job.run, stop.reason is not None):
@@ -617,7 +636,7 @@ def after_step(job, state, result, stop, timing):
     return reason
 
 
-def validate(job, state, timing):
+def validate(job, state):
     """Full retrieval metrics on the validation set, computed once (on rank 0); saves best.pt on
     a new best. Returns the early-stopping reason, or None."""
     import evaluation
@@ -630,7 +649,7 @@ def validate(job, state, timing):
                                             precision=run.precision, strict=cfg.strict_data)
         job.model.train()
         elapsed = time.perf_counter() - started
-        timing["validation_s"] += elapsed
+        job.timing.validation_s += elapsed
         improved = record_validation(job, state, metrics)
         run.log.info(f"step {state.step} validation ({elapsed:.1f}s): "
                      f"{evaluation.recall_summary(metrics)}, {cfg.best_metric} "
@@ -693,6 +712,7 @@ def save_last(job, state, after_error=None):
         run.log.error(f"weights are not finite at step {state.step}: last.pt NOT written, the "
                       f"previous file is kept")
         return
+    started = time.perf_counter()
     try:
         clip_model.save_checkpoint(
             run.checkpoint_dir / "last.pt", job.setup, **asdict(state),
@@ -703,6 +723,7 @@ def save_last(job, state, after_error=None):
             raise
         run.log.error(f"last.pt could not be written after the error: {error}")
         return
+    job.timing.checkpoint_s += time.perf_counter() - started
     if after_error is not None:
         run.log.error(f"error at step {state.step} ({type(after_error).__name__}: {after_error}); "
                       f"last.pt saved: continue with {resume_command(job)}")
@@ -712,10 +733,12 @@ def save_best(job, state, metrics):
     """best.pt: the weights that scored best, with their config and metrics; no optimiser state
     (nothing that reads best.pt needs it, and it is twice the size of the weights)."""
     import clip_model
+    started = time.perf_counter()
     if weights_are_finite(job.raw_model):
         clip_model.save_checkpoint(job.run.checkpoint_dir / "best.pt", job.setup, step=state.step,
                                    epoch=state.epoch, best=state.best, metrics=metrics,
                                    config=vars(job.cfg))
+    job.timing.checkpoint_s += time.perf_counter() - started
 
 
 def write_results(job, state):
@@ -733,31 +756,29 @@ def resume_command(job):
     return f"python train.py --run_name {job.run.name} --resume auto (with the same settings)"
 
 
-def finish(job, state, timing):
+def finish(job, state, stop_reason):
     """The end: the last results and curves, a summary line, and what the run measured."""
-    run, reason = job.run, timing["stop_reason"]
+    run = job.run
     if state.unreadable:
         run.log.warning(f"{len(state.unreadable)} unreadable images were skipped in total")
-    if reason and "non-finite" in reason:
-        raise TrainingError(f"stopped at step {state.step}: {reason}. Lower --learning_rate, "
-                                 f"check the data, or try --precision fp32; "
-                                 f"{run.checkpoint_dir / 'last.pt'} holds the last finite weights")
+    if stop_reason and "non-finite" in stop_reason:
+        raise TrainingError(f"stopped at step {state.step}: {stop_reason}. Lower --learning_rate, "
+                            f"check the data, or try --precision fp32; "
+                            f"{run.checkpoint_dir / 'last.pt'} holds the last finite weights")
     finished = state.step >= job.total_steps
     if run.is_main:
         results = write_results(job, state)
         plot_curves(results, run.results_dir / "training_curves.png", run.log)
-        run.log.info(f"{'finished' if finished else 'stopped: ' + reason} at step {state.step}; "
+        run.log.info(f"{'finished' if finished else 'stopped: ' + stop_reason} at step {state.step}; "
                      f"best {job.cfg.best_metric} {state.best['value']} at step {state.best['step']}; "
                      f"checkpoints in {run.checkpoint_dir}, TensorBoard: tensorboard --logdir "
                      f"{job.cfg.log_dir}")
         if not finished:
             run.log.info(f"continue with: {resume_command(job)}")
-    loop_s, validation_s = timing["loop_s"], timing["validation_s"]
     return {"run_name": run.name, "step": state.step, "best": state.best, "history": state.history,
             "checkpoint_dir": run.checkpoint_dir, "results_dir": run.results_dir,
-            "log_dir": run.log_dir, "stop_reason": reason,
-            "timing": {"loop_s": loop_s, "validation_s": validation_s,
-                       "train_samples_per_s": timing["samples"] / max(1e-9, loop_s - validation_s)}}
+            "log_dir": run.log_dir, "stop_reason": stop_reason,
+            "timing": {**asdict(job.timing), "train_samples_per_s": job.timing.train_samples_per_s}}
 
 
 def plot_curves(results, path, log):

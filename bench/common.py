@@ -216,86 +216,23 @@ def _job_bare(params):
     _finish(bare_loop(**params))
 
 
-def _timed(owner, name, marks, key):
-    """Replace owner.name by a wrapper that adds its running time to marks[key]."""
-    function = getattr(owner, name)
-
-    def wrapper(*args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return function(*args, **kwargs)
-        finally:
-            marks[key] = marks.get(key, 0.0) + time.perf_counter() - started
-    setattr(owner, name, wrapper)
-
-
 def _job_train(params):
-    """train.main(argv) with timing marks. The loop is timed from just before its first step
-    (when train.py installs its stop-signal handler, the last thing before the loop) to just
-    before the training curves are plotted (after the final last.pt is saved); the time spent
-    inside evaluation.evaluate_model (validation) is taken out and reported on its own. So the
-    loop time holds every step, epoch boundary, log line, TensorBoard point, periodic
-    checkpoint and best.pt save.
-
-    Where the loop's time goes: the time inside train.backward_step (forward and backward),
-    torch.nn.utils.clip_grad_norm_, clip_model.save_checkpoint, and the training DataLoader's
-    __next__ outside validation (waiting for data); the rest is the optimiser step, schedule,
-    logging and bookkeeping. The wrappers cost microseconds per call.
-    torch is not imported here before train.main runs, so that train.py's own start-up
-    (environment, thread settings) happens as on the command line."""
+    """train.main(argv), timed by train.py itself (the `timing` it returns): start-up until the
+    first step, then the loop -- every step, epoch boundary, log line, TensorBoard point,
+    periodic checkpoint and best.pt save -- with the time of validation and of waiting for data
+    reported on their own. torch is not imported here before train.main runs, so that train.py's
+    own start-up happens as on the command line."""
     sys.path.insert(0, params["repo"])
     import train
-    marks = {"validation_s": 0.0, "validations": 0}
-
-    class MarkedStopRequest(train.StopRequest):
-        def __init__(self):
-            import clip_model
-            import evaluation
-            import torch
-            from torch.utils.data import dataloader
-            _timed(evaluation, "evaluate_model", marks, "validation_s")
-            _timed(train, "backward_step", marks, "model_s")
-            _timed(torch.nn.utils, "clip_grad_norm_", marks, "clip_s")
-            _timed(clip_model, "save_checkpoint", marks, "checkpoint_s")
-            next_batch = dataloader._BaseDataLoaderIter.__next__
-
-            def timed_next(iterator):
-                started = time.perf_counter()
-                try:
-                    return next_batch(iterator)
-                finally:
-                    if marks["validations"] == marks.get("validations_done", 0):   # not validating
-                        marks["data_s"] = marks.get("data_s", 0.0) + time.perf_counter() - started
-            dataloader._BaseDataLoaderIter.__next__ = timed_next
-            evaluate = evaluation.evaluate_model
-
-            def counted_evaluate(*args, **kwargs):
-                marks["validations"] += 1
-                try:
-                    return evaluate(*args, **kwargs)
-                finally:
-                    marks["validations_done"] = marks["validations"]
-            evaluation.evaluate_model = counted_evaluate
-            super().__init__()
-            marks["loop_start"] = time.perf_counter()
-
-    def mark_end(*args, **kwargs):   # and skip the plot: matplotlib has nothing to do with training
-        marks["loop_end"] = time.perf_counter()
-
-    train.StopRequest, train.plot_curves = MarkedStopRequest, mark_end
-    argv = params["argv"]
-    started = time.perf_counter()
-    result = train.main(argv)
+    result = train.main(params["argv"])
     import torch
-    cfg = train.parse_config(argv)
-    loop_s = marks["loop_end"] - marks["loop_start"] - marks["validation_s"]
-    history = result["history"]["train"]
-    samples = result["step"] * cfg.batch_size * cfg.accum_steps
-    parts = {key: marks.get(key, 0.0) for key in ("model_s", "data_s", "checkpoint_s", "clip_s")}
-    _finish({"steps": result["step"], "samples": samples, "loop_s": loop_s,
-             "samples_per_s": samples / loop_s, "startup_s": marks["loop_start"] - started,
-             "validation_s": marks["validation_s"], "validations": marks["validations"],
-             **parts, "rest_s": loop_s - sum(parts.values()),
+    timing, history = result["timing"], result["history"]["train"]
+    loop_s = timing["loop_s"] - timing["validation_s"]
+    _finish({"steps": result["step"], "samples": timing["samples"], "loop_s": loop_s,
+             "samples_per_s": timing["samples"] / loop_s, "startup_s": timing["startup_s"],
+             "validation_s": timing["validation_s"], "validations": len(result["history"]["val"]),
+             "data_s": timing["data_wait_s"], "checkpoint_s": timing["checkpoint_s"],
+             "model_s": loop_s - timing["data_wait_s"] - timing["checkpoint_s"],
              "data_wait": statistics.mean(e["data_wait"] for e in history),
              "data_wait_max": max(e["data_wait"] for e in history),
              "threads": torch.get_num_threads(), "final_loss": history[-1]["loss"],
@@ -338,8 +275,9 @@ def _job_open_clip_train(params):
 
 
 def _job_loader(params):
-    """Images/s that train.py's DataLoader delivers on its own (no model): the data set, sampler
-    and DataLoader built as train.py builds them, iterated for `epochs` whole epochs."""
+    """Images/s that train.py's DataLoader delivers on its own (no model): the data set (with its
+    image cache unless params["cache"] is false), sampler and DataLoader built as train.py builds
+    them, iterated for `epochs` whole epochs; the cache's build time is reported apart."""
     sys.path.insert(0, params["repo"])
     import torch
     import clip_model
@@ -348,19 +286,20 @@ def _job_loader(params):
         torch.set_num_threads(params["threads"])
     setup = clip_model.build_model(params.get("model_name", "tiny-vit-64"))
     index = data_loader.load_captions(params["data"])
-    transform = data_loader.image_transform(setup.preprocess_cfg, train=True, augment=True)
-    dataset = data_loader.TrainDataset(index, transform, setup.tokenizer, seed=0)
-    sampler = data_loader.EpochSampler(len(dataset), seed=0)
-    loader = data_loader.build_dataloader(dataset, params["batch_size"], sampler=sampler,
-                                          num_workers=params["num_workers"], seed=0, train=True)
+    augmentation = data_loader.TrainAugmentation(setup.preprocess_cfg)
+    started, cache = time.perf_counter(), None
+    if params.get("cache", True):
+        index, cache = data_loader.cache_images(index, augmentation, params["num_workers"])
+    cache_s = time.perf_counter() - started
+    dataset = data_loader.TrainDataset(index, augmentation, setup.tokenizer, seed=0, cache=cache)
+    loader = data_loader.EpochLoader(dataset, params["batch_size"], num_workers=params["num_workers"])
     images, started = 0, time.perf_counter()
     for epoch in range(params["epochs"]):
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
+        loader.set_epoch(epoch)
         for batch in loader:
             images += len(batch["image_ids"])
     elapsed = time.perf_counter() - started
-    _finish({"images_per_s": images / elapsed, "images": images, "seconds": elapsed})
+    _finish({"images_per_s": images / elapsed, "images": images, "seconds": elapsed, "cache_s": cache_s})
 
 
 if __name__ == "__main__":
