@@ -12,10 +12,9 @@ to); everything after loading works on that index only. Formats, detected from t
      `image_id<TAB>base64 image` plus {split}_texts.jsonl holding {"text_id", "text", "image_ids"}.
 An image named more than once (COCO-style, one line per caption) is one image with several
 captions: retrieval metrics must know that five captions describe the same picture.
-For sets too large for one index, training also streams WebDataset tar shards (`WebDatasetTrain`),
-which `--to_webdataset` converts any of the formats above into.
+For sets too large for one index, training streams WebDataset tar shards instead: shards.py.
 CLI: `python data_loader.py --make_sample DIR` writes a generated data set, `--inspect PATH` checks
-that a data set loads, `--to_webdataset SRC OUT` writes it as shards.
+that a data set loads.
 """
 from __future__ import annotations
 
@@ -24,7 +23,6 @@ import base64
 import contextlib
 import csv
 import io
-import itertools
 import json
 import os
 import random
@@ -35,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from sample_data import SAMPLE_COLOURS, SAMPLE_SHAPES, create_sample_dataset  # noqa: F401 (used as data_loader.*)
 
@@ -437,6 +435,8 @@ class TrainDataset(Dataset):
     the samples the interrupted one would have.
     """
 
+    yields_train_samples = True  # build_dataloader collates them with collate_batch
+
     def __init__(self, index: CaptionIndex, transform, tokenizer, seed: int = 0, strict: bool = False):
         self.index, self.transform, self.tokenizer = index, transform, tokenizer
         self.seed, self.strict = seed, strict
@@ -452,14 +452,14 @@ class TrainDataset(Dataset):
 
     def __getitem__(self, i: int):
         captions = [self.index.caption(int(j)) for j in self.index.captions_of(i)]
-        return _train_sample(i, int(self._epoch[0]), captions, lambda: self.index.load_image(i),
-                             self.index.image_name(i), self)
+        return train_sample(i, int(self._epoch[0]), captions, lambda: self.index.load_image(i),
+                            self.index.image_name(i), self)
 
 
-def _train_sample(i: int, epoch: int, captions: list[str], load_image, image_name: str, dataset):
+def train_sample(i: int, epoch: int, captions: list[str], load_image, image_name: str, dataset):
     """Sample i of an epoch, `(pixels, tokens, i)`: ONE caption and the augmentation, both drawn
     from a generator seeded with (seed, epoch, i); a FailedSample if the image cannot be read
-    (DataError if the dataset is strict). Shared by TrainDataset and WebDatasetTrain."""
+    (DataError if the dataset is strict). Shared by TrainDataset and shards.WebDatasetTrain."""
     rng = np.random.default_rng((dataset.seed, epoch, i))
     caption = captions[rng.integers(len(captions))]
     try:
@@ -538,240 +538,29 @@ def build_dataloader(dataset, batch_size: int, *, sampler=None, num_workers: int
                      train: bool = True, pin_memory: bool = False) -> DataLoader:
     """A DataLoader with seeded workers. Training drops the last incomplete batch (a tiny batch has
     few negatives and gives a noisy contrastive loss). Pass an EpochSampler (or DistributedSampler)
-    to shard across ranks; without one, training shuffles with the seed. A WebDatasetTrain shards
-    and shuffles itself, so it takes neither."""
+    to shard across ranks; without one, training shuffles with the seed. An IterableDataset (such
+    as shards.WebDatasetTrain) shards and shuffles itself, so it takes neither. Datasets of
+    training samples (`yields_train_samples`) are collated by collate_batch."""
     generator = torch.Generator()
     generator.manual_seed(seed)
-    collate = collate_batch if isinstance(dataset, (TrainDataset, WebDatasetTrain)) else None
+    collate = collate_batch if getattr(dataset, "yields_train_samples", False) else None
     shuffle = train and sampler is None and not isinstance(dataset, IterableDataset)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle,
                       num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory, drop_last=train,
                       worker_init_fn=_seed_worker, generator=generator, persistent_workers=num_workers > 0)
 
 
-# ----------------------------------------------------------------------------- WebDataset shards
-
-# A shard set is tar files (the container open_clip streams LAION from) of samples `<key>.jpg|png`
-# (image bytes) and `<key>.json` ({"captions": [...all of them], "image": original name}), plus
-# SHARD_INFO beside them with every shard's sample count: a stream cannot be counted without
-# reading it, and the counts are what lets every rank be given the same number of samples.
-SHARD_INFO = "_info.json"
-# Samples each reader mixes before yielding: shards hold a random mix of the set already (the
-# converter shuffles), so this only has to vary the batches from epoch to epoch.
-SHUFFLE_BUFFER = 1000
-
-
-def is_webdataset(path) -> bool:
-    """True for a brace pattern such as `shards/{00000..00099}.tar`, one .tar file, or a folder
-    of .tar shards; such a path goes to WebDatasetTrain instead of load_captions."""
-    path = str(path)
-    return path.endswith(".tar") or os.path.isdir(path) and (
-        os.path.isfile(os.path.join(path, SHARD_INFO)) or any(f.endswith(".tar") for f in os.listdir(path)))
-
-
-def _shard_counts(folder: str) -> dict[str, int]:
-    path = os.path.join(folder, SHARD_INFO)
-    try:
-        with open(path, encoding="utf-8") as f:
-            return {shard["name"]: int(shard["count"]) for shard in json.load(f)["shards"]}
-    except FileNotFoundError:
-        raise DataError(f"{path} not found: training on shards needs the sample count of every shard, "
-                        f"to know the epoch's length and give every rank the same number of samples. "
-                        f"`python data_loader.py --to_webdataset SRC OUT` writes it; for shards made "
-                        f"elsewhere write {{\"shards\": [{{\"name\": \"00000.tar\", \"count\": N}}, ...]}}") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{path}: expected {{\"shards\": [{{\"name\": ..., \"count\": ...}}, ...]}} "
-                        f"({type(e).__name__}: {e})") from e
-
-
-def _read_shard_set(pattern: str) -> tuple[list[str], np.ndarray]:
-    """The shard files of a pattern, a .tar file or a folder, and their sample counts."""
-    from webdataset.shardlists import expand_urls
-    urls = ([os.path.join(pattern, name) for name in _shard_counts(pattern)] if os.path.isdir(pattern)
-            else expand_urls(pattern))
-    counts, known = [], {}
-    for url in urls:
-        folder, name = os.path.split(url)
-        if folder not in known:
-            known[folder] = _shard_counts(folder)
-        if not os.path.isfile(url):
-            raise DataError(f"{pattern}: shard {url} not found")
-        if name not in known[folder]:
-            raise DataError(f"{url}: not listed in {os.path.join(folder, SHARD_INFO)}; convert the set again")
-        counts.append(known[folder][name])
-    return urls, np.asarray(counts, dtype=np.int64)
-
-
-def _deal_shards(counts: np.ndarray, seed: int, epoch: int, start: int, readers: int) -> tuple[list, int]:
-    """Each reader's shards for an epoch, and the number of samples every reader yields.
-
-    Shards go round-robin, in an order seeded with (seed, epoch), to the readers; shards that the
-    first `start` samples of that order fill are skipped, and the last len % readers sit the epoch
-    out. Every reader yields as many samples as the one with the fewest has.
-    """
-    order = np.random.default_rng((seed, epoch)).permutation(len(counts))
-    order = order[np.searchsorted(np.cumsum(counts[order]), start, side="right"):]
-    order = order[:len(order) // readers * readers]
-    shards = [order[r::readers] for r in range(readers)]
-    return shards, int(min(counts[s].sum() for s in shards)) if len(order) else 0
-
-
-class WebDatasetTrain(IterableDataset):
-    """TrainDataset's samples, `(pixels, tokens, i)` or a FailedSample, streamed from tar shards.
-
-    The key of a sample is its image's number in the converted source, so ids, the caption drawn
-    and the augmentation (seeded with (seed, epoch, i)) are those TrainDataset gives the source.
-
-    Sharing out an epoch. The readers are the world_size ranks x DataLoader workers. The shards,
-    in an order seeded with (seed, epoch), are dealt round-robin to them; the last len % readers
-    shards of that order sit the epoch out (different ones each epoch). A reader streams its
-    shards through a shuffle buffer and yields exactly as many samples as the reader with the
-    fewest: every rank must make the same number of batches, or the others would wait forever in
-    the all-gather of features. So no sample is yielded twice in an epoch, and those left out are
-    the sat-out shards plus the surplus of the fuller readers, with the converter's equal shards
-    fewer than 2 x readers x shard_size; keep the shards >= 10 x readers to leave out < 10%. (The
-    DataLoader also drops each worker's last partial batch.) `len()` counts every sample.
-
-    Resuming mid-epoch (`set_epoch(epoch, start)`, start = samples consumed by all ranks
-    together) is approximate: the shards that the first `start` samples of the epoch's order fill
-    are skipped unread, but the readers had been reading their shards in parallel (and through
-    the buffer), so up to about readers x (shard_size + SHUFFLE_BUFFER) samples are seen twice or
-    not at all in that epoch. An epoch started from 0 is the same for the same number of readers.
-    """
-
-    def __init__(self, pattern, transform, tokenizer, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 strict: bool = False):
-        self.pattern, self.transform, self.tokenizer = str(pattern), transform, tokenizer
-        self.seed, self.rank, self.world_size, self.strict = seed, rank, world_size, strict
-        self.urls, self.counts = _read_shard_set(self.pattern)
-        # epoch and start, in shared memory so that persistent DataLoader workers see them
-        self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
-
-    def set_epoch(self, epoch: int, start: int = 0):
-        self._position[0], self._position[1] = epoch, start
-
-    def __len__(self) -> int:
-        return int(self.counts.sum())
-
-    def __iter__(self):
-        import webdataset as wds
-        worker = get_worker_info()
-        worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        readers, reader = self.world_size * num_workers, self.rank * num_workers + worker_id
-        if len(self.urls) < readers:
-            raise DataError(f"{self.pattern}: {len(self.urls)} shards cannot be shared by {readers} readers "
-                            f"({self.world_size} ranks x {num_workers} workers); use fewer workers or "
-                            f"convert with a smaller --shard_size")
-        epoch, start = (int(v) for v in self._position)
-        shards, quota = _deal_shards(self.counts, self.seed, epoch, start, readers)
-        urls = [self.urls[k] for k in shards[reader]]
-        samples = wds.shuffle(SHUFFLE_BUFFER, SHUFFLE_BUFFER, seed=f"{self.seed}-{epoch}-{reader}")(
-            wds.tarfile_samples([{"url": url} for url in urls]))
-        count = 0
-        for count, sample in enumerate(itertools.islice(samples, quota), 1):
-            yield self._sample(sample, epoch)
-        if count < quota:
-            raise DataError(f"{', '.join(urls)}: {count} samples, fewer than {SHARD_INFO} counts "
-                            f"({quota} or more); the shards changed after conversion, convert again")
-
-    def _sample(self, sample: dict, epoch: int):
-        where = f"{sample['__url__']}, sample {sample['__key__']}"
-        try:
-            i, meta = int(sample["__key__"]), json.loads(sample["json"])
-            captions, image_name = meta["captions"], f"{meta['image']} ({where})"
-        except (KeyError, ValueError, TypeError) as e:
-            raise DataError(f"{where}: expected a numeric key and <key>.json with 'captions' and 'image', "
-                            f"as `--to_webdataset` writes ({type(e).__name__}: {e})") from e
-        data = sample.get("jpg", sample.get("png"))
-
-        def load_image():
-            if data is None:
-                raise DataError(f"image '{image_name}': the sample has no .jpg or .png")
-            return decode_image(data, image_name)
-        return _train_sample(i, epoch, captions, load_image, image_name, self)
-
-
-def _shard_image(index: CaptionIndex, i: int, resize: int) -> tuple[str, bytes]:
-    """Image i for a shard as (extension, bytes): the stored bytes if they are JPEG or PNG and need
-    no resizing (pixels stay exactly as they were), else decoded, resized and encoded again."""
-    data = index.image_bytes(i)
-    image = decode_image(data, index._label(i))  # decoded even when copied: a bad image is caught now
-    with Image.open(io.BytesIO(data)) as header:
-        kind = header.format
-    extension, shorter = "png" if kind == "PNG" else "jpg", min(image.size)
-    if kind in ("JPEG", "PNG") and not 0 < resize < shorter:
-        return extension, data
-    if 0 < resize < shorter:
-        image = image.resize((round(image.width * resize / shorter), round(image.height * resize / shorter)),
-                             Image.Resampling.BICUBIC)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG" if extension == "png" else "JPEG", quality=95)
-    return extension, buffer.getvalue()
-
-
-def convert_to_webdataset(src, out_dir, shard_size: int = 10000, resize: int = 0, seed: int = 0,
-                          **read) -> dict:
-    """Write a data set that load_captions reads (`read`: its options) as WebDataset shards
-    out_dir/00000.tar, 00001.tar, ... of shard_size samples, and out_dir/_info.json.
-
-    One sample per image: `<key>.jpg` or `.png` and `<key>.json` with all its captions and the
-    original image name; the key is the image's number in the source. Images go into the shards
-    in a seeded random order, so that every shard is a random sample of the set (a reader streams
-    one shard at a time). resize > 0 scales images whose shorter side is longer down to it,
-    keeping the aspect ratio. Unreadable images are left out and listed in _info.json, which
-    also records every shard's sample count. Returns that info.
-    """
-    import webdataset as wds
-    from tqdm import tqdm
-    out_dir = str(out_dir)
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise FileExistsError(f"{out_dir}: folder exists and is not empty; choose a new folder or delete it")
-    index = load_captions(src, **read)
-    os.makedirs(out_dir, exist_ok=True)
-    shards, skipped, tar = [], [], None
-    for i in tqdm(np.random.default_rng(seed).permutation(index.num_images), desc="converting", unit="image"):
-        try:
-            extension, data = _shard_image(index, int(i), resize)
-        except DataError as e:
-            skipped.append(str(e))
-            continue
-        if tar is None or shards[-1]["count"] == shard_size:
-            if tar is not None:
-                tar.close()
-            shards.append({"name": f"{len(shards):05d}.tar", "count": 0})
-            tar = wds.TarWriter(os.path.join(out_dir, shards[-1]["name"]), encoder=False, mtime=0)
-        captions = [index.caption(int(j)) for j in index.captions_of(i)]
-        tar.write({"__key__": f"{i:09d}", extension: data,
-                   "json": json.dumps({"captions": captions, "image": index.image_name(i)},
-                                      ensure_ascii=False).encode("utf-8")})
-        shards[-1]["count"] += 1
-    if tar is None:
-        raise DataError(f"{src}: no readable image ({len(skipped)} failed; first: {skipped[0]})")
-    tar.close()
-    info = {"source": index.source, "total": sum(s["count"] for s in shards), "shards": shards,
-            "resize": resize or None, "seed": seed, "skipped": skipped}
-    with open(os.path.join(out_dir, SHARD_INFO), "w", encoding="utf-8") as f:
-        json.dump(info, f, ensure_ascii=False, indent=1)
-    return info
-
-
 # ----------------------------------------------------------------------------- command line
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="Make a sample data set, check that a data set loads, or "
-                                                 "convert one to WebDataset shards.")
+    parser = argparse.ArgumentParser(description="Make a sample data set, or check that a data set loads. "
+                                                 "(shards.py converts one to WebDataset shards.)")
     add = parser.add_argument
     add("--make_sample", metavar="DIR", help="write a generated data set into DIR (new or empty)")
     add("--num_samples", type=int, default=1000, help="images in the generated set")
-    add("--seed", type=int, default=0, help="seed of the generated set (same seed, same files), or of "
-                                            "the order of images in the shards")
+    add("--seed", type=int, default=0, help="seed of the generated set (same seed, same files)")
     add("--language", choices=("en", "zh"), default="en", help="caption language of the generated set")
     add("--inspect", metavar="PATH", help="load a data set (any format); print counts and a few entries")
-    add("--to_webdataset", nargs=2, metavar=("SRC", "OUT"), help="convert data set SRC (any format) to "
-                                                                 "WebDataset shards in folder OUT")
-    add("--shard_size", type=int, default=10000, help="samples per shard of --to_webdataset")
-    add("--resize", type=int, default=0, help="--to_webdataset scales images whose shorter side is longer "
-                                              "down to this many pixels; 0 keeps them as they are")
     add("--image_column", default="filepath", help="image column of a CSV/TSV file")
     add("--caption_column", default="title", help="caption column of a CSV/TSV file")
     add("--split", default="train", help="split of a Chinese-CLIP folder ({split}_texts.jsonl)")
@@ -781,8 +570,8 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not (args.make_sample or args.inspect or args.to_webdataset):
-        parser.error("give --make_sample DIR, --inspect PATH or --to_webdataset SRC OUT")
+    if not (args.make_sample or args.inspect):
+        parser.error("give --make_sample DIR or --inspect PATH")
     read = dict(image_column=args.image_column, caption_column=args.caption_column, split=args.split)
     try:
         if args.make_sample:
@@ -796,14 +585,6 @@ def main(argv=None):
                 image = index.load_image(i)  # decoding a few images catches a wrong image format early
                 print(f"  {index.image_name(i)} ({image.width}x{image.height}): " +
                       " | ".join(index.caption(j) for j in index.captions_of(i)))
-        if args.to_webdataset:
-            src, out = args.to_webdataset
-            info = convert_to_webdataset(src, out, args.shard_size, args.resize, args.seed, **read)
-            for reason in info["skipped"][:5]:
-                print(f"skipped {reason}")
-            pattern = os.path.join(out, "{00000..%05d}.tar" % (len(info["shards"]) - 1))
-            print(f"wrote {info['total']} samples in {len(info['shards'])} shards ({len(info['skipped'])} "
-                  f"unreadable images skipped); train on them with --data_dir '{pattern}'")
     except (DataError, FileExistsError) as e:
         sys.exit(f"data error: {e}")
 

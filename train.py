@@ -55,13 +55,20 @@ SCHEMA = [
     Setting("model", "compile", False, "torch.compile the model"),
     # data
     Setting("data", "data_dir", DEFAULT_DATA_DIR, "training data: JSON index, images/+captions/ "
-            "folder, CSV/TSV, or Chinese-CLIP folder; the default is generated if missing"),
+            "folder, CSV/TSV, Chinese-CLIP folder or LMDB, or WebDataset shards "
+            "('dir/{00000..00099}.tar', sources joined with '::'); the default is generated if missing"),
     Setting("data", "val_data", "", "validation data in any of those formats; '' splits "
             "val_fraction of the images off data_dir"),
     Setting("data", "val_fraction", 0.1, "share of images held out for validation when val_data is ''"),
     Setting("data", "image_column", "filepath", "CSV/TSV column of image paths"),
     Setting("data", "caption_column", "title", "CSV/TSV column of captions"),
     Setting("data", "split", "train", "split of a Chinese-CLIP folder (train, valid, test)"),
+    Setting("data", "train_num_samples", 0, "shards: samples per epoch; needed when the shards' "
+            "counts are unknown (no _info.json or img2dataset *_stats.json); 0 = the shards' total"),
+    Setting("data", "data_weights", "", "shards: each source's share of the samples, e.g. 1,3 for "
+            "two sources (with data_resampled); '' = in proportion to their sizes"),
+    Setting("data", "data_resampled", False, "shards: draw shards with replacement (any number of "
+            "shards for any number of workers; sources mixed by data_weights)"),
     Setting("data", "augment", True, "random resized crop and colour jitter in training (no flips)"),
     Setting("data", "strict_data", False, "stop at the first unreadable image instead of skipping it"),
     Setting("data", "num_workers", 2, "DataLoader worker processes per training process"),
@@ -356,6 +363,7 @@ def main(argv=None):
     import clip_model
     import data_loader
     import evaluation
+    import shards
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -406,10 +414,13 @@ def main(argv=None):
     read = dict(image_column=cfg.image_column, caption_column=cfg.caption_column)
     # WebDataset shards (a brace pattern, .tar or folder of shards) are streamed, not indexed,
     # so they cannot be split into training and validation images.
-    streamed = data_loader.is_webdataset(cfg.data_dir)
+    streamed = shards.is_webdataset(cfg.data_dir)
     if streamed and not cfg.val_data:
         raise SystemExit(f"--data_dir {cfg.data_dir} is a set of WebDataset shards, which are streamed "
                          f"and cannot be split: give --val_data (any format data_loader reads)")
+    if not streamed and (cfg.train_num_samples or cfg.data_weights or cfg.data_resampled):
+        raise SystemExit("train_num_samples, data_weights and data_resampled apply to WebDataset shards; "
+                         f"--data_dir {cfg.data_dir} is read whole, one sample per image per epoch")
     train_index = None if streamed else data_loader.load_captions(cfg.data_dir, split=cfg.split, **read)
     if cfg.val_data:
         val_index = data_loader.load_captions(cfg.val_data, split="valid", **read)
@@ -431,8 +442,10 @@ def main(argv=None):
              f"{clip_model.count_parameters(model, trainable_only=True) / 1e6:.1f}M trainable")
     transform = data_loader.image_transform(setup.preprocess_cfg, train=True, augment=cfg.augment)
     if streamed:  # the dataset shares the shards out across ranks and workers itself
-        train_set = data_loader.WebDatasetTrain(cfg.data_dir, transform, setup.tokenizer, seed=cfg.seed,
-                                                rank=rank, world_size=world_size, strict=cfg.strict_data)
+        train_set = shards.WebDatasetTrain(cfg.data_dir, transform, setup.tokenizer, seed=cfg.seed,
+                                           rank=rank, world_size=world_size, strict=cfg.strict_data,
+                                           num_samples=cfg.train_num_samples, weights=cfg.data_weights,
+                                           resampled=cfg.data_resampled)
         sampler = None
     else:
         train_set = data_loader.TrainDataset(train_index, transform, setup.tokenizer, seed=cfg.seed,
