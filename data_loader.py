@@ -10,6 +10,8 @@ to); everything after loading works on that index only. Formats, detected from t
      open_clip); the separator is the one that splits the header into those columns.
   4. The Chinese-CLIP layout (MUGE, Flickr30K-CN, COCO-CN): {split}_imgs.tsv holding
      `image_id<TAB>base64 image` plus {split}_texts.jsonl holding {"text_id", "text", "image_ids"}.
+  5. Chinese-CLIP's LMDB folders, which its preprocessing makes of those files: lmdb/{split}/imgs
+     (base64 images by image id) and lmdb/{split}/pairs (pickled (image_id, text_id, text)).
 An image named more than once (COCO-style, one line per caption) is one image with several
 captions: retrieval metrics must know that five captions describe the same picture.
 For sets too large for one index, training streams WebDataset tar shards instead: shards.py.
@@ -25,6 +27,7 @@ import csv
 import io
 import json
 import os
+import pickle
 import random
 import sys
 import warnings
@@ -92,16 +95,19 @@ class CaptionIndex:
     first_caption[i + 1] - 1, so `caption_image` (caption j -> its image, what retrieval metrics
     need) and `captions_of(i)` (what training draws from) are array lookups.
     Images are files (names resolved against `image_root`), or base64 text inside the TSV file
-    `tsv_path` (Chinese-CLIP layout), where `tsv_spans[i]` is the byte range of image i: read and
-    decoded on demand, so no image is held in memory.
+    `tsv_path` (Chinese-CLIP layout), where `tsv_spans[i]` is the byte range of image i, or in the
+    LMDB database `lmdb_path` under the image's id: read and decoded on demand, so no image is
+    held in memory.
     """
 
     def __init__(self, names: PackedStrings, captions: PackedStrings, first_caption: np.ndarray, source: str,
-                 image_root: str = "", tsv_path: str | None = None, tsv_spans: np.ndarray | None = None):
+                 image_root: str = "", tsv_path: str | None = None, tsv_spans: np.ndarray | None = None,
+                 lmdb_path: str | None = None):
         self._names, self._captions, self._first_caption = names, captions, first_caption
         self.num_images, self.num_captions = len(names), len(captions)
         self.caption_image = np.repeat(np.arange(len(names), dtype=np.int64), np.diff(first_caption))
         self.source, self.image_root, self.tsv_path, self.tsv_spans = source, image_root, tsv_path, tsv_spans
+        self.lmdb_path = lmdb_path
 
     def caption(self, j: int) -> str:
         return self._captions[j]
@@ -113,21 +119,25 @@ class CaptionIndex:
         return np.arange(self._first_caption[i], self._first_caption[i + 1], dtype=np.int64)
 
     def image_name(self, i: int) -> str:
-        """The image's path (resolved), or its id inside the TSV file."""
-        return self._names[i] if self.tsv_path else os.path.join(self.image_root, self._names[i])
+        """The image's path (resolved), or its id inside the TSV file or LMDB database."""
+        return self._names[i] if self.tsv_path or self.lmdb_path else os.path.join(self.image_root, self._names[i])
 
     def image_bytes(self, i: int) -> bytes:
-        """The stored bytes of image i: the file's content, or the base64 text of the TSV decoded."""
-        if self.tsv_path is None:
+        """The stored bytes of image i: the file's content, or the base64 text of the TSV or LMDB
+        decoded."""
+        if self.lmdb_path is not None:
+            encoded = _lmdb_value(self.lmdb_path, self._names[i], self._label(i))
+        elif self.tsv_path is None:
             try:
                 with open(self.image_name(i), "rb") as f:
                     return f.read()
             except OSError as e:
                 raise DataError(f"image '{self.image_name(i)}' cannot be read: {e.strerror}") from e
-        start, end = self.tsv_spans[i]
-        with open(self.tsv_path, "rb") as f:
-            f.seek(start)
-            encoded = f.read(end - start)
+        else:
+            start, end = self.tsv_spans[i]
+            with open(self.tsv_path, "rb") as f:
+                f.seek(start)
+                encoded = f.read(end - start)
         try:  # Chinese-CLIP writes url-safe base64; this decodes the standard alphabet too
             return base64.urlsafe_b64decode(encoded)
         except ValueError as e:
@@ -138,7 +148,8 @@ class CaptionIndex:
         return decode_image(self.image_bytes(i), self._label(i))
 
     def _label(self, i: int) -> str:
-        return f"{self.tsv_path}, image id {self._names[i]}" if self.tsv_path else self.image_name(i)
+        store = self.tsv_path or self.lmdb_path
+        return f"{store}, image id {self._names[i]}" if store else self.image_name(i)
 
     def subset(self, image_indices) -> CaptionIndex:
         """The given images, each with all its captions (train/val splits)."""
@@ -147,7 +158,8 @@ class CaptionIndex:
         caption_ids, first_caption = _gather_ranges(starts, self._first_caption[images + 1] - starts)
         return CaptionIndex(self._names.take(images), self._captions.take(caption_ids), first_caption,
                             f"{self.source} [{len(images)} of {self.num_images} images]", self.image_root,
-                            self.tsv_path, None if self.tsv_spans is None else self.tsv_spans[images])
+                            self.tsv_path, None if self.tsv_spans is None else self.tsv_spans[images],
+                            self.lmdb_path)
 
     def __repr__(self) -> str:
         return f"CaptionIndex({self.source}: {self.num_images} images, {self.num_captions} captions)"
@@ -351,6 +363,99 @@ def _read_chinese_clip(texts_path: str) -> CaptionIndex:
                        tsv_spans=np.asarray(spans, dtype=np.int64).reshape(-1, 2)[used])
 
 
+# Chinese-CLIP's LMDB folders (cn_clip/preprocess/build_lmdb_dataset.py writes them from the TSV and
+# JSONL files): `imgs` maps an image id (utf-8 text) to its base64 image; `pairs` maps "0", "1", ...
+# to a pickled (image_id, text_id, text), one per image a text describes, and b"num_samples" to
+# their count.
+_LMDB_ENVIRONMENTS = {}  # path -> this process's read-only environment
+
+
+def _open_lmdb(path: str):
+    """A read-only LMDB environment, opened once per process and kept."""
+    import lmdb
+    if path not in _LMDB_ENVIRONMENTS:
+        try:
+            _LMDB_ENVIRONMENTS[path] = lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False)
+        except lmdb.Error as e:
+            raise DataError(f"{path}: cannot be opened as an LMDB database ({e})") from e
+    return _LMDB_ENVIRONMENTS[path]
+
+
+def _close_lmdb_environments():
+    """A process closes its environments before it forks (DataLoader workers): a child must not
+    use its parent's (LMDB forbids it), and py-lmdb refuses to open one its parent holds open.
+    Both reopen them on first use."""
+    for environment in _LMDB_ENVIRONMENTS.values():
+        environment.close()
+    _LMDB_ENVIRONMENTS.clear()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere workers are spawned, not forked
+    os.register_at_fork(before=_close_lmdb_environments)
+
+
+def _lmdb_value(path: str, key: str, label: str) -> bytes:
+    with _open_lmdb(path).begin() as txn:
+        value = txn.get(key.encode("utf-8"))
+    if value is None:
+        raise DataError(f"image '{label}' is not in the database")
+    return value
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles plain data only. A pickle is a small program for a stack machine: it may name any
+    importable function (os.system, say) and call it while it loads, so pickle.loads of a file
+    from elsewhere can run anything. Every such name goes through find_class; refusing them all
+    leaves only what the opcodes build by themselves (numbers, strings, bytes, tuples, lists,
+    dicts, None, booleans), and nothing is called."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it names {module}.{name}; only plain data is accepted (tuples, "
+                                     f"numbers, strings)")
+
+
+def _read_pair(data: bytes, where: str) -> tuple[str, str]:
+    """(image id, text) of one pickled (image_id, text_id, text) record of a pairs database."""
+    try:
+        record = _PlainDataUnpickler(io.BytesIO(data)).load()
+    except Exception as e:  # corrupt pickles raise many types (UnpicklingError, EOFError, KeyError, ...)
+        raise DataError(f"{where}: refused to unpickle the record: {e}") from e
+    if not (isinstance(record, tuple) and len(record) == 3 and isinstance(record[0], (int, str))
+            and isinstance(record[1], (int, str)) and isinstance(record[2], str)):
+        raise DataError(f"{where}: expected a pickled (image_id, text_id, text), found {record!r:.80}")
+    return str(record[0]), record[2]
+
+
+def _is_lmdb_folder(folder: str) -> bool:
+    return all(os.path.isfile(os.path.join(folder, db, "data.mdb")) for db in ("imgs", "pairs"))
+
+
+def _read_lmdb(folder: str) -> CaptionIndex:
+    """The pairs of a Chinese-CLIP LMDB folder; every image id they name must be in imgs."""
+    pairs_path, imgs_path = os.path.join(folder, "pairs"), os.path.join(folder, "imgs")
+    image_of_id, captions, owner = {}, [], []
+    with _open_lmdb(pairs_path).begin() as txn:
+        count = txn.get(b"num_samples")
+        if count is None or not count.isdigit():
+            raise DataError(f"{pairs_path}: no 'num_samples' entry (the number of pairs); is this "
+                            f"Chinese-CLIP's pairs database?")
+        for k in range(int(count)):
+            where, data = f"{pairs_path}, key {k}", txn.get(str(k).encode("utf-8"))
+            if data is None:
+                raise DataError(f"{where}: missing, though num_samples is {int(count)}")
+            image_id, text = _read_pair(data, where)
+            captions.append(_clean_caption(text, where, image_id))
+            owner.append(image_of_id.setdefault(image_id, len(image_of_id)))
+    if not captions:
+        raise DataError(f"{pairs_path}: no pairs")
+    with _open_lmdb(imgs_path).begin(buffers=True) as txn:
+        missing = [image_id for image_id in image_of_id if txn.get(image_id.encode("utf-8")) is None]
+    if missing:
+        raise DataError(f"{pairs_path}: image id {missing[0]!r} is not in {imgs_path}"
+                        + (f" ({len(missing) - 1} more are missing)" if len(missing) > 1 else ""))
+    return _make_index(list(image_of_id), captions, owner, folder, lmdb_path=imgs_path)
+
+
 def load_captions(path, image_column: str = "filepath", caption_column: str = "title",
                   split: str = "train") -> CaptionIndex:
     """Read a data set in any supported format (see the top of this file) into a CaptionIndex."""
@@ -363,8 +468,12 @@ def load_captions(path, image_column: str = "filepath", caption_column: str = "t
             return _read_folder(path)
         if os.path.isfile(texts):
             return _read_chinese_clip(texts)
-        raise DataError(f"{path}: found no data.json, no images/ + captions/ folders and no "
-                        f"{split}_texts.jsonl + {split}_imgs.tsv (formats: the top of data_loader.py)")
+        for folder in (path, os.path.join(path, split)):
+            if _is_lmdb_folder(folder):
+                return _read_lmdb(folder)
+        raise DataError(f"{path}: found no data.json, no images/ + captions/ folders, no "
+                        f"{split}_texts.jsonl + {split}_imgs.tsv and no LMDB imgs/ + pairs/ "
+                        f"(formats: the top of data_loader.py)")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file or folder")
     if path.endswith("_texts.jsonl"):
