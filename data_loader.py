@@ -120,7 +120,8 @@ class CaptionIndex:
 
     def image_name(self, i: int) -> str:
         """The image's path (resolved), or its id inside the TSV file or LMDB database."""
-        return self._names[i] if self.tsv_path or self.lmdb_path else os.path.join(self.image_root, self._names[i])
+        stored = self.tsv_path or self.lmdb_path
+        return self._names[i] if stored else os.path.join(self.image_root, self._names[i])
 
     def image_bytes(self, i: int) -> bytes:
         """The stored bytes of image i: the file's content, or the base64 text of the TSV or LMDB
@@ -375,7 +376,8 @@ def _open_lmdb(path: str):
     import lmdb
     if path not in _LMDB_ENVIRONMENTS:
         try:
-            _LMDB_ENVIRONMENTS[path] = lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False)
+            _LMDB_ENVIRONMENTS[path] = lmdb.open(path, readonly=True, lock=False, readahead=False,
+                                                 meminit=False)
         except lmdb.Error as e:
             raise DataError(f"{path}: cannot be opened as an LMDB database ({e})") from e
     return _LMDB_ENVIRONMENTS[path]

@@ -43,9 +43,9 @@ SHARD_INFO = "_info.json"          # our converter's counts, beside the shards
 STATS_SUFFIX = "_stats.json"       # img2dataset's, one per shard: NNNNN.tar -> NNNNN_stats.json
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # a sample's image, under the first of these present
 SOURCE_SEPARATOR = "::"
-# Samples each reader mixes before yielding: shards hold a random mix of their set already
-# (img2dataset and our converter both write shards in a shuffled or arbitrary order), so this only
-# has to vary the batches from epoch to epoch.
+# Samples each reader mixes before yielding: shards hold a random mix of their set already (our
+# converter shuffles; img2dataset keeps the order of its URL lists, which is arbitrary), so this
+# only has to vary the batches from epoch to epoch.
 SHUFFLE_BUFFER = 1000
 # A sample id is `source number << SOURCE_SHIFT | id within the source` (see sample_id).
 SOURCE_SHIFT, MAX_SOURCES = 55, 256
@@ -63,6 +63,7 @@ class ShardSet:
 
 
 def split_sources(data_dir) -> list[str]:
+    """The sources of a --data_dir: 'a/{0..9}.tar::b/' -> ['a/{0..9}.tar', 'b/']."""
     return [part for part in str(data_dir).split(SOURCE_SEPARATOR) if part]
 
 
@@ -117,9 +118,11 @@ def read_shard_set(pattern: str) -> ShardSet:
                         f"'dir/{{00000..00099}}.tar' or a folder of .tar files); sources joined with "
                         f"'{SOURCE_SEPARATOR}' must all be shards")
     missing = [url for url in urls if not os.path.isfile(url)]
-    if not urls or missing:
-        raise DataError(f"{pattern}: " + (f"shard {missing[0]} not found" + (
-            f" ({len(missing) - 1} more missing)" if len(missing) > 1 else "") if missing else "no .tar shards"))
+    if missing:
+        more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
+        raise DataError(f"{pattern}: shard {missing[0]} not found{more}")
+    if not urls:
+        raise DataError(f"{pattern}: no .tar shards in this folder")
     infos = {folder: _read_info(folder) for folder in {os.path.dirname(url) for url in urls}}
     counts = []
     for url in urls:
@@ -141,7 +144,8 @@ def sample_id(source: int, shard_set: ShardSet, url: str, key: str) -> int:
     clip_model.ContrastiveLoss takes two rows of a batch with the same id for two captions of one
     image (positives of each other, never negatives), so different images must never share an id.
     Our converter's keys are the image numbers of the converted set, unique within it, and kept
-    as ids: a set trains on exactly the samples TrainDataset gives the original. Other keys
+    as ids: as the first source, a set trains on exactly the samples TrainDataset gives the
+    original. Other keys
     (img2dataset's "000120034", or any text) are hashed with the shard's file name, which makes
     them unique across shards that restart their keys and stable when the data moves: 55 bits,
     so two images of a batch of 32,768 share an id with a probability of about 1.5e-8. The
@@ -222,7 +226,8 @@ def _source_weights(weights: str, resampled: bool, sources: list[ShardSet], shar
     try:
         values = np.array([float(w) for w in weights.split(",")])
     except ValueError:
-        raise DataError(f"--data_weights {weights!r}: expected numbers separated by commas, e.g. 1,3") from None
+        raise DataError(f"--data_weights {weights!r}: expected numbers separated by commas, "
+                        f"e.g. 1,3") from None
     if len(values) != len(sources) or not (values > 0).all() or not np.isfinite(values).all():
         raise DataError(f"--data_weights {weights!r}: expected {len(sources)} positive numbers, one per "
                         f"source of --data_dir ({SOURCE_SEPARATOR.join(s.pattern for s in sources)})")
@@ -291,7 +296,8 @@ class WebDatasetTrain(IterableDataset):
         readers, reader = self.world_size * num_workers, self.rank * num_workers + worker_id
         epoch, start = (int(v) for v in self._position)
         if self.resampled:
-            samples, quota, exact = self._resampled_stream(epoch, start, reader), (len(self) - start) // readers, False
+            samples = self._resampled_stream(epoch, start, reader)
+            quota, exact = (len(self) - start) // readers, False
         else:
             samples, quota, exact = self._dealt_stream(epoch, start, readers, reader)
         count = 0
@@ -344,7 +350,7 @@ class WebDatasetTrain(IterableDataset):
                 found = True
                 yield {**sample, "__source__": int(self.shard_source[k])}
             empty = 0 if found else empty + 1
-            if empty >= max(1, patience):
+            if empty >= patience:
                 raise DataError(f"{self.data_dir}: {empty} shards in a row hold no sample (the last: "
                                 f"{self.urls[k]})")
 
@@ -474,8 +480,8 @@ def build_parser():
     parser = argparse.ArgumentParser(description="Convert a data set to WebDataset shards, or show what "
                                                  "a set of shards holds (ours or img2dataset's).")
     add = parser.add_argument
-    add("--to_webdataset", nargs=2, metavar=("SRC", "OUT"), help="convert data set SRC (any format "
-                                                                 "data_loader.py reads) to shards in folder OUT")
+    add("--to_webdataset", nargs=2, metavar=("SRC", "OUT"),
+        help="convert data set SRC (any format data_loader.py reads) to shards in folder OUT")
     add("--shard_size", type=int, default=10000, help="samples per shard of --to_webdataset")
     add("--resize", type=int, default=0, help="--to_webdataset scales images whose shorter side is longer "
                                               "down to this many pixels; 0 keeps them as they are")

@@ -448,7 +448,7 @@ def write_chinese_clip_lmdb(index, root, split="train", pairs=None):
 def test_chinese_clip_lmdb_reads_like_the_files_it_was_made_from(sample, tmp_path):
     reference = dl.load_captions(sample["index"])
     folder = write_chinese_clip_lmdb(reference, tmp_path)
-    for path, split in ((folder, "train"), (tmp_path / "lmdb", "train")):  # the split's folder, or lmdb/ + split
+    for path, split in ((folder, "train"), (tmp_path / "lmdb", "train")):  # the split's folder, or lmdb/
         index = dl.load_captions(path, split=split)
         assert (index.num_images, index.num_captions) == (12, reference.num_captions)
         assert contents(index) == contents(reference)
@@ -501,7 +501,8 @@ def test_train_runs_on_a_chinese_clip_lmdb_folder(tmp_path):
         write_chinese_clip_lmdb(index, root, split)
     result = train.main(["--data_dir", str(root / "lmdb/train"), "--val_data", str(root / "lmdb/valid"),
                          "--batch_size", "8", "--num_workers", "1", "--max_steps", "3", "--warmup_steps", "1",
-                         "--context_length", "48", "--run_name", "cn", "--checkpoint_dir", str(tmp_path / "ckpt"),
-                         "--log_dir", str(tmp_path / "logs"), "--results_dir", str(tmp_path / "results")])
+                         "--context_length", "48", "--run_name", "cn", "--checkpoint_dir",
+                         str(tmp_path / "ckpt"), "--log_dir", str(tmp_path / "logs"),
+                         "--results_dir", str(tmp_path / "results")])
     assert result["step"] == 3 and result["history"]["val"][-1]["retrieval"]["rsum"] > 0
     assert "24 training images" in (tmp_path / "logs/cn/train.log").read_text()
