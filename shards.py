@@ -149,7 +149,9 @@ def sample_id(source: int, shard_set: ShardSet, url: str, key: str) -> int:
     (img2dataset's "000120034", or any text) are hashed with the shard's file name, which makes
     them unique across shards that restart their keys and stable when the data moves: 55 bits,
     so two images of a batch of 32,768 share an id with a probability of about 1.5e-8. The
-    source's number goes into the top bits: sources whose keys coincide stay apart.
+    source's number goes into the top bits: sources whose keys coincide stay apart. (A sample
+    drawn twice into one batch, as resampling can, is two rows with the same id, and the same
+    caption and crop: the loss rightly counts them as one image.)
     """
     if shard_set.numbered:
         if not key.isdigit():
