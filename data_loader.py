@@ -10,12 +10,13 @@ to); everything after loading works on that index only. Formats, detected from t
      open_clip); the separator is the one that splits the header into those columns.
   4. The Chinese-CLIP layout (MUGE, Flickr30K-CN, COCO-CN): {split}_imgs.tsv holding
      `image_id<TAB>base64 image` plus {split}_texts.jsonl holding {"text_id", "text", "image_ids"}.
+  5. Chinese-CLIP's LMDB folders, which its preprocessing makes of those files: lmdb/{split}/imgs
+     (base64 images by image id) and lmdb/{split}/pairs (pickled (image_id, text_id, text)).
 An image named more than once (COCO-style, one line per caption) is one image with several
 captions: retrieval metrics must know that five captions describe the same picture.
-For sets too large for one index, training also streams WebDataset tar shards (`WebDatasetTrain`),
-which `--to_webdataset` converts any of the formats above into.
+For sets too large for one index, training streams WebDataset tar shards instead: shards.py.
 CLI: `python data_loader.py --make_sample DIR` writes a generated data set, `--inspect PATH` checks
-that a data set loads, `--to_webdataset SRC OUT` writes it as shards.
+that a data set loads.
 """
 from __future__ import annotations
 
@@ -23,10 +24,10 @@ import argparse
 import base64
 import csv
 import io
-import itertools
 import json
 import os
 import math
+import pickle
 import random
 import signal
 import sys
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from errors import DataError
 from sample_data import SAMPLE_COLOURS, SAMPLE_SHAPES, create_sample_dataset  # noqa: F401 (used as data_loader.*)
@@ -91,18 +92,20 @@ class CaptionIndex:
     first_caption[i + 1] - 1, so `caption_image` (caption j -> its image, what retrieval metrics
     need) and `captions_of(i)` (what training draws from) are array lookups.
     Images are files (names resolved against `image_root`), or base64 text inside the TSV file
-    `tsv_path` (Chinese-CLIP layout), where `tsv_spans[i]` is the byte range of image i: read and
-    decoded on demand, so no image is held in memory.
+    `tsv_path` (Chinese-CLIP layout), where `tsv_spans[i]` is the byte range of image i, or in the
+    LMDB database `lmdb_path` under the image's id: read and decoded on demand, so no image is
+    held in memory.
     """
 
     def __init__(self, names: PackedStrings, captions: PackedStrings, first_caption: np.ndarray, source: str,
                  image_root: str = "", tsv_path: str | None = None, tsv_spans: np.ndarray | None = None,
-                 skipped: tuple = ()):
+                 lmdb_path: str | None = None, skipped: tuple = ()):
         self._names, self._captions, self._first_caption = names, captions, first_caption
         self.skipped = list(skipped)  # messages of the images of the source left out as unreadable
         self.num_images, self.num_captions = len(names), len(captions)
         self.caption_image = np.repeat(np.arange(len(names), dtype=np.int64), np.diff(first_caption))
         self.source, self.image_root, self.tsv_path, self.tsv_spans = source, image_root, tsv_path, tsv_spans
+        self.lmdb_path = lmdb_path
 
     def caption(self, j: int) -> str:
         return self._captions[j]
@@ -114,21 +117,26 @@ class CaptionIndex:
         return np.arange(self._first_caption[i], self._first_caption[i + 1], dtype=np.int64)
 
     def image_name(self, i: int) -> str:
-        """The image's path (resolved), or its id inside the TSV file."""
-        return self._names[i] if self.tsv_path else os.path.join(self.image_root, self._names[i])
+        """The image's path (resolved), or its id inside the TSV file or LMDB database."""
+        stored = self.tsv_path or self.lmdb_path
+        return self._names[i] if stored else os.path.join(self.image_root, self._names[i])
 
     def image_bytes(self, i: int) -> bytes:
-        """The stored bytes of image i: the file's content, or the base64 text of the TSV decoded."""
-        if self.tsv_path is None:
+        """The stored bytes of image i: the file's content, or the base64 text of the TSV or LMDB
+        decoded."""
+        if self.lmdb_path is not None:
+            encoded = _lmdb_value(self.lmdb_path, self._names[i], self._label(i))
+        elif self.tsv_path is None:
             try:
                 with open(self.image_name(i), "rb") as f:
                     return f.read()
             except OSError as e:
                 raise DataError(f"image '{self.image_name(i)}' cannot be read: {e.strerror}") from e
-        start, end = self.tsv_spans[i]
-        with open(self.tsv_path, "rb") as f:
-            f.seek(start)
-            encoded = f.read(end - start)
+        else:
+            start, end = self.tsv_spans[i]
+            with open(self.tsv_path, "rb") as f:
+                f.seek(start)
+                encoded = f.read(end - start)
         try:  # Chinese-CLIP writes url-safe base64; this decodes the standard alphabet too
             return base64.urlsafe_b64decode(encoded)
         except ValueError as e:
@@ -139,7 +147,8 @@ class CaptionIndex:
         return decode_image(self.image_bytes(i), self._label(i))
 
     def _label(self, i: int) -> str:
-        return f"{self.tsv_path}, image id {self._names[i]}" if self.tsv_path else self.image_name(i)
+        store = self.tsv_path or self.lmdb_path
+        return f"{store}, image id {self._names[i]}" if store else self.image_name(i)
 
     def subset(self, image_indices) -> CaptionIndex:
         """The given images, each with all its captions (train/val splits)."""
@@ -148,7 +157,8 @@ class CaptionIndex:
         caption_ids, first_caption = _gather_ranges(starts, self._first_caption[images + 1] - starts)
         return CaptionIndex(self._names.take(images), self._captions.take(caption_ids), first_caption,
                             f"{self.source} [{len(images)} of {self.num_images} images]", self.image_root,
-                            self.tsv_path, None if self.tsv_spans is None else self.tsv_spans[images])
+                            self.tsv_path, None if self.tsv_spans is None else self.tsv_spans[images],
+                            self.lmdb_path)
 
     def __repr__(self) -> str:
         return f"CaptionIndex({self.source}: {self.num_images} images, {self.num_captions} captions)"
@@ -370,6 +380,100 @@ def _read_chinese_clip(texts_path: str) -> CaptionIndex:
                        tsv_spans=np.asarray(spans, dtype=np.int64).reshape(-1, 2)[used])
 
 
+# Chinese-CLIP's LMDB folders (cn_clip/preprocess/build_lmdb_dataset.py writes them from the TSV and
+# JSONL files): `imgs` maps an image id (utf-8 text) to its base64 image; `pairs` maps "0", "1", ...
+# to a pickled (image_id, text_id, text), one per image a text describes, and b"num_samples" to
+# their count.
+_LMDB_ENVIRONMENTS = {}  # path -> this process's read-only environment
+
+
+def _open_lmdb(path: str):
+    """A read-only LMDB environment, opened once per process and kept."""
+    import lmdb
+    if path not in _LMDB_ENVIRONMENTS:
+        try:
+            _LMDB_ENVIRONMENTS[path] = lmdb.open(path, readonly=True, lock=False, readahead=False,
+                                                 meminit=False)
+        except lmdb.Error as e:
+            raise DataError(f"{path}: cannot be opened as an LMDB database ({e})") from e
+    return _LMDB_ENVIRONMENTS[path]
+
+
+def _close_lmdb_environments():
+    """A process closes its environments before it forks (DataLoader workers): a child must not
+    use its parent's (LMDB forbids it), and py-lmdb refuses to open one its parent holds open.
+    Both reopen them on first use."""
+    for environment in _LMDB_ENVIRONMENTS.values():
+        environment.close()
+    _LMDB_ENVIRONMENTS.clear()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere workers are spawned, not forked
+    os.register_at_fork(before=_close_lmdb_environments)
+
+
+def _lmdb_value(path: str, key: str, label: str) -> bytes:
+    with _open_lmdb(path).begin() as txn:
+        value = txn.get(key.encode("utf-8"))
+    if value is None:
+        raise DataError(f"image '{label}' is not in the database")
+    return value
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles plain data only. A pickle is a small program for a stack machine: it may name any
+    importable function (os.system, say) and call it while it loads, so pickle.loads of a file
+    from elsewhere can run anything. Every such name goes through find_class; refusing them all
+    leaves only what the opcodes build by themselves (numbers, strings, bytes, tuples, lists,
+    dicts, None, booleans), and nothing is called."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it names {module}.{name}; only plain data is accepted (tuples, "
+                                     f"numbers, strings)")
+
+
+def _read_pair(data: bytes, where: str) -> tuple[str, str]:
+    """(image id, text) of one pickled (image_id, text_id, text) record of a pairs database."""
+    try:
+        record = _PlainDataUnpickler(io.BytesIO(data)).load()
+    except Exception as e:  # corrupt pickles raise many types (UnpicklingError, EOFError, KeyError, ...)
+        raise DataError(f"{where}: refused to unpickle the record: {e}") from e
+    if not (isinstance(record, tuple) and len(record) == 3 and isinstance(record[0], (int, str))
+            and isinstance(record[1], (int, str)) and isinstance(record[2], str)):
+        raise DataError(f"{where}: expected a pickled (image_id, text_id, text), found {record!r:.80}")
+    return str(record[0]), record[2]
+
+
+def _is_lmdb_folder(folder: str) -> bool:
+    return all(os.path.isfile(os.path.join(folder, db, "data.mdb")) for db in ("imgs", "pairs"))
+
+
+def _read_lmdb(folder: str) -> CaptionIndex:
+    """The pairs of a Chinese-CLIP LMDB folder; every image id they name must be in imgs."""
+    pairs_path, imgs_path = os.path.join(folder, "pairs"), os.path.join(folder, "imgs")
+    image_of_id, captions, owner = {}, [], []
+    with _open_lmdb(pairs_path).begin() as txn:
+        count = txn.get(b"num_samples")
+        if count is None or not count.isdigit():
+            raise DataError(f"{pairs_path}: no 'num_samples' entry (the number of pairs); is this "
+                            f"Chinese-CLIP's pairs database?")
+        for k in range(int(count)):
+            where, data = f"{pairs_path}, key {k}", txn.get(str(k).encode("utf-8"))
+            if data is None:
+                raise DataError(f"{where}: missing, though num_samples is {int(count)}")
+            image_id, text = _read_pair(data, where)
+            captions.append(_clean_caption(text, where, image_id))
+            owner.append(image_of_id.setdefault(image_id, len(image_of_id)))
+    if not captions:
+        raise DataError(f"{pairs_path}: no pairs")
+    with _open_lmdb(imgs_path).begin(buffers=True) as txn:
+        missing = [image_id for image_id in image_of_id if txn.get(image_id.encode("utf-8")) is None]
+    if missing:
+        raise DataError(f"{pairs_path}: image id {missing[0]!r} is not in {imgs_path}"
+                        + (f" ({len(missing) - 1} more are missing)" if len(missing) > 1 else ""))
+    return _make_index(list(image_of_id), captions, owner, folder, lmdb_path=imgs_path)
+
+
 def load_captions(path, image_column: str = "filepath", caption_column: str = "title",
                   split: str = "train", strict: bool = False) -> CaptionIndex:
     """Read a data set in any supported format (see the top of this file) into a CaptionIndex.
@@ -391,8 +495,12 @@ def _read_any(path: str, image_column: str, caption_column: str, split: str, str
             return _read_folder(path)
         if os.path.isfile(texts):
             return _read_chinese_clip(texts)
-        raise DataError(f"{path}: found no data.json, no images/ + captions/ folders and no "
-                        f"{split}_texts.jsonl + {split}_imgs.tsv (formats: the top of data_loader.py)")
+        for folder in (path, os.path.join(path, split)):
+            if _is_lmdb_folder(folder):
+                return _read_lmdb(folder)
+        raise DataError(f"{path}: found no data.json, no images/ + captions/ folders, no "
+                        f"{split}_texts.jsonl + {split}_imgs.tsv and no LMDB imgs/ + pairs/ "
+                        f"(formats: the top of data_loader.py)")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file or folder")
     if path.endswith("_texts.jsonl"):
@@ -547,6 +655,8 @@ class TrainDataset(Dataset):
     instead of being read and decoded again.
     """
 
+    yields_train_samples = True  # build_dataloader collates them with collate_batch
+
     def __init__(self, index: CaptionIndex, augmentation: TrainAugmentation, tokenizer, seed: int = 0,
                  cache: ImageCache | None = None):
         self.index, self.augmentation, self.tokenizer, self.seed = index, augmentation, tokenizer, seed
@@ -566,16 +676,16 @@ class TrainDataset(Dataset):
     def __getitem__(self, i: int):
         captions = [self.index.caption(int(j)) for j in self.index.captions_of(i)]
         if self.cache is not None:
-            return _train_sample(i, int(self._epoch[0]), captions, lambda: self.cache[i], self)
-        return _train_sample(i, int(self._epoch[0]), captions,
-                             lambda: self.augmentation.prepare(self.index.load_image(i)), self)
+            return train_sample(i, int(self._epoch[0]), captions, lambda: self.cache[i], self)
+        return train_sample(i, int(self._epoch[0]), captions,
+                            lambda: self.augmentation.prepare(self.index.load_image(i)), self)
 
 
-def _train_sample(i: int, epoch: int, captions: list[str], load_pixels, dataset):
+def train_sample(i: int, epoch: int, captions: list[str], load_pixels, dataset):
     """Sample i of an epoch, `(pixels, tokens, i)`: ONE caption and the augmentation, both drawn
     from a generator seeded with (seed, epoch, i); a FailedSample if the image cannot be read.
     `load_pixels` gives the prepared image (TrainAugmentation.prepare). Shared by TrainDataset
-    and the WebDataset stream."""
+    and shards.WebDatasetTrain."""
     rng = np.random.default_rng((dataset.seed, epoch, i))
     caption = captions[rng.integers(len(captions))]
     try:
@@ -765,11 +875,12 @@ def build_dataloader(dataset, batch_size: int, *, sampler=None, num_workers: int
                      train: bool = True, pin_memory: bool = False) -> DataLoader:
     """A DataLoader with seeded workers. Training drops the last incomplete batch (a tiny batch has
     few negatives and gives a noisy contrastive loss). Pass an EpochSampler (or DistributedSampler)
-    to shard across ranks; without one, training shuffles with the seed. A WebDatasetTrain shards
-    and shuffles itself, so it takes neither."""
+    to shard across ranks; without one, training shuffles with the seed. An IterableDataset (such
+    as shards.WebDatasetTrain) shards and shuffles itself, so it takes neither. Datasets of
+    training samples (`yields_train_samples`) are collated by collate_batch."""
     generator = torch.Generator()
     generator.manual_seed(seed)
-    collate = collate_batch if isinstance(dataset, (TrainDataset, WebDatasetTrain)) else \
+    collate = collate_batch if getattr(dataset, "yields_train_samples", False) else \
         collate_images if isinstance(dataset, ImageDataset) else None
     shuffle = train and sampler is None and not isinstance(dataset, IterableDataset)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle,
@@ -803,228 +914,17 @@ class EpochLoader:
         return iter(self.loader)
 
 
-# ----------------------------------------------------------------------------- WebDataset shards
-
-# A shard set is tar files (the container open_clip streams LAION from) of samples `<key>.jpg|png`
-# (image bytes) and `<key>.json` ({"captions": [...all of them], "image": original name}), plus
-# SHARD_INFO beside them with every shard's sample count: a stream cannot be counted without
-# reading it, and the counts are what lets every rank be given the same number of samples.
-SHARD_INFO = "_info.json"
-# Samples each reader mixes before yielding: shards hold a random mix of the set already (the
-# converter shuffles), so this only has to vary the batches from epoch to epoch.
-SHUFFLE_BUFFER = 1000
-
-
-def is_webdataset(path) -> bool:
-    """True for a brace pattern such as `shards/{00000..00099}.tar`, one .tar file, or a folder
-    of .tar shards; such a path goes to WebDatasetTrain instead of load_captions."""
-    path = str(path)
-    return path.endswith(".tar") or os.path.isdir(path) and (
-        os.path.isfile(os.path.join(path, SHARD_INFO)) or any(f.endswith(".tar") for f in os.listdir(path)))
-
-
-def _shard_counts(folder: str) -> dict[str, int]:
-    path = os.path.join(folder, SHARD_INFO)
-    try:
-        with open(path, encoding="utf-8") as f:
-            return {shard["name"]: int(shard["count"]) for shard in json.load(f)["shards"]}
-    except FileNotFoundError:
-        raise DataError(f"{path} not found: training on shards needs the sample count of every shard, "
-                        f"to know the epoch's length and give every rank the same number of samples. "
-                        f"`python data_loader.py --to_webdataset SRC OUT` writes it; for shards made "
-                        f"elsewhere write {{\"shards\": [{{\"name\": \"00000.tar\", \"count\": N}}, ...]}}") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{path}: expected {{\"shards\": [{{\"name\": ..., \"count\": ...}}, ...]}} "
-                        f"({type(e).__name__}: {e})") from e
-
-
-def _read_shard_set(pattern: str) -> tuple[list[str], np.ndarray]:
-    """The shard files of a pattern, a .tar file or a folder, and their sample counts."""
-    from webdataset.shardlists import expand_urls
-    urls = ([os.path.join(pattern, name) for name in _shard_counts(pattern)] if os.path.isdir(pattern)
-            else expand_urls(pattern))
-    counts, known = [], {}
-    for url in urls:
-        folder, name = os.path.split(url)
-        if folder not in known:
-            known[folder] = _shard_counts(folder)
-        if not os.path.isfile(url):
-            raise DataError(f"{pattern}: shard {url} not found")
-        if name not in known[folder]:
-            raise DataError(f"{url}: not listed in {os.path.join(folder, SHARD_INFO)}; convert the set again")
-        counts.append(known[folder][name])
-    return urls, np.asarray(counts, dtype=np.int64)
-
-
-def _deal_shards(counts: np.ndarray, seed: int, epoch: int, start: int, readers: int) -> tuple[list, int]:
-    """Each reader's shards for an epoch, and the number of samples every reader yields.
-
-    Shards go round-robin, in an order seeded with (seed, epoch), to the readers; shards that the
-    first `start` samples of that order fill are skipped, and the last len % readers sit the epoch
-    out. Every reader yields as many samples as the one with the fewest has.
-    """
-    order = np.random.default_rng((seed, epoch)).permutation(len(counts))
-    order = order[np.searchsorted(np.cumsum(counts[order]), start, side="right"):]
-    order = order[:len(order) // readers * readers]
-    shards = [order[r::readers] for r in range(readers)]
-    return shards, int(min(counts[s].sum() for s in shards)) if len(order) else 0
-
-
-class WebDatasetTrain(IterableDataset):
-    """TrainDataset's samples, `(pixels, tokens, i)` or a FailedSample, streamed from tar shards.
-
-    The key of a sample is its image's number in the converted source, so ids, the caption drawn
-    and the augmentation (seeded with (seed, epoch, i)) are those TrainDataset gives the source.
-
-    Sharing out an epoch. The readers are the world_size ranks x DataLoader workers. The shards,
-    in an order seeded with (seed, epoch), are dealt round-robin to them; the last len % readers
-    shards of that order sit the epoch out (different ones each epoch). A reader streams its
-    shards through a shuffle buffer and yields exactly as many samples as the reader with the
-    fewest: every rank must make the same number of batches, or the others would wait forever in
-    the all-gather of features. So no sample is yielded twice in an epoch, and those left out are
-    the sat-out shards plus the surplus of the fuller readers, with the converter's equal shards
-    fewer than 2 x readers x shard_size; keep the shards >= 10 x readers to leave out < 10%. (The
-    DataLoader also drops each worker's last partial batch.) `len()` counts every sample.
-
-    Resuming mid-epoch (`set_epoch(epoch, start)`, start = samples consumed by all ranks
-    together) is approximate: the shards that the first `start` samples of the epoch's order fill
-    are skipped unread, but the readers had been reading their shards in parallel (and through
-    the buffer), so up to about readers x (shard_size + SHUFFLE_BUFFER) samples are seen twice or
-    not at all in that epoch. An epoch started from 0 is the same for the same number of readers.
-    """
-
-    def __init__(self, pattern, augmentation, tokenizer, seed: int = 0, rank: int = 0, world_size: int = 1):
-        self.pattern, self.augmentation, self.tokenizer = str(pattern), augmentation, tokenizer
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.urls, self.counts = _read_shard_set(self.pattern)
-        # epoch and start, in shared memory so that persistent DataLoader workers see them
-        self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
-
-    def set_epoch(self, epoch: int, start: int = 0):
-        self._position[0], self._position[1] = epoch, start
-
-    def __len__(self) -> int:
-        return int(self.counts.sum())
-
-    def __iter__(self):
-        import webdataset as wds
-        worker = get_worker_info()
-        worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        readers, reader = self.world_size * num_workers, self.rank * num_workers + worker_id
-        if len(self.urls) < readers:
-            raise DataError(f"{self.pattern}: {len(self.urls)} shards cannot be shared by {readers} readers "
-                            f"({self.world_size} ranks x {num_workers} workers); use fewer workers or "
-                            f"convert with a smaller --shard_size")
-        epoch, start = (int(v) for v in self._position)
-        shards, quota = _deal_shards(self.counts, self.seed, epoch, start, readers)
-        urls = [self.urls[k] for k in shards[reader]]
-        samples = wds.shuffle(SHUFFLE_BUFFER, SHUFFLE_BUFFER, seed=f"{self.seed}-{epoch}-{reader}")(
-            wds.tarfile_samples([{"url": url} for url in urls]))
-        count = 0
-        for count, sample in enumerate(itertools.islice(samples, quota), 1):
-            yield self._sample(sample, epoch)
-        if count < quota:
-            raise DataError(f"{', '.join(urls)}: {count} samples, fewer than {SHARD_INFO} counts "
-                            f"({quota} or more); the shards changed after conversion, convert again")
-
-    def _sample(self, sample: dict, epoch: int):
-        where = f"{sample['__url__']}, sample {sample['__key__']}"
-        try:
-            i, meta = int(sample["__key__"]), json.loads(sample["json"])
-            captions, image_name = meta["captions"], f"{meta['image']} ({where})"
-        except (KeyError, ValueError, TypeError) as e:
-            raise DataError(f"{where}: expected a numeric key and <key>.json with 'captions' and 'image', "
-                            f"as `--to_webdataset` writes ({type(e).__name__}: {e})") from e
-        data = sample.get("jpg", sample.get("png"))
-
-        def load_pixels():
-            if data is None:
-                raise DataError(f"image '{image_name}': the sample has no .jpg or .png")
-            return self.augmentation.prepare(decode_image(data, image_name))
-        return _train_sample(i, epoch, captions, load_pixels, self)
-
-
-def _shard_image(index: CaptionIndex, i: int, resize: int) -> tuple[str, bytes]:
-    """Image i for a shard as (extension, bytes): the stored bytes if they are JPEG or PNG and need
-    no resizing (pixels stay exactly as they were), else decoded, resized and encoded again."""
-    data = index.image_bytes(i)
-    image = decode_image(data, index._label(i))  # decoded even when copied: a bad image is caught now
-    with Image.open(io.BytesIO(data)) as header:
-        kind = header.format
-    extension, shorter = "png" if kind == "PNG" else "jpg", min(image.size)
-    if kind in ("JPEG", "PNG") and not 0 < resize < shorter:
-        return extension, data
-    if 0 < resize < shorter:
-        image = image.resize((round(image.width * resize / shorter), round(image.height * resize / shorter)),
-                             Image.Resampling.BICUBIC)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG" if extension == "png" else "JPEG", quality=95)
-    return extension, buffer.getvalue()
-
-
-def convert_to_webdataset(src, out_dir, shard_size: int = 10000, resize: int = 0, seed: int = 0,
-                          **read) -> dict:
-    """Write a data set that load_captions reads (`read`: its options) as WebDataset shards
-    out_dir/00000.tar, 00001.tar, ... of shard_size samples, and out_dir/_info.json.
-
-    One sample per image: `<key>.jpg` or `.png` and `<key>.json` with all its captions and the
-    original image name; the key is the image's number in the source. Images go into the shards
-    in a seeded random order, so that every shard is a random sample of the set (a reader streams
-    one shard at a time). resize > 0 scales images whose shorter side is longer down to it,
-    keeping the aspect ratio. Unreadable images are left out and listed in _info.json, which
-    also records every shard's sample count. Returns that info.
-    """
-    import webdataset as wds
-    from tqdm import tqdm
-    out_dir = str(out_dir)
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise FileExistsError(f"{out_dir}: folder exists and is not empty; choose a new folder or delete it")
-    index = load_captions(src, **read)
-    os.makedirs(out_dir, exist_ok=True)
-    shards, skipped, tar = [], [], None
-    for i in tqdm(np.random.default_rng(seed).permutation(index.num_images), desc="converting", unit="image"):
-        try:
-            extension, data = _shard_image(index, int(i), resize)
-        except DataError as e:
-            skipped.append(str(e))
-            continue
-        if tar is None or shards[-1]["count"] == shard_size:
-            if tar is not None:
-                tar.close()
-            shards.append({"name": f"{len(shards):05d}.tar", "count": 0})
-            tar = wds.TarWriter(os.path.join(out_dir, shards[-1]["name"]), encoder=False, mtime=0)
-        captions = [index.caption(int(j)) for j in index.captions_of(i)]
-        tar.write({"__key__": f"{i:09d}", extension: data,
-                   "json": json.dumps({"captions": captions, "image": index.image_name(i)},
-                                      ensure_ascii=False).encode("utf-8")})
-        shards[-1]["count"] += 1
-    if tar is None:
-        raise DataError(f"{src}: no readable image ({len(skipped)} failed; first: {skipped[0]})")
-    tar.close()
-    info = {"source": index.source, "total": sum(s["count"] for s in shards), "shards": shards,
-            "resize": resize or None, "seed": seed, "skipped": skipped}
-    with open(os.path.join(out_dir, SHARD_INFO), "w", encoding="utf-8") as f:
-        json.dump(info, f, ensure_ascii=False, indent=1)
-    return info
-
-
 # ----------------------------------------------------------------------------- command line
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="Make a sample data set, check that a data set loads, or "
-                                                 "convert one to WebDataset shards.")
+    parser = argparse.ArgumentParser(description="Make a sample data set, or check that a data set loads. "
+                                                 "(shards.py converts one to WebDataset shards.)")
     add = parser.add_argument
     add("--make_sample", metavar="DIR", help="write a generated data set into DIR (new or empty)")
     add("--num_samples", type=int, default=1000, help="images in the generated set")
-    add("--seed", type=int, default=0, help="seed of the generated set (same seed, same files), or of "
-                                            "the order of images in the shards")
+    add("--seed", type=int, default=0, help="seed of the generated set (same seed, same files)")
     add("--language", choices=("en", "zh"), default="en", help="caption language of the generated set")
     add("--inspect", metavar="PATH", help="load a data set (any format); print counts and a few entries")
-    add("--to_webdataset", nargs=2, metavar=("SRC", "OUT"), help="convert data set SRC (any format) to "
-                                                                 "WebDataset shards in folder OUT")
-    add("--shard_size", type=int, default=10000, help="samples per shard of --to_webdataset")
-    add("--resize", type=int, default=0, help="--to_webdataset scales images whose shorter side is longer "
-                                              "down to this many pixels; 0 keeps them as they are")
     add("--image_column", default="filepath", help="image column of a CSV/TSV file")
     add("--caption_column", default="title", help="caption column of a CSV/TSV file")
     add("--split", default="train", help="split of a Chinese-CLIP folder ({split}_texts.jsonl)")
@@ -1034,8 +934,8 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not (args.make_sample or args.inspect or args.to_webdataset):
-        parser.error("give --make_sample DIR, --inspect PATH or --to_webdataset SRC OUT")
+    if not (args.make_sample or args.inspect):
+        parser.error("give --make_sample DIR or --inspect PATH")
     read = dict(image_column=args.image_column, caption_column=args.caption_column, split=args.split)
     try:
         if args.make_sample:
@@ -1049,14 +949,6 @@ def main(argv=None):
                 image = index.load_image(i)  # decoding a few images catches a wrong image format early
                 print(f"  {index.image_name(i)} ({image.width}x{image.height}): " +
                       " | ".join(index.caption(j) for j in index.captions_of(i)))
-        if args.to_webdataset:
-            src, out = args.to_webdataset
-            info = convert_to_webdataset(src, out, args.shard_size, args.resize, args.seed, **read)
-            for reason in info["skipped"][:5]:
-                print(f"skipped {reason}")
-            pattern = os.path.join(out, "{00000..%05d}.tar" % (len(info["shards"]) - 1))
-            print(f"wrote {info['total']} samples in {len(info['shards'])} shards ({len(info['skipped'])} "
-                  f"unreadable images skipped); train on them with --data_dir '{pattern}'")
     except (DataError, FileExistsError) as e:
         sys.exit(f"data error: {e}")
 

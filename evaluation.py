@@ -49,6 +49,12 @@ TEMPLATES = {
            "一张小{}的照片。", "一张大{}的照片。", "一幅{}的画。"],
 }
 
+# open_clip's own prompt sets and class names (open_clip/zero_shot_metadata.py), used as they ship:
+# "openai" is the 80 ImageNet prompts of the CLIP paper, "simple" the 7 of them that open_clip found
+# to do as well; "imagenet" is the 1000 ImageNet class names in the order of the class index.
+OPEN_CLIP_TEMPLATES = {"openai": "OPENAI_IMAGENET_TEMPLATES", "simple": "SIMPLE_IMAGENET_TEMPLATES"}
+OPEN_CLIP_CLASSNAMES = {"imagenet": "IMAGENET_CLASSNAMES"}
+
 # Scores are computed exactly. Each feature is normalised and rounded to a multiple of 2^-24 (the
 # resolution of float32 near 1), held in float64. A product of two such numbers is a multiple of
 # 2^-48, and no partial sum of a dot product of unit vectors exceeds 1 in size (Cauchy-Schwarz),
@@ -56,6 +62,8 @@ TEMPLATES = {
 # then the same bits whatever order the matrix multiply adds in (any chunk size, BLAS or device):
 # chunked equals unchunked, identical vectors tie exactly, and the score of a correct pair taken
 # from a row-wise dot product equals its entry in the matrix. On this CPU float64 costs 2x float32.
+# (Exact for the vectors given: two vectors that differ only in length normalise to the same
+# direction, but its rounding may differ by one step of the grid, enough to break a tie.)
 GRID = 2.0 ** 24
 
 
@@ -222,7 +230,9 @@ def zeroshot_classifier(prompt_features):
 
 def zeroshot_metrics(image_features, labels, classifier, classnames, chunk_size=1024) -> dict:
     """Top-1 and top-5 accuracy (percent), per-class top-1 accuracy (None for a class without
-    images) and the confusion matrix (rows: true class, columns: predicted class).
+    images), their mean over the classes with images (mean_per_class_recall, "balanced
+    accuracy": top-1 counts every image once, so a large class outweighs a small one; this counts
+    every class once) and the confusion matrix (rows: true class, columns: predicted class).
 
     Zero-shot classification is retrieval with the image as query over the C class vectors: the
     prediction is the best-scoring class, and the true class's rank (ties: lower index first, as
@@ -249,9 +259,24 @@ def zeroshot_metrics(image_features, labels, classifier, classnames, chunk_size=
     counts, correct = confusion.sum(dim=1).tolist(), confusion.diagonal().tolist()
     per_class = {name: 100.0 * correct[c] / counts[c] if counts[c] else None
                  for c, name in enumerate(classnames)}
+    recalls = [recall for recall in per_class.values() if recall is not None]
     return {"top1": 100.0 * int((ranks <= 1).sum()) / len(ranks),
             "top5": 100.0 * int((ranks <= 5).sum()) / len(ranks),
+            "mean_per_class_recall": sum(recalls) / len(recalls),
             "per_class": per_class, "classnames": list(classnames), "confusion": confusion.tolist()}
+
+
+def clip_benchmark_record(zeroshot: dict, dataset: str, model: str, pretrained: str) -> dict:
+    """A zero-shot result in the form of CLIP_benchmark's JSON output (its `eval` writes one per
+    run; `clip_benchmark build` tables them): metrics are fractions, not percent, and acc5 is
+    undefined (null) below 5 classes. `language` is that of the prompts."""
+    language = "zh" if any(_has_cjk(t) for t in zeroshot["templates"]) else "en"
+    return {"dataset": dataset, "model": model, "pretrained": pretrained,
+            "task": "zeroshot_classification",
+            "metrics": {"acc1": zeroshot["top1"] / 100,
+                        "acc5": zeroshot["top5"] / 100 if len(zeroshot["classnames"]) >= 5 else None,
+                        "mean_per_class_recall": zeroshot["mean_per_class_recall"] / 100},
+            "language": language}
 
 
 def _has_cjk(text: str) -> bool:
@@ -259,30 +284,44 @@ def _has_cjk(text: str) -> bool:
                for ch in text)
 
 
-def choose_templates(classnames, language="auto", templates_file=None) -> list[str]:
-    """Templates from a file (one per line, each with `{}`), else the built-in set of the language;
-    "auto" picks Chinese when a class name holds CJK characters."""
-    if templates_file:
+def _open_clip_metadata(table: dict, name: str) -> list:
+    from open_clip import zero_shot_metadata
+    return list(getattr(zero_shot_metadata, table[name]))
+
+
+def choose_templates(classnames, language="auto", templates=None) -> list[str]:
+    """Prompt templates, each with `{}` where the class name goes: open_clip's set `templates`
+    ("openai", "simple"), or the lines of the file `templates`, else our built-in set of the
+    language ("auto" picks Chinese when a class name holds CJK characters)."""
+    if templates in OPEN_CLIP_TEMPLATES:
+        # open_clip keeps each template as a function of the class name: given "{}", it writes it
+        return [template("{}") for template in _open_clip_metadata(OPEN_CLIP_TEMPLATES, templates)]
+    if templates:
         from data_loader import DataError
-        with open(templates_file, encoding="utf-8") as f:
+        if not os.path.isfile(templates):
+            raise DataError(f"--templates {templates}: neither a file nor one of open_clip's template "
+                            f"sets ({', '.join(OPEN_CLIP_TEMPLATES)})")
+        with open(templates, encoding="utf-8") as f:
             lines = [(k, line.strip()) for k, line in enumerate(f, 1) if line.strip()]
         for k, line in lines:
             if "{}" not in line:
-                raise DataError(f"{templates_file}, line {k}: template {line!r} has no '{{}}' for "
+                raise DataError(f"{templates}, line {k}: template {line!r} has no '{{}}' for "
                                 f"the class name (write e.g. 'a photo of a {{}}.')")
         if not lines:
-            raise DataError(f"{templates_file}: no templates (one per line, each with '{{}}')")
+            raise DataError(f"{templates}: no templates (one per line, each with '{{}}')")
         return [line for _, line in lines]
     if language == "auto":
         language = "zh" if any(_has_cjk(name) for name in classnames) else "en"
     return TEMPLATES[language]
 
 
-def load_zeroshot_folder(directory) -> tuple[list[str], list[str], list[int]]:
+def load_zeroshot_folder(directory, classnames=None) -> tuple[list[str], list[str], list[int]]:
     """(class names, image paths, labels) of a folder holding one folder of images per class.
 
-    Classes are numbered in the sorted order of the folder names. The names are the folder names,
-    or the lines of DIRECTORY/classnames.txt (one per line, in that same order) when it exists.
+    Classes are numbered in the sorted order of the folder names. The names are, one per folder in
+    that same order: open_clip's list `classnames` ("imagenet": the folders of an ImageNet
+    validation set, n01440764 ..., sort into the order of its class index), or the lines of the
+    file `classnames`, or of DIRECTORY/classnames.txt when it exists, else the folder names.
     """
     from data_loader import IMAGE_EXTENSIONS, DataError
     if not os.path.isdir(directory):
@@ -291,16 +330,24 @@ def load_zeroshot_folder(directory) -> tuple[list[str], list[str], list[int]]:
                      if entry.is_dir() and not entry.name.startswith("."))  # not .ipynb_checkpoints
     if not folders:
         raise DataError(f"{directory}: no class folders (expected one folder of images per class)")
-    classnames, names_file = folders, os.path.join(directory, "classnames.txt")
-    if os.path.isfile(names_file):
-        with open(names_file, encoding="utf-8") as f:
+    names_file = os.path.join(directory, "classnames.txt")
+    source = classnames or (names_file if os.path.isfile(names_file) else None)
+    classnames, published = folders, source in OPEN_CLIP_CLASSNAMES
+    if published:
+        classnames = [str(name) for name in _open_clip_metadata(OPEN_CLIP_CLASSNAMES, source)]
+        source = f"--classnames {source} (open_clip's class names)"
+    elif source:
+        if not os.path.isfile(source):
+            raise DataError(f"--classnames {source}: neither a file nor one of open_clip's lists of "
+                            f"class names ({', '.join(OPEN_CLIP_CLASSNAMES)})")
+        with open(source, encoding="utf-8") as f:
             classnames = [line.strip() for line in f if line.strip()]
-        if len(classnames) != len(folders):
-            raise DataError(f"{names_file}: {len(classnames)} names for {len(folders)} class "
-                            f"folders; write one name per line, in the sorted order of the "
-                            f"folders ({', '.join(folders[:3])}, ...)")
+    if len(classnames) != len(folders):
+        raise DataError(f"{source}: {len(classnames)} names for {len(folders)} class folders of "
+                        f"{directory}; give one name per folder, in the sorted order of the "
+                        f"folders ({', '.join(folders[:3])}, ...)")
     repeated = [name for name, count in Counter(classnames).items() if count > 1]
-    if repeated:
+    if repeated and not published:  # (the published lists keep theirs: see _distinct)
         raise DataError(f"{directory}: class name {repeated[0]!r} is used twice; per-class results "
                         f"need distinct names (edit classnames.txt)")
     paths, labels = [], []
@@ -350,12 +397,14 @@ def skipped_summary(messages, shown=5) -> dict:
 
 
 def evaluate_zeroshot(setup, directory, batch_size=64, num_workers=0, device="cpu",
-                      precision="fp32", templates_file=None, language="auto",
-                      chunk_size=1024, strict=False) -> dict:
-    """Zero-shot classification of the images of `directory` (see load_zeroshot_folder)."""
+                      precision="fp32", templates=None, language="auto",
+                      chunk_size=1024, classnames=None, strict=False) -> dict:
+    """Zero-shot classification of the images of `directory` (see load_zeroshot_folder and
+    choose_templates for `classnames` and `templates`). Unreadable images are left out and
+    counted, as in retrieval."""
     import clip_model
-    classnames, paths, labels = load_zeroshot_folder(directory)
-    templates = choose_templates(classnames, language, templates_file)
+    classnames, paths, labels = load_zeroshot_folder(directory, classnames)
+    templates = choose_templates(classnames, language, templates)
     prompts = [template.replace("{}", name) for name in classnames for template in templates]
     prompt_features = clip_model.encode_texts(setup.model, setup.tokenizer, prompts, device,
                                               batch_size, precision)
@@ -363,9 +412,17 @@ def evaluate_zeroshot(setup, directory, batch_size=64, num_workers=0, device="cp
     image_features, kept, failed = encode_image_files(setup, paths, batch_size, num_workers, device,
                                                       precision, strict)
     metrics = zeroshot_metrics(image_features, [labels[i] for i in kept.tolist()], classifier,
-                               classnames, chunk_size)
+                               _distinct(classnames), chunk_size)
     return {**metrics, "templates": templates,
             "skipped_images": skipped_summary([message for _, message in failed])}
+
+
+def _distinct(classnames: list[str]) -> list[str]:
+    """Names for per-class results, a repeated name followed by its class number. open_clip's
+    ImageNet list, like the CLIP paper's, names two pairs of classes alike ("missile",
+    "sunglasses"); the prompts keep the names as published, so that scores stay comparable."""
+    counts = Counter(classnames)
+    return [f"{name} ({c})" if counts[name] > 1 else name for c, name in enumerate(classnames)]
 
 
 # ----------------------------------------------------------------------------- embeddings
@@ -455,7 +512,7 @@ def format_results(results: dict) -> str:
         z = results["zeroshot"]
         lines.append(f"Zero-shot: {len(z['classnames'])} classes, {sum(map(sum, z['confusion']))} "
                      f"images, {len(z['templates'])} templates: top-1 {z['top1']:.2f}, "
-                     f"top-5 {z['top5']:.2f}")
+                     f"top-5 {z['top5']:.2f}, mean per-class recall {z['mean_per_class_recall']:.2f}")
         shown = sorted(z["per_class"].items(), key=lambda item: -1 if item[1] is None else item[1])
         lines.append("  top-1 per class, worst first:")
         for name, accuracy in shown[:20]:
@@ -485,8 +542,20 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "(with image names and captions) to DIR")
     add("--zeroshot_dir", metavar="DIR", help="zero-shot classification of DIR/<class>/*.jpg; "
                                               "class names from the folders or DIR/classnames.txt")
-    add("--templates", metavar="FILE", help="zero-shot prompt templates, one per line, '{}' "
-                                            "standing for the class name (default: built-in set)")
+    add("--templates", metavar="NAME|FILE", help="zero-shot prompt templates: openai (the CLIP paper's "
+                                                 "80 ImageNet prompts) or simple (7 of them), from "
+                                                 "open_clip's package; or a FILE, one per line, '{}' "
+                                                 "standing for the class name (default: the built-in "
+                                                 "set of --language)")
+    add("--classnames", metavar="NAME|FILE", help="zero-shot class names, one per class folder in "
+                                                  "sorted order: imagenet (open_clip's 1000 ImageNet "
+                                                  "names) or a FILE, one per line (default: "
+                                                  "DIR/classnames.txt, else the folder names)")
+    add("--dataset_name", help="the data set's name in the --benchmark_output record (default: the "
+                               "--zeroshot_dir folder's name)")
+    add("--benchmark_output", metavar="FILE", help="write the zero-shot result as CLIP_benchmark's "
+                                                   "JSON (dataset, model, pretrained, task, metrics: "
+                                                   "acc1, acc5, mean_per_class_recall; language)")
     add("--language", choices=("auto", "en", "zh"), default="auto",
         help="built-in template set; auto = Chinese if class names contain CJK characters")
     add("--output", metavar="FILE", help="write the results as JSON to FILE")
@@ -516,14 +585,18 @@ def main(argv=None) -> dict:
             ((args.data or args.zeroshot_dir) and not (args.checkpoint or args.model_name),
              "--data and --zeroshot_dir need a model: --checkpoint or --model_name"),
             (args.chunk_size < 1 or args.batch_size < 1, "--chunk_size and --batch_size must be > 0"),
-            (args.num_workers < 0, "--num_workers must be >= 0")]:
+            (args.num_workers < 0, "--num_workers must be >= 0"),
+            ((args.classnames or args.benchmark_output or args.dataset_name) and not args.zeroshot_dir,
+             "--classnames, --dataset_name and --benchmark_output need --zeroshot_dir")]:
         if wrong:
             parser.error(message)
     results = run(args)
     print(format_results(results))
-    if args.output:
-        write_json(args.output, results)
-        print(f"results written to {args.output}")
+    for path, content in ((args.output, results),
+                          (args.benchmark_output, results.get("zeroshot", {}).get("clip_benchmark"))):
+        if path:
+            write_json(path, content)
+            print(f"results written to {path}")
     return results
 
 
@@ -590,12 +663,14 @@ def run(args) -> dict:
                                     args.chunk_size)
         results.update(data=data, skipped_images=skipped_summary(index.skipped), **model)
     if args.zeroshot_dir:
-        results["zeroshot"] = evaluate_zeroshot(setup, args.zeroshot_dir, args.batch_size,
-                                                args.num_workers, device, precision,
-                                                args.templates, args.language, args.chunk_size,
-                                                args.strict_data)
-        report_skipped(results["zeroshot"]["skipped_images"]["first"],
-                       results["zeroshot"]["skipped_images"]["count"])
+        zeroshot = evaluate_zeroshot(setup, args.zeroshot_dir, args.batch_size, args.num_workers,
+                                     device, precision, args.templates, args.language,
+                                     args.chunk_size, args.classnames, args.strict_data)
+        report_skipped(zeroshot["skipped_images"]["first"], zeroshot["skipped_images"]["count"])
+        dataset = args.dataset_name or Path(args.zeroshot_dir).resolve().name
+        zeroshot["clip_benchmark"] = clip_benchmark_record(zeroshot, dataset, setup.model_name,
+                                                           args.pretrained or args.checkpoint or "")
+        results["zeroshot"] = zeroshot
         for key, value in model.items():
             results.setdefault(key, value)
     return results

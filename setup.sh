@@ -39,6 +39,6 @@ fi
 "$VENV/bin/python" - <<'PY'
 from importlib.metadata import version
 names = ["torch", "torchvision", "open_clip_torch", "numpy", "pillow", "tqdm",
-         "tensorboard", "matplotlib", "webdataset", "pytest"]
+         "tensorboard", "matplotlib", "webdataset", "lmdb", "pytest"]
 print("setup: installed " + ", ".join(f"{n} {version(n)}" for n in names))
 PY

@@ -59,7 +59,8 @@ SCHEMA = [
     Setting("model", "compile", False, "torch.compile the model"),
     # data
     Setting("data", "data_dir", DEFAULT_DATA_DIR, "training data: JSON index, images/+captions/ "
-            "folder, CSV/TSV, or Chinese-CLIP folder; the default is generated if missing"),
+            "folder, CSV/TSV, Chinese-CLIP folder or LMDB, or WebDataset shards "
+            "('dir/{00000..00099}.tar', sources joined with '::'); the default is generated if missing"),
     Setting("data", "val_data", "", "validation data in any of those formats; '' splits "
             "val_fraction of the images off data_dir"),
     Setting("data", "val_fraction", 0.1, "share of images held out for validation when val_data "
@@ -67,6 +68,13 @@ SCHEMA = [
     Setting("data", "image_column", "filepath", "CSV/TSV column of image paths"),
     Setting("data", "caption_column", "title", "CSV/TSV column of captions"),
     Setting("data", "split", "train", "split of a Chinese-CLIP folder (train, valid, test)"),
+    Setting("data", "train_num_samples", 0, "shards: samples per epoch; needed when the shards' "
+            "counts are unknown (no _info.json or img2dataset *_stats.json); 0 = the shards' total",
+            valid=">= 0"),
+    Setting("data", "data_weights", "", "shards: each source's share of the samples, e.g. 1,3 for "
+            "two sources (with data_resampled); '' = in proportion to their sizes"),
+    Setting("data", "data_resampled", False, "shards: draw shards with replacement (any number of "
+            "shards for any number of workers; sources mixed by data_weights)"),
     Setting("data", "augment", True, "random resized crop and colour jitter in training (no flips)"),
     Setting("data", "cache_images", True, "decode each training image once, shrunk to just above the "
             "model's input, and keep it in memory (when it fits in a quarter of the free memory)"),
@@ -819,9 +827,10 @@ def start_run(cfg):
 
 def check_paths(cfg):
     """The input paths given exist (the default data set is generated on first use)."""
+    import shards
     for name in ("data_dir", "val_data"):
         value = getattr(cfg, name)
-        if value and value != DEFAULT_DATA_DIR and not is_stream(value) and not Path(value).exists():
+        if value and value != DEFAULT_DATA_DIR and not shards.is_webdataset(value) and not Path(value).exists():
             raise SettingsError(f"{name} {value}: no such file or folder")
     if cfg.resume not in ("", "auto") and not Path(cfg.resume).is_file():
         raise SettingsError(f"resume {cfg.resume}: no such checkpoint file (or use --resume auto)")
@@ -829,11 +838,6 @@ def check_paths(cfg):
         os.sep in cfg.pretrained
     if looks_like_file and not Path(cfg.pretrained).is_file():
         raise SettingsError(f"pretrained {cfg.pretrained}: no such weights file")
-
-
-def is_stream(path):
-    import data_loader
-    return data_loader.is_webdataset(path)
 
 
 def init_distributed(device):
@@ -948,6 +952,7 @@ class StopRequest:
 def load_data(cfg, run):
     """The training index (None when streaming shards) and the validation index."""
     import data_loader
+    import shards
     if cfg.data_dir == DEFAULT_DATA_DIR and not Path(cfg.data_dir).exists():
         if run.is_main:
             run.log.info(f"{cfg.data_dir} not found: generating the sample data set there")
@@ -958,11 +963,15 @@ def load_data(cfg, run):
     read = dict(image_column=cfg.image_column, caption_column=cfg.caption_column, strict=cfg.strict_data)
     # WebDataset shards (a brace pattern, .tar or folder of shards) are streamed, not indexed,
     # so they cannot be split into training and validation images.
-    streamed = data_loader.is_webdataset(cfg.data_dir)
+    streamed = shards.is_webdataset(cfg.data_dir)
     if streamed and not cfg.val_data:
         raise SettingsError(f"data_dir {cfg.data_dir} is a set of WebDataset shards, which are "
                             f"streamed and cannot be split: give --val_data (any format data_loader "
                             f"reads)")
+    if not streamed and (cfg.train_num_samples or cfg.data_weights or cfg.data_resampled):
+        raise SettingsError(f"train_num_samples, data_weights and data_resampled apply to WebDataset "
+                            f"shards; data_dir {cfg.data_dir} is read whole, one sample per image per "
+                            f"epoch")
     train_index = None if streamed else data_loader.load_captions(cfg.data_dir, split=cfg.split, **read)
     if cfg.val_data:
         val_index = data_loader.load_captions(cfg.val_data, split="valid", **read)
@@ -1005,8 +1014,11 @@ def build_loader(cfg, run, setup, train_index):
     import data_loader
     augmentation = data_loader.TrainAugmentation(setup.preprocess_cfg, augment=cfg.augment)
     if train_index is None:   # streamed: the dataset shares the shards out across ranks and workers
-        dataset = data_loader.WebDatasetTrain(cfg.data_dir, augmentation, setup.tokenizer, seed=cfg.seed,
-                                              rank=run.rank, world_size=run.world_size)
+        import shards
+        dataset = shards.WebDatasetTrain(cfg.data_dir, augmentation, setup.tokenizer, seed=cfg.seed,
+                                         rank=run.rank, world_size=run.world_size,
+                                         num_samples=cfg.train_num_samples, weights=cfg.data_weights,
+                                         resampled=cfg.data_resampled)
     else:
         train_index, cache = cached_images(cfg, run, train_index, augmentation)
         dataset = data_loader.TrainDataset(train_index, augmentation, setup.tokenizer, seed=cfg.seed,

@@ -33,7 +33,7 @@ WORKERS = (0, 1, 2)
 def photo_sets(num_images: int = 200) -> dict:
     """The first num_images images of the generated set as 512 px JPEG files ("photos": what a
     camera or web data set holds), and the same photos resized once to 64 px JPEG (what
-    `data_loader.py --to_webdataset SRC OUT --resize 64` stores): name -> data.json."""
+    `shards.py --to_webdataset SRC OUT --resize 64` stores): name -> data.json."""
     from PIL import Image
     source = common.sample_data(2000)
     entries = json.loads((source / "data.json").read_text())[:num_images]
@@ -212,7 +212,7 @@ processes: other jobs on the machine count too (see the load average).
 - Photos: a 512 px JPEG costs {costs["512 px JPEG"] / costs["64 px PNG (the generated set)"]:.1f}x
   the whole pipeline of a 64 px PNG, decoded again every epoch; resized once it costs
   {costs["resized once to 64 px JPEG"] / costs["64 px PNG (the generated set)"]:.1f}x. The one-time
-  resized copy exists: `python data_loader.py --to_webdataset SRC OUT --resize 64` writes shards
+  resized copy exists: `python shards.py --to_webdataset SRC OUT --resize 64` writes shards
   of resized images, and `train.py --data_dir OUT --val_data ...` trains on them.
 - Threads: next to one busy process, two threads with OpenMP's default spinning keep
   {busy["2 threads, OpenMP default spinning"]:.2f} of their idle speed, with GOMP_SPINCOUNT=1000

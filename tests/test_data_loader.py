@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 
@@ -500,3 +501,91 @@ def test_epoch_sampler_resumed_on_another_world_size_covers_exactly_the_rest():
     assert not set(rest[0]) & set(rest[1]) and set(rest[0]) | set(rest[1]) == set(order[24:])
     single.set_epoch(0, start=24)  # and back on one process
     assert list(single) == order[24:]
+
+
+# ----------------------------------------------------------------------------- Chinese-CLIP LMDB
+
+def write_chinese_clip_lmdb(index, root, split="train", pairs=None):
+    """root/lmdb/{split}/imgs and pairs as Chinese-CLIP's preprocessing writes them (read in its
+    cn_clip/preprocess/build_lmdb_dataset.py): imgs maps str(image_id) to the url-safe base64 text
+    of the image, plus b"num_images"; pairs maps "0", "1", ... to pickle.dumps((image_id, text_id,
+    text)), plus b"num_samples". `pairs` replaces the records drawn from the index."""
+    import lmdb
+    folder = root / "lmdb" / split
+    folder.mkdir(parents=True)
+    with lmdb.open(str(folder / "imgs"), map_size=1 << 30) as env, env.begin(write=True) as txn:
+        for i in range(index.num_images):
+            with open(index.image_name(i), "rb") as image:
+                txn.put(f"{1000 + i}".encode("utf-8"), base64.urlsafe_b64encode(image.read()))
+        txn.put(b"num_images", f"{index.num_images}".encode("utf-8"))
+    if pairs is None:
+        pairs = [pickle.dumps((1000 + int(index.caption_image[j]), j, index.caption(j)))
+                 for j in range(index.num_captions)]
+    with lmdb.open(str(folder / "pairs"), map_size=1 << 30) as env, env.begin(write=True) as txn:
+        for k, record in enumerate(pairs):
+            txn.put(f"{k}".encode("utf-8"), record)
+        txn.put(b"num_samples", f"{len(pairs)}".encode("utf-8"))
+    return folder
+
+
+def test_chinese_clip_lmdb_reads_like_the_files_it_was_made_from(sample, tmp_path):
+    reference = dl.load_captions(sample["index"])
+    folder = write_chinese_clip_lmdb(reference, tmp_path)
+    for path, split in ((folder, "train"), (tmp_path / "lmdb", "train")):  # the split's folder, or lmdb/
+        index = dl.load_captions(path, split=split)
+        assert (index.num_images, index.num_captions) == (12, reference.num_captions)
+        assert contents(index) == contents(reference)
+        assert index.image_name(0) == "1000" and index.subset([3]).image_name(0) == "1003"
+
+
+def test_an_image_id_missing_from_the_lmdb_images_is_named(sample, tmp_path):
+    reference = dl.load_captions(sample["index"])
+    folder = write_chinese_clip_lmdb(reference, tmp_path, pairs=[pickle.dumps((7, 0, "一只猫"))])
+    with pytest.raises(dl.DataError, match=r"pairs: image id '7' is not in .*imgs"):
+        dl.load_captions(folder)
+
+
+class _RunsCode:
+    """A pickle that calls open(path, "w") when loaded: it would create the file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_a_malicious_pickle_in_the_lmdb_is_refused_and_runs_nothing(sample, tmp_path):
+    marker = tmp_path / "created-by-the-pickle"
+    payload = pickle.dumps((1000, 0, _RunsCode(str(marker))))
+    pickle.loads(payload)  # control: plain pickle.loads runs it ...
+    assert marker.exists()
+    marker.unlink()
+    folder = write_chinese_clip_lmdb(dl.load_captions(sample["index"]), tmp_path,
+                                     pairs=[pickle.dumps((1000, 0, "a good record")), payload])
+    with pytest.raises(dl.DataError, match=r"pairs, key 1: refused to unpickle the record: it names "
+                                           r"(io|builtins)\.open; only plain data"):
+        dl.load_captions(folder)
+    assert not marker.exists()  # ... our reader does not
+
+
+def test_an_lmdb_record_that_is_not_image_text_id_and_text_is_named(sample, tmp_path):
+    folder = write_chinese_clip_lmdb(dl.load_captions(sample["index"]), tmp_path,
+                                     pairs=[pickle.dumps({"image_id": 1000, "text": "a dict"})])
+    with pytest.raises(dl.DataError, match=r"pairs, key 0: expected a pickled \(image_id, text_id, text\)"):
+        dl.load_captions(folder)
+
+
+def test_train_runs_on_a_chinese_clip_lmdb_folder(tmp_path):
+    import train
+    root = tmp_path / "muge"
+    for split, seed in (("train", 0), ("valid", 1)):
+        index = dl.load_captions(dl.create_sample_dataset(tmp_path / split, 24, seed, language="zh")["index"])
+        write_chinese_clip_lmdb(index, root, split)
+    result = train.main(["--data_dir", str(root / "lmdb/train"), "--val_data", str(root / "lmdb/valid"),
+                         "--batch_size", "8", "--num_workers", "1", "--max_steps", "3", "--warmup_steps", "1",
+                         "--context_length", "48", "--run_name", "cn", "--checkpoint_dir",
+                         str(tmp_path / "ckpt"), "--log_dir", str(tmp_path / "logs"),
+                         "--results_dir", str(tmp_path / "results")])
+    assert result["step"] == 3 and result["history"]["val"][-1]["retrieval"]["rsum"] > 0
+    assert "24 training images" in (tmp_path / "logs/cn/train.log").read_text()

@@ -1,7 +1,6 @@
 """Specification of training on many processes (CPU, gloo): the gathered losses give the gradient
-of one big batch, train.py runs under torchrun, and WebDataset shards share an epoch out."""
-import io
-import json
+of one big batch, and train.py runs under torchrun. (How WebDataset shards share an epoch out
+among ranks: tests/test_shards.py.)"""
 import math
 import os
 import shutil
@@ -9,14 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
 import clip_model as cm
 import data_loader as dl
@@ -221,138 +218,3 @@ def test_a_checkpoint_of_two_processes_resumes_on_one_with_the_same_global_batch
     # end ~1e-7 apart, while three steps move them by ~1e-3)
     for name, tensor in two.items():
         torch.testing.assert_close(one[name], tensor, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
-
-
-# ----------------------------------------------------------------------------- WebDataset shards
-
-def byte_tokens(captions):
-    """A tokenizer that keeps the text: the caption's utf-8 bytes, padded to 96."""
-    return torch.tensor([list(c.encode("utf-8")[:96].ljust(96, b"\0")) for c in captions])
-
-
-AUGMENT = dl.TrainAugmentation({"size": 32})
-
-
-class NoPixels:
-    """An augmentation that keeps nothing of the image: for tests of what is read when."""
-
-    def prepare(self, image):
-        return None
-
-    def __call__(self, pixels, rng):
-        return torch.zeros(1)
-
-
-no_pixels = NoPixels()
-
-
-@pytest.fixture(scope="module")
-def shard_set(sample_set, tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards") / "set"
-    info = dl.convert_to_webdataset(sample_set["index"], out, shard_size=10, seed=0)
-    return {"pattern": str(out / "{00000..00019}.tar"), "folder": out, "info": info,
-            "index": dl.load_captions(sample_set["index"])}
-
-
-def read_shards(folder):
-    """{shard name: [(key, files)]} straight from the tar files."""
-    import webdataset as wds
-    names = sorted(f for f in os.listdir(folder) if f.endswith(".tar"))
-    return {name: [(s["__key__"], s) for s in wds.tarfile_samples([{"url": str(folder / name)}])]
-            for name in names}
-
-
-def epoch_ids(pattern, epoch, world_size, num_workers, batch_size=5, start=0, loaders=None):
-    """The sample ids each rank's DataLoader yields in an epoch, batch by batch."""
-    ranks = []
-    for rank in range(world_size):
-        dataset = dl.WebDatasetTrain(pattern, no_pixels, byte_tokens, seed=0, rank=rank, world_size=world_size)
-        loader = loaders[rank] if loaders else dl.build_dataloader(dataset, batch_size, num_workers=num_workers)
-        loader.dataset.set_epoch(epoch, start)
-        ranks.append([batch["image_ids"].tolist() for batch in loader])
-    return ranks
-
-
-def test_shards_converted_from_a_json_index_hold_every_image_with_all_its_captions(shard_set):
-    index, shards = shard_set["index"], read_shards(shard_set["folder"])
-    assert shard_set["info"]["total"] == index.num_images == 200
-    assert [len(samples) for samples in shards.values()] == [10] * 20
-    keys = [key for samples in shards.values() for key, _ in samples]
-    assert sorted(int(key) for key in keys) == list(range(200))
-    for samples in shards.values():
-        for key, files in samples:
-            i, meta = int(key), json.loads(files["json"])
-            assert meta["captions"] == [index.caption(j) for j in index.captions_of(i)]
-            assert meta["image"] == index.image_name(i)
-            assert np.array_equal(np.asarray(Image.open(io.BytesIO(files["png"]))),
-                                  np.asarray(index.load_image(i)))
-
-
-def test_webdataset_train_yields_the_samples_train_dataset_gives_the_source(shard_set):
-    streamed = dl.WebDatasetTrain(shard_set["pattern"], AUGMENT, byte_tokens, seed=3)
-    indexed = dl.TrainDataset(shard_set["index"], AUGMENT, byte_tokens, seed=3)
-    streamed.set_epoch(2)
-    indexed.set_epoch(2)
-    seen = []
-    for pixels, tokens, i in streamed:  # the same caption drawn, the same crop of the same pixels
-        expected_pixels, expected_tokens, _ = indexed[i]
-        assert torch.equal(pixels, expected_pixels) and torch.equal(tokens, expected_tokens), i
-        seen.append(i)
-    assert sorted(seen) == list(range(200)) and len(streamed) == 200
-
-
-def test_two_ranks_with_two_workers_each_read_every_sample_once_per_epoch(shard_set):
-    loaders = []
-    for rank in range(2):  # persistent workers, which must learn the new epoch
-        dataset = dl.WebDatasetTrain(shard_set["pattern"], no_pixels, byte_tokens, rank=rank, world_size=2)
-        loaders.append(dl.build_dataloader(dataset, 5, num_workers=2))
-    orders = []
-    for epoch in range(2):
-        ranks = epoch_ids(shard_set["pattern"], epoch, 2, 2, loaders=loaders)
-        assert len(ranks[0]) == len(ranks[1])  # ranks step together: DDP needs as many batches
-        ids = [i for batches in ranks for batch in batches for i in batch]
-        assert sorted(ids) == list(range(200))  # 20 shards of 10 over 4 readers: nothing left out
-        orders.append(ids)
-    assert orders[0] != orders[1]
-
-
-def test_shards_that_do_not_share_out_evenly_leave_out_less_than_documented_and_never_repeat(shard_set):
-    ranks = epoch_ids(shard_set["pattern"], 0, world_size=3, num_workers=0)  # 20 shards, 3 readers
-    assert len({len(batches) for batches in ranks}) == 1
-    ids = [i for batches in ranks for batch in batches for i in batch]
-    assert len(ids) == len(set(ids))
-    assert len(ids) > 200 - 2 * 3 * 10  # the bound in WebDatasetTrain's docstring
-
-
-def test_resuming_mid_epoch_skips_whole_shards_holding_the_consumed_samples(shard_set):
-    shard_of = {int(key): name for name, samples in read_shards(shard_set["folder"]).items()
-                for key, _ in samples}
-    [batches] = epoch_ids(shard_set["pattern"], 1, world_size=1, num_workers=0, start=100)
-    ids = [i for batch in batches for i in batch]
-    assert len(ids) == len(set(ids)) == 100
-    shards = {shard_of[i] for i in ids}
-    assert len(shards) == 10  # 10 whole shards read, the other 10 skipped without reading
-
-
-def test_to_webdataset_resizes_skips_unreadable_images_and_prints_the_pattern(tmp_path, capsys):
-    Image.new("RGB", (90, 60), (200, 10, 10)).save(tmp_path / "wide.jpg", quality=90)
-    Image.new("RGB", (20, 10), (10, 10, 200)).save(tmp_path / "small.png")
-    (tmp_path / "broken.jpg").write_bytes(b"not an image")
-    index = tmp_path / "data.json"
-    index.write_text(json.dumps([{"image_path": name, "caption": f"a {name}"}
-                                 for name in ("wide.jpg", "small.png", "broken.jpg")]))
-    out = tmp_path / "shards"
-    dl.main(["--to_webdataset", str(index), str(out), "--shard_size", "1", "--resize", "30"])
-    printed = capsys.readouterr().out
-    assert f"'{out}/{{00000..00001}}.tar'" in printed and "1 unreadable" in printed and "broken.jpg" in printed
-    files = {int(key): files for samples in read_shards(out).values() for key, files in samples}
-    assert Image.open(io.BytesIO(files[0]["jpg"])).size == (45, 30)       # shorter side 60 -> 30
-    assert files[1]["png"] == (tmp_path / "small.png").read_bytes()     # small enough: bytes kept
-    assert dl.is_webdataset(f"{out}/{{00000..00001}}.tar") and dl.is_webdataset(out)
-    assert not dl.is_webdataset(index) and not dl.is_webdataset(tmp_path)
-
-
-def test_shards_without_their_info_file_are_refused_naming_it(shard_set, tmp_path):
-    shutil.copy(shard_set["folder"] / "00000.tar", tmp_path / "00000.tar")
-    with pytest.raises(dl.DataError, match=f"{tmp_path / '_info.json'} not found.*--to_webdataset"):
-        dl.WebDatasetTrain(tmp_path / "00000.tar", no_pixels, byte_tokens)

@@ -270,9 +270,9 @@ def test_templates_built_in_by_language_detected_from_cjk_class_names(tmp_path):
     good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
     good.write_text("a photo of {}.\n\nart of the {}\n")
     bad.write_text("a photo of {}.\na photo of nothing\n")
-    assert ev.choose_templates(["x"], templates_file=good) == ["a photo of {}.", "art of the {}"]
+    assert ev.choose_templates(["x"], templates=good) == ["a photo of {}.", "art of the {}"]
     with pytest.raises(ValueError, match=r"bad.txt, line 2: template 'a photo of nothing'"):
-        ev.choose_templates(["x"], templates_file=bad)
+        ev.choose_templates(["x"], templates=bad)
 
 
 def test_zeroshot_folder_names_classes_by_folder_or_by_classnames_txt(tmp_path):
@@ -294,6 +294,76 @@ def test_zeroshot_folder_names_classes_by_folder_or_by_classnames_txt(tmp_path):
     (tmp_path / "classnames.txt").write_text("cat\ncat\n")
     with pytest.raises(ValueError, match="class name 'cat' is used twice"):
         ev.load_zeroshot_folder(tmp_path)
+
+
+def test_openai_templates_and_imagenet_class_names_are_open_clips_own():
+    from open_clip import zero_shot_metadata
+    openai = ev.choose_templates(["x"], templates="openai")
+    assert len(openai) == 80 and all(t.count("{}") == 1 for t in openai)  # the CLIP paper's 80
+    assert openai[0] == "a bad photo of a {}." and "a photo of the large {}." in openai
+    assert [t.replace("{}", "tench") for t in openai] == \
+        [t("tench") for t in zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES]
+    assert set(ev.choose_templates(["x"], templates="simple")) < set(openai)
+    with pytest.raises(ValueError, match="--templates opeani: neither a file nor one of open_clip's"):
+        ev.choose_templates(["x"], templates="opeani")
+
+
+def test_mean_per_class_recall_counts_every_class_once():
+    classifier = torch.eye(3)
+    images = one_hot([0, 0, 0, 0, 0, 0, 1, 0], 3)  # class a: 6 images, all right; b: 2 images, 1 right
+    result = ev.zeroshot_metrics(images, [0, 0, 0, 0, 0, 0, 1, 1], classifier, ["a", "b", "c"])
+    assert result["top1"] == 87.5                   # 7 of 8 images
+    assert result["mean_per_class_recall"] == 75.0  # (100 + 50) / 2; c has no image and no say
+
+
+def test_clip_benchmark_record_has_its_keys_and_fractions():
+    zeroshot = {"top1": 87.5, "top5": 100.0, "mean_per_class_recall": 75.0, "classnames": ["a", "b", "c"],
+                "templates": ["a photo of a {}."]}
+    record = ev.clip_benchmark_record(zeroshot, "shapes", "ViT-B-32", "openai")
+    assert record == {"dataset": "shapes", "model": "ViT-B-32", "pretrained": "openai",
+                      "task": "zeroshot_classification", "language": "en",
+                      "metrics": {"acc1": 0.875, "acc5": None, "mean_per_class_recall": 0.75}}
+    zeroshot.update(classnames=list("abcde"), templates=["{}的照片。"])
+    record = ev.clip_benchmark_record(zeroshot, "shapes", "ViT-B-32", "openai")
+    assert record["metrics"]["acc5"] == 1.0 and record["language"] == "zh"
+
+
+def test_imagenet_zeroshot_with_the_openai_templates_runs_offline(tmp_path, monkeypatch):
+    """The protocol as published: 1000 ImageNet classes x the 80 prompts, all from open_clip's
+    package, on a folder per class named by WordNet id. A model small enough for 80,000 prompts."""
+    from open_clip import zero_shot_metadata
+    from PIL import Image
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = tmp_path / "val"
+    for k in range(1000):
+        (folder / f"n{k:08d}").mkdir(parents=True)
+    for k in (0, 1, 999):
+        Image.new("RGB", (16, 16), (k % 256, 0, 0)).save(folder / f"n{k:08d}" / "image.png")
+    config = tmp_path / "micro-clip.json"
+    config.write_text(json.dumps({"embed_dim": 16,
+                                  "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1,
+                                                 "head_width": 32},
+                                  "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32,
+                                               "heads": 1, "layers": 1}}))
+    results = ev.main(["--model_name", str(config), "--zeroshot_dir", str(folder), "--templates", "openai",
+                       "--classnames", "imagenet", "--benchmark_output", str(tmp_path / "bench.json"),
+                       "--device", "cpu", "--num_workers", "0", "--batch_size", "2000"])
+    zeroshot = results["zeroshot"]
+    published = list(zero_shot_metadata.IMAGENET_CLASSNAMES)  # two names occur twice: told apart
+    assert zeroshot["classnames"][:3] == published[:3] == ["tench", "goldfish", "great white shark"]
+    assert [(c, name) for c, name in enumerate(zeroshot["classnames"]) if name != published[c]] == \
+        [(657, "missile (657)"), (744, "missile (744)"), (836, "sunglasses (836)"), (837, "sunglasses (837)")]
+    assert len(zeroshot["templates"]) == 80 and sum(map(sum, zeroshot["confusion"])) == 3
+    assert zeroshot["per_class"]["tench"] in (0.0, 100.0)
+    assert zeroshot["per_class"]["great white shark"] is None  # no image
+    written = json.loads((tmp_path / "bench.json").read_text())
+    assert written == zeroshot["clip_benchmark"]
+    assert written["dataset"] == "val" and written["model"] == "micro-clip" and written["pretrained"] == ""
+    assert written["metrics"]["acc1"] == zeroshot["top1"] / 100
+    for name in ("a", "b"):
+        (tmp_path / "two" / name).mkdir(parents=True)
+    with pytest.raises(ValueError, match="open_clip's class names.*1000 names for 2 class folders"):
+        ev.load_zeroshot_folder(tmp_path / "two", "imagenet")
 
 
 # ---- saved embeddings -----------------------------------------------------------------------------
