@@ -39,7 +39,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from errors import DataError
-from sample_data import SAMPLE_COLOURS, SAMPLE_SHAPES, create_sample_dataset  # noqa: F401 (used as data_loader.*)
+from sample_data import create_sample_dataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 

@@ -952,11 +952,12 @@ class StopRequest:
 def load_data(cfg, run):
     """The training index (None when streaming shards) and the validation index."""
     import data_loader
+    import sample_data
     import shards
     if cfg.data_dir == DEFAULT_DATA_DIR and not Path(cfg.data_dir).exists():
         if run.is_main:
             run.log.info(f"{cfg.data_dir} not found: generating the sample data set there")
-            data_loader.create_sample_dataset(cfg.data_dir, num_samples=2000, seed=0)
+            sample_data.create_sample_dataset(cfg.data_dir, num_samples=2000, seed=0)
         if run.distributed:
             import torch.distributed as dist
             dist.barrier()

@@ -35,17 +35,17 @@ RESULT_MARK = "BENCH_RESULT "   # a job's last stdout line: this mark and its re
 # Data, machine, tables
 
 def sample_data(num_images: int = 2000, seed: int = 0) -> Path:
-    """A generated data set (data_loader.create_sample_dataset), written once under bench/out/data/
+    """A generated data set (sample_data.create_sample_dataset), written once under bench/out/data/
     and reused: its data.json holds num_images 64 px PNGs with 2 or 3 captions each."""
     folder = OUT / "data" / f"shapes-{num_images}-seed{seed}"
     if not (folder / "data.json").is_file():
         sys.path.insert(0, str(REPO))
-        import data_loader
+        import sample_data
         tmp = folder.with_name(folder.name + ".tmp")
         if tmp.exists():
             import shutil
             shutil.rmtree(tmp)
-        data_loader.create_sample_dataset(tmp, num_samples=num_images, seed=seed)
+        sample_data.create_sample_dataset(tmp, num_samples=num_images, seed=seed)
         os.replace(tmp, folder)
     return folder
 

@@ -18,13 +18,14 @@ from open_clip.transform import PreprocessCfg
 from PIL import Image
 
 import data_loader as dl
+import sample_data
 
 PREPROCESS = dataclasses.asdict(PreprocessCfg(size=32))  # the shape of model.visual.preprocess_cfg
 
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
-    return dl.create_sample_dataset(tmp_path_factory.mktemp("sample") / "set", num_samples=12, seed=0)
+    return sample_data.create_sample_dataset(tmp_path_factory.mktemp("sample") / "set", num_samples=12, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -303,53 +304,6 @@ def test_every_image_mode_becomes_correct_rgb(mode):
         assert np.abs(np.subtract(image.getpixel(xy), colour)).max() <= 8, (xy, image.getpixel(xy))
 
 
-# ----------------------------------------------------------------------------- sample data set
-
-def _files(folder):
-    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
-            for d, _, files in os.walk(folder) for f in files}
-
-
-def test_sample_dataset_is_deterministic_for_a_seed(tmp_path):
-    first, again, other = (_files(dl.create_sample_dataset(tmp_path / name, 6, seed)["folder"])
-                           for name, seed in (("a", 3), ("b", 3), ("c", 4)))
-    assert first == again
-    assert first.keys() == other.keys() and first["data.json"] != other["data.json"]
-    assert first["images/00000.png"] != other["images/00000.png"]
-
-
-def test_sample_dataset_layouts_captions_and_zeroshot_classes(sample):
-    entries = json.load(open(sample["index"], encoding="utf-8"))
-    colours, shapes = set(dl.SAMPLE_COLOURS), set(dl.SAMPLE_SHAPES)
-    for k, entry in enumerate(entries):
-        assert entry["image_path"] == f"images/{k:05d}.png"
-        caption_file = os.path.join(sample["folder"], "captions", f"{k:05d}.txt")
-        assert open(caption_file, encoding="utf-8").read() == "\n".join(entry["captions"]) + "\n"
-        assert 2 <= len(set(entry["captions"])) == len(entry["captions"]) <= 3  # distinct paraphrases
-        for caption in entry["captions"]:
-            words = re.findall(r"[a-z]+", caption)
-            named_colours = [w for w in words if w in colours]
-            named_shapes = [w for w in words if w in shapes]
-            assert len(named_colours) in (1, 2) and len(named_shapes) == len(named_colours)
-            assert len(named_colours) == 2 or {"small", "little", "tiny", "large", "big", "huge"} & set(words)
-    classes = sorted(os.listdir(sample["zeroshot"]))
-    assert len(classes) == 20 and "red circle" in classes
-    red = np.asarray(Image.open(os.path.join(sample["zeroshot"], "red circle", "000.png")), int)
-    assert (np.abs(red - dl.SAMPLE_COLOURS["red"][0]).max(axis=2) < 10).sum() > 150  # a visible red shape
-
-
-def test_chinese_sample_captions_are_chinese_and_tokenised(tmp_path, tokenizer):
-    paths = dl.create_sample_dataset(tmp_path / "zh", num_samples=8, seed=0, language="zh")
-    index = dl.load_captions(paths["index"])
-    colour_names = [zh for _, zh in dl.SAMPLE_COLOURS.values()]
-    assert all(any(c in caption for c in colour_names) for caption in index.captions())
-    assert "红色圆形" in os.listdir(paths["zeroshot"])
-    first, second = (tokenizer([index.caption(j)])[0] for j in (0, index.num_captions - 1))
-    assert (first != 0).sum() > 2 and not torch.equal(first, second)  # more than start + end tokens
-    dataset = dl.TrainDataset(index, dl.TrainAugmentation(PREPROCESS, augment=False), tokenizer)
-    assert (dataset[0][1] != 0).sum() > 2
-
-
 # ----------------------------------------------------------------------------- sampling
 
 def test_without_augmentation_a_training_image_is_the_evaluation_image(sample):
@@ -580,7 +534,7 @@ def test_train_runs_on_a_chinese_clip_lmdb_folder(tmp_path):
     import train
     root = tmp_path / "muge"
     for split, seed in (("train", 0), ("valid", 1)):
-        index = dl.load_captions(dl.create_sample_dataset(tmp_path / split, 24, seed, language="zh")["index"])
+        index = dl.load_captions(sample_data.create_sample_dataset(tmp_path / split, 24, seed, language="zh")["index"])
         write_chinese_clip_lmdb(index, root, split)
     result = train.main(["--data_dir", str(root / "lmdb/train"), "--val_data", str(root / "lmdb/valid"),
                          "--batch_size", "8", "--num_workers", "1", "--max_steps", "3", "--warmup_steps", "1",

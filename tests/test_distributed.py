@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import clip_model as cm
 import data_loader as dl
+import sample_data
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,7 +142,7 @@ def test_two_processes_get_the_gradient_of_the_loss_on_the_concatenated_batch(lo
 
 @pytest.fixture(scope="module")
 def sample_set(tmp_path_factory):
-    return dl.create_sample_dataset(tmp_path_factory.mktemp("data") / "set", num_samples=200, seed=0)
+    return sample_data.create_sample_dataset(tmp_path_factory.mktemp("data") / "set", num_samples=200, seed=0)
 
 
 def train_flags(data, out, *extra, batch_size=16):

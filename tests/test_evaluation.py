@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import evaluation as ev
+import sample_data
 from errors import MissingInputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -413,7 +414,7 @@ def sample(tmp_path_factory):
     import clip_model
     import data_loader
     root = tmp_path_factory.mktemp("evaluation")
-    paths = data_loader.create_sample_dataset(root / "data", num_samples=24, seed=0)
+    paths = sample_data.create_sample_dataset(root / "data", num_samples=24, seed=0)
     torch.manual_seed(0)
     setup = clip_model.build_model("tiny-vit-64")
     clip_model.save_checkpoint(root / "best.pt", setup)

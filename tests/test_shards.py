@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import data_loader as dl
+import sample_data
 import shards
 import train
 
@@ -97,7 +98,7 @@ def img2dataset_samples(index, prefix, count, broken=()):
 
 @pytest.fixture(scope="module")
 def sample_set(tmp_path_factory):
-    return dl.create_sample_dataset(tmp_path_factory.mktemp("data") / "set", num_samples=200, seed=0)
+    return sample_data.create_sample_dataset(tmp_path_factory.mktemp("data") / "set", num_samples=200, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -350,7 +351,7 @@ def test_inspect_shows_how_each_source_is_counted(two_sources, shard_set, capsys
 
 @pytest.fixture(scope="module")
 def val_set(tmp_path_factory):
-    return dl.create_sample_dataset(tmp_path_factory.mktemp("val") / "set", num_samples=16, seed=1)["index"]
+    return sample_data.create_sample_dataset(tmp_path_factory.mktemp("val") / "set", num_samples=16, seed=1)["index"]
 
 
 def train_on(data_dir, val, out, *extra):

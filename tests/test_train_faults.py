@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import clip_model as cm
-import data_loader
+import sample_data
 import train
 from errors import DataError, OutputError, SettingsError
 
@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("data")
-    return {"train": data_loader.create_sample_dataset(folder / "train", num_samples=160, seed=0),
-            "val": data_loader.create_sample_dataset(folder / "val", num_samples=40, seed=1)}
+    return {"train": sample_data.create_sample_dataset(folder / "train", num_samples=160, seed=0),
+            "val": sample_data.create_sample_dataset(folder / "val", num_samples=40, seed=1)}
 
 
 def run_args(data, out, *extra):

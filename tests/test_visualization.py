@@ -13,6 +13,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 import visualization as viz
+import sample_data
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_SKLEARN = importlib.util.find_spec("sklearn") is not None
@@ -107,7 +108,7 @@ def results_dir(tmp_path):
     run.mkdir(parents=True)
     (run / "training_results.json").write_text(json.dumps(training_results()))
     (run / "eval_results.json").write_text(json.dumps(eval_results()))
-    data = data_loader.create_sample_dataset(tmp_path / "data", num_samples=12)["index"]
+    data = sample_data.create_sample_dataset(tmp_path / "data", num_samples=12)["index"]
     write_embeddings(run / "embeddings", data)
     return run
 

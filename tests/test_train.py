@@ -1,0 +1,314 @@
+"""Specification of train.py: its settings, schedule, parameter groups and accumulated-batch
+step; and whole runs on CPU: it learns, resumes exactly, survives SIGTERM and NaN losses, and
+writes what evaluation, TensorBoard and visualization read. (Faults: test_train_faults.py.)"""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import clip_model as cm
+import evaluation
+import sample_data
+import train
+from errors import OutputError, SettingsError, TrainingError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_config(tmp_path, sections):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(sections))
+    return str(path)
+
+
+# ---- settings -----------------------------------------------------------------------------------
+
+def test_config_json_holds_exactly_the_schema_defaults():
+    assert json.loads((ROOT / "config.json").read_text()) == train.default_config()
+
+
+def test_every_setting_is_a_flag_with_help():
+    help_text = train.build_parser().format_help()
+    for setting in train.SCHEMA:
+        assert f"--{setting.name}" in help_text
+
+
+def test_precedence_is_defaults_then_config_file_then_flags(tmp_path):
+    path = write_config(tmp_path, {"training": {"batch_size": 16, "learning_rate": 0.01},
+                                   "logging": {"run_name": "from-file"}})
+    cfg = train.parse_config(["--config", path, "--batch_size", "8"])
+    assert cfg.batch_size == 8                     # flag beats file
+    assert cfg.learning_rate == 0.01               # file beats default
+    assert cfg.run_name == "from-file"
+    assert cfg.weight_decay == train.SETTINGS["weight_decay"].default   # default stays
+
+
+def test_boolean_flags_turn_settings_on_and_off(tmp_path):
+    path = write_config(tmp_path, {"data": {"augment": False}})
+    assert train.parse_config(["--config", path]).augment is False
+    assert train.parse_config(["--config", path, "--augment"]).augment is True
+    assert train.parse_config(["--config", path, "--no-augment"]).augment is False
+
+
+def test_unknown_key_in_the_config_file_is_an_error_naming_it(tmp_path):
+    path = write_config(tmp_path, {"training": {"batch_sise": 16}})
+    with pytest.raises(SettingsError, match="unknown setting 'batch_sise'"):
+        train.parse_config(["--config", path])
+
+
+def test_wrong_type_in_the_config_file_is_an_error_naming_the_key(tmp_path):
+    path = write_config(tmp_path, {"training": {"batch_size": "64"}})
+    with pytest.raises(SettingsError, match="batch_size must be int, got '64'"):
+        train.parse_config(["--config", path])
+
+
+def test_key_in_the_wrong_section_is_an_error(tmp_path):
+    path = write_config(tmp_path, {"model": {"batch_size": 64}})
+    with pytest.raises(SettingsError, match="batch_size belongs in section 'training'"):
+        train.parse_config(["--config", path])
+
+
+def test_invalid_choice_and_unknown_flag_are_rejected(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_config(["--precision", "fp8"])
+    with pytest.raises(SystemExit):
+        train.parse_config(["--batch_sise", "3"])
+    assert "unrecognized arguments: --batch_sise" in capsys.readouterr().err
+
+
+def test_missing_config_file_is_an_error(tmp_path):
+    with pytest.raises(SettingsError, match="nope.json: file not found"):
+        train.parse_config(["--config", str(tmp_path / "nope.json")])
+
+
+# ---- schedule and optimiser ---------------------------------------------------------------------
+
+def test_schedule_warms_up_linearly_then_decays_to_zero():
+    factor = train.cosine_with_warmup(total_steps=110, warmup_steps=10)
+    assert [factor(s) for s in range(3)] == pytest.approx([0.1, 0.2, 0.3])
+    assert factor(9) == pytest.approx(1.0)
+    assert factor(10) == pytest.approx(1.0)
+    assert factor(60) == pytest.approx(0.5)
+    assert factor(110) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("total,warmup", [(1, 0), (1, 1), (1, 100), (5, 5), (3, 0), (7, 1000)])
+def test_no_combination_of_steps_and_warmup_divides_by_zero(total, warmup):
+    factor = train.cosine_with_warmup(total, warmup)
+    values = [factor(s) for s in range(total + 1)]
+    assert all(0 <= v <= 1 for v in values)
+    assert max(values) == pytest.approx(1.0)       # a capped warmup still reaches the peak
+
+
+def test_no_weight_decay_on_biases_norms_and_the_logit_scale():
+    model = cm.build_model("tiny-vit-64").model
+    decay, no_decay = train.parameter_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert "logit_scale" in no_decay_names
+    assert "ln_final.weight" in no_decay_names and "visual.conv1.weight" not in no_decay_names
+    assert all(n.endswith(("bias", "weight")) or n in ("logit_scale", "visual.class_embedding")
+               for n in no_decay_names)
+    assert all(torch.is_tensor(p) and p.ndim >= 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
+
+
+def test_metric_paths_and_flattening():
+    metrics = {"retrieval": {"image_to_text": {"R@1": 10.0}, "rsum": 55.0},
+               "similarity": {"gap": 0.2}, "num_images": 4}
+    assert train.metric_value(metrics, "image_to_text/R@1") == 10.0
+    assert train.metric_value(metrics, "rsum") == 55.0
+    with pytest.raises(SettingsError, match="best_metric 'R@7'"):
+        train.metric_value(metrics, "R@7")
+    assert evaluation.flatten_metrics(metrics) == {"val/image_to_text/R@1": 10.0, "val/rsum": 55.0,
+                                              "val/similarity/gap": 0.2, "val/num_images": 4}
+
+
+# ---- gradient accumulation ----------------------------------------------------------------------
+
+def batch_of(setup, start, n):
+    g = torch.Generator().manual_seed(start)
+    return {"images": torch.randn(n, 3, 64, 64, generator=g),
+            "texts": setup.tokenizer([f"caption {i} of a shape" for i in range(start, start + n)]),
+            "image_ids": torch.arange(start, start + n)}
+
+
+def gradients_of(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_four_accumulated_batches_of_8_give_the_update_of_one_batch_of_32():
+    torch.manual_seed(0)
+    setup = cm.build_model("tiny-vit-64")        # LayerNorm only: batch composition is irrelevant
+    model, loss_fn = setup.model.train(), cm.ContrastiveLoss()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    big = batch_of(setup, 0, 32)
+    micro = [{k: v[i * 8:(i + 1) * 8] for k, v in big.items()} for i in range(4)]
+
+    big_loss = train.backward_step(model, loss_fn, [big], scaler, "fp32", "cpu")
+    expected = gradients_of(model)
+    model.zero_grad()
+    accumulated_loss = train.backward_step(model, loss_fn, micro, scaler, "fp32", "cpu")
+    got = gradients_of(model)
+
+    assert accumulated_loss.item() == pytest.approx(big_loss.item(), rel=1e-5)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-7, msg=name)
+    # plain accumulation of per-micro-batch losses would NOT match: it sees 8 negatives, not 32
+    model.zero_grad()
+    for b in micro:
+        train.backward_step(model, loss_fn, [b], scaler, "fp32", "cpu")
+    naive = gradients_of(model)
+    assert not torch.allclose(naive["visual.proj"], expected["visual.proj"], rtol=1e-2)
+
+
+# ---- whole runs -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    return {"train": sample_data.create_sample_dataset(folder / "train", num_samples=480, seed=0),
+            "val": sample_data.create_sample_dataset(folder / "val", num_samples=100, seed=1)}
+
+
+def run_args(data, out, *extra):
+    return ["--data_dir", str(data["train"]["index"]), "--val_data", str(data["val"]["index"]),
+            "--checkpoint_dir", str(out / "ckpt"), "--log_dir", str(out / "logs"),
+            "--results_dir", str(out / "results"), "--num_workers", "0", "--batch_size", "32",
+            "--log_every", "5", "--warmup_steps", "5", *extra]
+
+
+@pytest.fixture(scope="module")
+def learned_run(data, tmp_path_factory):
+    """One short training run shared by the tests that read its outputs."""
+    out = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    result = train.main(run_args(data, out, "--run_name", "learn", "--num_epochs", "8",
+                                 "--learning_rate", "2e-3", "--eval_every", "30"))
+    return out, result
+
+
+def test_a_short_run_learns_far_above_chance(learned_run):
+    out, result = learned_run
+    final = result["history"]["val"][-1]["retrieval"]
+    # 100 validation images: chance is R@1 = 1% and R@10 = 10%
+    assert final["text_to_image"]["R@10"] > 40
+    assert final["image_to_text"]["R@10"] > 40
+    losses = [e["loss"] for e in result["history"]["train"]]
+    assert losses[-1] < losses[0] - 0.5
+
+
+def test_a_run_writes_checkpoints_results_and_curves(learned_run):
+    out, result = learned_run
+    assert (out / "ckpt/learn/last.pt").is_file() and (out / "ckpt/learn/best.pt").is_file()
+    saved = json.loads((out / "ckpt/learn/config.json").read_text())
+    assert saved["num_epochs"] == 8 and saved["learning_rate"] == 2e-3
+    results = json.loads((out / "results/learn/training_results.json").read_text())
+    assert results["best"]["metric"] == "rsum" and results["best"]["step"] is not None
+    assert results["final"]["step"] == result["step"]
+    assert (out / "results/learn/training_curves.png").stat().st_size > 10_000
+    best = cm.load_checkpoint(out / "ckpt/learn/best.pt")
+    assert best["step"] == results["best"]["step"]
+    assert best["config"]["batch_size"] == 32
+
+
+def test_tensorboard_events_are_readable_by_tensorboard(learned_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out, result = learned_run
+    events = EventAccumulator(str(out / "logs/learn")).Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("train/loss", "train/lr", "train/logit_scale", "train/grad_norm",
+                "train/samples_per_s", "train/data_wait", "val/rsum", "val/text_to_image/R@1",
+                "val/image_to_text/R@10"):
+        assert tag in tags, tag
+    assert [e.step for e in events.Scalars("train/loss")][:2] == [5, 10]
+    assert (out / "logs/learn/train.log").read_text().count("validation") >= 2
+
+
+def test_the_checkpoint_is_consumed_by_evaluation(learned_run, data, tmp_path):
+    out, _ = learned_run
+    output = tmp_path / "eval.json"
+    subprocess.run([sys.executable, "evaluation.py", "--checkpoint", str(out / "ckpt/learn/best.pt"),
+                    "--data", str(data["val"]["index"]), "--output", str(output)],
+                   cwd=ROOT, check=True, capture_output=True)
+    metrics = json.loads(output.read_text())
+    assert metrics["num_images"] == 100
+    assert metrics["retrieval"]["text_to_image"]["R@10"] > 40
+
+
+def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(data, tmp_path):
+    common = ("--max_steps", "14", "--eval_every", "6", "--save_every", "1000")
+    whole = train.main(run_args(data, tmp_path, "--run_name", "whole", *common))
+    assert whole["step"] == 14
+    first = train.main(run_args(data, tmp_path, "--run_name", "split", "--stop_at_step", "9", *common))
+    assert first["step"] == 9 and "stop_at_step" in first["stop_reason"]
+    second = train.main(run_args(data, tmp_path, "--run_name", "split", "--resume", "auto", *common))
+    assert second["step"] == 14
+    a = cm.load_checkpoint(tmp_path / "ckpt/whole/last.pt")
+    b = cm.load_checkpoint(tmp_path / "ckpt/split/last.pt")
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][name]), name
+    assert a["best"] == b["best"]
+    assert [e["step"] for e in a["history"]["val"]] == [e["step"] for e in b["history"]["val"]]
+
+
+def test_an_existing_run_is_not_overwritten_without_resume(data, tmp_path):
+    train.main(run_args(data, tmp_path, "--run_name", "once", "--max_steps", "2"))
+    with pytest.raises(OutputError, match="last.pt exists.*--resume auto"):
+        train.main(run_args(data, tmp_path, "--run_name", "once", "--max_steps", "2"))
+
+
+def test_nan_losses_are_skipped_and_a_run_of_them_stops_cleanly(data, tmp_path, monkeypatch):
+    real_forward = cm.ContrastiveLoss.forward
+    calls = {"n": 0}
+
+    def sometimes_nan(self, *args, **kwargs):
+        calls["n"] += 1
+        loss = real_forward(self, *args, **kwargs)
+        # step 3 is one bad step; from step 7 on every loss is NaN
+        return loss * float("nan") if calls["n"] == 3 or calls["n"] >= 7 else loss
+    monkeypatch.setattr(cm.ContrastiveLoss, "forward", sometimes_nan)
+    with pytest.raises(TrainingError, match="stopped at step 9: 3 non-finite losses in a row"):
+        train.main(run_args(data, tmp_path, "--run_name", "nan", "--max_steps", "30",
+                            "--max_bad_steps", "3", "--save_every", "4"))
+    checkpoint = cm.load_checkpoint(tmp_path / "ckpt/nan/last.pt")
+    assert checkpoint["step"] == 9
+    assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())
+    log = (tmp_path / "logs/nan/train.log").read_text()
+    assert "step 2: non-finite loss" in log and log.count("update skipped") == 4
+
+
+def test_sigterm_saves_a_loadable_last_checkpoint(data, tmp_path):
+    args = run_args(data, tmp_path, "--run_name", "term", "--num_epochs", "1000",
+                    "--save_every", "100000")
+    process = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "logs/term/train.log"
+    deadline = time.time() + 120
+    while time.time() < deadline and "training" not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.5)
+    time.sleep(3)                                    # a few steps into training
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert "SIGTERM received" in output
+    checkpoint = cm.load_checkpoint(tmp_path / "ckpt/term/last.pt")
+    assert checkpoint["step"] > 0
+    assert "--resume auto" in output
+
+
+def test_zero_shot_on_the_generated_shape_classes_is_far_above_chance(learned_run, data):
+    import evaluation
+    out, _ = learned_run
+    setup, _ = cm.model_from_checkpoint(out / "ckpt/learn/best.pt")
+    zeroshot = evaluation.evaluate_zeroshot(setup, data["val"]["zeroshot"])
+    chance = 100 / len(zeroshot["classnames"])
+    assert zeroshot["top1"] > 3 * chance
+    assert zeroshot["top5"] > 3 * 5 * chance
