@@ -31,8 +31,16 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from errors import (CheckpointError, ModelError, OutputError, PretrainedUnavailable, SettingsError,
-                    UserError, disk_full_message, is_disk_full)
+from errors import (
+    CheckpointError,
+    ModelError,
+    OutputError,
+    PretrainedUnavailable,
+    SettingsError,
+    UserError,
+    disk_full_message,
+    is_disk_full,
+)
 
 PRESET_DIR = Path(__file__).resolve().parent / "model_configs"
 open_clip.add_model_config(PRESET_DIR)

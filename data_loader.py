@@ -25,8 +25,8 @@ import base64
 import csv
 import io
 import json
-import os
 import math
+import os
 import pickle
 import random
 import signal

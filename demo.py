@@ -48,6 +48,7 @@ def generate_data(args):
 def answer_queries(checkpoint, embeddings_dir, queries):
     """Rank the validation images for a few free-text queries: search with a trained CLIP."""
     import torch
+
     import clip_model
     import evaluation
     setup, _ = clip_model.model_from_checkpoint(checkpoint)
@@ -71,7 +72,7 @@ def main(argv=None):
     import evaluation
     import train
     import visualization
-    print(f"\n== 1/4 training")
+    print("\n== 1/4 training")
     # Chinese captions take about 3 tokens per character: give the text tower a longer context.
     language_flags = ["--context_length", "64"] if args.language == "zh" else []
     flags = [*TRAIN_DEFAULTS, *language_flags, "--data_dir", str(data["train"]), "--val_data",

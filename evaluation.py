@@ -370,6 +370,7 @@ def encode_image_files(setup, source, batch_size=64, num_workers=0, device="cpu"
     strict, a DataError naming the first one (raised here, in the main process, in one line).
     """
     import torch
+
     import clip_model
     import data_loader
     transform = data_loader.image_transform(setup.preprocess_cfg)

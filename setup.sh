@@ -37,8 +37,9 @@ if [ -z "$(fc-list :lang=zh 2>/dev/null || true)" ]; then
 fi
 
 "$VENV/bin/python" - <<'PY'
+import re
 from importlib.metadata import version
-names = ["torch", "torchvision", "open_clip_torch", "numpy", "pillow", "tqdm",
-         "tensorboard", "matplotlib", "webdataset", "lmdb", "pytest"]
+lines = open("requirements.txt").read().splitlines()
+names = [re.split(r"[<>=!~\[; ]", line.strip())[0] for line in lines if line.strip() and not line.startswith("#")]
 print("setup: installed " + ", ".join(f"{n} {version(n)}" for n in names))
 PY

@@ -303,7 +303,8 @@ class WebDatasetTrain(IterableDataset):
         else:
             samples, quota, exact = self._dealt_stream(epoch, start, readers, reader)
         count = 0
-        for count, sample in enumerate(itertools.islice(samples, quota), 1):
+        for sample in itertools.islice(samples, quota):
+            count += 1
             yield self._sample(sample, epoch)
         if exact and count < quota:
             raise DataError(f"{self.data_dir}: reader {reader} found {count} samples in its shards, "

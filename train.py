@@ -180,7 +180,7 @@ def read_config_file(path):
     try:
         sections = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise SettingsError(f"--config {path}: {error}")
+        raise SettingsError(f"--config {path}: {error}") from None
     if not isinstance(sections, dict):
         raise SettingsError(f"{path}: expected sections {', '.join(SECTIONS)} as a JSON object")
     values = {}
@@ -318,6 +318,7 @@ def backward_step(model, loss_fn, micro_batches, scaler, precision, device):
     by both passes); LayerNorm towers (ViTs, the text transformer) are exact.
     """
     import torch
+
     from clip_model import autocast
     ids = torch.cat([b["image_ids"] for b in micro_batches]).to(device)
     if len(micro_batches) == 1:
@@ -360,6 +361,7 @@ class StepResult:
 def optimizer_step(job, micro_batches):
     """One optimiser step: backward, unscale, clip, finiteness check, step, schedule, clamp."""
     import torch
+
     import clip_model
     loss = backward_step(job.model, job.loss_fn, micro_batches, job.scaler, job.run.precision,
                          job.run.device)
@@ -522,7 +524,6 @@ def train(job, state):
 
 def train_one_epoch(job, state, stop):
     """Steps through (the rest of) one epoch; returns why the run must stop, or None."""
-    import torch
     from tqdm import tqdm
     run, cfg = job.run, job.cfg
     job.loader.set_epoch(state.epoch, start=state.samples_in_epoch)
@@ -993,6 +994,7 @@ def load_data(cfg, run):
 def build_model(cfg, run):
     """The model with its trainable parts chosen, wrapped for compile and DDP; and the loss."""
     import torch
+
     import clip_model
     setup = clip_model.build_model(cfg.model_name, cfg.pretrained, device=run.device, loss=cfg.loss,
                                    patch_dropout=cfg.patch_dropout,

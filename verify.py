@@ -59,6 +59,7 @@ def check_import(module):
 
 def check_forward_backward():
     import torch
+
     import clip_model
     setup = clip_model.build_model("tiny-vit-64")
     images = torch.randn(2, 3, 64, 64)

@@ -61,6 +61,7 @@ def sample_costs(repo, rounds: int) -> dict:
     import time
     sys.path.insert(0, str(repo))
     import torch
+
     import clip_model
     import data_loader
     torch.set_num_threads(1)

@@ -108,7 +108,6 @@ def memory_kib(pid: int) -> dict:
 
 def worker(form: str, index_path: str, entries: int, workers: int, batch_size: int):
     """Runs in the measured process: load, iterate with a DataLoader, print the measurements."""
-    import torch
     from torch.utils.data import DataLoader
     sys.path.insert(0, str(REPO))
     import data_loader

@@ -90,7 +90,7 @@ def main():
         sides = {m: bare(model_name=m, batch_size=b, steps=s) for m, b, s in MODELS}
         runs = common.alternate(sides, args.rounds, _report)
         rows = []
-        for m, b, s in MODELS:
+        for m, b, _ in MODELS:
             speed, peak = medians(runs[m])
             rows.append([m, b, f"{speed:.1f}", f"{1000 / speed:.1f}", f"{peak:,.0f}"])
         tables["models"] = common.table(["model", "batch", "samples/s", "ms per sample",

@@ -15,9 +15,9 @@ The bare loop (`bare_loop`) is the model's own speed: forward, loss, backward an
 on one batch of tensors already in memory, the same model, batch and precision as train.py, and
 nothing else: no data loading, clipping, schedule, logging or checkpoints.
 """
+import itertools
 import json
 import os
-import itertools
 import platform
 import statistics
 import subprocess
@@ -163,6 +163,7 @@ def bare_loop(model_name="tiny-vit-64", batch_size=64, precision="fp32", steps=2
     compiles during them); with warmup=0 the first step, as in train.py, is counted."""
     sys.path.insert(0, str(repo))
     import torch
+
     import clip_model
     import train
     if threads:
@@ -280,6 +281,7 @@ def _job_loader(params):
     them, iterated for `epochs` whole epochs; the cache's build time is reported apart."""
     sys.path.insert(0, params["repo"])
     import torch
+
     import clip_model
     import data_loader
     if params.get("threads"):

@@ -16,7 +16,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import clip_model as cm
-import data_loader as dl
 import sample_data
 import train
 
@@ -126,7 +125,7 @@ def test_two_processes_of_two_micro_batches_get_the_gradient_of_the_whole_global
         assert grads.keys() == expected.keys() and "logit_scale" in grads    # the temperature too
         for name, grad in expected.items():
             torch.testing.assert_close(grads[name], grad, rtol=1e-10, atol=1e-12,
-                                       msg=lambda m: f"rank {rank}, {name}: {m}")
+                                       msg=lambda m, rank=rank, name=name: f"rank {rank}, {name}: {m}")
 
 
 @pytest.mark.parametrize("loss_name", LOSSES)
@@ -135,7 +134,7 @@ def test_two_processes_get_the_gradient_of_the_loss_on_the_concatenated_batch(lo
     for rank, grads in enumerate(rank_gradients):
         for name, grad in expected.items():
             torch.testing.assert_close(grads[loss_name][name], grad, rtol=1e-10, atol=1e-12,
-                                       msg=lambda m: f"rank {rank}, {name}: {m}")
+                                       msg=lambda m, rank=rank, name=name: f"rank {rank}, {name}: {m}")
 
 
 # ----------------------------------------------------------------------------- train.py under torchrun
@@ -218,4 +217,4 @@ def test_a_checkpoint_of_two_processes_resumes_on_one_with_the_same_global_batch
     # the same samples, loss and updates; only the order of float additions differs (the weights
     # end ~1e-7 apart, while three steps move them by ~1e-3)
     for name, tensor in two.items():
-        torch.testing.assert_close(one[name], tensor, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(one[name], tensor, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")

@@ -199,6 +199,7 @@ def test_a_second_run_with_a_taken_name_is_refused_and_a_killed_runs_lock_is_gon
 def test_a_run_with_a_missing_training_image_and_a_corrupt_validation_image_finishes_naming_both(
         data, tmp_path):
     import shutil
+
     from test_evaluation import decompression_bomb_png
     train_dir, val_dir = tmp_path / "train", tmp_path / "val"
     shutil.copytree(Path(data["train"]["index"]).parent, train_dir)

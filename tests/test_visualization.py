@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-import visualization as viz
 import sample_data
+import visualization as viz
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_SKLEARN = importlib.util.find_spec("sklearn") is not None
@@ -102,7 +102,6 @@ def write_embeddings(folder, data):
 @pytest.fixture
 def results_dir(tmp_path):
     """results/run/ as training and evaluation leave it, with its data set elsewhere."""
-    import data_loader
 
     run = tmp_path / "results" / "run"
     run.mkdir(parents=True)
