@@ -78,6 +78,8 @@ SCHEMA = [
     Setting("data", "augment", True, "random resized crop and colour jitter in training (no flips)"),
     Setting("data", "cache_images", True, "decode each training image once, shrunk to just above the "
             "model's input, and keep it in memory (when it fits in a quarter of the free memory)"),
+    Setting("data", "val_zeroshot", "", "a folder of one image folder per class: zero-shot top-1/top-5 "
+            "at every validation, so that forgetting shows while it happens; '' = off"),
     Setting("data", "strict_data", False, "stop at the first unreadable image (missing or "
             "corrupt) instead of skipping it and counting it"),
     Setting("data", "num_workers", 2, "DataLoader worker processes per training process",
@@ -99,6 +101,9 @@ SCHEMA = [
             "most half the run (a longer one is shortened, with a warning)", valid=">= 0"),
     Setting("training", "grad_clip_norm", 1.0, "clip the global gradient norm; 0 = no clipping",
             valid=">= 0"),
+    Setting("training", "ema_decay", 0.0, "keep an exponential moving average of the weights with "
+            "this decay (e.g. 0.999), validate it beside the weights, and save the better as best.pt; "
+            "0 = off", valid="[0, 1)"),
     Setting("training", "precision", "auto", "auto (amp on CUDA, else fp32), fp32, amp (fp16 "
             "with loss scaling, CUDA), bf16", ("auto", "fp32", "amp", "bf16")),
     Setting("training", "device", "auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps"),
@@ -238,7 +243,9 @@ def parse_config(argv=None):
 # Validation metrics that can pick best.pt: higher is better for all of them.
 
 BEST_METRICS = ("rsum", "mean_recall") + tuple(
-    f"{direction}/R@{k}" for direction in ("image_to_text", "text_to_image") for k in (1, 5, 10))
+    f"{direction}/R@{k}" for direction in ("image_to_text", "text_to_image") for k in (1, 5, 10)) + (
+    "zeroshot/top1", "zeroshot/top5", "zeroshot/mean_per_class_recall")
+ZEROSHOT_METRICS = ("top1", "top5", "mean_per_class_recall")   # what validation keeps of zero-shot
 
 
 def check_best_metric(name):
@@ -247,9 +254,9 @@ def check_best_metric(name):
 
 
 def metric_value(metrics, name):
-    """A validation metric by path: 'rsum' or 'image_to_text/R@1'."""
+    """A validation metric by path: 'rsum', 'image_to_text/R@1' or 'zeroshot/top1'."""
     check_best_metric(name)
-    value = metrics["retrieval"]
+    value = metrics if name.startswith("zeroshot/") else metrics["retrieval"]
     for key in name.split("/"):
         value = value[key]
     return value
@@ -378,7 +385,34 @@ def optimizer_step(job, micro_batches):
     job.optimizer.zero_grad(set_to_none=True)
     job.scheduler.step()
     clip_model.clamp_logit_scale(job.raw_model)
+    if finite and job.ema is not None:
+        job.ema.update_parameters(job.raw_model)
     return StepResult(loss, grad_norm, finite)
+
+
+def build_ema(cfg, model):
+    """An exponential moving average of the weights (and buffers), or None when ema_decay is 0.
+
+    Averaging the weights of the last few hundred steps smooths out the noise of single steps:
+    the average often scores better than the weights themselves, above all late in a short run
+    or in fine-tuning. After n updates the decay is min(ema_decay, (1 + n) / (10 + n)): early on
+    the average follows the weights closely instead of remembering the random initial ones (as
+    TensorFlow's ExponentialMovingAverage with num_updates does). torch's AveragedModel keeps
+    the copy on the model's device.
+    """
+    if not cfg.ema_decay:
+        return None
+    import torch
+    from torch.optim.swa_utils import AveragedModel
+
+    @torch.no_grad()
+    def update(averages, weights, updates):
+        decay = min(cfg.ema_decay, (1 + int(updates)) / (10 + int(updates)))
+        if averages[0].is_floating_point():
+            torch._foreach_lerp_(averages, weights, 1 - decay)
+        else:                             # integer buffers (BatchNorm's step counter): the latest
+            torch._foreach_copy_(averages, weights)
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,7 +425,7 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     samples_in_epoch: int = 0         # consumed by all processes together in this epoch
-    best: dict = field(default_factory=lambda: {"metric": None, "value": None, "step": None})
+    best: dict = field(default_factory=lambda: {"metric": None, "value": None, "step": None, "weights": None})
     history: dict = field(default_factory=lambda: {"train": [], "val": []})
     evals_without_gain: int = 0
     bad_steps: int = 0                # non-finite losses in a row
@@ -457,6 +491,7 @@ class Job:
     steps_per_epoch: int
     total_steps: int
     global_batch: int
+    ema: object = None                 # AveragedModel of the weights (ema_decay > 0), else None
     timing: Timing = field(default_factory=Timing)
 
     @property
@@ -481,7 +516,7 @@ def main(argv=None):
         total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
         optimizer, scheduler, scaler = build_optimizer(cfg, run, model, total_steps)
         job = Job(cfg, run, setup, model, loss_fn, optimizer, scheduler, scaler, loader, val_index,
-                  steps_per_epoch, total_steps, global_batch)
+                  steps_per_epoch, total_steps, global_batch, ema=build_ema(cfg, setup.model))
         state = resume(job, train_index)
         job.timing.startup_s = time.perf_counter() - started
         stop_reason = train(job, state)
@@ -646,24 +681,29 @@ def after_step(job, state, result, stop):
 
 
 def validate(job, state):
-    """Full retrieval metrics on the validation set, computed once (on rank 0); saves best.pt on
-    a new best. Returns the early-stopping reason, or None."""
+    """Retrieval metrics on the validation set (and zero-shot accuracy with val_zeroshot), of the
+    weights and of their moving average (ema_decay), computed once, on rank 0. Saves best.pt when
+    either beats the best so far. Returns the early-stopping reason, or None."""
     import evaluation
     run, cfg = job.run, job.cfg
     stop = None
     if run.is_main:
         started = time.perf_counter()
-        metrics = evaluation.evaluate_model(job.setup, job.val_index, batch_size=cfg.batch_size,
-                                            num_workers=cfg.num_workers, device=run.device,
-                                            precision=run.precision, strict=cfg.strict_data)
+        metrics = evaluate_weights(job, job.setup)
+        if job.ema is not None:
+            metrics["ema"] = evaluate_weights(job, ema_setup(job))
         job.model.train()
         elapsed = time.perf_counter() - started
         job.timing.validation_s += elapsed
         improved = record_validation(job, state, metrics)
-        run.log.info(f"step {state.step} validation ({elapsed:.1f}s): "
-                     f"{evaluation.recall_summary(metrics)}, {cfg.best_metric} "
-                     f"{metric_value(metrics, cfg.best_metric):.2f}{' (best)' if improved else ''}")
+        for name, part in (("", metrics), (" EMA", metrics.get("ema"))):
+            if part is not None:
+                run.log.info(f"step {state.step} validation{name} ({elapsed:.1f}s): "
+                             f"{evaluation.recall_summary(part)}, {cfg.best_metric} "
+                             f"{metric_value(part, cfg.best_metric):.2f}")
         if improved:
+            run.log.info(f"new best {cfg.best_metric} {state.best['value']:.2f} "
+                         f"({state.best['weights']} weights)")
             save_best(job, state, metrics)       # the weights first: a results file can wait
         write_results(job, state)
         if cfg.early_stopping_patience and state.evals_without_gain >= cfg.early_stopping_patience:
@@ -671,8 +711,29 @@ def validate(job, state):
     return stop if agree(run, stop is not None) else None
 
 
+def evaluate_weights(job, setup):
+    """The validation metrics of one set of weights: retrieval, and zero-shot with val_zeroshot."""
+    import evaluation
+    cfg, run = job.cfg, job.run
+    options = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=run.device,
+                   precision=run.precision, strict=cfg.strict_data)
+    metrics = evaluation.evaluate_model(setup, job.val_index, **options)
+    if cfg.val_zeroshot:
+        zeroshot = evaluation.evaluate_zeroshot(setup, cfg.val_zeroshot, **options)
+        metrics["zeroshot"] = {key: zeroshot[key] for key in ZEROSHOT_METRICS}
+    return metrics
+
+
+def ema_setup(job):
+    """The ClipSetup of the moving average of the weights."""
+    import clip_model
+    return clip_model.ClipSetup(job.ema.module, job.setup.tokenizer, job.setup.preprocess_cfg,
+                                job.setup.model_name, job.setup.model_config)
+
+
 def record_validation(job, state, metrics):
-    """Add a validation to the history and TensorBoard; returns whether it is a new best."""
+    """Add a validation to the history and TensorBoard; returns whether it is a new best (of the
+    weights or of their average)."""
     import evaluation
     state.history["val"].append({"step": state.step, "epoch": state.epoch, **metrics})
     if job.run.writer:
@@ -681,10 +742,13 @@ def record_validation(job, state, metrics):
     if len(state.history["val"]) == 1 and metrics["skipped_images"]["count"]:
         job.run.log.warning(f"validation skips {metrics['skipped_images']['count']} unreadable "
                             f"images: {'; '.join(metrics['skipped_images']['first'])}")
-    value = metric_value(metrics, job.cfg.best_metric)
+    candidates = [("raw", metric_value(metrics, job.cfg.best_metric))]
+    if "ema" in metrics:
+        candidates.append(("ema", metric_value(metrics["ema"], job.cfg.best_metric)))
+    weights, value = max(candidates, key=lambda candidate: candidate[1])
     improved = state.best["value"] is None or value > state.best["value"]
     if improved:
-        state.best.update(metric=job.cfg.best_metric, value=value, step=state.step)
+        state.best.update(metric=job.cfg.best_metric, value=value, step=state.step, weights=weights)
         state.evals_without_gain = 0
     else:
         state.evals_without_gain += 1
@@ -726,7 +790,8 @@ def save_last(job, state, after_error=None):
         clip_model.save_checkpoint(
             run.checkpoint_dir / "last.pt", job.setup, **asdict(state),
             optimizer=job.optimizer.state_dict(), scheduler=job.scheduler.state_dict(),
-            scaler=job.scaler.state_dict(), rng=clip_model.rng_state(), config=vars(job.cfg))
+            scaler=job.scaler.state_dict(), rng=clip_model.rng_state(), config=vars(job.cfg),
+            ema=job.ema.state_dict() if job.ema is not None else None)
     except Exception as error:
         if after_error is None:
             raise
@@ -739,12 +804,17 @@ def save_last(job, state, after_error=None):
 
 
 def save_best(job, state, metrics):
-    """best.pt: the weights that scored best, with their config and metrics; no optimiser state
-    (nothing that reads best.pt needs it, and it is twice the size of the weights)."""
+    """best.pt: the weights that scored best (the weights or their moving average: `best` says
+    which), with their config and metrics; no optimiser state (nothing that reads best.pt needs
+    it, and it is twice the size of the weights)."""
     import clip_model
     started = time.perf_counter()
-    if weights_are_finite(job.raw_model):
-        clip_model.save_checkpoint(job.run.checkpoint_dir / "best.pt", job.setup, step=state.step,
+    if state.best["weights"] == "ema":
+        setup, metrics = ema_setup(job), metrics["ema"]
+    else:
+        setup, metrics = job.setup, {k: v for k, v in metrics.items() if k != "ema"}
+    if weights_are_finite(setup.model):
+        clip_model.save_checkpoint(job.run.checkpoint_dir / "best.pt", setup, step=state.step,
                                    epoch=state.epoch, best=state.best, metrics=metrics,
                                    config=vars(job.cfg))
     job.timing.checkpoint_s += time.perf_counter() - started
@@ -833,6 +903,10 @@ def check_paths(cfg):
         value = getattr(cfg, name)
         if value and value != DEFAULT_DATA_DIR and not shards.is_webdataset(value) and not Path(value).exists():
             raise SettingsError(f"{name} {value}: no such file or folder")
+    if cfg.val_zeroshot and not Path(cfg.val_zeroshot).is_dir():
+        raise SettingsError(f"val_zeroshot {cfg.val_zeroshot}: no such folder (one folder of images per class)")
+    if cfg.best_metric.startswith("zeroshot/") and not cfg.val_zeroshot:
+        raise SettingsError(f"best_metric {cfg.best_metric} needs --val_zeroshot DIR")
     if cfg.resume not in ("", "auto") and not Path(cfg.resume).is_file():
         raise SettingsError(f"resume {cfg.resume}: no such checkpoint file (or use --resume auto)")
     looks_like_file = cfg.pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")) or \
@@ -1098,7 +1172,7 @@ def resume(job, train_index):
         run.log.info(f"--resume auto: no {path} yet, starting run {run.name} from scratch")
         path = None
     if not path:
-        return TrainState(best={"metric": cfg.best_metric, "value": None, "step": None},
+        return TrainState(best={"metric": cfg.best_metric, "value": None, "step": None, "weights": None},
                           unreadable=list(train_index.skipped) if train_index else [])
     checkpoint = clip_model.load_checkpoint(path)
     check_resumed_settings(cfg, checkpoint.get("config", {}), path, run.log)
@@ -1106,6 +1180,11 @@ def resume(job, train_index):
     job.optimizer.load_state_dict(checkpoint["optimizer"])
     job.scheduler.load_state_dict(checkpoint["scheduler"])
     job.scaler.load_state_dict(checkpoint["scaler"])
+    if job.ema is not None:
+        if checkpoint.get("ema") is None:
+            raise SettingsError(f"resume {path}: the run trained without ema_decay; its average "
+                                f"cannot be resumed (resume without --ema_decay, or start a new run)")
+        job.ema.load_state_dict(checkpoint["ema"])
     clip_model.set_rng_state(checkpoint["rng"])
     state = TrainState.from_checkpoint(checkpoint)
     run.log.info(f"resumed {path} at step {state.step} (epoch {state.epoch}, "

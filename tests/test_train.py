@@ -312,3 +312,60 @@ def test_zero_shot_on_the_generated_shape_classes_is_far_above_chance(learned_ru
     chance = 100 / len(zeroshot["classnames"])
     assert zeroshot["top1"] > 3 * chance
     assert zeroshot["top5"] > 3 * 5 * chance
+
+
+# ---- fine-tuning: the moving average of the weights, zero-shot during training -------------------
+
+def test_the_moving_average_follows_its_formula_with_a_warming_decay():
+    model = torch.nn.Linear(3, 2)
+    cfg = train.argparse.Namespace(ema_decay=0.8)
+    ema = train.build_ema(cfg, model)
+    expected = {name: p.detach().clone() for name, p in model.named_parameters()}   # the first copy
+    ema.update_parameters(model)
+    for n in range(1, 6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        decay = min(0.8, (1 + n) / (10 + n))
+        for name, p in model.named_parameters():
+            expected[name] = decay * expected[name] + (1 - decay) * p.detach()
+        ema.update_parameters(model)
+    for name, p in ema.module.named_parameters():
+        torch.testing.assert_close(p, expected[name], rtol=1e-6, atol=1e-7)
+
+
+def test_ema_is_validated_beside_the_weights_and_resumes_exactly(data, tmp_path):
+    common = ("--max_steps", "6", "--eval_every", "3", "--ema_decay", "0.9", "--save_every", "1000")
+    whole = train.main(run_args(data, tmp_path, "--run_name", "whole", *common))
+    train.main(run_args(data, tmp_path, "--run_name", "split", "--stop_at_step", "3", *common))
+    train.main(run_args(data, tmp_path, "--run_name", "split", "--resume", "auto", *common))
+    a, b = (cm.load_checkpoint(tmp_path / f"ckpt/{run}/last.pt") for run in ("whole", "split"))
+    for name, tensor in a["ema"].items():
+        assert torch.equal(tensor, b["ema"][name]), name
+    best_seen = None                     # the rule: the better of the two, if it beats the best so far
+    for validation in whole["history"]["val"]:
+        assert validation["retrieval"]["rsum"] > 0 and validation["ema"]["retrieval"]["rsum"] > 0
+        candidates = [("raw", validation["retrieval"]["rsum"]), ("ema", validation["ema"]["retrieval"]["rsum"])]
+        weights, value = max(candidates, key=lambda candidate: candidate[1])
+        if best_seen is None or value > best_seen[0]:
+            best_seen = (value, validation["step"], weights)
+    best = cm.load_checkpoint(tmp_path / "ckpt/whole/best.pt")
+    assert (best["best"]["value"], best["step"], best["best"]["weights"]) == best_seen
+    if best_seen[1:] == (6, "ema"):      # then best.pt holds the average of the last step
+        averaged = {k[len("module."):]: v for k, v in a["ema"].items() if k.startswith("module.")}
+        assert all(torch.equal(best["state_dict"][k], averaged[k]) for k in best["state_dict"])
+
+
+def test_zero_shot_is_tracked_at_every_validation_and_can_pick_best_pt(data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    result = train.main(run_args(data, tmp_path, "--run_name", "zs", "--max_steps", "4", "--eval_every", "2",
+                                 "--val_zeroshot", data["val"]["zeroshot"], "--best_metric", "zeroshot/top1"))
+    for validation in result["history"]["val"]:
+        assert set(validation["zeroshot"]) == {"top1", "top5", "mean_per_class_recall"}
+        assert 0 <= validation["zeroshot"]["top1"] <= validation["zeroshot"]["top5"] <= 100
+    assert result["best"]["metric"] == "zeroshot/top1"
+    assert result["best"]["value"] == max(v["zeroshot"]["top1"] for v in result["history"]["val"])
+    events = EventAccumulator(str(tmp_path / "logs/zs")).Reload()
+    assert [e.step for e in events.Scalars("val/zeroshot/top1")] == [2, 4]
+    with pytest.raises(SettingsError, match="best_metric zeroshot/top1 needs --val_zeroshot"):
+        train.main(run_args(data, tmp_path, "--run_name", "zs2", "--best_metric", "zeroshot/top1"))
