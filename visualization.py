@@ -227,20 +227,27 @@ def plot_training_curves(results: dict):
 
 
 def _plot_validation(ax, val, best):
+    """Recalls both ways; zero-shot top-1 and top-5 when the run tracked them (--val_zeroshot),
+    so that forgetting shows beside the gain; the moving average's text->image R@1 (--ema_decay)."""
+    lines = [(("retrieval", direction, metric), style, color,
+              f"{direction.replace('_to_', ' → ')} {metric}")
+             for direction, style in (("image_to_text", "-"), ("text_to_image", "--"))
+             for metric, color in (("R@1", "C0"), ("R@5", "C1"), ("R@10", "C2"))]
+    lines += [(("zeroshot", "top1"), ":", "C3", "zero-shot top-1"),
+              (("zeroshot", "top5"), ":", "C4", "zero-shot top-5"),
+              (("ema", "retrieval", "text_to_image", "R@1"), "-.", "C5", "EMA text → image R@1")]
     drawn = False
-    for direction, style in (("image_to_text", "-"), ("text_to_image", "--")):
-        for metric, color in (("R@1", "C0"), ("R@5", "C1"), ("R@10", "C2")):
-            steps, values = _series(val, "retrieval", direction, metric)
-            if len(steps):
-                label = f"{direction.replace('_to_', ' → ')} {metric}"
-                ax.plot(steps, values, style, color=color, marker="o", markersize=3, label=label)
-                drawn = True
+    for path, style, color, label in lines:
+        steps, values = _series(val, *path)
+        if len(steps):
+            ax.plot(steps, values, style, color=color, marker="o", markersize=3, label=label)
+            drawn = True
     if not drawn:
         return _no_data(ax, "no validation logged")
     if best and best.get("step") is not None:
         ax.axvline(best["step"], color="gray", linestyle=":",
                    label=f"best {best.get('metric', '')} (step {best['step']})")
-    ax.set(title="Validation recall", xlabel="step", ylabel="recall (%)", ylim=(0, 102))
+    ax.set(title="Validation", xlabel="step", ylabel="recall / accuracy (%)", ylim=(0, 102))
     # outside the axes: recall lines fill the whole height sooner or later
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     ax.grid(alpha=0.3)
