@@ -673,6 +673,11 @@ class TrainDataset(Dataset):
     def __len__(self) -> int:
         return self.index.num_images
 
+    def caption_drawn(self, i: int, epoch: int) -> str:
+        """The caption item i draws in `epoch` (what hard-negative mining embeds)."""
+        captions = self.index.captions_of(i)
+        return self.index.caption(int(captions[draw_caption(len(captions), self.seed, epoch, i)[0]]))
+
     def __getitem__(self, i: int):
         captions = [self.index.caption(int(j)) for j in self.index.captions_of(i)]
         if self.cache is not None:
@@ -686,13 +691,56 @@ def train_sample(i: int, epoch: int, captions: list[str], load_pixels, dataset):
     from a generator seeded with (seed, epoch, i); a FailedSample if the image cannot be read.
     `load_pixels` gives the prepared image (TrainAugmentation.prepare). Shared by TrainDataset
     and shards.WebDatasetTrain."""
-    rng = np.random.default_rng((dataset.seed, epoch, i))
-    caption = captions[rng.integers(len(captions))]
+    choice, rng = draw_caption(len(captions), dataset.seed, epoch, i)
+    caption = captions[choice]
     try:
         pixels = load_pixels()
     except DataError as e:
         return FailedSample(i, str(e))
     return dataset.augmentation(pixels, rng), dataset.tokenizer([caption])[0], i
+
+
+def draw_caption(num_captions: int, seed: int, epoch: int, i: int):
+    """Which of its captions item i trains with in an epoch, and the generator, seeded with
+    (seed, epoch, i), that then draws its augmentation."""
+    rng = np.random.default_rng((seed, epoch, i))
+    return int(rng.integers(num_captions)), rng
+
+
+def neighbourhood_order(neighbours: np.ndarray, captions: list[str], batch: int, share: float,
+                        rng: np.random.Generator) -> np.ndarray:
+    """An epoch's order of N items in which every run of `batch` items (one global batch) is
+    `share` groups of similar items and the rest random items: hard-negative batches.
+
+    The contrastive loss learns most from negatives that are hard to tell from the positive
+    (a red car beside a red truck, not beside a cat). A group is a seed item and its nearest
+    neighbours ([N, k] `neighbours`, nearest first) that no batch took yet, leaving out those
+    whose caption is the seed's own text: a copy of its caption on another image is a false
+    negative, not a hard one. The random rest keeps the batch from being all near-duplicates.
+    Each item comes at most once; the last partial batch is left out, as training does.
+    """
+    n = len(neighbours)
+    used = np.zeros(n, dtype=bool)
+    seeds, fillers = rng.permutation(n), rng.permutation(n)
+    s = f = 0                                      # the next seed, the next filler to look at
+    hard, order = round(share * batch), []
+    for _ in range(n // batch):
+        items = []
+        while len(items) < hard and s < n:
+            seed, s = seeds[s], s + 1
+            if not used[seed]:
+                group = [seed] + [j for j in neighbours[seed]
+                                  if not used[j] and captions[j] != captions[seed]]
+                group = group[:hard - len(items)]
+                used[group] = True
+                items += group
+        while len(items) < batch:                  # enough unused items remain: n // batch batches
+            j, f = fillers[f], f + 1
+            if not used[j]:
+                used[j] = True
+                items.append(j)
+        order += items
+    return np.asarray(order, dtype=np.int64)
 
 
 class ImageCache:
@@ -840,10 +888,13 @@ class EpochSampler(Sampler):
         self.num_samples, self.seed, self.rank, self.world_size = num_samples, seed, rank, world_size
         self.set_epoch(0)
 
-    def set_epoch(self, epoch: int, start: int = 0):
-        generator = torch.Generator()
-        generator.manual_seed(self.seed + epoch)
-        rest = torch.randperm(self.num_samples, generator=generator)[start:]
+    def set_epoch(self, epoch: int, start: int = 0, order=None):
+        """`order`: the epoch's order given instead of drawn (hard-negative batches)."""
+        if order is None:
+            generator = torch.Generator()
+            generator.manual_seed(self.seed + epoch)
+            order = torch.randperm(self.num_samples, generator=generator)
+        rest = torch.as_tensor(order)[start:]
         self._indices = rest[:len(rest) // self.world_size * self.world_size][self.rank::self.world_size]
 
     def __iter__(self):
@@ -905,9 +956,10 @@ class EpochLoader:
         self.loader = build_dataloader(dataset, batch_size, sampler=self.sampler, num_workers=num_workers,
                                        seed=seed, train=True, pin_memory=pin_memory)
 
-    def set_epoch(self, epoch: int, start: int = 0):
+    def set_epoch(self, epoch: int, start: int = 0, order=None):
+        """`order`: the epoch's order of a map-style set, when it is not the sampler's own draw."""
         if self.sampler is not None:
-            self.sampler.set_epoch(epoch, start)
+            self.sampler.set_epoch(epoch, start, order)
         self.dataset.set_epoch(epoch, start)
 
     def __iter__(self):

@@ -192,6 +192,33 @@ def similarity_stats(image_features, text_features, caption_image, chunk_size=10
             "gap": positive_mean - negative_mean}
 
 
+def nearest_neighbours(features, k, chunk_size=1024, pool_size=65536, seed=0):
+    """[N, k] the k most similar items of each of N feature rows (cosine, nearest first; the item
+    itself left out), found within pools of at most pool_size items.
+
+    Memory stays linear in N: a tile of chunk_size x pool_size scores at a time. Time is
+    N x pool_size dot products: with N above pool_size the items are split at random into pools
+    and each looks for neighbours in its own (an approximation that keeps a million items
+    tractable; below pool_size the search is exact).
+    """
+    import torch
+    x = torch.nn.functional.normalize(torch.as_tensor(features, dtype=torch.float32), dim=1)
+    n = len(x)
+    if n <= k:
+        raise ValueError(f"{n} items have fewer than {k} neighbours each")
+    neighbours = torch.empty(n, k, dtype=torch.long)
+    pools = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tensor_split(
+        math.ceil(n / pool_size)) if n > pool_size else [torch.arange(n)]   # equal pools, all > k
+    for pool in pools:
+        members = x[pool]
+        for start in range(0, len(pool), chunk_size):
+            rows = pool[start:start + chunk_size]
+            scores = x[rows] @ members.T
+            scores[torch.arange(len(rows)), torch.arange(start, start + len(rows))] = -math.inf
+            neighbours[rows] = pool[scores.topk(k, dim=1).indices]
+    return neighbours
+
+
 def flatten_metrics(metrics, prefix="val"):
     """Metric names as TensorBoard tags: {'retrieval': {'image_to_text': {'R@1': ..}}} ->
     {'val/image_to_text/R@1': ..}; other parts keep their name ('val/similarity/gap')."""

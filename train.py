@@ -101,6 +101,10 @@ SCHEMA = [
             "most half the run (a longer one is shortened, with a warning)", valid=">= 0"),
     Setting("training", "grad_clip_norm", 1.0, "clip the global gradient norm; 0 = no clipping",
             valid=">= 0"),
+    Setting("training", "hard_negatives", 0.0, "share of each global batch made of groups of "
+            "similar items (an item and its nearest neighbours by caption, mined with the model at "
+            "each epoch start) so that the loss sees hard negatives; 0 = random batches",
+            valid="[0, 1)"),
     Setting("training", "ema_decay", 0.0, "keep an exponential moving average of the weights with "
             "this decay (e.g. 0.999), validate it beside the weights, and save the better as best.pt; "
             "0 = off", valid="[0, 1)"),
@@ -430,6 +434,7 @@ class TrainState:
     evals_without_gain: int = 0
     bad_steps: int = 0                # non-finite losses in a row
     unreadable: list = field(default_factory=list)   # messages of the images skipped, once each
+    epoch_order: tuple = None         # (epoch, order) of hard-negative batches (hard_negatives)
 
     @classmethod
     def from_checkpoint(cls, checkpoint):
@@ -468,6 +473,7 @@ class Timing:
     validation_s: float = 0.0
     data_wait_s: float = 0.0      # waiting for the next batch
     checkpoint_s: float = 0.0
+    mining_s: float = 0.0         # hard-negative mining
     samples: int = 0              # trained, by all processes together
 
     @property
@@ -561,7 +567,7 @@ def train_one_epoch(job, state, stop):
     """Steps through (the rest of) one epoch; returns why the run must stop, or None."""
     from tqdm import tqdm
     run, cfg = job.run, job.cfg
-    job.loader.set_epoch(state.epoch, start=state.samples_in_epoch)
+    job.loader.set_epoch(state.epoch, start=state.samples_in_epoch, order=epoch_order(job, state))
     batches = iter(job.loader)
     progress = tqdm(total=job.steps_per_epoch, initial=state.samples_in_epoch // job.global_batch,
                     desc=f"epoch {state.epoch}", disable=not run.is_main, dynamic_ncols=True)
@@ -587,6 +593,53 @@ def train_one_epoch(job, state, stop):
     finally:
         progress.close()
     return None
+
+
+def epoch_order(job, state):
+    """The epoch's order with hard-negative batches (hard_negatives > 0), or None for the
+    sampler's own random order. Mined on rank 0 at the start of the epoch and sent to every rank,
+    so that all compose the same global batches; kept in the TrainState, so that a run resumed
+    mid-epoch continues the same order (the weights it was mined with are gone by then)."""
+    if not job.cfg.hard_negatives:
+        return None
+    if state.epoch_order is None or state.epoch_order[0] != state.epoch:
+        import torch
+        order = torch.empty(len(job.loader.dataset) // job.global_batch * job.global_batch, dtype=torch.long)
+        if job.run.is_main:
+            order[:] = torch.from_numpy(mine_hard_batches(job, state.epoch))
+        if job.run.distributed:
+            import torch.distributed as dist
+            dist.broadcast(order, src=0)
+        state.epoch_order = (state.epoch, order)
+    return state.epoch_order[1]
+
+
+HARD_NEIGHBOURS = 3     # a hard group: an item and its 3 nearest neighbours
+
+
+def mine_hard_batches(job, epoch):
+    """Embed the caption every training image draws this epoch with the current weights, find
+    each one's nearest neighbours, and order the epoch into hard-negative batches
+    (data_loader.neighbourhood_order). Its cost is logged and counted in the timing."""
+    import numpy as np
+
+    import clip_model
+    import data_loader
+    import evaluation
+    started = time.perf_counter()
+    dataset = job.loader.dataset
+    captions = [dataset.caption_drawn(i, epoch) for i in range(len(dataset))]
+    features = clip_model.encode_texts(job.raw_model, job.setup.tokenizer, captions, job.run.device,
+                                       precision=job.run.precision)
+    job.model.train()
+    neighbours = evaluation.nearest_neighbours(features, HARD_NEIGHBOURS, seed=job.cfg.seed + epoch).numpy()
+    order = data_loader.neighbourhood_order(neighbours, captions, job.global_batch, job.cfg.hard_negatives,
+                                            np.random.default_rng((job.cfg.seed, epoch)))
+    elapsed = time.perf_counter() - started
+    job.timing.mining_s += elapsed
+    job.run.log.info(f"epoch {epoch}: hard-negative batches mined from {len(captions)} captions in "
+                     f"{elapsed:.1f}s")
+    return order
 
 
 def next_micro_batches(job, state, batches):
@@ -1044,6 +1097,9 @@ def load_data(cfg, run):
         raise SettingsError(f"data_dir {cfg.data_dir} is a set of WebDataset shards, which are "
                             f"streamed and cannot be split: give --val_data (any format data_loader "
                             f"reads)")
+    if streamed and cfg.hard_negatives:
+        raise SettingsError("hard_negatives composes batches from an index of the whole data set; "
+                            "WebDataset shards are streamed: use an index (JSON, CSV, ...) for it")
     if not streamed and (cfg.train_num_samples or cfg.data_weights or cfg.data_resampled):
         raise SettingsError(f"train_num_samples, data_weights and data_resampled apply to WebDataset "
                             f"shards; data_dir {cfg.data_dir} is read whole, one sample per image per "

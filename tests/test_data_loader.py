@@ -543,3 +543,34 @@ def test_train_runs_on_a_chinese_clip_lmdb_folder(tmp_path):
                          "--results_dir", str(tmp_path / "results")])
     assert result["step"] == 3 and result["history"]["val"][-1]["retrieval"]["rsum"] > 0
     assert "24 training images" in (tmp_path / "logs/cn/train.log").read_text()
+
+
+# ----------------------------------------------------------------------------- hard-negative batches
+
+def test_hard_negative_batches_are_neighbour_groups_then_random_items_each_item_once():
+    rng = np.random.default_rng(0)
+    n, batch, share = 103, 10, 0.4
+    neighbours = np.array([rng.choice([j for j in range(n) if j != i], 3, replace=False) for i in range(n)])
+    captions = [f"caption {i % 50}" for i in range(n)]          # items i and i + 50 share a caption
+    order = dl.neighbourhood_order(neighbours, captions, batch, share, np.random.default_rng(1))
+    assert len(order) == n // batch * batch and len(set(order.tolist())) == len(order)
+    again = dl.neighbourhood_order(neighbours, captions, batch, share, np.random.default_rng(1))
+    assert np.array_equal(order, again)                         # deterministic for a generator
+    grouped = 0
+    for start in range(0, len(order), batch):
+        seed, *rest = order[start:start + round(share * batch)].tolist()   # the hard part of a batch
+        for j in rest:
+            if j in neighbours[seed]:    # in the seed's group: a neighbour, with another caption
+                assert captions[j] != captions[seed]
+                grouped += 1
+            else:                        # the next group's seed
+                seed = j
+    # of the 30 places after a seed, random batches would put a neighbour of it in about 1
+    assert grouped >= 15
+
+
+def test_a_given_order_replaces_the_samplers_draw_and_resumes_in_it():
+    order = torch.tensor([5, 3, 1, 0, 2, 4, 7, 6])
+    sampler = dl.EpochSampler(8, seed=0, rank=1, world_size=2)
+    sampler.set_epoch(0, start=2, order=order)
+    assert list(sampler) == [0, 4, 6]                          # order[2:] = 1 0 2 4 7 6, rank 1 of 2

@@ -530,3 +530,17 @@ def test_strict_data_stops_at_the_first_unreadable_image_in_one_line(sample, dam
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"evaluation.py: error: image '{damaged['names'][0]}' "
                                                    f"cannot be decoded"), result.stderr
+
+
+def test_nearest_neighbours_are_the_brute_force_ones_and_pools_keep_them_inside():
+    features = torch.randn(300, 16, generator=torch.Generator().manual_seed(0))
+    found = ev.nearest_neighbours(features, 3, chunk_size=64)
+    x = torch.nn.functional.normalize(features, dim=1)
+    scores = x @ x.T
+    scores.fill_diagonal_(-math.inf)
+    assert torch.equal(found, scores.topk(3, dim=1).indices)
+    pooled = ev.nearest_neighbours(features, 3, chunk_size=64, pool_size=100, seed=1)   # 3 pools
+    pools = torch.randperm(300, generator=torch.Generator().manual_seed(1)).tensor_split(3)
+    pool_of = {int(i): p for p, pool in enumerate(pools) for i in pool}
+    assert all(pool_of[int(j)] == pool_of[i] for i in range(300) for j in pooled[i])
+    assert all(i not in pooled[i].tolist() for i in range(300))

@@ -369,3 +369,17 @@ def test_zero_shot_is_tracked_at_every_validation_and_can_pick_best_pt(data, tmp
     assert [e.step for e in events.Scalars("val/zeroshot/top1")] == [2, 4]
     with pytest.raises(SettingsError, match="best_metric zeroshot/top1 needs --val_zeroshot"):
         train.main(run_args(data, tmp_path, "--run_name", "zs2", "--best_metric", "zeroshot/top1"))
+
+
+def test_hard_negative_batches_resume_exactly_mid_epoch(data, tmp_path):
+    common = ("--max_steps", "18", "--hard_negatives", "0.5", "--eval_every", "1000", "--save_every", "1000")
+    train.main(run_args(data, tmp_path, "--run_name", "whole", *common))       # 15 steps an epoch
+    train.main(run_args(data, tmp_path, "--run_name", "split", "--stop_at_step", "7", *common))
+    result = train.main(run_args(data, tmp_path, "--run_name", "split", "--resume", "auto", *common))
+    assert result["step"] == 18 and result["timing"]["mining_s"] > 0
+    a, b = (cm.load_checkpoint(tmp_path / f"ckpt/{run}/last.pt") for run in ("whole", "split"))
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][name]), name
+    assert a["epoch_order"][0] == 1 and torch.equal(a["epoch_order"][1], b["epoch_order"][1])
+    log = (tmp_path / "logs/whole/train.log").read_text()
+    assert "epoch 0: hard-negative batches mined from 480 captions" in log and "epoch 1: hard-negative" in log
