@@ -328,18 +328,18 @@ def _readable_weights_errors(path, model_name, options):
         if _refused_by_weights_only(error):
             raise CheckpointError(_unsafe_file_message(path)) from None
         try:
-            state, stored_name = _read_weights(path)
+            state, stored_name = read_weights(path)
         except Exception as read_error:
             reason = (str(read_error).splitlines() or [""])[0][:200]
             raise CheckpointError(f"--pretrained {path} cannot be read ({type(read_error).__name__}: "
                                   f"{reason}); the file is truncated or not a weights file") from None
         with _quiet_open_clip():
             expected = open_clip.create_model(model_name, **options).state_dict()
-        raise CheckpointError(f"--pretrained {path}: " + _state_dict_difference(
+        raise CheckpointError(f"--pretrained {path}: " + state_dict_difference(
             state, expected, stored_name, model_name)) from None
 
 
-def _read_weights(path):
+def read_weights(path):
     """(state_dict, model name or None) of a weights file: safetensors, a state_dict, or a
     checkpoint holding one under "state_dict" (ours, with its model name)."""
     if str(path).endswith(".safetensors"):
@@ -353,7 +353,7 @@ def _read_weights(path):
     return state, stored.get("model_name") if "state_dict" in stored else None
 
 
-def _state_dict_difference(state, expected, stored_name, model_name):
+def state_dict_difference(state, expected, stored_name, model_name):
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     reshaped = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
@@ -696,7 +696,7 @@ def load_weights(model, state_dict, source, model_name):
         unwrap(model).load_state_dict(state_dict)
     except RuntimeError:
         expected = unwrap(model).state_dict()
-        raise CheckpointError(f"{source} " + _state_dict_difference(
+        raise CheckpointError(f"{source} " + state_dict_difference(
             state_dict, expected, None, model_name)) from None
 
 

@@ -285,6 +285,27 @@ def plot_model_metrics(eval_results: dict):
     return figure
 
 
+def plot_wise_ft(results: list):
+    """WiSE-FT's trade-off (wise_ft.py's results): the fine-tuning task's mean recall against the
+    zero-shot accuracy kept, one point per alpha (0 = pretrained, 1 = fine-tuned), joined in
+    order. A curve bulging above the straight line between its ends is the point of WiSE-FT."""
+    alphas = [r["alpha"] for r in results]
+    zeroshot = [r["zeroshot"]["top1"] for r in results]
+    task = [r["retrieval"]["mean_recall"] for r in results]
+    with _figure((7, 5.5)) as figure:
+        ax = figure.subplots()
+        ax.plot(zeroshot, task, "-o", color="C0", label="weight-space mixes")
+        ax.plot([zeroshot[0], zeroshot[-1]], [task[0], task[-1]], ":", color="gray",
+                label="the straight line between the ends")
+        for alpha, x, y in zip(alphas, zeroshot, task):
+            ax.annotate(f"α={alpha:g}", (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
+        ax.set(xlabel="zero-shot top-1 (%): what is kept", ylabel="task mean recall (%): what is gained",
+               title="WiSE-FT: interpolating pretrained (α=0) and fine-tuned (α=1) weights")
+        ax.legend(loc="best", fontsize=9)
+        ax.grid(alpha=0.3)
+    return figure
+
+
 def _plot_similarity_gap(ax, similarity):
     positive, negative = similarity["positive_mean"], similarity["negative_mean"]
     bars = ax.bar(["matching pairs", "non-matching pairs"], [positive, negative], 0.55,

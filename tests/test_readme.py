@@ -16,18 +16,20 @@ import shards
 import train
 import verify
 import visualization
+import wise_ft
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 PARSERS = {"train.py": train.build_parser, "evaluation.py": evaluation.build_parser,
            "visualization.py": visualization.build_parser, "demo.py": demo.build_parser,
            "data_loader.py": data_loader.build_parser, "shards.py": shards.build_parser,
-           "verify.py": verify.build_parser}
+           "verify.py": verify.build_parser, "wise_ft.py": wise_ft.build_parser}
 # Commands the test only checks against their script's parser, and why they cannot run here.
 NOT_RUN_HERE = {"setup.sh": "installs the environment the tests already run in",
                 "demo.py": "takes minutes; tests/test_demo.py runs it with a small budget",
                 "--pretrained laion2b": "downloads weights, and this machine has no network",
                 "torchrun": "multi-GPU and multi-node runs; tests/test_distributed.py runs torchrun",
+                "my-finetune": "needs your own fine-tuned run; tests/test_wise_ft.py runs wise_ft.py",
                 "MUGE/lmdb": "Chinese-CLIP's download of MUGE; tests/test_data_loader.py trains on an "
                              "LMDB folder written as Chinese-CLIP's preprocessing writes it"}
 

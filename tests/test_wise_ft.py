@@ -1,0 +1,76 @@
+"""Specification of wise_ft.py: weight-space interpolation between a pretrained and a fine-tuned
+checkpoint, exact at both ends, evaluated at each mix, refused between two architectures."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import clip_model as cm
+import data_loader
+import evaluation
+import sample_data
+import wise_ft
+from errors import CheckpointError, SettingsError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def endpoints(tmp_path_factory):
+    """A 'pretrained' tiny model and a 'fine-tuned' one: the same architecture, other weights."""
+    folder = tmp_path_factory.mktemp("wise")
+    torch.manual_seed(0)
+    start = cm.build_model("tiny-vit-64")
+    cm.save_checkpoint(folder / "pretrained.pt", start)
+    end = cm.build_model("tiny-vit-64")
+    with torch.no_grad():
+        for p, q in zip(end.model.parameters(), start.model.parameters()):
+            p.copy_(q + 0.05 * torch.randn_like(q))
+    cm.save_checkpoint(folder / "finetuned.pt", end)
+    data = sample_data.create_sample_dataset(folder / "data", num_samples=24, seed=0)
+    return {"folder": folder, "start": start, "end": end, "data": data}
+
+
+def test_alpha_0_and_1_are_the_two_inputs_exactly_and_between_is_the_straight_line(endpoints):
+    setup, start, end = wise_ft.load_endpoints(endpoints["folder"] / "pretrained.pt",
+                                               endpoints["folder"] / "finetuned.pt", "cpu")
+    for name, tensor in wise_ft.interpolate(start, end, 0.0).items():
+        assert torch.equal(tensor, start[name]), name
+    for name, tensor in wise_ft.interpolate(start, end, 1.0).items():
+        assert torch.equal(tensor, end[name]), name
+    middle = wise_ft.interpolate(start, end, 0.25)["visual.proj"]
+    torch.testing.assert_close(middle, 0.75 * start["visual.proj"] + 0.25 * end["visual.proj"])
+
+
+def test_each_mix_is_evaluated_drawn_and_a_chosen_one_saved(endpoints, tmp_path):
+    data, folder = endpoints["data"], endpoints["folder"]
+    output, saved = tmp_path / "wise.json", tmp_path / "mixed.pt"
+    results = wise_ft.main([str(folder / "pretrained.pt"), str(folder / "finetuned.pt"), "--alpha", "0,0.5,1",
+                            "--data", data["index"], "--zeroshot", data["zeroshot"], "--output", str(output),
+                            "--save", "0.5", str(saved), "--num_workers", "0"])
+    assert [r["alpha"] for r in results] == [0.0, 0.5, 1.0]
+    direct = evaluation.evaluate_model(endpoints["start"], data_loader.load_captions(data["index"]))
+    assert results[0]["retrieval"] == direct["retrieval"]            # alpha 0 is the pretrained model
+    assert json.loads(output.read_text())["results"] == results
+    assert output.with_suffix(".png").stat().st_size > 10_000
+    mixed = cm.load_checkpoint(saved)
+    assert mixed["wise_ft"]["alpha"] == 0.5
+    torch.testing.assert_close(mixed["state_dict"]["text_projection"],
+                               0.5 * endpoints["start"].model.text_projection.detach()
+                               + 0.5 * endpoints["end"].model.text_projection.detach())
+
+
+def test_two_architectures_and_bad_alphas_are_refused_in_one_line(endpoints, tmp_path):
+    cm.save_checkpoint(tmp_path / "other.pt", cm.build_model("simple-rn18"))
+    with pytest.raises(CheckpointError, match="not two states of one architecture"):
+        wise_ft.load_endpoints(tmp_path / "other.pt", endpoints["folder"] / "finetuned.pt", "cpu")
+    with pytest.raises(SettingsError, match="every alpha must be in"):
+        wise_ft.parse_alphas("0,1.5")
+    done = subprocess.run([sys.executable, "wise_ft.py", str(tmp_path / "other.pt"),
+                           str(endpoints["folder"] / "finetuned.pt"), "--save", "0.5", str(tmp_path / "x.pt")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("wise_ft.py: error:")
