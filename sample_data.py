@@ -2,9 +2,9 @@
 
 Small enough to train on a CPU in minutes, and made so that a model can only succeed by reading
 both image and caption: the captions name colour, shape and position (and size), in several
-paraphrases, in English or Chinese. `data_loader.create_sample_dataset` is this module's
-function (re-exported there, which is where callers find it); `python data_loader.py
---make_sample DIR` writes one from the command line.
+paraphrases, in English or Chinese. `python data_loader.py --make_sample DIR` writes one from
+the command line. `create_fine_grained_set` writes an evaluation set of near-twins, whose
+captions differ by one word.
 """
 from __future__ import annotations
 
@@ -84,8 +84,8 @@ def _sample_captions(rng: np.random.Generator, shapes: list[tuple], language: st
     return captions
 
 
-def _random_shapes(rng: np.random.Generator, count: int) -> list[tuple]:
-    looks = [(colour, shape) for colour in SAMPLE_COLOURS for shape in SAMPLE_SHAPES]
+def _random_shapes(rng: np.random.Generator, count: int, colours=tuple(SAMPLE_COLOURS)) -> list[tuple]:
+    looks = [(colour, shape) for colour in colours for shape in SAMPLE_SHAPES]
     if count == 1:
         position, size = list(_CENTRES)[rng.integers(len(_CENTRES))], ("small", "large")[rng.integers(2)]
         return [(*looks[rng.integers(len(looks))], position, size)]
@@ -99,16 +99,20 @@ def _write(path: str, data: bytes | str):
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
 
 
-def create_sample_dataset(out_dir, num_samples: int = 1000, seed: int = 0, language: str = "en") -> dict:
+def create_sample_dataset(out_dir, num_samples: int = 1000, seed: int = 0, language: str = "en",
+                          colours=tuple(SAMPLE_COLOURS)) -> dict:
     """Write a generated data set: images of one or two coloured shapes, each with two or three
     paraphrased captions naming colour, shape and position (and size), in English or Chinese.
 
     Written as out_dir/data.json and as the images/ + captions/ layout (the same images), plus
     out_dir/zeroshot/<class>/*.png (class = colour + shape, one shape per image) for zero-shot
-    classification. The same seed gives the same bytes.
+    classification. `colours` limits the shapes to some of the colours (a shifted distribution,
+    for fine-tuning experiments). The same seed gives the same bytes.
     """
     if language not in ("en", "zh"):
         raise ValueError(f"language must be 'en' or 'zh', not {language!r}")
+    if not colours or not set(colours) <= set(SAMPLE_COLOURS):
+        raise ValueError(f"colours must be some of {', '.join(SAMPLE_COLOURS)}, not {colours!r}")
     out_dir = str(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise FileExistsError(f"{out_dir}: folder exists and is not empty; choose a new folder or delete it")
@@ -116,7 +120,7 @@ def create_sample_dataset(out_dir, num_samples: int = 1000, seed: int = 0, langu
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     rng, entries = np.random.default_rng([seed, 0]), []
     for k in range(num_samples):
-        shapes = _random_shapes(rng, 2 if rng.random() < 0.25 else 1)
+        shapes = _random_shapes(rng, 2 if rng.random() < 0.25 else 1, colours)
         captions = _sample_captions(rng, shapes, language)
         _write(os.path.join(out_dir, "images", f"{k:05d}.png"), _sample_image(rng, shapes))
         _write(os.path.join(out_dir, "captions", f"{k:05d}.txt"), "\n".join(captions) + "\n")
@@ -124,7 +128,8 @@ def create_sample_dataset(out_dir, num_samples: int = 1000, seed: int = 0, langu
     _write(os.path.join(out_dir, "data.json"), json.dumps(entries, ensure_ascii=False, indent=1))
     # Zero-shot images come from their own random stream: new pictures, never training ones.
     rng, per_class = np.random.default_rng([seed, 1]), max(2, min(20, num_samples // 50))
-    for colour, (_, colour_zh) in SAMPLE_COLOURS.items():
+    for colour in colours:
+        colour_zh = SAMPLE_COLOURS[colour][1]
         for shape, shape_zh in SAMPLE_SHAPES.items():
             name = f"{colour} {shape}" if language == "en" else colour_zh + shape_zh
             os.makedirs(os.path.join(out_dir, "zeroshot", name))
@@ -133,3 +138,29 @@ def create_sample_dataset(out_dir, num_samples: int = 1000, seed: int = 0, langu
                 _write(os.path.join(out_dir, "zeroshot", name, f"{k:03d}.png"), _sample_image(rng, shapes))
     return {"index": os.path.join(out_dir, "data.json"), "folder": out_dir,
             "zeroshot": os.path.join(out_dir, "zeroshot")}
+
+
+def create_fine_grained_set(out_dir, num_families: int = 100, seed: int = 0) -> dict:
+    """Write an evaluation set of near-twins: families of four single-shape images, a base and
+    three variants that each change one thing (the colour, the shape, or the position), every
+    image with one caption of one template, so that the captions of a family differ by one word.
+    Retrieval on it measures the fine distinctions hard negatives are meant to teach: a model that
+    knows only roughly what is in a picture ranks the twins together and picks the wrong one."""
+    out_dir = str(out_dir)
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise FileExistsError(f"{out_dir}: folder exists and is not empty; choose a new folder or delete it")
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    rng, entries = np.random.default_rng([seed, 2]), []
+    for family in range(num_families):
+        colour, shape, position, size = _random_shapes(rng, 1)[0]
+        variants = [(colour, shape, position),
+                    (rng.choice([c for c in SAMPLE_COLOURS if c != colour]), shape, position),
+                    (colour, rng.choice([s for s in SAMPLE_SHAPES if s != shape]), position),
+                    (colour, shape, rng.choice([p for p in _CENTRES if p != position]))]
+        for k, (c, s, p) in enumerate(variants):
+            name = f"images/{family:04d}-{k}.png"
+            _write(os.path.join(out_dir, name), _sample_image(rng, [(str(c), str(s), str(p), size)]))
+            caption = f"a {_WORDS['en'][size][0]} {c} {s} {_WORDS['en'][str(p)][0]}"
+            entries.append({"image_path": name, "caption": caption})
+    _write(os.path.join(out_dir, "data.json"), json.dumps(entries, indent=1))
+    return {"index": os.path.join(out_dir, "data.json"), "folder": out_dir}

@@ -62,3 +62,24 @@ def test_chinese_sample_captions_are_chinese_and_tokenised(tmp_path):
     assert (first != 0).sum() > 2 and not torch.equal(first, second)  # more than start + end tokens
     dataset = dl.TrainDataset(index, dl.TrainAugmentation({"size": 32}, augment=False), tokenizer)
     assert (dataset[0][1] != 0).sum() > 2
+
+
+def test_a_set_of_some_colours_names_only_those_and_classifies_only_their_shapes(tmp_path):
+    paths = sample_data.create_sample_dataset(tmp_path / "rb", num_samples=30, seed=0, colours=("red", "blue"))
+    captions = " ".join(dl.load_captions(paths["index"]).captions())
+    assert "red" in captions and "blue" in captions
+    assert not any(colour in captions for colour in ("green", "yellow", "purple"))
+    assert sorted(os.listdir(paths["zeroshot"])) == sorted(f"{c} {s}" for c in ("red", "blue")
+                                                           for s in sample_data.SAMPLE_SHAPES)
+
+
+def test_fine_grained_families_are_near_twins_whose_captions_differ_by_one_word(tmp_path):
+    paths = sample_data.create_fine_grained_set(tmp_path / "fg", num_families=10, seed=0)
+    entries = json.load(open(paths["index"], encoding="utf-8"))
+    assert len(entries) == 40
+    for family in range(10):
+        base, *variants = [entry["caption"].split() for entry in entries[4 * family:4 * family + 4]]
+        for words in variants:
+            differing = [a != b for a, b in zip(base, words)] + [len(base) != len(words)]
+            assert sum(differing) in (1, 2)      # one word, or "on the left" -> "at the top" (one phrase)
+        assert len({" ".join(w) for w in [base, *variants]}) == 4
