@@ -240,6 +240,28 @@ def _job_train(params):
              "checkpoint_dir": str(result["checkpoint_dir"])})
 
 
+def _job_train_eval(params):
+    """train.main(argv), then the retrieval metrics of its final weights -- and of their moving
+    average, when the run kept one (--ema_decay) -- on params["eval"], by evaluation.py's code;
+    the run's timing beside them."""
+    sys.path.insert(0, params["repo"])
+    import clip_model
+    import data_loader
+    import evaluation
+    import train
+    result = train.main(params["argv"])
+    last = result["checkpoint_dir"] / "last.pt"
+    setup, checkpoint = clip_model.model_from_checkpoint(last)
+    index = data_loader.load_captions(params["eval"])
+    out = {"raw": evaluation.evaluate_model(setup, index)["retrieval"], "timing": result["timing"],
+           "checkpoint": str(last)}
+    if checkpoint.get("ema"):
+        averaged = {k[len("module."):]: v for k, v in checkpoint["ema"].items() if k.startswith("module.")}
+        setup.model.load_state_dict(averaged)
+        out["ema"] = evaluation.evaluate_model(setup, index)["retrieval"]
+    _finish(out)
+
+
 def _job_open_clip_train(params):
     """open_clip's own trainer, `python -m open_clip_train.main ARGV`, with our presets
     (model_configs/*.json) registered first, timed like _job_train: from the start of the first
