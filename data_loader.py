@@ -909,13 +909,16 @@ def _init_worker(worker_id: int):
 
     Stop signals belong to the main process. A scheduler's preemption, `timeout`, or Ctrl-C in a
     terminal signal the whole process group; a worker killed by it would take the run down with
-    "DataLoader worker is killed by signal" before the main process could save. Workers ignore
-    SIGTERM and SIGINT; the main process finishes its step, saves, and shuts them down.
+    "DataLoader worker is killed by signal" before the main process could save. So each worker
+    leaves the group for one of its own: the main process alone gets the signal, finishes its
+    step, saves, and shuts the workers down. (Ignoring SIGTERM instead would hang the exit:
+    multiprocessing stops its daemon children with SIGTERM and waits for them.) SIGINT, which a
+    terminal sends, is ignored too, in case it reaches a worker some other way.
 
     DataLoader seeds torch in each worker (its generator's base seed + worker id); numpy and
     Python get the same seed so that transforms drawing from them are reproducible too.
     """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)

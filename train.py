@@ -1059,9 +1059,9 @@ def setup_logging(log_file, is_main):
 
 class StopRequest:
     """Turns SIGTERM and Ctrl-C into a flag the loop checks after each step, so the run saves
-    last.pt and exits cleanly instead of dying mid-update. DataLoader workers ignore both
-    signals (data_loader._init_worker), so a signal to the whole process group, as schedulers
-    and `timeout` send, reaches this process alone in effect. A second Ctrl-C aborts at once."""
+    last.pt and exits cleanly instead of dying mid-update. DataLoader workers run in process
+    groups of their own (data_loader._init_worker), so a signal to the whole process group, as
+    schedulers and `timeout` send, reaches this process alone. A second signal aborts at once."""
 
     def __init__(self):
         self.reason = None

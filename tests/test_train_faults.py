@@ -82,6 +82,19 @@ def test_a_signal_to_the_whole_process_group_saves_a_run_that_resumes_exactly(da
         assert torch.equal(tensor, b[name]), name
 
 
+def test_a_second_ctrl_c_aborts_at_once_and_nothing_hangs(data, tmp_path):
+    # Abort mid-step with busy DataLoader workers: the exit must not wait on them forever.
+    args = run_args(data, tmp_path, "--run_name", "abort", "--num_workers", "2", "--max_steps", "2000",
+                    "--eval_every", "1000", "--save_every", "2")
+    process = start(args)
+    wait_for(tmp_path / "ckpt/abort/last.pt", process)
+    os.killpg(process.pid, signal.SIGINT)
+    os.killpg(process.pid, signal.SIGINT)
+    output, _ = process.communicate(timeout=60)           # aborted (or, if the step had ended, saved)
+    assert process.returncode == 0 or "KeyboardInterrupt" in output
+    assert cm.load_checkpoint(tmp_path / "ckpt/abort/last.pt")["step"] >= 2      # the saved file is intact
+
+
 def test_kill_9_while_saving_never_leaves_an_unreadable_checkpoint(tmp_path):
     # A process saves in a loop; it is killed at moments spread over a save, over and over.
     code = ("import sys, clip_model as cm\n"
