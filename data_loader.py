@@ -939,7 +939,8 @@ def build_dataloader(dataset, batch_size: int, *, sampler=None, num_workers: int
     shuffle = train and sampler is None and not isinstance(dataset, IterableDataset)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle,
                       num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory, drop_last=train,
-                      worker_init_fn=_init_worker, generator=generator, persistent_workers=num_workers > 0)
+                      worker_init_fn=_init_worker, generator=generator,
+                      persistent_workers=train and num_workers > 0)   # evaluation reads once
 
 
 class EpochLoader:
