@@ -273,7 +273,8 @@ def encode_photos(setup, files, batch_size=64, num_workers=2, device="cpu", prec
 
 @dataclass
 class IndexReport:
-    """What one run of `index` did; printed, and read by the benchmark."""
+    """What one run of `index` did; printed, and read by the benchmark. new and changed count
+    the photos encoded; a file that cannot be read is in `unreadable` only."""
     images: int = 0
     new: int = 0
     changed: int = 0
@@ -319,8 +320,10 @@ def build_index(images, index_path, spec, device="cpu", precision="fp32", batch_
     started = time.perf_counter()
     save_index(index, index_path)
     report.save_s = time.perf_counter() - started
+    # plan.encode lists the new files first: a row below plan.new is a new one
+    report.new = int((encoded_rows < plan.new).sum())
+    report.changed, report.deleted = len(encoded_rows) - report.new, plan.deleted
     report.images, report.encoded, report.unchanged = len(index), len(encoded_rows), len(plan.keep)
-    report.new, report.changed, report.deleted = plan.new, plan.changed, plan.deleted
     return report
 
 
@@ -366,7 +369,8 @@ def print_report(report, index_path, root):
         if len(report.unreadable) > 20:
             print(f"  ... and {len(report.unreadable) - 20} more")
     size = Path(index_path).stat().st_size
-    print(f"wrote {index_path} ({size / 2**20:.1f} MiB)")
+    print(f"wrote {index_path} ({size / 2**20:.1f} MiB)" if size >= 2**20 else
+          f"wrote {index_path} ({size / 2**10:.0f} KiB)")
 
 
 # ----------------------------------------------------------------------------------------------
