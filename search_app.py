@@ -641,8 +641,8 @@ def demo_index(language, device, batch_size, num_workers):
 # Command line
 
 def build_parser():
-    parser = argparse.ArgumentParser(
-        description="Search a folder of photos by text or by example image, in a web page.")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\nSearch with CLIP")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{index,serve}")
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("--checkpoint", default="", help="a checkpoint of ours, e.g. "
