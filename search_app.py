@@ -422,9 +422,9 @@ def _faiss_index(features, nprobe):
     n, dim = features.shape
     lists = max(1, int(4 * math.sqrt(n)))
     quantizer = faiss.IndexFlatIP(dim)
+    # (faiss's Python wrapper keeps the quantizer alive as long as the index)
     index = faiss.IndexIVFScalarQuantizer(quantizer, dim, lists, faiss.ScalarQuantizer.QT_fp16,
                                           faiss.METRIC_INNER_PRODUCT)
-    index.quantizer_ref = quantizer          # the index must not outlive its quantizer
     sample = np.random.default_rng(0).choice(n, min(n, 64 * lists), replace=False)
     index.train(features[np.sort(sample)].astype(np.float32))
     for start in range(0, n, 65536):
