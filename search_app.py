@@ -52,6 +52,7 @@ EXACT_LIMIT = 1_000_000         # photos searched exactly even when faiss is ins
 MAX_QUERY_CHARS = 1000          # a query is cut here; the text tower reads 77 tokens at most anyway
 MAX_UPLOAD_PIXELS = 50_000_000  # 50 megapixels: a big phone photo decodes to 150 MB of RGB
 THUMBNAIL_SIDE = 256
+SAVE_EVERY = 50_000             # photos encoded between two saves of the index while indexing
 DEFAULT_K, MAX_K = 24, 500
 PAGE = Path(__file__).resolve().parent / "search_app.html"
 
@@ -246,26 +247,27 @@ def plan_update(old, found):
     return UpdatePlan(np.asarray(keep, dtype=np.int64), new + changed, len(new), len(changed), deleted)
 
 
-def encode_photos(setup, files, batch_size=64, num_workers=2, device="cpu", precision="fp32"):
+def encode_photos(setup, files, batch_size=64, num_workers=2, device="cpu", precision="fp32",
+                  progress=None):
     """Features [n, D] (float16) of the readable files, their positions in `files`, and the
-    message of every unreadable one. DataLoader workers decode while the model encodes; the
-    progress bar shows images/s."""
+    message of every unreadable one. DataLoader workers decode while the model encodes;
+    `progress` (a tqdm bar) counts the files."""
     import torch
-    from tqdm import tqdm
     import clip_model
     import data_loader
     dataset = data_loader.ImageDataset(files, data_loader.image_transform(setup.preprocess_cfg))
     loader = data_loader.build_dataloader(dataset, batch_size, num_workers=num_workers, train=False)
     kept, failed = [], []
-    with tqdm(total=len(files), unit="image", desc="encoding", dynamic_ncols=True) as progress:
-        def readable_batches():
-            for batch in loader:
-                failed.extend(message for _, message in batch["failed"])
+
+    def readable_batches():
+        for batch in loader:
+            failed.extend(message for _, message in batch["failed"])
+            if progress is not None:
                 progress.update(len(batch["indices"]) + len(batch["failed"]))
-                if len(batch["indices"]):
-                    kept.append(batch["indices"])
-                    yield batch["images"]
-        features = clip_model.encode_images(setup.model, readable_batches(), device, precision)
+            if len(batch["indices"]):
+                kept.append(batch["indices"])
+                yield batch["images"]
+    features = clip_model.encode_images(setup.model, readable_batches(), device, precision)
     if not kept:
         return np.zeros((0, 0), np.float16), np.zeros(0, np.int64), failed
     return features.half().numpy(), torch.cat(kept).numpy(), failed
@@ -291,8 +293,11 @@ class IndexReport:
 def build_index(images, index_path, spec, device="cpu", precision="fp32", batch_size=64,
                 num_workers=2):
     """Index the photos under `images` into index_path, encoding only what an existing index
-    there lacks; the model is loaded only if something must be encoded. Returns an IndexReport."""
+    there lacks; the model is loaded only if something must be encoded. The index is saved
+    every SAVE_EVERY photos, so an interrupted run keeps its work: run it again to go on.
+    Returns an IndexReport."""
     import data_loader
+    from tqdm import tqdm
     root = os.path.abspath(images)
     old = previous_index(index_path, root)
     report = IndexReport(model_changed=old is not None and old.model.sha256 != spec.sha256)
@@ -302,28 +307,30 @@ def build_index(images, index_path, spec, device="cpu", precision="fp32", batch_
     found, report.unreadable = scan_folder(root)
     plan = plan_update(old, found)
     report.scan_s = time.perf_counter() - started
-    features, encoded_rows = np.zeros((0, 0), np.float16), np.zeros(0, np.int64)
-    if plan.encode:
-        setup = load_model(spec, device)
-        started = time.perf_counter()
-        files = [os.path.join(root, path) for path in plan.encode]
-        features, encoded_rows, failed = encode_photos(setup, files, batch_size, num_workers,
-                                                       device, precision)
-        report.encode_s = time.perf_counter() - started
-        report.unreadable += failed
-    if len(plan.keep) + len(encoded_rows) == 0:
+    report.unchanged, report.deleted = len(plan.keep), plan.deleted
+    index = kept_photos(old, plan.keep, root, spec)
+    setup = load_model(spec, device) if plan.encode else None
+    with tqdm(total=len(plan.encode), unit="image", desc="encoding", disable=not plan.encode,
+              dynamic_ncols=True) as progress:
+        for start in range(0, len(plan.encode), SAVE_EVERY):
+            paths = plan.encode[start:start + SAVE_EVERY]
+            started = time.perf_counter()
+            features, rows, failed = encode_photos(setup, [os.path.join(root, p) for p in paths],
+                                                   batch_size, num_workers, device, precision,
+                                                   progress)
+            report.encode_s += time.perf_counter() - started
+            index = add_photos(index, [paths[row] for row in rows], features, found)
+            report.unreadable += failed
+            report.encoded += len(rows)
+            report.new += int((start + rows < plan.new).sum())  # plan.encode lists new ones first
+            report.save_s += save_if_any(index, index_path, report.unreadable)
+    if not len(index):
         raise DataError(f"--images {images}: no readable image found (extensions: "
                         f"{', '.join(data_loader.IMAGE_EXTENSIONS)}; {len(report.unreadable)} "
                         f"unreadable files)")
-    index = merge(old, plan, found, features, encoded_rows, root, spec)
-    index.unreadable = report.unreadable
-    started = time.perf_counter()
-    save_index(index, index_path)
-    report.save_s = time.perf_counter() - started
-    # plan.encode lists the new files first: a row below plan.new is a new one
-    report.new = int((encoded_rows < plan.new).sum())
-    report.changed, report.deleted = len(encoded_rows) - report.new, plan.deleted
-    report.images, report.encoded, report.unchanged = len(index), len(encoded_rows), len(plan.keep)
+    if not plan.encode and plan.deleted:
+        report.save_s += save_if_any(index, index_path, report.unreadable)
+    report.changed, report.images = report.encoded - report.new, len(index)
     return report
 
 
@@ -340,17 +347,37 @@ def previous_index(index_path, root):
     return old
 
 
-def merge(old, plan, found, features, encoded_rows, root, spec):
-    """The new index: the old rows kept plus the newly encoded ones, sorted by path."""
-    paths = [old.paths[row] for row in plan.keep] if old is not None else []
-    paths += [plan.encode[row] for row in encoded_rows]
-    parts = ([old.features[plan.keep]] if old is not None else []) + [features]
-    stacked = np.concatenate([part for part in parts if len(part)])
+def kept_photos(old, keep, root, spec):
+    """The rows `keep` of the old index (an empty index when there is none)."""
+    if old is None:
+        return PhotoIndex(root, [], np.zeros(0, np.int64), np.zeros(0, np.int64),
+                          np.zeros((0, 0), np.float16), spec)
+    return PhotoIndex(root, [old.paths[row] for row in keep], old.sizes[keep], old.mtimes[keep],
+                      old.features[keep], spec)
+
+
+def add_photos(index, paths, features, found):
+    """The index with newly encoded photos added, all sorted by path (`found`: their size and
+    modification time, from scan_folder)."""
+    if not paths:
+        return index
+    paths = index.paths + paths
+    stacked = np.concatenate([index.features, features]) if len(index) else features
     order = sorted(range(len(paths)), key=paths.__getitem__)
     paths = [paths[k] for k in order]
-    return PhotoIndex(root, paths, np.array([found[p][0] for p in paths], dtype=np.int64),
+    return PhotoIndex(index.root, paths, np.array([found[p][0] for p in paths], dtype=np.int64),
                       np.array([found[p][1] for p in paths], dtype=np.int64),
-                      np.ascontiguousarray(stacked[order]), spec)
+                      np.ascontiguousarray(stacked[order]), index.model)
+
+
+def save_if_any(index, index_path, unreadable):
+    """Save a non-empty index with the list of unreadable files; the seconds it took."""
+    if not len(index):
+        return 0.0
+    started = time.perf_counter()
+    index.unreadable = unreadable
+    save_index(index, index_path)
+    return time.perf_counter() - started
 
 
 def print_report(report, index_path, root):

@@ -179,6 +179,25 @@ def test_indexing_again_encodes_only_new_and_changed_photos_and_drops_deleted_on
     assert new_feature @ before.features[row_before("yellow square/000.png")].astype(np.float32) < 0.99
 
 
+def test_an_interrupted_index_run_keeps_its_work_and_the_next_run_goes_on(english, tmp_path, monkeypatch):
+    photos, index_path = tmp_path / "photos", tmp_path / "index.npz"
+    shutil.copytree(english["photos"], photos)
+    monkeypatch.setattr(search_app, "SAVE_EVERY", 16)
+    encode, calls = search_app.encode_photos, []
+
+    def interrupted_at_the_third_part(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return encode(*args, **kwargs)
+    monkeypatch.setattr(search_app, "encode_photos", interrupted_at_the_third_part)
+    with pytest.raises(KeyboardInterrupt):
+        search_app.build_index(photos, index_path, english["spec"], num_workers=0)
+    assert len(search_app.load_index(index_path)) == 32          # two parts of 16 were saved
+    report = search_app.build_index(photos, index_path, english["spec"], num_workers=0)
+    assert (report.unchanged, report.new, report.images) == (32, 9, 41)
+
+
 def test_the_index_command_skips_and_lists_unreadable_files(english, tmp_path):
     photos = tmp_path / "photos"
     (photos / "album").mkdir(parents=True)
