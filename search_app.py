@@ -18,8 +18,8 @@ most 2^-11 of itself): only photos whose scores tie within that can swap places.
 records the model that made the features, with the sha256 of its weights, so that `serve`
 rebuilds that very model: a text vector from another model means nothing next to these features.
 
-Exact search is the product of the float16 matrix with the query, about 0.1 s for a million
-photos on two CPU cores (bench/README.md measures it). Beyond EXACT_LIMIT photos, faiss (when
+Exact search is the product of the float16 matrix with the query (bench/README.md measures it
+at 10,000 to 1,000,000 photos). Beyond EXACT_LIMIT photos, faiss (when
 installed) answers from an inverted-file index: the photos are clustered once when the server
 starts, and a query scans only the --nprobe clusters nearest to it, which is approximate.
 
@@ -49,6 +49,8 @@ from errors import DataError, MissingInputError, SettingsError
 
 INDEX_FORMAT = 1
 EXACT_LIMIT = 1_000_000         # photos searched exactly even when faiss is installed
+RESCORE_MARGIN = 2e-3           # > the error of a float16 product's score (rounding + query)
+MAX_RESCORED = 100_000
 MAX_QUERY_CHARS = 1000          # a query is cut here; the text tower reads 77 tokens at most anyway
 MAX_UPLOAD_PIXELS = 50_000_000  # 50 megapixels: a big phone photo decodes to 150 MB of RGB
 THUMBNAIL_SIDE = 256
@@ -409,10 +411,13 @@ def print_report(report, index_path, root):
 class Searcher:
     """The top k rows of a float16 feature matrix X for a query vector q, by score X q.
 
-    "exact" computes every score with torch's float16 product (on this project's CPUs the
-    scores stay within 2e-4 of a float64 product of the same numbers). "faiss" (for more than EXACT_LIMIT photos, when faiss is
-    installed) clusters the rows into about 4 sqrt(N) lists and scans the nprobe lists whose
-    centres are nearest to q: approximate, unless nprobe covers every list.
+    "exact" computes every score with torch's float16 product, whose results are rounded to
+    float16: 2^-11 apart near 1, too coarse to order near-duplicates (a photo and its edited
+    copy). So every row within RESCORE_MARGIN of the k-th float16 score is scored again in
+    float32, and those scores decide: the top k of the float16 numbers stored, in float32. "faiss"
+    (for more than EXACT_LIMIT photos, when faiss is installed) clusters the rows into about
+    4 sqrt(N) lists and scans the nprobe lists whose centres are nearest to q: approximate,
+    unless nprobe covers every list.
     """
 
     def __init__(self, features, method="auto", nprobe=32):
@@ -433,9 +438,14 @@ class Searcher:
             scores, rows = self.faiss.search(np.asarray(query, np.float32)[None], k)
             keep = rows[0] >= 0
             return rows[0][keep].astype(np.int64), scores[0][keep]
-        scores = self.matrix @ torch.as_tensor(query).to(self.matrix.dtype)
-        best = torch.topk(scores.float(), k)
-        return best.indices.numpy(), best.values.numpy()
+        query = torch.as_tensor(query, dtype=torch.float32)
+        rough = self.matrix @ query.to(self.matrix.dtype)
+        kth = torch.topk(rough, k).values[-1]
+        candidates = torch.nonzero(rough >= kth - RESCORE_MARGIN).squeeze(1)
+        if len(candidates) > MAX_RESCORED:       # a folder of thousands of identical photos
+            candidates = torch.topk(rough, MAX_RESCORED).indices
+        best = torch.topk(self.matrix[candidates].float() @ query, k)
+        return candidates[best.indices].numpy(), best.values.numpy()
 
 
 def _has_faiss():
@@ -455,6 +465,7 @@ def _faiss_index(features, nprobe):
     # (faiss's Python wrapper keeps the quantizer alive as long as the index)
     index = faiss.IndexIVFScalarQuantizer(quantizer, dim, lists, faiss.ScalarQuantizer.QT_fp16,
                                           faiss.METRIC_INNER_PRODUCT)
+    index.by_residual = False     # store the rows themselves in float16, not their offsets
     sample = np.random.default_rng(0).choice(n, min(n, 64 * lists), replace=False)
     index.train(features[np.sort(sample)].astype(np.float32))
     for start in range(0, n, 65536):
