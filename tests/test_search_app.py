@@ -440,12 +440,13 @@ def free_port():
 class Server:
     """`search_app.py serve` in a subprocess on a free port of 127.0.0.1."""
 
-    def __init__(self, index):
+    def __init__(self, index, *flags):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [sys.executable, str(ROOT / "search_app.py"), "serve", "--index", str(index), "--port",
-             str(self.port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             str(self.port), *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True)
 
     def wait(self, timeout=180):
         deadline = time.time() + timeout
@@ -497,7 +498,7 @@ def browser():
 @pytest.fixture(scope="module")
 def servers(browser, english, chinese):
     """Both servers start at once (each takes seconds to import torch and load its model)."""
-    started = {"en": Server(english["index"]), "zh": Server(chinese["index"])}
+    started = {"en": Server(english["index"], "--max_upload_mb", "1"), "zh": Server(chinese["index"])}
     try:
         for server in started.values():
             server.wait()
@@ -553,10 +554,10 @@ def test_in_the_browser_an_uploaded_photo_comes_first_and_a_click_searches_by_a_
     page.wait_for_function(f"location.search.includes('like=')")
     page.wait_for_function("document.querySelector('#status').textContent.includes('results')")
     assert third in page.text_content("#status") and third in shown_paths(page)[:2]
-    too_big = {"name": "huge.png", "mimeType": "image/png", "buffer": bytes(21 * 2**20)}
+    too_big = {"name": "huge.png", "mimeType": "image/png", "buffer": bytes(3 * 2**19)}
     page.set_input_files("#file", files=[too_big])                     # refused before sending
     page.wait_for_function("document.querySelector('#status .error') !== null")
-    assert "accepts images up to 20.0 MiB" in page.text_content("#status .error")
+    assert "is 1.5 MiB; this server accepts images up to 1.0 MiB" in page.text_content("#status .error")
     page.close()
 
 
