@@ -21,8 +21,8 @@ text tower), both with random weights saved to a file (weights change no timing)
 """
 import argparse
 import http.client
+import functools
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -120,6 +120,11 @@ def _job_forward(params):
     return {"images": params["images"], "images_per_s": params["images"] / (time.perf_counter() - started)}
 
 
+def print_run(model_name, side, round_number, result):
+    print(f"  {model_name} {side}, round {round_number + 1}: {result['images_per_s']:.0f} images/s",
+          flush=True)
+
+
 def measure_build(args) -> list:
     photos = common.sample_data(args.build_images) / "images"
     rows = []
@@ -127,10 +132,9 @@ def measure_build(args) -> list:
         params = {"photos": str(photos), "flags": model_flags(model_name), "batch_size": args.batch_size,
                   "num_workers": args.num_workers, "images": args.build_images,
                   "index": str(WORK / f"build-{model_name}.npz")}
-        runs = common.alternate({"build": lambda: run_fresh("build", params),
-                                 "forward": lambda: run_fresh("forward", params)}, args.rounds,
-                                lambda name, r, result: print(f"  {model_name} {name}: "
-                                                              f"{result['images_per_s']:.0f} images/s", flush=True))
+        runs = common.alternate({"build": functools.partial(run_fresh, "build", params),
+                                 "forward": functools.partial(run_fresh, "forward", params)},
+                                args.rounds, functools.partial(print_run, model_name))
         ratios = [b["images_per_s"] / f["images_per_s"] for b, f in zip(runs["build"], runs["forward"])]
         rows.append([MODELS[model_name], f"{args.build_images:,}",
                      f"{statistics.median(r['images_per_s'] for r in runs['build']):.0f}",

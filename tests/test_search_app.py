@@ -551,7 +551,7 @@ def test_in_the_browser_an_uploaded_photo_comes_first_and_a_click_searches_by_a_
     assert "000.png" in page.text_content("#status")
     third = shown_paths(page)[2]
     page.click("#results .card:nth-child(3)")
-    page.wait_for_function(f"location.search.includes('like=')")
+    page.wait_for_function("location.search.includes('like=')")
     page.wait_for_function("document.querySelector('#status').textContent.includes('results')")
     assert third in page.text_content("#status") and third in shown_paths(page)[:2]
     too_big = {"name": "huge.png", "mimeType": "image/png", "buffer": bytes(3 * 2**19)}
