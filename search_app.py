@@ -19,9 +19,10 @@ records the model that made the features, with the sha256 of its weights, so tha
 rebuilds that very model: a text vector from another model means nothing next to these features.
 
 Exact search is the product of the float16 matrix with the query (bench/README.md measures it
-at 10,000 to 1,000,000 photos). Beyond EXACT_LIMIT photos, faiss (when
-installed) answers from an inverted-file index: the photos are clustered once when the server
-starts, and a query scans only the --nprobe clusters nearest to it, which is approximate.
+at 10,000 to 1,000,000 photos; Searcher says how near-ties are ordered). Beyond EXACT_LIMIT
+photos, faiss (when installed) answers from an inverted-file index: the photos are clustered once
+when the server starts, and a query scans only the --nprobe clusters nearest to it, which is
+approximate.
 
 Safety. The server listens on 127.0.0.1 (this machine only) unless --host says otherwise. A
 thumbnail is served only for a path found in the index, by lookup, never by joining user input
