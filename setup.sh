@@ -36,6 +36,18 @@ if [ -z "$(fc-list :lang=zh 2>/dev/null || true)" ]; then
     fi
 fi
 
+# The browser tests of search_app.py drive Debian's Chromium; install it where we can.
+if ! command -v chromium >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "setup: installing Chromium for the browser tests of search_app.py (chromium)"
+        apt-get update -qq >/dev/null && apt-get install -y -qq chromium >/dev/null \
+            || echo "setup: could not install chromium; the browser tests of search_app.py will be skipped"
+    else
+        echo "setup: no Chromium found; the browser tests of search_app.py will be skipped" \
+             "(to run them: sudo apt-get install chromium)"
+    fi
+fi
+
 "$VENV/bin/python" - <<'PY'
 import re
 from importlib.metadata import version

@@ -12,7 +12,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-MODULES = ["data_loader", "shards", "clip_model", "evaluation", "train", "visualization", "demo"]
+MODULES = ["errors", "sample_data", "data_loader", "shards", "clip_model", "evaluation", "train", "visualization",
+           "demo", "wise_ft", "search_app"]
 OUTPUT_FOLDERS = ["data", "model-checkpoint", "results", "logs"]
 SETUP_HINT = "run: bash setup.sh (installs requirements.txt into .venv)"
 

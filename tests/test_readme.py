@@ -1,5 +1,6 @@
 """The README is the manual: its settings table comes from the schema, it names every flag of
 every script, and its snippets run."""
+import argparse
 import os
 import re
 import shlex
@@ -12,6 +13,7 @@ import pytest
 import data_loader
 import demo
 import evaluation
+import search_app
 import shards
 import train
 import verify
@@ -23,7 +25,8 @@ README = (ROOT / "README.md").read_text()
 PARSERS = {"train.py": train.build_parser, "evaluation.py": evaluation.build_parser,
            "visualization.py": visualization.build_parser, "demo.py": demo.build_parser,
            "data_loader.py": data_loader.build_parser, "shards.py": shards.build_parser,
-           "verify.py": verify.build_parser, "wise_ft.py": wise_ft.build_parser}
+           "verify.py": verify.build_parser, "wise_ft.py": wise_ft.build_parser,
+           "search_app.py": search_app.build_parser}
 # Commands the test only checks against their script's parser, and why they cannot run here.
 NOT_RUN_HERE = {"setup.sh": "installs the environment the tests already run in",
                 "demo.py": "takes minutes; tests/test_demo.py runs it with a small budget",
@@ -31,7 +34,8 @@ NOT_RUN_HERE = {"setup.sh": "installs the environment the tests already run in",
                 "torchrun": "multi-GPU and multi-node runs; tests/test_distributed.py runs torchrun",
                 "my-finetune": "needs your own fine-tuned run; tests/test_wise_ft.py runs wise_ft.py",
                 "MUGE/lmdb": "Chinese-CLIP's download of MUGE; tests/test_data_loader.py trains on an "
-                             "LMDB folder written as Chinese-CLIP's preprocessing writes it"}
+                             "LMDB folder written as Chinese-CLIP's preprocessing writes it",
+                "search_app.py serve": "serves until stopped; tests/test_search_app.py drives it in a browser"}
 
 
 def snippets(language):
@@ -55,6 +59,15 @@ def script_and_args(command):
     return None, words
 
 
+def option_strings(parser):
+    """Every option of a parser and of its subcommands (search_app.py index / serve)."""
+    for action in parser._actions:
+        yield from action.option_strings
+        if isinstance(action, argparse._SubParsersAction):
+            for subcommand in action.choices.values():
+                yield from option_strings(subcommand)
+
+
 def test_settings_table_is_generated_from_the_schema():
     table = re.search(r"<!-- train-settings:start -->\n(.*?)\n<!-- train-settings:end -->",
                       README, flags=re.S).group(1)
@@ -64,8 +77,7 @@ def test_settings_table_is_generated_from_the_schema():
 
 @pytest.mark.parametrize("script", sorted(PARSERS))
 def test_every_flag_of_every_script_is_documented(script):
-    parser = PARSERS[script]()
-    flags = {option for action in parser._actions for option in action.option_strings
+    flags = {option for option in option_strings(PARSERS[script]())
              if option.startswith("--") and option != "--help"}
     missing = [flag for flag in sorted(flags) if flag not in README]
     assert not missing, f"{script} flags missing from README.md: {missing}"
