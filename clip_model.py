@@ -206,6 +206,8 @@ def build_model(model_name, pretrained="", device="cpu", loss="clip", patch_drop
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     config = open_clip.get_model_config(model_name)
+    if tag_cfg.get("quick_gelu"):   # the activation is part of the architecture a checkpoint rebuilds
+        config["quick_gelu"] = True
     if context_length:
         config["text_cfg"]["context_length"] = context_length
     return ClipSetup(model=model, preprocess_cfg=dict(model.visual.preprocess_cfg),
@@ -478,4 +480,7 @@ def model_from_checkpoint(path, device="cpu"):
     setup = build_model(checkpoint["model_name"], device=device, loss=loss,
                         model_config=checkpoint["model_config"])
     setup.model.load_state_dict(checkpoint["state_dict"])
+    if "preprocess_cfg" in checkpoint:   # a pretrained tag's own mean and std stay with its weights
+        setup.preprocess_cfg = {**setup.preprocess_cfg, **checkpoint["preprocess_cfg"]}
+        open_clip.set_model_preprocess_cfg(setup.model, setup.preprocess_cfg)
     return setup, checkpoint
