@@ -227,17 +227,20 @@ def image_size(preprocess_cfg) -> tuple:
 def _quiet_exporter():
     """Silence the TorchScript exporter: its warnings (tracer warnings about Python branches; the
     check tests the traced graph on real inputs instead) and the whole graph that, on failure, it
-    prints to stderr from C++, out of reach of Python's sys.stderr, hence the file descriptor."""
+    prints from C++ to standard output, out of reach of sys.stdout, hence the file descriptors."""
+    sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink, warnings.catch_warnings():
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    with open(os.devnull, "w") as sink, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        os.dup2(sink.fileno(), 2)
+        for fd in saved:
+            os.dup2(sink.fileno(), fd)
         try:
             yield
         finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
 
 
 def export_tower(tower, example, input_name, path, opset):
@@ -377,7 +380,8 @@ def compare(reference: Features, candidate: Features, files) -> dict:
     for tower in ("image", "text"):
         figures = result[tower]
         if figures["min_cosine"] < MIN_COSINE:
-            failures.append(f"{tower} features: lowest cosine {figures['min_cosine']:.6f} < {MIN_COSINE}")
+            failures.append(f"{tower} features: 1 - cosine up to {1 - figures['min_cosine']:.2g} "
+                            f"(tolerance {1 - MIN_COSINE:.0e})")
         if figures["max_norm_error"] > MAX_NORM_ERROR:
             failures.append(f"{tower} features are not unit vectors (norm off by up to "
                             f"{figures['max_norm_error']:.3g})")
