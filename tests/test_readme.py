@@ -12,6 +12,7 @@ import pytest
 import data_loader
 import demo
 import evaluation
+import export
 import train
 import verify
 import visualization
@@ -20,12 +21,14 @@ ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 PARSERS = {"train.py": train.build_parser, "evaluation.py": evaluation.build_parser,
            "visualization.py": visualization.build_parser, "demo.py": demo.build_parser,
-           "data_loader.py": data_loader.build_parser, "verify.py": verify.build_parser}
+           "data_loader.py": data_loader.build_parser, "verify.py": verify.build_parser,
+           "export.py": export.build_parser}
 # Commands the test only checks against their script's parser, and why they cannot run here.
 NOT_RUN_HERE = {"setup.sh": "installs the environment the tests already run in",
                 "demo.py": "takes minutes; tests/test_demo.py runs it with a small budget",
                 "--pretrained laion2b": "downloads weights, and this machine has no network",
-                "torchrun": "multi-GPU and multi-node runs; tests/test_distributed.py runs torchrun"}
+                "torchrun": "multi-GPU and multi-node runs; tests/test_distributed.py runs torchrun",
+                "trtexec": "TensorRT needs an NVIDIA GPU; tests/test_export.py checks the ONNX files"}
 
 
 def snippets(language):
