@@ -145,9 +145,6 @@ def model_card(setup, checkpoint, checkpoint_path, check) -> str:
     settings = checkpoint.get("config", {})
     name = settings.get("run_name") or setup.model_name
     cfg = setup.model_config
-    towers = {"image": setup.model.visual, "text": getattr(setup.model, "text", None)}
-    text_params = (clip_model.count_parameters(towers["text"]) if towers["text"] is not None else
-                   clip_model.count_parameters(setup.model) - clip_model.count_parameters(towers["image"]))
     lines = ["---", "library_name: open_clip", "pipeline_tag: zero-shot-image-classification",
              "tags: [clip]", "---", f"# {name}", "",
              f"A CLIP model: an image tower and a text tower that map images and captions into one "
@@ -161,12 +158,12 @@ def model_card(setup, checkpoint, checkpoint_path, check) -> str:
              f"| architecture | `{setup.model_name}` (full config in `{CONFIG_FILE}`) |",
              f"| image size | {' x '.join(map(str, image_size(setup.preprocess_cfg)))} px |",
              f"| context length | {setup.tokenizer.context_length} tokens |",
-             f"| parameters | image tower {clip_model.count_parameters(towers['image']):,}, "
-             f"text tower {text_params:,} |",
+             f"| parameters | {clip_model.count_parameters(setup.model):,} (image tower "
+             f"{clip_model.count_parameters(setup.model.visual):,}) |",
              f"| logit scale | {float(setup.model.logit_scale.detach().exp()):.2f} |", "",
              "## Training", ""]
-    shown = ("pretrained", "loss", "data_dir", "val_data", "batch_size", "accum_steps", "num_epochs",
-             "max_steps", "learning_rate", "weight_decay", "warmup_steps", "precision", "seed")
+    shown = ("pretrained", "loss", "data_dir", "val_data", "batch_size", "accum_steps", "learning_rate",
+             "weight_decay", "warmup_steps", "precision", "seed")
     lines += [f"- `{key}`: {settings[key]}" for key in shown if settings.get(key) not in (None, "")]
     if "step" in checkpoint:
         lines.append(f"- trained for {checkpoint['step']} steps")
@@ -174,7 +171,7 @@ def model_card(setup, checkpoint, checkpoint_path, check) -> str:
               "## Export check", "",
               f"Loaded from this folder by open_clip alone, the model gives the features of the training "
               f"checkpoint on {check['images']} images and {check['captions']} captions of "
-              f"`{check['data']}`: lowest cosine {check['min_cosine']:.7f}.", ""]
+              f"{check['data']}: 1 - cosine at most {1 - check['min_cosine']:.0e}.", ""]
     return "\n".join(lines)
 
 
@@ -289,9 +286,11 @@ def onnx_config(setup, opset) -> dict:
     bias = getattr(model, "logit_bias", None)
     return {
         "image_encoder": ONNX_FILES["image"], "text_encoder": ONNX_FILES["text"], "opset": opset,
-        "pixels": "float32 [N, 3, H, W]: RGB resized (shortest side to image_size, bicubic), "
-                  "centre-cropped, scaled to [0, 1], then (x - mean) / std per channel",
-        "tokens": "int64 [N, context_length]: the tokenizer's ids, zero-padded",
+        "pixels": "float32 [N, 3, H, W]: RGB resized as resize_mode and interpolation say (shortest: "
+                  "the shorter side to image_size), centre-cropped to image_size, scaled to [0, 1], "
+                  "then (x - mean) / std per channel",
+        "tokens": "int64 [N, context_length]: ids of the tokenizer below, as "
+                  "open_clip.get_tokenizer('local-dir:<this folder>') makes them",
         "features": "float32 [N, embed_dim], L2-normalised: image . text is their cosine",
         "image_size": list(image_size(preprocess)), "mean": list(preprocess["mean"]),
         "std": list(preprocess["std"]), "interpolation": preprocess.get("interpolation", "bicubic"),
