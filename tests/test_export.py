@@ -1,6 +1,7 @@
 """export.py: the open_clip folder loads in plain open_clip, the ONNX encoders give PyTorch's
 features to a client that follows onnx_config.json, and a broken export fails its check."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -90,7 +91,7 @@ with torch.no_grad():
 ours = [m for m in ("clip_model", "data_loader", "export", "train") if m in sys.modules]
 assert not ours and not open_clip.get_model_config("tiny-vit-64"), ours
 """
-    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run([sys.executable, "-c", script, str(folder), str(check_data)], cwd=tmp_path,
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
