@@ -398,8 +398,8 @@ def compare(reference: Features, candidate: Features, files) -> dict:
 def top1_changes(reference: Features, candidate: Features, chunk_size=1024) -> dict:
     """Queries (each caption searching the images, each image searching the captions) whose best
     match differs from the reference's, and how many of them are near ties: items the reference
-    scores within TIE_MARGIN of each other, where either order is right. Equal best matches mean
-    equal R@1; round-off can only reorder near ties."""
+    scores within TIE_MARGIN of each other, where either order is right. R@1 counts the right
+    best matches, so it can differ only where a best match changed."""
     counts = {"queries": 0, "changed": 0, "near_ties": 0}
     for queries, items in (("texts", "images"), ("images", "texts")):
         reference_items = getattr(reference, items).double()

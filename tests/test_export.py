@@ -150,6 +150,35 @@ def test_the_model_card_says_what_the_model_is_and_how_it_was_trained(exported):
         assert text in card, text
 
 
+def features_at_angles(query_angles, item_angles):
+    """Unit vectors in the plane of (1, 0, 0) and (0, 1, 0): queries (texts) and items (images)."""
+    def unit(angles):
+        angles = torch.tensor(angles, dtype=torch.float64)
+        return torch.stack([angles.cos(), angles.sin(), torch.zeros_like(angles)], dim=1)
+    recall = {"image_to_text/R@1": 0.0, "text_to_image/R@1": 0.0}
+    return export.Features(images=unit(item_angles), texts=unit(query_angles), recall=recall)
+
+
+def test_a_changed_best_match_fails_even_within_the_cosine_tolerance():
+    # The caption at angle 0 prefers the image at 1.2 rad over the one at 1.2001 (scores apart by
+    # sin(1.2) * 1e-4 = 9e-5, a clear preference). Turning the second image by 2e-4 rad costs
+    # only 2e-8 of cosine, far inside the tolerance, yet swaps the caption's best match.
+    reference = features_at_angles([0.0], [1.2, 1.2001])
+    candidate = features_at_angles([0.0], [1.2, 1.1999])
+    result = export.compare(reference, candidate, [])
+    assert 1 - result["image"]["min_cosine"] < 1e-7
+    assert result["top1"]["changed"] == 1 and result["top1"]["near_ties"] == 0
+    assert any("found another best match" in failure for failure in result["failures"])
+
+
+def test_a_near_tie_may_swap_its_order():
+    # Scores 9e-7 apart: float32 round-off can order them either way, and either order is right.
+    reference = features_at_angles([0.0], [1.2, 1.2 + 1e-6])
+    candidate = features_at_angles([0.0], [1.2, 1.2 - 1e-6])
+    result = export.compare(reference, candidate, [])
+    assert result["top1"]["changed"] == result["top1"]["near_ties"] == 1 and not result["failures"]
+
+
 def break_pixel_normalisation(monkeypatch):
     real = export.onnx_config
     monkeypatch.setattr(export, "onnx_config", lambda setup, opset: {**real(setup, opset),
