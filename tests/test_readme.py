@@ -13,6 +13,7 @@ import pytest
 import data_loader
 import demo
 import evaluation
+import export
 import search_app
 import shards
 import train
@@ -26,7 +27,7 @@ PARSERS = {"train.py": train.build_parser, "evaluation.py": evaluation.build_par
            "visualization.py": visualization.build_parser, "demo.py": demo.build_parser,
            "data_loader.py": data_loader.build_parser, "shards.py": shards.build_parser,
            "verify.py": verify.build_parser, "wise_ft.py": wise_ft.build_parser,
-           "search_app.py": search_app.build_parser}
+           "search_app.py": search_app.build_parser, "export.py": export.build_parser}
 # Commands the test only checks against their script's parser, and why they cannot run here.
 NOT_RUN_HERE = {"setup.sh": "installs the environment the tests already run in",
                 "demo.py": "takes minutes; tests/test_demo.py runs it with a small budget",
@@ -35,7 +36,8 @@ NOT_RUN_HERE = {"setup.sh": "installs the environment the tests already run in",
                 "my-finetune": "needs your own fine-tuned run; tests/test_wise_ft.py runs wise_ft.py",
                 "MUGE/lmdb": "Chinese-CLIP's download of MUGE; tests/test_data_loader.py trains on an "
                              "LMDB folder written as Chinese-CLIP's preprocessing writes it",
-                "search_app.py serve": "serves until stopped; tests/test_search_app.py drives it in a browser"}
+                "search_app.py serve": "serves until stopped; tests/test_search_app.py drives it in a browser",
+                "trtexec": "TensorRT needs an NVIDIA GPU; tests/test_export.py checks the ONNX files"}
 
 
 def snippets(language):
