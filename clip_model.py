@@ -659,7 +659,7 @@ class DistillationLoss(nn.Module):
         M = None if self.map is None else self.map if train_map else self.map.detach()
 
         def cos_distance(f, f_t):
-            mapped = f if M is None else F.normalize(f @ M.T, dim=-1)
+            mapped = F.normalize(f if M is None else f @ M.T, dim=-1)
             return (1 - (mapped * f_t).sum(dim=-1)).mean()
         return (cos_distance(x, x_t) + cos_distance(y, y_t)) / 2
 
