@@ -218,8 +218,11 @@ def test_four_micro_batches_give_the_distilled_gradient_of_the_whole_batch(loss_
     student, distill, loss_fn = distillation_setup(loss_name)
     expected, whole = distilled_gradients(student, distill, loss_fn, [batch_of_8()])
     student, distill, loss_fn = distillation_setup(loss_name)
+    teacher_passes = []
+    distill.teacher.model.register_forward_hook(lambda *_: teacher_passes.append(1))
     got, accumulated = distilled_gradients(student, distill, loss_fn, [split(batch_of_8(), s, s + 2)
                                                                       for s in range(0, 8, 2)])
+    assert len(teacher_passes) == 2 * 4        # once per micro-batch in each of the two steps
     for name in ("loss", "contrastive", "distillation"):
         assert accumulated[name].item() == pytest.approx(whole[name].item(), rel=1e-12), name
     assert whole["distillation"].item() > 0.01
@@ -353,7 +356,8 @@ def test_a_student_equal_to_its_teacher_learns_nothing_from_distillation_alone(d
     assert first["contrastive"] > 1.0             # the contrastive loss is far from 0 ...
     assert abs(first["distillation"]) < 1e-6      # ... the student already agrees with its teacher
     assert first["loss"] == pytest.approx(first["distillation"], abs=1e-9)
-    assert first["grad_norm"] < 1e-6              # and nothing moves it
+    assert first["grad_norm"] < 1e-4              # and nothing moves it (float32 rounding; alone the
+    # contrastive loss has gradient norms of 1 to 10 here)
 
 
 ACCUMULATED = ("--accum_steps", "2", "--distill_features", "--max_steps", "3", "--save_every", "1000")
