@@ -409,7 +409,8 @@ def test_a_resumed_distilled_run_ends_where_an_uninterrupted_one_does(accumulate
     flags = ("--run_name", "split", "--distill_from", str(teacher["checkpoint"]), *ACCUMULATED)
     single_thread_main(run_flags(data, tmp_path, *flags, "--stop_at_step", "2"))
     single_thread_main(run_flags(data, tmp_path, *flags, "--resume", "auto"))
-    whole, split_run = (cm.load_checkpoint(folder / "last.pt") for folder in (out / "ckpt/whole", tmp_path / "ckpt/split"))
+    whole = cm.load_checkpoint(out / "ckpt/whole/last.pt")
+    split_run = cm.load_checkpoint(tmp_path / "ckpt/split/last.pt")
     for name, tensor in whole["state_dict"].items():
         assert torch.equal(tensor, split_run["state_dict"][name]), name
     assert torch.equal(whole["distillation"]["map"], split_run["distillation"]["map"])
