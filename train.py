@@ -854,13 +854,14 @@ def start_run(cfg):
     """Processes, device and precision, the run's name, folders, lock and log.
 
     Everything that can be known to be wrong before the data and model are loaded is checked
-    here: the device, the precision, the paths given, the output folders.
+    here: the device, the precision, the paths given, the distillation settings, the output folders.
     """
     import clip_model
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     device = clip_model.pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     precision = clip_model.pick_precision(cfg.precision, device)
     check_paths(cfg)
+    check_distillation(cfg)
     if distributed:
         init_distributed(device)
     rank, world_size = clip_model.world_info()
@@ -889,7 +890,6 @@ def check_paths(cfg):
         os.sep in cfg.pretrained
     if looks_like_file and not Path(cfg.pretrained).is_file():
         raise SettingsError(f"pretrained {cfg.pretrained}: no such weights file")
-    check_distillation(cfg)
 
 
 def init_distributed(device):
@@ -1185,7 +1185,6 @@ def check_resumed_settings(cfg, saved, path, log):
                     ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changed.items()))
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Distillation: a teacher the student learns from (--distill_from; README "Distillation")
 
@@ -1237,16 +1236,15 @@ def check_distillation(cfg):
     if cfg.distill_cache and shards.is_webdataset(cfg.data_dir):
         raise SettingsError(f"distill_cache needs an indexed data set; {cfg.data_dir} is a set of "
                             f"WebDataset shards, streamed: drop --distill_cache")
-    source = Path(cfg.distill_from)
-    named = not source.is_dir() and not (source.is_file() and source.suffix != ".json")
-    if not named and cfg.distill_pretrained:
-        raise SettingsError(f"distill_pretrained applies to a teacher named by model; {source} holds "
-                            f"its own weights: drop --distill_pretrained")
-    if named and (os.sep in cfg.distill_from or source.suffix in (".pt", ".pth", ".bin", ".safetensors")) \
-            and not source.exists():
+    kind = teacher_kind(cfg.distill_from)
+    if kind != "name" and cfg.distill_pretrained:
+        raise SettingsError(f"distill_pretrained applies to a teacher named by model; {cfg.distill_from} "
+                            f"is a {kind} holding its own weights: drop --distill_pretrained")
+    looks_like_path = os.sep in cfg.distill_from or cfg.distill_from.endswith((".pt", ".pth", ".bin", ".safetensors"))
+    if kind == "name" and looks_like_path and not Path(cfg.distill_from).exists():
         raise SettingsError(f"distill_from {cfg.distill_from}: no such checkpoint, model folder or "
                             f"config file")
-    if named and not cfg.distill_pretrained:
+    if kind == "name" and not cfg.distill_pretrained:
         raise SettingsError(f"distill_from {cfg.distill_from} names an architecture, and a teacher of "
                             f"random weights teaches nothing: give its weights with --distill_pretrained "
                             f"TAG|FILE, or a checkpoint or model folder as --distill_from")
@@ -1290,17 +1288,24 @@ def build_distillation(cfg, run, setup):
     return Distillation(teacher, view, loss_fn, cfg.distill_weight)
 
 
+def teacher_kind(distill_from):
+    """What --distill_from names: a "folder" (an open_clip model folder), a "checkpoint" of ours
+    (any other file but a .json), or a "name" (an open_clip model name, preset or config .json)."""
+    source = Path(distill_from)
+    return "folder" if source.is_dir() else "checkpoint" if source.is_file() and source.suffix != ".json" \
+        else "name"
+
+
 def load_teacher(cfg, device):
-    """The model --distill_from names: a checkpoint of ours (a file), an open_clip model folder,
-    or an open_clip model name, preset or config .json with --distill_pretrained TAG|FILE."""
+    """The model --distill_from names (teacher_kind), with --distill_pretrained TAG|FILE for a name."""
     import clip_model
     from errors import UserError
-    source = Path(cfg.distill_from)
+    kind = teacher_kind(cfg.distill_from)
     try:
-        if source.is_dir():
-            return clip_model.model_from_folder(source, device)
-        if source.is_file() and source.suffix != ".json":
-            return clip_model.model_from_checkpoint(source, device)[0]
+        if kind == "folder":
+            return clip_model.model_from_folder(cfg.distill_from, device)
+        if kind == "checkpoint":
+            return clip_model.model_from_checkpoint(cfg.distill_from, device)[0]
         return clip_model.build_model(cfg.distill_from, cfg.distill_pretrained, device=device)
     except UserError as error:
         raise type(error)(f"teacher (distill_from {cfg.distill_from}): {error}") from None
