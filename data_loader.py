@@ -644,9 +644,10 @@ def _crop_box(height: int, width: int, rng: np.random.Generator):
 
 
 def _colour_jitter(image: torch.Tensor, jitter: tuple, TF) -> torch.Tensor:
-    """Brightness, contrast and saturation (k = 0, 1, 2) each scaled by its factor, drawn from
-    [1 - s, 1 + s], in a random order (torchvision's ColorJitter; the hue is left alone: captions
-    name colours). `jitter` is that order with the factors: ((k, factor), ...)."""
+    """Brightness, contrast and saturation (k = 0, 1, 2) each scaled by its factor, in the order
+    of `jitter` = ((k, factor), ...), both drawn by TrainAugmentation.draw: factors from
+    [1 - s, 1 + s], a random order (torchvision's ColorJitter; the hue is left alone: captions
+    name colours)."""
     adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
     for k, factor in jitter:
         image = adjust[k](image, factor)
