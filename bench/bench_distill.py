@@ -5,10 +5,11 @@ same steps, by more than the seed-to-seed spread? And what does the teacher cost
     .venv/bin/python bench/bench_distill.py --only recall    # recall only (no timings)
     .venv/bin/python bench/bench_distill.py --quick          # a small version, to check the script
 
-The teacher: the small-vit-128 preset trained from scratch on the generated training set until
-its recall on a validation set (500 images of another seed of the generator) stops improving
-(--early_stopping_patience), its best.pt kept under bench/out/distill/ and reused by every later
-run with the same settings. The students: tiny-vit-64 on the same training set, with the same
+The teacher: the small-vit-128 preset trained from scratch on the generated training set for
+--teacher_epochs, its learning rate decayed to 0 by the end, validated every epoch on a validation
+set (500 images of another seed of the generator); its best.pt is kept under bench/out/distill/
+and reused by every later run with the same settings. The table says at which step it was best
+and how far recall moved over its last epochs: a converged teacher has stopped gaining. The students: tiny-vit-64 on the same training set, with the same
 steps, schedule and seeds, trained alone and with the teacher (--distill_from, the distillation
 settings at their defaults unless given after --distill_args); each scored by the mean recall of
 its final weights on a held-out set (500 images of a third seed), which does not depend on the
@@ -26,10 +27,9 @@ import statistics
 import common
 
 HEADING = "## bench_distill.py"
-FULL = {"num_images": 2000, "teacher_epochs": 60, "teacher_patience": 4, "student_steps": 150, "seeds": 5,
-        "speed_steps": 40, "rounds": 3}
-QUICK = {"num_images": 400, "teacher_epochs": 6, "teacher_patience": 2, "student_steps": 24, "seeds": 2,
-         "speed_steps": 8, "rounds": 1}
+FULL = {"num_images": 2000, "teacher_epochs": 30, "student_steps": 150, "seeds": 5, "speed_steps": 40,
+        "rounds": 3}
+QUICK = {"num_images": 400, "teacher_epochs": 6, "student_steps": 24, "seeds": 2, "speed_steps": 8, "rounds": 1}
 QUICK_TEACHER = "tiny-vit-64"   # --quick checks the script: a teacher of the student's size is enough
 BATCH = 64
 ENV = {}                         # for the jobs: OMP_NUM_THREADS with --threads
@@ -37,22 +37,34 @@ ENV = {}                         # for the jobs: OMP_NUM_THREADS with --threads
 
 def teacher_checkpoint(args, train_set, validation_set, heldout) -> dict:
     """The teacher's best.pt, trained once per setting and cached, with what it scored."""
-    name = (f"teacher-{args.teacher}-{args.num_images}img-{args.teacher_epochs}ep-"
-            f"patience{args.teacher_patience}-lr{args.teacher_lr}")
+    name = f"teacher-{args.teacher}-{args.num_images}img-{args.teacher_epochs}ep-lr{args.teacher_lr}"
     folder = common.OUT / "distill" / name
     if not (folder / "teacher.json").is_file():
         print(f"training the teacher {args.teacher} (cached in {folder})", flush=True)
         argv = common.train_argv(train_set, "--val_data", validation_set, "--model_name", args.teacher,
                                  "--batch_size", BATCH, "--learning_rate", args.teacher_lr,
-                                 "--num_epochs", args.teacher_epochs,
-                                 "--early_stopping_patience", args.teacher_patience)
+                                 "--num_epochs", args.teacher_epochs)
         result = common.run_job("train", {"argv": argv}, env=ENV, log_name="distill-teacher")
         folder.mkdir(parents=True, exist_ok=True)
-        shutil.move(common.Path(result["checkpoint_dir"]) / "best.pt", folder / "best.pt")
-        shutil.rmtree(result["checkpoint_dir"], ignore_errors=True)
+        run = common.Path(result["checkpoint_dir"])
+        shutil.move(run / "best.pt", folder / "best.pt")
+        history = json.loads((run.parent.parent / "results" / run.name / "training_results.json").read_text())
+        shutil.rmtree(run, ignore_errors=True)
         retrieval = common.evaluate(common.REPO, heldout, "distill-teacher", ["--checkpoint", str(folder / "best.pt")])
-        (folder / "teacher.json").write_text(json.dumps({"steps": result["steps"], "retrieval": retrieval}))
+        curve = [(e["step"], e["retrieval"]["mean_recall"]) for e in history["history"]["val"]]
+        (folder / "teacher.json").write_text(json.dumps({"steps": result["steps"], "retrieval": retrieval,
+                                                         "validation": curve}))
     return {"checkpoint": folder / "best.pt", **json.loads((folder / "teacher.json").read_text())}
+
+
+def teacher_summary(args, teacher) -> str:
+    """The teacher in a sentence: its steps, its best validation and how recall moved at the end."""
+    curve = teacher["validation"]
+    best_step, best = max(curve, key=lambda point: point[1])
+    last = curve[-max(1, len(curve) // 5):]
+    return (f"{args.teacher}, {teacher['steps']} steps ({args.teacher_epochs} epochs of {args.num_images} images); "
+            f"validation mean recall best {best:.1f} at step {best_step}, {last[0][1]:.1f} -> {last[-1][1]:.1f} over "
+            f"its last {len(last)} epochs; held-out mean recall of best.pt {teacher['retrieval']['mean_recall']:.1f}")
 
 
 def student(train_set, heldout, steps, seed, *flags):
@@ -88,10 +100,11 @@ def recall_table(args, train_set, heldout, teacher):
     table = common.table(["tiny-vit-64 student", "mean recall, mean ± sd", "range", "per seed"], rows)
     sd = max(statistics.stdev(v) for v in recalls.values()) if args.seeds > 1 else float("nan")
     gain = statistics.mean(gains)
-    verdict = (f"The distilled student's mean recall is {gain:+.1f} points from the student trained alone; "
+    verdict = (f"The distilled students' mean recall is {gain:+.1f} points from the students trained alone; "
                f"the larger seed-to-seed standard deviation of the two is {sd:.1f} points: "
-               f"{'a gain beyond the spread' if gain > sd else 'NOT a gain beyond the spread'}"
-               f"{', and every distilled seed beats its own seed alone' if min(gains) > 0 else ''}.")
+               f"{'a gain beyond the spread' if gain > sd else 'NOT a gain beyond the spread'}. Seed by seed "
+               f"(the same start and data order) the gain is {spread(gains)} points"
+               f"{', positive for every seed' if min(gains) > 0 else ''}.")
     return table, verdict
 
 
@@ -143,8 +156,7 @@ def main():
     validation_set = common.sample_data(500, seed=2) / "data.json"
     load_before = common.load_average()
     teacher = teacher_checkpoint(args, train_set, validation_set, heldout)
-    print(f"teacher {args.teacher}: {teacher['steps']} steps, held-out mean recall "
-          f"{teacher['retrieval']['mean_recall']:.1f}", flush=True)
+    print(f"teacher: {teacher_summary(args, teacher)}", flush=True)
     tables = {}
     if args.only in (None, "recall"):
         print(f"students: {args.seeds} seeds x (alone, distilled), {args.student_steps} steps each", flush=True)
@@ -158,10 +170,9 @@ def main():
         return
     common.write_readme(HEADING, f"""{HEADING}
 
-Distillation (`--distill_from`, clip_model.DistillationLoss). Teacher: {args.teacher} trained from
-scratch on the generated training set ({args.num_images} images) until recall on a validation set
-(500 images, another seed) stopped improving for {args.teacher_patience} epochs: {teacher['steps']}
-steps, held-out mean recall {teacher['retrieval']['mean_recall']:.1f}. Students: tiny-vit-64, batch {BATCH},
+Distillation (`--distill_from`, clip_model.DistillationLoss). Teacher, trained from scratch on the
+generated training set, validated every epoch on 500 images of another seed, best.pt kept:
+{teacher_summary(args, teacher)}. Students: tiny-vit-64, batch {BATCH},
 {args.student_steps} steps, the same data, schedule and seeds, alone and distilled (distillation settings
 {' '.join(map(str, args.distill_args)) or 'at their defaults'}); mean recall (the mean of R@1/5/10 in both
 directions, %) of the final weights on a held-out set of 500 images (a third seed). Cost: samples/s of the
