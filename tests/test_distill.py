@@ -383,6 +383,18 @@ def test_distillation_with_accumulated_micro_batches_trains_the_student_towards_
     assert "distilling from" in log and "learned 128 -> 96 map" in log
 
 
+def test_tensorboard_and_the_training_curves_show_the_two_terms_apart(accumulated_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import visualization
+    out, _ = accumulated_run
+    tags = EventAccumulator(str(out / "logs/whole")).Reload().Tags()["scalars"]
+    assert {"train/loss", "train/contrastive", "train/distillation"} <= set(tags)
+    results = json.loads((out / "results/whole/training_results.json").read_text())
+    loss_panel = visualization.plot_training_curves(results).axes[0]
+    assert {"contrastive term", "distillation term"} <= {line.get_label() for line in loss_panel.get_lines()}
+
+
 def tensor_shapes(value):
     """The shapes of every tensor anywhere inside a checkpoint's dicts and lists."""
     if torch.is_tensor(value):
