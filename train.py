@@ -1192,11 +1192,13 @@ def check_resumed_settings(cfg, saved, path, log):
 class Distillation:
     """What a teacher adds to a run: the frozen teacher, the view of each sample it reads, its
     output for a batch, and the distillation term (clip_model.DistillationLoss) with its share."""
-    teacher: object            # clip_model.ClipSetup: frozen, in eval mode, never checkpointed
+    teacher: object            # clip_model.ClipSetup: frozen, in eval mode, never checkpointed;
+                               # None once the cache holds all that is needed of it
     view: object               # data_loader.TeacherView: the teacher's inputs of a sample
     loss_fn: object            # clip_model.DistillationLoss, holding the feature map if any
     weight: float              # w: loss = (1 - w) x contrastive + w x distillation
-    cache: dict = None         # --distill_cache: "images" [N, D], "texts" [M, D], "first_caption" [N]
+    cache: dict = None         # --distill_cache: "images" [N, D], "texts" [M, D], "first_caption" [N],
+                               # and the teacher's "logit_scale" and "logit_bias"
 
     def teacher_outputs(self, micro_batches, device, precision):
         """The teacher's output for a step's micro-batches, concatenated: features computed once,
@@ -1207,17 +1209,20 @@ class Distillation:
         if self.cache is not None:
             ids = torch.cat([b["image_ids"] for b in micro_batches])
             choices = torch.cat([b["caption_choices"] for b in micro_batches])
-            image_features = self.cache["images"][ids]
-            text_features = self.cache["texts"][self.cache["first_caption"][ids] + choices]
-        else:
-            with torch.no_grad(), autocast(device, precision):
-                outs = [self.teacher.model(b["teacher_images"], b["teacher_texts"]) for b in micro_batches]
-            image_features = torch.cat([out["image_features"] for out in outs])
-            text_features = torch.cat([out["text_features"] for out in outs])
-        model = self.teacher.model
-        return {"image_features": image_features, "text_features": text_features,
-                "logit_scale": model.logit_scale.exp().detach(),
-                "logit_bias": None if model.logit_bias is None else model.logit_bias.detach()}
+            return {"image_features": self.cache["images"][ids],
+                    "text_features": self.cache["texts"][self.cache["first_caption"][ids] + choices],
+                    "logit_scale": self.cache["logit_scale"], "logit_bias": self.cache["logit_bias"]}
+        with torch.no_grad(), autocast(device, precision):
+            outs = [self.teacher.model(b["teacher_images"], b["teacher_texts"]) for b in micro_batches]
+        return {"image_features": torch.cat([out["image_features"] for out in outs]),
+                "text_features": torch.cat([out["text_features"] for out in outs]),
+                **teacher_temperature(self.teacher.model)}
+
+
+def teacher_temperature(model):
+    """The teacher's logit scale (exponentiated, as its forward returns it) and bias (SigLIP)."""
+    return {"logit_scale": model.logit_scale.exp().detach(),
+            "logit_bias": None if model.logit_bias is None else model.logit_bias.detach()}
 
 
 def check_distillation(cfg):
@@ -1315,8 +1320,9 @@ def cache_teacher_features(cfg, run, distill, dataset):
     """--distill_cache: the teacher's features of every training image and caption, computed
     once. Without augmentation the teacher sees an image the same way every epoch (its view of
     the prepared image, fitted and centre-cropped), so one pass replaces a teacher forward per
-    sample per epoch. What it costs: no augmentation, one pass up front, and the tables (N images
-    + M captions, rows of the teacher's width) on the device; each process computes all of it."""
+    sample per epoch, and the teacher itself is released. What it costs: no augmentation, one pass
+    up front, and the tables (N images + M captions, rows of the teacher's width) on the device;
+    each process computes all of it."""
     import numpy as np
     import torch
 
@@ -1340,7 +1346,9 @@ def cache_teacher_features(cfg, run, distill, dataset):
     # captions are stored grouped by image: image i's captions start at its first caption's id
     first_caption = np.searchsorted(index.caption_image, np.arange(index.num_images))
     distill.cache = {"images": image_table.to(run.device), "texts": text_table.to(run.device),
-                     "first_caption": torch.from_numpy(first_caption).to(run.device)}
+                     "first_caption": torch.from_numpy(first_caption).to(run.device),
+                     **teacher_temperature(distill.teacher.model)}
+    distill.teacher = None                   # its memory is free for the student
     run.log.info(f"distill_cache: the teacher's features of {index.num_images} images and "
                  f"{index.num_captions} captions in {time.perf_counter() - started:.1f} s")
 
