@@ -886,10 +886,14 @@ def check_paths(cfg):
             raise SettingsError(f"{name} {value}: no such file or folder")
     if cfg.resume not in ("", "auto") and not Path(cfg.resume).is_file():
         raise SettingsError(f"resume {cfg.resume}: no such checkpoint file (or use --resume auto)")
-    looks_like_file = cfg.pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")) or \
-        os.sep in cfg.pretrained
-    if looks_like_file and not Path(cfg.pretrained).is_file():
+    if looks_like_a_file(cfg.pretrained) and not Path(cfg.pretrained).is_file():
         raise SettingsError(f"pretrained {cfg.pretrained}: no such weights file")
+
+
+def looks_like_a_file(value):
+    """Whether a setting that takes a name or a path (a pretrained tag or a weights file, a model
+    name or a checkpoint) was given a path."""
+    return os.sep in value or value.endswith((".pt", ".pth", ".bin", ".safetensors"))
 
 
 def init_distributed(device):
@@ -1245,10 +1249,11 @@ def check_distillation(cfg):
     if kind != "name" and cfg.distill_pretrained:
         raise SettingsError(f"distill_pretrained applies to a teacher named by model; {cfg.distill_from} "
                             f"is a {kind} holding its own weights: drop --distill_pretrained")
-    looks_like_path = os.sep in cfg.distill_from or cfg.distill_from.endswith((".pt", ".pth", ".bin", ".safetensors"))
-    if kind == "name" and looks_like_path and not Path(cfg.distill_from).exists():
+    if kind == "name" and looks_like_a_file(cfg.distill_from) and not Path(cfg.distill_from).exists():
         raise SettingsError(f"distill_from {cfg.distill_from}: no such checkpoint, model folder or "
                             f"config file")
+    if looks_like_a_file(cfg.distill_pretrained) and not Path(cfg.distill_pretrained).is_file():
+        raise SettingsError(f"distill_pretrained {cfg.distill_pretrained}: no such weights file")
     if kind == "name" and not cfg.distill_pretrained:
         raise SettingsError(f"distill_from {cfg.distill_from} names an architecture, and a teacher of "
                             f"random weights teaches nothing: give its weights with --distill_pretrained "

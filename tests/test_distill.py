@@ -304,6 +304,7 @@ def test_a_model_folder_without_weights_is_refused(tmp_path):
     (["--distill_from", "ViT-B-32"], "random weights teaches nothing"),
     (["--distill_pretrained", "openai"], "without distill_from"),
     (["--distill_from", "ckpt/none.pt"], "no such checkpoint"),
+    (["--distill_from", "ViT-B-32", "--distill_pretrained", "weights/none.safetensors"], "no such weights file"),
     (["--distill_from", "{checkpoint}", "--distill_cache"], "add --no-augment"),
     (["--distill_from", "{checkpoint}", "--distill_pretrained", "openai"], "drop --distill_pretrained"),
 ])
