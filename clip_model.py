@@ -576,6 +576,109 @@ class SigLipLoss(nn.Module):
         return -F.logsigmoid(signs * logits).sum() / image_features.shape[0]
 
 
+class DistillationLoss(nn.Module):
+    r"""Knowledge distillation: the student learns to see a batch as the teacher sees it
+    (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network").
+
+    Both models score every image-text pair of the batch, each from its own inputs of the same
+    images and captions. With the student's normalised features x_i, y_j and logit scale s, the
+    teacher's x'_i, y'_j and s', and the distillation temperature T:
+
+        Q_ij = softmax_j( s  x_i . y_j   / T )      the student's odds that text j is image i's
+        P_ij = softmax_j( s' x'_i . y'_j / T )      the teacher's
+        KL_I = 1/B sum_i sum_j P_ij (log P_ij - log Q_ij)        image -> text (rows)
+        KL_T = the same with the softmax over i (columns)         text -> image
+        loss = T^2 (KL_I + KL_T) / 2
+
+    The contrastive loss only says which caption is right. P also says how wrong each wrong one
+    is (a red circle is nearer "a red square" than "a blue star"), knowledge a small model
+    cannot get as fast from B one-hot targets; T > 1 softens P so that these small odds weigh.
+    Why T^2: the gradient of KL with respect to a logit is (Q - P) / T, and for large T,
+    Q - P is about (student logit - teacher logit) / (B T), so without the factor the gradient
+    would shrink as 1 / T^2 and raising T would quietly turn the term down against the
+    contrastive loss. With it, T sets the softness and the weight alone sets the share.
+
+    SigLIP students (sigmoid=True) answer each pair on its own, yes or no, so the term is the
+    binary KL between the teacher's and the student's probability of each pair, with their
+    learned biases b and b' (a teacher without one, a softmax CLIP, has no such probabilities):
+
+        q_ij = sigmoid((s x_i . y_j + b) / T),   p_ij = sigmoid((s' x'_i . y'_j + b') / T)
+        loss = T^2 / B sum_i sum_j [ p_ij log(p_ij / q_ij) + (1 - p_ij) log((1 - p_ij) / (1 - q_ij)) ]
+
+    with rows of this process's images against the global batch's texts, as SigLipLoss has.
+
+    The feature term (feature_dims=(student width, teacher width)) is added to the output term:
+    the student's features, mapped into the teacher's space by a learned linear map M when the
+    widths differ (else M is the identity), should point where the teacher's do:
+
+        F = 1/2B sum_i [ (1 - cos(M x_i, x'_i)) + (1 - cos(M y_i, y'_i)) ]
+
+    One M for both towers, since the images and texts of each model share one space. M serves
+    training only: it is not part of the student's model and is dropped after training.
+
+    Across processes every feature is gathered (the student's with gradient), so B is the
+    global batch as in ContrastiveLoss; local_loss keeps this process's rows of the softmax
+    term. The feature term is taken over the global batch on every process: M lives outside
+    DistributedDataParallel, and this way every process computes the same gradient for it.
+    `train_map=False` computes the same loss with M held fixed: train.backward_step gives M its
+    gradient in one of the passes over accumulated micro-batches, as it does the temperature.
+    """
+
+    def __init__(self, temperature=4.0, sigmoid=False, local_loss=False, feature_dims=None):
+        super().__init__()
+        self.temperature, self.sigmoid, self.local_loss = temperature, sigmoid, local_loss
+        self.features = feature_dims is not None
+        self.map = None
+        if self.features and feature_dims[0] != feature_dims[1]:
+            student_width, teacher_width = feature_dims
+            # orthonormal columns (or rows): M starts by keeping lengths, so cos means something
+            self.map = nn.Parameter(nn.init.orthogonal_(torch.empty(teacher_width, student_width)))
+
+    def forward(self, student, teacher, train_map=True):
+        """student, teacher: open_clip's output dicts (image_features, text_features, logit_scale
+        and, for SigLIP, logit_bias) of the same batch."""
+        x, y = gather_features(student["image_features"]), gather_features(student["text_features"])
+        x_t, y_t = gather_features(teacher["image_features"]), gather_features(teacher["text_features"])
+        T = self.temperature
+        if self.sigmoid:
+            loss = T ** 2 * _binary_kl(
+                (teacher["logit_scale"] * teacher["image_features"] @ y_t.T + teacher["logit_bias"]) / T,
+                (student["logit_scale"] * student["image_features"] @ y.T + student["logit_bias"]) / T)
+        else:
+            s, s_t = student["logit_scale"], teacher["logit_scale"]
+            rows = (student["image_features"], student["text_features"], teacher["image_features"],
+                    teacher["text_features"]) if self.local_loss else (x, y, x_t, y_t)
+            kl_images = _softmax_kl(s_t * rows[2] @ y_t.T / T, s * rows[0] @ y.T / T)
+            kl_texts = _softmax_kl(s_t * rows[3] @ x_t.T / T, s * rows[1] @ x.T / T)
+            loss = T ** 2 * (kl_images + kl_texts) / 2
+        if self.features:
+            loss = loss + self._feature_term(x, y, x_t, y_t, train_map)
+        return loss
+
+    def _feature_term(self, x, y, x_t, y_t, train_map):
+        M = None if self.map is None else self.map if train_map else self.map.detach()
+
+        def cos_distance(f, f_t):
+            mapped = F.normalize(f if M is None else f @ M.T, dim=-1)
+            return (1 - (mapped * f_t).sum(dim=-1)).mean()
+        return (cos_distance(x, x_t) + cos_distance(y, y_t)) / 2
+
+
+def _softmax_kl(teacher_logits, student_logits):
+    """1/rows sum_i KL( softmax(teacher_i) || softmax(student_i) ), from log-probabilities."""
+    log_p, log_q = F.log_softmax(teacher_logits, dim=1), F.log_softmax(student_logits, dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
+
+
+def _binary_kl(teacher_logits, student_logits):
+    """1/rows sum_ij KL( Bernoulli(sigmoid(a_ij)) || Bernoulli(sigmoid(c_ij)) ), a = teacher's,
+    c = student's logits, with log sigmoid for log p and log(1 - p) = log sigmoid(-a)."""
+    a, c = teacher_logits, student_logits
+    p = torch.sigmoid(a)
+    kl = p * (F.logsigmoid(a) - F.logsigmoid(c)) + (1 - p) * (F.logsigmoid(-a) - F.logsigmoid(-c))
+    return kl.sum() / a.shape[0]
+
+
 def create_loss(name, local_loss=False):
     if name == "clip":
         return ContrastiveLoss(local_loss=local_loss)
@@ -698,6 +801,35 @@ def load_weights(model, state_dict, source, model_name):
         expected = unwrap(model).state_dict()
         raise CheckpointError(f"{source} " + state_dict_difference(
             state_dict, expected, None, model_name)) from None
+
+
+def model_from_folder(folder, device="cpu"):
+    """Load an open_clip model folder: open_clip_config.json ({"model_cfg", "preprocess_cfg"})
+    beside its weights (open_clip_model.safetensors, ...), as open_clip's save_for_hf writes
+    them and Hugging Face hub repositories hold them, through open_clip's "local-dir:" schema.
+    Returns a ClipSetup. A folder without weights is refused (open_clip would use random ones)."""
+    folder = Path(folder)
+    config_file = folder / "open_clip_config.json"
+    try:
+        model_config = json.loads(config_file.read_text(encoding="utf-8"))["model_cfg"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ModelError(f"{folder}: not an open_clip model folder ({config_file.name} with a "
+                         f"'model_cfg' cannot be read: {type(error).__name__}: {error})") from None
+    if not any(next(folder.glob(pattern), None) for pattern in ("*.safetensors", "*.bin", "*.pth")):
+        raise ModelError(f"{folder}: holds {config_file.name} but no weights (.safetensors, .bin "
+                         f"or .pth); copy the model's weights file into it")
+    try:
+        with _quiet_open_clip():
+            model = open_clip.create_model(f"local-dir:{folder}", output_dict=True)
+            tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+    except (RuntimeError, ValueError, KeyError, OSError) as error:
+        reason = (str(error).splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{folder}: open_clip cannot load this model folder "
+                              f"({type(error).__name__}: {reason})") from None
+    model.to(device)
+    return ClipSetup(model=model, tokenizer=CaptionTokenizer(tokenizer),
+                     preprocess_cfg=dict(model.visual.preprocess_cfg), model_name=folder.name,
+                     model_config=model_config)
 
 
 def model_from_checkpoint(path, device="cpu"):

@@ -551,10 +551,13 @@ class TrainAugmentation:
     torchvision's tensor functions, and draws from a numpy Generator seeded by (seed, epoch, i)
     instead of the global generators: the sample depends on nothing else, and no per-sample
     seeding of global state is needed.
+    The random choices (`draw`) are kept apart from applying them (`apply`), so that a second
+    model -- a distillation teacher with its own image size and normalisation -- can be shown the
+    same crop of the same picture (TeacherView); `min_side` then keeps enough pixels for both.
     With augment=False the image is only resized and centre-cropped as for evaluation.
     """
 
-    def __init__(self, preprocess_cfg: dict, augment: bool = True):
+    def __init__(self, preprocess_cfg: dict, augment: bool = True, min_side: int = 0):
         import open_clip
         size = preprocess_cfg["size"]
         self.size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
@@ -564,7 +567,7 @@ class TrainAugmentation:
         self.bilinear = preprocess_cfg.get("interpolation") == "bilinear"
         self.resize_mode = preprocess_cfg.get("resize_mode") or "shortest"
         shrink = math.sqrt(CROP_SCALE[0] * CROP_RATIO[0]) if augment else 1.0
-        self.side = math.ceil(max(self.size) / shrink)
+        self.side = max(min_side, math.ceil(max(self.size) / shrink))
 
     def prepare(self, image: Image.Image) -> np.ndarray:
         """The image as uint8 [H, W, 3] with its shorter side `side` (never enlarged; the longer
@@ -578,17 +581,32 @@ class TrainAugmentation:
 
     def __call__(self, pixels: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
         """A prepared image -> the normalised float tensor [3, height, width] the model reads."""
+        return self.apply(pixels, self.draw(pixels, rng))
+
+    def draw(self, pixels: np.ndarray, rng: np.random.Generator) -> AugmentationDraw:
+        """The random choices for one prepared image, drawn from rng in a fixed order."""
+        if not self.augment:
+            return AugmentationDraw()
+        box = _crop_box(*pixels.shape[:2], rng)
+        if rng.random() >= COLOUR_JITTER_PROB:
+            return AugmentationDraw(box)
+        order = rng.permutation(3)
+        return AugmentationDraw(box, tuple((int(k), rng.uniform(1 - COLOUR_JITTER[k], 1 + COLOUR_JITTER[k]))
+                                           for k in order))
+
+    def apply(self, pixels: np.ndarray, draw: AugmentationDraw) -> torch.Tensor:
+        """The prepared image cropped, resized to this model's size, jittered and normalised as
+        `draw` says (a draw made by another TrainAugmentation of the same image works too)."""
         from torchvision.transforms.v2 import functional as TF
         image = torch.from_numpy(np.array(pixels, copy=True)).permute(2, 0, 1)     # [3, H, W] uint8
         mode = TF.InterpolationMode.BILINEAR if self.bilinear else TF.InterpolationMode.BICUBIC
-        if self.augment:
-            top, left, height, width = _crop_box(*image.shape[1:], rng)
-            image = TF.resized_crop(image, top, left, height, width, list(self.size), mode, antialias=True)
+        if draw.box is not None:
+            image = TF.resized_crop(image, *draw.box, list(self.size), mode, antialias=True)
         else:
             image = self._fit(image, mode, TF)
         image = image.float().div_(255)
-        if self.augment and rng.random() < COLOUR_JITTER_PROB:
-            image = _colour_jitter(image, rng, TF)
+        if draw.jitter is not None:
+            image = _colour_jitter(image, draw.jitter, TF)
         return (image - self.mean) / self.std
 
     def _fit(self, image, mode, TF):
@@ -625,13 +643,35 @@ def _crop_box(height: int, width: int, rng: np.random.Generator):
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _colour_jitter(image: torch.Tensor, rng: np.random.Generator, TF) -> torch.Tensor:
-    """Brightness, contrast and saturation each scaled by a factor drawn from [1 - s, 1 + s], in
-    a random order (torchvision's ColorJitter; the hue is left alone: captions name colours)."""
+def _colour_jitter(image: torch.Tensor, jitter: tuple, TF) -> torch.Tensor:
+    """Brightness, contrast and saturation (k = 0, 1, 2) each scaled by its factor, in the order
+    of `jitter` = ((k, factor), ...), both drawn by TrainAugmentation.draw: factors from
+    [1 - s, 1 + s], a random order (torchvision's ColorJitter; the hue is left alone: captions
+    name colours)."""
     adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
-    for k in rng.permutation(3):
-        image = adjust[k](image, rng.uniform(1 - COLOUR_JITTER[k], 1 + COLOUR_JITTER[k]))
+    for k, factor in jitter:
+        image = adjust[k](image, factor)
     return image
+
+
+@dataclass(frozen=True)
+class AugmentationDraw:
+    """The random choices of one training sample's augmentation."""
+    box: tuple | None = None      # crop (top, left, height, width) in the prepared image; None: fit
+    jitter: tuple | None = None   # colour jitter ((k, factor), ...) in the order applied; None: none
+
+
+@dataclass(frozen=True)
+class TeacherView:
+    """What a distillation teacher reads of a training sample: the student's sample through the
+    teacher's own image size, normalisation and tokenizer. Same prepared pixels, same crop box
+    and colour jitter (the student's draw, applied by the teacher's TrainAugmentation), same
+    caption: the two models judge the same picture and text, each in the form it was trained on."""
+    augmentation: TrainAugmentation
+    tokenizer: object
+
+    def __call__(self, pixels: np.ndarray, draw: AugmentationDraw, caption: str) -> tuple:
+        return self.augmentation.apply(pixels, draw), self.tokenizer([caption])[0]
 
 
 @dataclass
@@ -652,15 +692,16 @@ class TrainDataset(Dataset):
     The caption and the augmentation come from a generator seeded with (seed, epoch, i), so an
     epoch's samples depend neither on worker count nor on order, and a resumed run sees exactly
     the samples the interrupted one would have. With an ImageCache the image is taken from it
-    instead of being read and decoded again.
+    instead of being read and decoded again. With a TeacherView each sample also carries the
+    teacher's view of it (distillation).
     """
 
     yields_train_samples = True  # build_dataloader collates them with collate_batch
 
     def __init__(self, index: CaptionIndex, augmentation: TrainAugmentation, tokenizer, seed: int = 0,
-                 cache: ImageCache | None = None):
+                 cache: ImageCache | None = None, teacher_view: TeacherView | None = None):
         self.index, self.augmentation, self.tokenizer, self.seed = index, augmentation, tokenizer, seed
-        self.cache = cache
+        self.cache, self.teacher_view = cache, teacher_view
         # Persistent DataLoader workers keep their own copy of the dataset, so an epoch stored in
         # a plain attribute would never reach them; a shared-memory tensor does.
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
@@ -687,17 +728,22 @@ class TrainDataset(Dataset):
 
 
 def train_sample(i: int, epoch: int, captions: list[str], load_pixels, dataset):
-    """Sample i of an epoch, `(pixels, tokens, i)`: ONE caption and the augmentation, both drawn
-    from a generator seeded with (seed, epoch, i); a FailedSample if the image cannot be read.
-    `load_pixels` gives the prepared image (TrainAugmentation.prepare). Shared by TrainDataset
-    and shards.WebDatasetTrain."""
+    """Sample i of an epoch, `(pixels, tokens, i, choice)` (choice: which of its captions it
+    shows), then the teacher's `(pixels, tokens)` if the dataset has a teacher_view: ONE caption
+    and the augmentation, both drawn from a generator seeded with (seed, epoch, i); a
+    FailedSample if the image cannot be read. `load_pixels` gives the prepared image
+    (TrainAugmentation.prepare). Shared by TrainDataset and shards.WebDatasetTrain; the fields
+    are named by TRAIN_SAMPLE_FIELDS."""
     choice, rng = draw_caption(len(captions), dataset.seed, epoch, i)
-    caption = captions[choice]
     try:
         pixels = load_pixels()
     except DataError as e:
         return FailedSample(i, str(e))
-    return dataset.augmentation(pixels, rng), dataset.tokenizer([caption])[0], i
+    draw = dataset.augmentation.draw(pixels, rng)
+    sample = (dataset.augmentation.apply(pixels, draw), dataset.tokenizer([captions[choice]])[0], i, choice)
+    if dataset.teacher_view is None:
+        return sample
+    return sample + dataset.teacher_view(pixels, draw, captions[choice])
 
 
 def draw_caption(num_captions: int, seed: int, epoch: int, i: int):
@@ -852,17 +898,23 @@ def load_image_file(path: str) -> Image.Image:
     return decode_image(data, path)
 
 
+# The fields of a training sample (train_sample), which are the keys of a batch (collate_batch).
+TRAIN_SAMPLE_FIELDS = ("images", "texts", "image_ids", "caption_choices", "teacher_images", "teacher_texts")
+
+
 def collate_batch(samples: list) -> dict:
-    """Stack TrainDataset samples. Failed ones are dropped and their messages kept in "failed",
-    so the training loop can count them and warn (or stop); a batch may end up empty."""
+    """Stack TrainDataset samples into a batch keyed by TRAIN_SAMPLE_FIELDS. Failed ones are
+    dropped and their messages kept in "failed", so the training loop can count them and warn
+    (or stop); a batch may end up empty."""
     good = [s for s in samples if not isinstance(s, FailedSample)]
     failed = [s.message for s in samples if isinstance(s, FailedSample)]
     if not good:
         return {"images": torch.empty(0, 3, 0, 0), "texts": torch.empty(0, 0, dtype=torch.long),
-                "image_ids": torch.empty(0, dtype=torch.long), "failed": failed}
-    images, texts, image_ids = zip(*good)
-    return {"images": torch.stack(images), "texts": torch.stack(texts),
-            "image_ids": torch.tensor(image_ids, dtype=torch.long), "failed": failed}
+                "image_ids": torch.empty(0, dtype=torch.long),
+                "caption_choices": torch.empty(0, dtype=torch.long), "failed": failed}
+    batch = {name: torch.stack(column) if torch.is_tensor(column[0]) else torch.tensor(column, dtype=torch.long)
+             for name, column in zip(TRAIN_SAMPLE_FIELDS, zip(*good))}
+    return {**batch, "failed": failed}
 
 
 def collate_images(samples: list) -> dict:

@@ -237,7 +237,7 @@ def _source_weights(weights: str, resampled: bool, sources: list[ShardSet], shar
 
 
 class WebDatasetTrain(IterableDataset):
-    """TrainDataset's samples, `(pixels, tokens, id)` or a FailedSample, streamed from tar shards.
+    """TrainDataset's samples (data_loader.train_sample) or FailedSamples, streamed from tar shards.
 
     A sample's caption (one of its captions, for our converter's shards) and augmentation are
     drawn with (seed, epoch, id), as TrainDataset does, whatever reads it; `sample_id` says how
@@ -273,8 +273,9 @@ class WebDatasetTrain(IterableDataset):
     yields_train_samples = True  # build_dataloader collates them with data_loader.collate_batch
 
     def __init__(self, data_dir, augmentation, tokenizer, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 num_samples: int = 0, weights: str = "", resampled: bool = False):
+                 num_samples: int = 0, weights: str = "", resampled: bool = False, teacher_view=None):
         self.data_dir, self.augmentation, self.tokenizer = str(data_dir), augmentation, tokenizer
+        self.teacher_view = teacher_view   # data_loader.TeacherView: the teacher's inputs too
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.resampled, self.num_samples = resampled, num_samples
         self.sources = [read_shard_set(pattern) for pattern in split_sources(self.data_dir)]

@@ -57,6 +57,22 @@ SCHEMA = [
     Setting("model", "context_length", 0, "tokens the text tower reads; 0 = the model's own "
             "(Chinese needs about 3 tokens per character)", valid=">= 0"),
     Setting("model", "compile", False, "torch.compile the model"),
+    # model: distillation, a teacher the student learns from (clip_model.DistillationLoss)
+    Setting("model", "distill_from", "", "distillation teacher: a checkpoint of ours, an open_clip "
+            "model folder (open_clip_config.json and weights), or an open_clip model name or preset "
+            "with distill_pretrained; '' = no distillation"),
+    Setting("model", "distill_pretrained", "", "the teacher's weights when distill_from is a model "
+            "name: an open_clip pretrained tag or a local weights file"),
+    Setting("model", "distill_weight", 0.5, "share w of the distillation term: loss = (1 - w) x "
+            "contrastive + w x distillation; 0 = no distillation", valid="[0, 1]"),
+    Setting("model", "distill_temperature", 4.0, "temperature T that softens both models' "
+            "similarity distributions before they are compared (the term is scaled by T^2)",
+            valid="> 0"),
+    Setting("model", "distill_features", False, "also pull the student's features towards the "
+            "teacher's, through a learned linear map when their widths differ (dropped after training)"),
+    Setting("model", "distill_cache", False, "compute the teacher's features of every training image "
+            "and caption once, up front, instead of at every step; needs --no-augment (each image is "
+            "then seen one way only) and indexed data (not shards)"),
     # data
     Setting("data", "data_dir", DEFAULT_DATA_DIR, "training data: JSON index, images/+captions/ "
             "folder, CSV/TSV, Chinese-CLIP folder or LMDB, or WebDataset shards "
@@ -310,8 +326,9 @@ def parameter_groups(model, weight_decay):
 # ----------------------------------------------------------------------------------------------
 # One optimiser step
 
-def backward_step(model, loss_fn, micro_batches, scaler, precision, device):
-    """Forward and backward for one optimiser step; returns the loss (a tensor, not synced).
+def backward_step(model, loss_fn, micro_batches, scaler, precision, device, distill=None):
+    """Forward and backward for one optimiser step; returns the loss terms (loss_terms: tensors,
+    not synced).
 
     One micro-batch: the plain CLIP step. Several: gradient accumulation that keeps every
     negative of the accumulated batch (Gao et al. 2021, "gradient caching"; as open_clip and
@@ -327,19 +344,23 @@ def backward_step(model, loss_fn, micro_batches, scaler, precision, device):
     features: it does not hold exactly with patch dropout (each pass drops other patches) or with
     BatchNorm in training mode (batch statistics of a micro-batch, and running statistics updated
     by both passes); LayerNorm towers (ViTs, the text transformer) are exact.
+
+    With a teacher (distill, a Distillation), its features of every micro-batch are computed
+    once, before the passes, and serve all of them: it is frozen, there is nothing to recompute.
+    The distillation's feature map, like the temperature, gets its gradient in the last pass.
     """
     import torch
 
     from clip_model import autocast
     ids = torch.cat([b["image_ids"] for b in micro_batches]).to(device)
+    teacher = distill.teacher_outputs(micro_batches, device, precision) if distill else None
     if len(micro_batches) == 1:
         batch = micro_batches[0]
         with autocast(device, precision):
             out = model(batch["images"], batch["texts"])
-            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], ids,
-                           out.get("logit_bias"))
-        scaler.scale(loss).backward()
-        return loss.detach()
+            terms = loss_terms(loss_fn, out, ids, distill, teacher)
+        scaler.scale(terms["loss"]).backward()
+        return {name: value.detach() for name, value in terms.items()}
 
     with torch.no_grad(), autocast(device, precision):
         cached = [model(b["images"], b["texts"]) for b in micro_batches]
@@ -357,9 +378,24 @@ def backward_step(model, loss_fn, micro_batches, scaler, precision, device):
                 scale, bias = out["logit_scale"], out.get("logit_bias")
                 if not last:
                     scale, bias = scale.detach(), bias.detach() if bias is not None else None
-                loss = loss_fn(image_features, text_features, scale, ids, bias)
-            scaler.scale(loss).backward()
-    return loss.detach()
+                whole = {"image_features": image_features, "text_features": text_features,
+                         "logit_scale": scale, "logit_bias": bias}
+                terms = loss_terms(loss_fn, whole, ids, distill, teacher, last)
+            scaler.scale(terms["loss"]).backward()
+    return {name: value.detach() for name, value in terms.items()}
+
+
+def loss_terms(loss_fn, out, ids, distill=None, teacher=None, last=True):
+    """The loss of the model's output `out`: {"loss": the contrastive loss}, or with a teacher
+    {"loss": (1 - w) x contrastive + w x distillation, "contrastive": ..., "distillation": ...},
+    w = --distill_weight. `last`: the pass that trains the distillation's feature map."""
+    contrastive = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], ids,
+                          out.get("logit_bias"))
+    if distill is None:
+        return {"loss": contrastive}
+    distillation = distill.loss_fn(out, teacher, train_map=last)
+    return {"loss": (1 - distill.weight) * contrastive + distill.weight * distillation,
+            "contrastive": contrastive, "distillation": distillation}
 
 
 @dataclass
@@ -367,6 +403,7 @@ class StepResult:
     loss: object          # tensor: the loss of the step (not synced)
     grad_norm: object     # tensor: the global gradient norm before clipping
     finite: bool          # False: the update was skipped
+    terms: dict = field(default_factory=dict)   # the loss's parts, when it has several
 
 
 def optimizer_step(job, micro_batches):
@@ -374,11 +411,13 @@ def optimizer_step(job, micro_batches):
     import torch
 
     import clip_model
-    loss = backward_step(job.model, job.loss_fn, micro_batches, job.scaler, job.run.precision,
-                         job.run.device)
+    terms = backward_step(job.model, job.loss_fn, micro_batches, job.scaler, job.run.precision,
+                          job.run.device, job.distill)
+    loss = terms.pop("loss")
     job.scaler.unscale_(job.optimizer)
     clip = job.cfg.grad_clip_norm if job.cfg.grad_clip_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(job.model.parameters(), clip)
+    trained = [param for group in job.optimizer.param_groups for param in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trained, clip)
     # One host-device sync per step: the price of never applying a non-finite update. With amp
     # an infinite gradient is the loss scaler's business (it skips and retries with a smaller
     # scale); only a non-finite loss counts as a bad step.
@@ -391,7 +430,7 @@ def optimizer_step(job, micro_batches):
     clip_model.clamp_logit_scale(job.raw_model)
     if finite and job.ema is not None:
         job.ema.update_parameters(job.raw_model)
-    return StepResult(loss, grad_norm, finite)
+    return StepResult(loss, grad_norm, finite, terms)
 
 
 def build_ema(cfg, model):
@@ -499,6 +538,7 @@ class Job:
     global_batch: int
     ema: object = None                 # AveragedModel of the weights (ema_decay > 0), else None
     timing: Timing = field(default_factory=Timing)
+    distill: object = None             # Distillation: the teacher and its term; None without
 
     @property
     def raw_model(self):
@@ -518,11 +558,16 @@ def main(argv=None):
         torch.manual_seed(cfg.seed)
         train_index, val_index = load_data(cfg, run)
         setup, model, loss_fn = build_model(cfg, run)
-        loader, train_index, steps_per_epoch, global_batch = build_loader(cfg, run, setup, train_index)
+        distill = build_distillation(cfg, run, setup)
+        loader, train_index, steps_per_epoch, global_batch = build_loader(cfg, run, setup, train_index,
+                                                                          distill)
+        if distill and cfg.distill_cache:
+            cache_teacher_features(cfg, run, distill, loader.dataset)
         total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
-        optimizer, scheduler, scaler = build_optimizer(cfg, run, model, total_steps)
+        optimizer, scheduler, scaler = build_optimizer(cfg, run, model, total_steps, distill)
         job = Job(cfg, run, setup, model, loss_fn, optimizer, scheduler, scaler, loader, val_index,
-                  steps_per_epoch, total_steps, global_batch, ema=build_ema(cfg, setup.model))
+                  steps_per_epoch, total_steps, global_batch, ema=build_ema(cfg, setup.model),
+                  distill=distill)
         state = resume(job, train_index)
         job.timing.startup_s = time.perf_counter() - started
         stop_reason = train(job, state)
@@ -677,6 +722,7 @@ class Window:
     def reset(self):
         import torch
         self.loss, self.steps, self.samples, self.wait = torch.zeros((), device=self.device), 0, 0, 0.0
+        self.terms = {}                       # sums of the loss's parts (StepResult.terms)
         self.start = time.perf_counter()
 
 
@@ -687,6 +733,8 @@ def count_step(job, state, result, window):
     if result.finite:
         state.bad_steps = 0
         window.loss += result.loss
+        for name, value in result.terms.items():
+            window.terms[name] = window.terms.get(name, 0) + value
         window.steps += 1
     else:
         state.bad_steps += 1
@@ -701,6 +749,7 @@ def log_train(job, state, result, window, progress):
     elapsed = time.perf_counter() - window.start
     entry = {"step": state.step, "epoch": state.epoch,
              "loss": (window.loss / max(1, window.steps)).item(),
+             **{name: (total / max(1, window.steps)).item() for name, total in window.terms.items()},
              "lr": job.scheduler.get_last_lr()[0],
              "logit_scale": job.raw_model.logit_scale.exp().item(),
              "grad_norm": result.grad_norm.item(),
@@ -711,7 +760,8 @@ def log_train(job, state, result, window, progress):
         for key, value in entry.items():
             if key not in ("step", "epoch"):
                 job.run.writer.add_scalar(f"train/{key}", value, state.step)
-    progress.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{entry['lr']:.1e}",
+    parts = {name: f"{entry[name]:.3f}" for name in window.terms}
+    progress.set_postfix(loss=f"{entry['loss']:.3f}", **parts, lr=f"{entry['lr']:.1e}",
                          scale=f"{entry['logit_scale']:.1f}", sps=f"{entry['samples_per_s']:.0f}")
     window.reset()
 
@@ -844,7 +894,8 @@ def save_last(job, state, after_error=None):
             run.checkpoint_dir / "last.pt", job.setup, **asdict(state),
             optimizer=job.optimizer.state_dict(), scheduler=job.scheduler.state_dict(),
             scaler=job.scaler.state_dict(), rng=clip_model.rng_state(), config=vars(job.cfg),
-            ema=job.ema.state_dict() if job.ema is not None else None)
+            ema=job.ema.state_dict() if job.ema is not None else None,
+            distillation=job.distill.loss_fn.state_dict() if job.distill else {})  # never the teacher
     except Exception as error:
         if after_error is None:
             raise
@@ -927,13 +978,14 @@ def start_run(cfg):
     """Processes, device and precision, the run's name, folders, lock and log.
 
     Everything that can be known to be wrong before the data and model are loaded is checked
-    here: the device, the precision, the paths given, the output folders.
+    here: the device, the precision, the paths given, the distillation settings, the output folders.
     """
     import clip_model
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     device = clip_model.pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     precision = clip_model.pick_precision(cfg.precision, device)
     check_paths(cfg)
+    check_distillation(cfg)
     if distributed:
         init_distributed(device)
     rank, world_size = clip_model.world_info()
@@ -962,10 +1014,14 @@ def check_paths(cfg):
         raise SettingsError(f"best_metric {cfg.best_metric} needs --val_zeroshot DIR")
     if cfg.resume not in ("", "auto") and not Path(cfg.resume).is_file():
         raise SettingsError(f"resume {cfg.resume}: no such checkpoint file (or use --resume auto)")
-    looks_like_file = cfg.pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")) or \
-        os.sep in cfg.pretrained
-    if looks_like_file and not Path(cfg.pretrained).is_file():
+    if looks_like_a_file(cfg.pretrained) and not Path(cfg.pretrained).is_file():
         raise SettingsError(f"pretrained {cfg.pretrained}: no such weights file")
+
+
+def looks_like_a_file(value):
+    """Whether a setting that takes a name or a path (a pretrained tag or a weights file, a model
+    name or a checkpoint) was given a path."""
+    return os.sep in value or value.endswith((".pt", ".pth", ".bin", ".safetensors"))
 
 
 def init_distributed(device):
@@ -1140,22 +1196,26 @@ def build_model(cfg, run):
     return setup, model, clip_model.create_loss(cfg.loss, local_loss=cfg.local_loss)
 
 
-def build_loader(cfg, run, setup, train_index):
+def build_loader(cfg, run, setup, train_index, distill=None):
     """The training batches, the training index (without the images found unreadable), and the
     steps of an epoch at the global batch size. The images of an index are decoded once into an
-    ImageCache when it fits in memory (cached_images)."""
+    ImageCache when it fits in memory (cached_images). With a teacher, the images are prepared
+    large enough for both models, and each sample brings the teacher's inputs too (its
+    TeacherView) unless the teacher's features are cached."""
     import data_loader
-    augmentation = data_loader.TrainAugmentation(setup.preprocess_cfg, augment=cfg.augment)
+    augmentation = data_loader.TrainAugmentation(setup.preprocess_cfg, augment=cfg.augment,
+                                                 min_side=distill.view.augmentation.side if distill else 0)
+    teacher_view = distill.view if distill and not cfg.distill_cache else None
     if train_index is None:   # streamed: the dataset shares the shards out across ranks and workers
         import shards
         dataset = shards.WebDatasetTrain(cfg.data_dir, augmentation, setup.tokenizer, seed=cfg.seed,
                                          rank=run.rank, world_size=run.world_size,
                                          num_samples=cfg.train_num_samples, weights=cfg.data_weights,
-                                         resampled=cfg.data_resampled)
+                                         resampled=cfg.data_resampled, teacher_view=teacher_view)
     else:
         train_index, cache = cached_images(cfg, run, train_index, augmentation)
         dataset = data_loader.TrainDataset(train_index, augmentation, setup.tokenizer, seed=cfg.seed,
-                                           cache=cache)
+                                           cache=cache, teacher_view=teacher_view)
     loader = data_loader.EpochLoader(dataset, cfg.batch_size, num_workers=cfg.num_workers,
                                      seed=cfg.seed, rank=run.rank, world_size=run.world_size,
                                      pin_memory=run.device.type == "cuda")
@@ -1202,15 +1262,17 @@ def available_memory():
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def build_optimizer(cfg, run, model, total_steps):
-    """AdamW over the trainable parameters, the warmup-cosine schedule, the fp16 loss scaler."""
+def build_optimizer(cfg, run, model, total_steps, distill=None):
+    """AdamW over the trainable parameters (the distillation's feature map too), the
+    warmup-cosine schedule, the fp16 loss scaler."""
     import torch
+    trained = torch.nn.ModuleList([model, distill.loss_fn]) if distill else model
     warmup, warning = warmup_for(total_steps, cfg.warmup_steps)
     if warning:
         run.log.warning(warning)
     # fused=True updates all parameters in one kernel instead of a Python loop over tensors
     # (measured ~15% more samples/s for the tiny preset on CPU; bench/README.md).
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
+    optimizer = torch.optim.AdamW(parameter_groups(trained, cfg.weight_decay), lr=cfg.learning_rate,
                                   betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                   fused=run.device.type in ("cuda", "cpu"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup))
@@ -1233,6 +1295,7 @@ def resume(job, train_index):
     checkpoint = clip_model.load_checkpoint(path)
     check_resumed_settings(cfg, checkpoint.get("config", {}), path, run.log)
     clip_model.load_weights(job.raw_model, checkpoint["state_dict"], path, job.setup.model_name)
+    restore_distillation(job, checkpoint, path)
     job.optimizer.load_state_dict(checkpoint["optimizer"])
     job.scheduler.load_state_dict(checkpoint["scheduler"])
     job.scaler.load_state_dict(checkpoint["scaler"])
@@ -1261,6 +1324,188 @@ def check_resumed_settings(cfg, saved, path, log):
         log.warning("resuming with changed settings: " +
                     ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changed.items()))
 
+
+# ----------------------------------------------------------------------------------------------
+# Distillation: a teacher the student learns from (--distill_from; README "Distillation")
+
+@dataclass
+class Distillation:
+    """What a teacher adds to a run: the frozen teacher, the view of each sample it reads, its
+    output for a batch, and the distillation term (clip_model.DistillationLoss) with its share."""
+    teacher: object            # clip_model.ClipSetup: frozen, in eval mode, never checkpointed;
+                               # None once the cache holds all that is needed of it
+    view: object               # data_loader.TeacherView: the teacher's inputs of a sample
+    loss_fn: object            # clip_model.DistillationLoss, holding the feature map if any
+    weight: float              # w: loss = (1 - w) x contrastive + w x distillation
+    cache: dict = None         # --distill_cache: "images" [N, D], "texts" [M, D], "first_caption" [N],
+                               # and the teacher's "logit_scale" and "logit_bias"
+
+    def teacher_outputs(self, micro_batches, device, precision):
+        """The teacher's output for a step's micro-batches, concatenated: features computed once,
+        without gradient, at the run's precision (or read from the cache), and its scale and bias."""
+        import torch
+
+        from clip_model import autocast
+        if self.cache is not None:
+            ids = torch.cat([b["image_ids"] for b in micro_batches])
+            choices = torch.cat([b["caption_choices"] for b in micro_batches])
+            return {"image_features": self.cache["images"][ids],
+                    "text_features": self.cache["texts"][self.cache["first_caption"][ids] + choices],
+                    "logit_scale": self.cache["logit_scale"], "logit_bias": self.cache["logit_bias"]}
+        with torch.no_grad(), autocast(device, precision):
+            outs = [self.teacher.model(b["teacher_images"], b["teacher_texts"]) for b in micro_batches]
+        return {"image_features": torch.cat([out["image_features"] for out in outs]),
+                "text_features": torch.cat([out["text_features"] for out in outs]),
+                **teacher_temperature(self.teacher.model)}
+
+
+def teacher_temperature(model):
+    """The teacher's logit scale (exponentiated, as its forward returns it) and bias (SigLIP)."""
+    return {"logit_scale": model.logit_scale.exp().detach(),
+            "logit_bias": None if model.logit_bias is None else model.logit_bias.detach()}
+
+
+def check_distillation(cfg):
+    """The distillation settings fit together; checked before anything is loaded."""
+    import shards
+    if not cfg.distill_from:
+        given = [name for name in ("distill_pretrained", "distill_features", "distill_cache") if getattr(cfg, name)]
+        if given:
+            raise SettingsError(f"{', '.join(given)} without distill_from: name the teacher with "
+                                f"--distill_from, or drop {given[0]}")
+        return
+    if cfg.distill_cache and cfg.augment:
+        raise SettingsError("distill_cache computes the teacher's features of each image once, which "
+                            "holds only when every epoch shows the image the same way: add --no-augment, "
+                            "or drop --distill_cache")
+    if cfg.distill_cache and shards.is_webdataset(cfg.data_dir):
+        raise SettingsError(f"distill_cache needs an indexed data set; {cfg.data_dir} is a set of "
+                            f"WebDataset shards, streamed: drop --distill_cache")
+    kind = teacher_kind(cfg.distill_from)
+    if kind != "name" and cfg.distill_pretrained:
+        raise SettingsError(f"distill_pretrained applies to a teacher named by model; {cfg.distill_from} "
+                            f"is a {kind} holding its own weights: drop --distill_pretrained")
+    if kind == "name" and looks_like_a_file(cfg.distill_from) and not Path(cfg.distill_from).exists():
+        raise SettingsError(f"distill_from {cfg.distill_from}: no such checkpoint, model folder or "
+                            f"config file")
+    if looks_like_a_file(cfg.distill_pretrained) and not Path(cfg.distill_pretrained).is_file():
+        raise SettingsError(f"distill_pretrained {cfg.distill_pretrained}: no such weights file")
+    if kind == "name" and not cfg.distill_pretrained:
+        raise SettingsError(f"distill_from {cfg.distill_from} names an architecture, and a teacher of "
+                            f"random weights teaches nothing: give its weights with --distill_pretrained "
+                            f"TAG|FILE, or a checkpoint or model folder as --distill_from")
+
+
+def build_distillation(cfg, run, setup):
+    """The teacher and the distillation term, or None when the run has no teacher.
+
+    The teacher is frozen and in eval mode, runs at the run's precision, and is never saved in
+    a checkpoint (last.pt keeps only the feature map the term learns). It may differ from the
+    student in everything: architecture, width, image size, normalisation, tokenizer; each model
+    reads its own inputs of the same samples (data_loader.TeacherView)."""
+    import clip_model
+    import data_loader
+    if not cfg.distill_from or cfg.distill_weight == 0:
+        if cfg.distill_from:
+            run.log.warning("distill_weight 0: the teacher is not loaded, the run trains alone")
+        return None
+    teacher = load_teacher(cfg, run.device)
+    teacher.model.eval().requires_grad_(False)
+    if cfg.loss == "siglip" and teacher.model.logit_bias is None:
+        raise SettingsError(f"distill_from {cfg.distill_from} is a softmax CLIP (no logit bias): a "
+                            f"SigLIP student learns the teacher's probability of each pair, which needs "
+                            f"a SigLIP teacher. Use --loss clip, or a SigLIP teacher")
+    widths = (setup.model_config["embed_dim"], teacher.model_config["embed_dim"])
+    loss_fn = clip_model.DistillationLoss(cfg.distill_temperature, sigmoid=cfg.loss == "siglip",
+                                          local_loss=cfg.local_loss,
+                                          feature_dims=widths if cfg.distill_features else None).to(run.device)
+    if run.distributed and loss_fn.map is not None:
+        import torch.distributed as dist
+        dist.broadcast(loss_fn.map.data, src=0)   # DDP does this for the model's parameters only
+    view = data_loader.TeacherView(data_loader.TrainAugmentation(teacher.preprocess_cfg, augment=cfg.augment),
+                                   teacher.tokenizer)
+    mapped = "" if not cfg.distill_features else \
+        f", features matched through a learned {widths[0]} -> {widths[1]} map" if loss_fn.map is not None \
+        else ", features matched directly"
+    run.log.info(f"distilling from {cfg.distill_from} ({teacher.model_name}, "
+                 f"{clip_model.count_parameters(teacher.model) / 1e6:.1f}M parameters, "
+                 f"{view.augmentation.size[0]} px, {teacher.tokenizer.context_length} tokens): weight "
+                 f"{cfg.distill_weight}, temperature {cfg.distill_temperature}{mapped}")
+    return Distillation(teacher, view, loss_fn, cfg.distill_weight)
+
+
+def teacher_kind(distill_from):
+    """What --distill_from names: a "folder" (an open_clip model folder), a "checkpoint" of ours
+    (any other file but a .json), or a "name" (an open_clip model name, preset or config .json)."""
+    source = Path(distill_from)
+    return "folder" if source.is_dir() else "checkpoint" if source.is_file() and source.suffix != ".json" \
+        else "name"
+
+
+def load_teacher(cfg, device):
+    """The model --distill_from names (teacher_kind), with --distill_pretrained TAG|FILE for a name."""
+    import clip_model
+    from errors import UserError
+    kind = teacher_kind(cfg.distill_from)
+    try:
+        if kind == "folder":
+            return clip_model.model_from_folder(cfg.distill_from, device)
+        if kind == "checkpoint":
+            return clip_model.model_from_checkpoint(cfg.distill_from, device)[0]
+        return clip_model.build_model(cfg.distill_from, cfg.distill_pretrained, device=device)
+    except UserError as error:
+        raise type(error)(f"teacher (distill_from {cfg.distill_from}): {error}") from None
+
+
+def cache_teacher_features(cfg, run, distill, dataset):
+    """--distill_cache: the teacher's features of every training image and caption, computed
+    once. Without augmentation the teacher sees an image the same way every epoch (its view of
+    the prepared image, fitted and centre-cropped), so one pass replaces a teacher forward per
+    sample per epoch, and the teacher itself is released. What it costs: no augmentation, one pass
+    up front, and the tables (N images + M captions, rows of the teacher's width) on the device;
+    each process computes all of it."""
+    import numpy as np
+    import torch
+
+    import clip_model
+    import data_loader
+    started, index, view = time.perf_counter(), dataset.index, distill.view
+    images = data_loader.TrainDataset(index, view.augmentation, view.tokenizer, seed=cfg.seed,
+                                      cache=dataset.cache)
+    ids = []
+
+    def batches():
+        for batch in data_loader.build_dataloader(images, cfg.batch_size, num_workers=cfg.num_workers,
+                                                  train=False):
+            ids.append(batch["image_ids"])
+            yield batch["images"]
+    features = clip_model.encode_images(distill.teacher.model, batches(), run.device, run.precision)
+    image_table = torch.zeros(index.num_images, features.shape[1])
+    image_table[torch.cat(ids)] = features                 # unreadable images keep a row of zeros
+    text_table = clip_model.encode_texts(distill.teacher.model, view.tokenizer, index.captions(),
+                                         run.device, cfg.batch_size, run.precision).clone()
+    # captions are stored grouped by image: image i's captions start at its first caption's id
+    first_caption = np.searchsorted(index.caption_image, np.arange(index.num_images))
+    distill.cache = {"images": image_table.to(run.device), "texts": text_table.to(run.device),
+                     "first_caption": torch.from_numpy(first_caption).to(run.device),
+                     **teacher_temperature(distill.teacher.model)}
+    distill.teacher = None                   # its memory is free for the student
+    run.log.info(f"distill_cache: the teacher's features of {index.num_images} images and "
+                 f"{index.num_captions} captions in {time.perf_counter() - started:.1f} s")
+
+
+def restore_distillation(job, checkpoint, path):
+    """A resumed run's distillation feature map (the optimiser state loaded next expects it)."""
+    saved = checkpoint.get("distillation") or {}
+    own = job.distill.loss_fn.state_dict() if job.distill else {}
+    shapes = [{name: list(t.shape) for name, t in d.items()} for d in (saved, own)]
+    if shapes[0] != shapes[1]:
+        raise SettingsError(f"resume {path}: its distillation feature map {shapes[0] or '(none)'} does "
+                            f"not fit this run's {shapes[1] or '(none)'}: resume with the checkpoint's "
+                            f"distill_from and distill_features, or start a new run from its weights "
+                            f"with --pretrained {path}")
+    if own:
+        job.distill.loss_fn.load_state_dict(saved)
 
 if __name__ == "__main__":
     from errors import run_script

@@ -216,6 +216,7 @@ def plot_training_curves(results: dict):
         (loss_ax, lr_ax), (scale_ax, recall_ax) = figure.subplots(2, 2)
         _plot_line(loss_ax, *_series(train, "loss"), "Training loss", "contrastive loss",
                    "C0", smooth=True)
+        _plot_loss_terms(loss_ax, train)
         _plot_line(lr_ax, *_series(train, "lr"), "Learning rate", "learning rate", "C1")
         lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
         # CLIP learns its temperature: logits are cos(image, text) * logit_scale, clamped <= 100.
@@ -224,6 +225,18 @@ def plot_training_curves(results: dict):
         _plot_validation(recall_ax, val, results.get("best"))
         figure.suptitle("Training curves", fontsize=14, fontweight="bold")
     return figure
+
+
+def _plot_loss_terms(ax, train):
+    """A distilled run's loss has two terms (train.loss_terms): drawn thin beside their total."""
+    terms = [(name, *_series(train, name)) for name in ("contrastive", "distillation")]
+    if not any(len(steps) for _, steps, _ in terms):
+        return
+    ax.get_lines()[0].set_label("(1 - w) x contrastive + w x distillation")
+    for (name, steps, values), color in zip(terms, ("C3", "C4")):
+        ax.plot(steps, values, color=color, linewidth=0.8, label=f"{name} term")
+    ax.set_ylabel("loss")
+    ax.legend(loc="upper right", fontsize=8)
 
 
 def _plot_validation(ax, val, best):

@@ -29,8 +29,6 @@ import csv
 import json
 import shutil
 import statistics
-import subprocess
-import sys
 import time
 
 import common
@@ -51,15 +49,6 @@ def write_csv(data_dir) -> common.Path:
                 for caption in entry["captions"]:
                     writer.writerow([str(data_dir / entry["image_path"]), caption])
     return path
-
-
-def evaluate(repo, heldout, name, model_args) -> dict:
-    """Our evaluation.py on the held-out set (retrieval metrics of a checkpoint or weights file)."""
-    output = common.OUT / "runs" / f"eval-{name}.json"
-    subprocess.run([sys.executable, str(repo / "evaluation.py"), *model_args, "--data", str(heldout),
-                    "--output", str(output), "--num_workers", "0"], cwd=common.OUT, check=True,
-                   stdout=subprocess.DEVNULL)
-    return json.loads(output.read_text())["retrieval"]
 
 
 def main():
@@ -83,7 +72,7 @@ def main():
                                  "--batch_size", batch, "--precision", "fp32", "--num_workers",
                                  args.workers, "--num_epochs", OURS_EPOCHS, repo=repo)
         result = common.run_job("train", {"argv": argv}, repo=repo, log_name="peer-ours")
-        result["retrieval"] = evaluate(repo, heldout, "ours",
+        result["retrieval"] = common.evaluate(repo, heldout, "ours",
                                        ["--checkpoint", str(common.Path(result["checkpoint_dir"]) / "last.pt")])
         shutil.rmtree(result["checkpoint_dir"], ignore_errors=True)
         return result
@@ -100,7 +89,7 @@ def main():
             samples = THEIRS_EPOCHS * (rows_in_csv // batch) * batch
             result.update(samples=samples, samples_per_s=samples / result["loop_s"])
             checkpoint = logs / name / "checkpoints" / f"epoch_{THEIRS_EPOCHS}.pt"
-            result["retrieval"] = evaluate(repo, heldout, "theirs",
+            result["retrieval"] = common.evaluate(repo, heldout, "theirs",
                                            ["--model_name", model, "--pretrained", str(checkpoint)])
             shutil.rmtree(logs / name, ignore_errors=True)
             return result

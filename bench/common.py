@@ -1,6 +1,7 @@
 """What the training benchmarks (bench_overhead, bench_peer, bench_data, bench_scaling,
-bench_startup) share: generated data sets, the bare loop they compare against, measured runs in
-fresh processes, medians of side-by-side ratios, tables and bench/README.md sections.
+bench_startup, bench_distill) share: generated data sets, the bare loop they compare against,
+measured runs in fresh processes, held-out evaluation, medians of side-by-side ratios, tables and
+bench/README.md sections.
 
 Why ratios, side by side. This machine is shared: other jobs come and go, and a speed measured at
 one moment says little about the next. So every figure is a ratio of two things measured in the
@@ -94,6 +95,15 @@ def write_readme(heading: str, section: str):
 
 # ----------------------------------------------------------------------------------------------
 # Running jobs in fresh processes
+
+def evaluate(repo, heldout, name, model_args) -> dict:
+    """Our evaluation.py on the held-out set (retrieval metrics of a checkpoint or weights file)."""
+    output = OUT / "runs" / f"eval-{name}.json"
+    subprocess.run([sys.executable, str(repo / "evaluation.py"), *model_args, "--data", str(heldout),
+                    "--output", str(output), "--num_workers", "0"], cwd=OUT, check=True,
+                   stdout=subprocess.DEVNULL)
+    return json.loads(output.read_text())["retrieval"]
+
 
 def run_job(job: str, params: dict, env: dict = None, repo: Path = REPO, log_name: str = None) -> dict:
     """Run JOB (a function of this file named _job_JOB) in a fresh process; its result plus
@@ -237,6 +247,7 @@ def _job_train(params):
              "data_wait": statistics.mean(e["data_wait"] for e in history),
              "data_wait_max": max(e["data_wait"] for e in history),
              "threads": torch.get_num_threads(), "final_loss": history[-1]["loss"],
+             "retrieval": result["history"]["val"][-1]["retrieval"] if result["history"]["val"] else None,
              "checkpoint_dir": str(result["checkpoint_dir"])})
 
 

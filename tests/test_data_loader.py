@@ -372,7 +372,10 @@ class NoPixels:
     def prepare(self, image):
         return None
 
-    def __call__(self, pixels, rng):
+    def draw(self, pixels, rng):
+        return None
+
+    def apply(self, pixels, draw):
         return torch.zeros(1)
 
 

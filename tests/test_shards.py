@@ -35,14 +35,17 @@ class Pixels:
     def prepare(self, image):
         return np.asarray(image)
 
-    def __call__(self, pixels, rng):
+    def draw(self, pixels, rng):
+        return None
+
+    def apply(self, pixels, draw):
         return torch.from_numpy(np.array(pixels)).permute(2, 0, 1)
 
 
 class NoPixels(Pixels):
     """An augmentation that keeps nothing of the image: for tests of what is read when."""
 
-    def __call__(self, pixels, rng):
+    def apply(self, pixels, draw):
         return torch.zeros(1)
 
 
@@ -173,9 +176,10 @@ def test_webdataset_train_yields_the_samples_train_dataset_gives_the_source(shar
     streamed.set_epoch(2)
     indexed.set_epoch(2)
     seen = []
-    for pixels, tokens, i in streamed:  # the same caption drawn, the same crop of the same pixels
-        expected_pixels, expected_tokens, _ = indexed[i]
+    for pixels, tokens, i, choice in streamed:  # the same caption drawn, the same crop of the same pixels
+        expected_pixels, expected_tokens, _, expected_choice = indexed[i]
         assert torch.equal(pixels, expected_pixels) and torch.equal(tokens, expected_tokens), i
+        assert choice == expected_choice
         seen.append(i)
     assert sorted(seen) == list(range(200)) and len(streamed) == 200
 
@@ -255,7 +259,7 @@ def test_img2dataset_shards_train_as_written_skipping_and_naming_the_bad_samples
     assert len(set(seen.values())) == 22  # one id per sample: the loss never merges two images
     again = shards.WebDatasetTrain(web_set["pattern"], no_pixels, byte_tokens, seed=0)
     again.set_epoch(3)
-    assert {caption_of(t): i for _, t, i in (s for s in again if not isinstance(s, dl.FailedSample))} == \
+    assert {caption_of(t): i for _, t, i, _ in (s for s in again if not isinstance(s, dl.FailedSample))} == \
         {web_set["samples"][n][2]: i for n, i in seen.items()}  # ids are stable across runs and epochs
 
 
@@ -282,7 +286,7 @@ def test_our_shards_without_their_info_file_count_with_train_num_samples(shard_s
     with pytest.raises(dl.DataError, match="_stats.json.*--train_num_samples"):
         shards.WebDatasetTrain(tmp_path / "00000.tar", no_pixels, byte_tokens)
     dataset = shards.WebDatasetTrain(tmp_path / "00000.tar", no_pixels, byte_tokens, num_samples=10)
-    ids = [i for _, _, i in dataset]
+    ids = [i for _, _, i, _ in dataset]
     assert len(set(ids)) == 10
 
 

@@ -1,0 +1,193 @@
+"""Distillation: does tiny-vit-64 taught by a larger CLIP beat tiny-vit-64 trained alone, at the
+same steps, by more than the seed-to-seed spread? And what does the teacher cost in samples/s?
+
+    .venv/bin/python bench/bench_distill.py                  # all of it; updates bench/README.md
+    .venv/bin/python bench/bench_distill.py --only recall    # recall only (no timings)
+    .venv/bin/python bench/bench_distill.py --quick          # a small version, to check the script
+
+The teacher: the small-vit-128 preset trained from scratch on the generated training set for
+--teacher_epochs, its learning rate decayed to 0 by the end, validated every epoch on a validation
+set (500 images of another seed of the generator); its best.pt is kept under bench/out/distill/
+and reused by every later run with the same settings. The table says at which step it was best
+and how far recall moved over its last epochs: a converged teacher has stopped gaining. The students: tiny-vit-64 on the same training set, with the same
+steps, schedule and seeds, trained alone and with the teacher (--distill_from, the distillation
+settings at their defaults unless given after --distill_args); each scored by the mean recall of
+its final weights on a held-out set (500 images of a third seed), which does not depend on the
+machine's load. Seeds change the student's initialisation, data order, captions and
+augmentation; the same seed gives both students the same start, so their gain is also shown
+seed by seed. The cost: training samples/s of the student alone, with the teacher and with
+--distill_cache, all three without augmentation (which the cache needs), each in a fresh process,
+side by side in alternating order (common.alternate), as ratios to training alone.
+"""
+import argparse
+import json
+import shutil
+import statistics
+
+import common
+
+HEADING = "## bench_distill.py"
+FULL = {"num_images": 2000, "teacher_epochs": 30, "student_steps": 150, "seeds": 5, "speed_steps": 40,
+        "rounds": 3}
+QUICK = {"num_images": 400, "teacher_epochs": 6, "student_steps": 24, "seeds": 2, "speed_steps": 8, "rounds": 1}
+QUICK_TEACHER = "tiny-vit-64"   # --quick checks the script: a teacher of the student's size is enough
+BATCH = 64
+ENV = {}                         # for the jobs: OMP_NUM_THREADS with --threads
+
+
+def teacher_checkpoint(args, train_set, validation_set, heldout) -> dict:
+    """The teacher's best.pt, trained once per setting and cached, with what it scored."""
+    name = f"teacher-{args.teacher}-{args.num_images}img-{args.teacher_epochs}ep-lr{args.teacher_lr}"
+    folder = common.OUT / "distill" / name
+    if not (folder / "teacher.json").is_file():
+        print(f"training the teacher {args.teacher} (cached in {folder})", flush=True)
+        argv = common.train_argv(train_set, "--val_data", validation_set, "--model_name", args.teacher,
+                                 "--batch_size", BATCH, "--learning_rate", args.teacher_lr,
+                                 "--num_epochs", args.teacher_epochs)
+        result = common.run_job("train", {"argv": argv}, env=ENV, log_name="distill-teacher")
+        folder.mkdir(parents=True, exist_ok=True)
+        run = common.Path(result["checkpoint_dir"])
+        shutil.move(run / "best.pt", folder / "best.pt")
+        history = json.loads((run.parent.parent / "results" / run.name / "training_results.json").read_text())
+        shutil.rmtree(run, ignore_errors=True)
+        retrieval = common.evaluate(common.REPO, heldout, "distill-teacher", ["--checkpoint", str(folder / "best.pt")])
+        curve = [(e["step"], e["retrieval"]["mean_recall"]) for e in history["history"]["val"]]
+        (folder / "teacher.json").write_text(json.dumps({"steps": result["steps"], "retrieval": retrieval,
+                                                         "validation": curve}))
+    return {"checkpoint": folder / "best.pt", **json.loads((folder / "teacher.json").read_text())}
+
+
+def teacher_summary(args, teacher) -> str:
+    """The teacher in a sentence: its steps, its best validation and how recall moved at the end."""
+    curve = teacher["validation"]
+    best_step, best = max(curve, key=lambda point: point[1])
+    last = curve[-max(1, len(curve) // 5):]
+    return (f"{args.teacher}, {teacher['steps']} steps ({args.teacher_epochs} epochs of {args.num_images} images); "
+            f"validation mean recall best {best:.1f} at step {best_step}, {last[0][1]:.1f} -> {last[-1][1]:.1f} over "
+            f"its last {len(last)} epochs; held-out mean recall of best.pt {teacher['retrieval']['mean_recall']:.1f}")
+
+
+def student(train_set, heldout, steps, seed, *flags):
+    """A tiny-vit-64 run of `steps` steps, validated once, at the end, on the held-out set."""
+    def run():
+        argv = common.train_argv(train_set, "--val_data", heldout, "--model_name", "tiny-vit-64",
+                                 "--batch_size", BATCH, "--max_steps", steps, "--eval_every", steps,
+                                 "--warmup_steps", max(1, steps // 10), "--seed", seed, *flags)
+        result = common.run_job("train", {"argv": argv}, env=ENV, log_name="distill-student")
+        shutil.rmtree(result["checkpoint_dir"], ignore_errors=True)
+        return result
+    return run
+
+
+def recall_table(args, train_set, heldout, teacher):
+    """Mean recall of the students alone and distilled, seed by seed; the table and the verdict."""
+    recalls = {"alone": [], "distilled": []}
+    for seed in range(args.seeds):
+        for arm, flags in (("alone", ()), ("distilled", ("--distill_from", teacher["checkpoint"], *args.distill_args))):
+            result = student(train_set, heldout, args.student_steps, seed, *flags)()
+            recalls[arm].append(result["retrieval"]["mean_recall"])
+            print(f"  seed {seed} {arm:9}: mean recall {recalls[arm][-1]:5.1f} "
+                  f"(load {common.load_average():.1f})", flush=True)
+    gains = [d - a for a, d in zip(recalls["alone"], recalls["distilled"])]
+
+    def spread(values):
+        return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else \
+            f"{values[0]:.1f}"
+    rows = [[arm, spread(values), f"{min(values):.1f} - {max(values):.1f}", " / ".join(f"{v:.1f}" for v in values)]
+            for arm, values in recalls.items()]
+    rows.append(["gain (distilled - alone, same seed)", spread(gains), f"{min(gains):.1f} - {max(gains):.1f}",
+                 " / ".join(f"{g:+.1f}" for g in gains)])
+    table = common.table(["tiny-vit-64 student", "mean recall, mean ± sd", "range", "per seed"], rows)
+    sd = max(statistics.stdev(v) for v in recalls.values()) if args.seeds > 1 else float("nan")
+    gain = statistics.mean(gains)
+    verdict = (f"The distilled students' mean recall is {gain:+.1f} points from the students trained alone; "
+               f"the larger seed-to-seed standard deviation of the two is {sd:.1f} points: "
+               f"{'a gain beyond the spread' if gain > sd else 'NOT a gain beyond the spread'}. Seed by seed "
+               f"(the same start and data order) the gain is {spread(gains)} points"
+               f"{', positive for every seed' if min(gains) > 0 else ''}.")
+    return table, verdict
+
+
+def speed_table(args, train_set, heldout, teacher):
+    """Samples/s of training alone, with the teacher and with the cached teacher, side by side."""
+    plain = ("--no-augment",)
+    with_teacher = (*plain, "--distill_from", teacher["checkpoint"], *args.distill_args)
+    sides = {"alone": student(train_set, heldout, args.speed_steps, 0, *plain),
+             "with the teacher": student(train_set, heldout, args.speed_steps, 0, *with_teacher),
+             "with the teacher, --distill_cache": student(train_set, heldout, args.speed_steps, 0, *with_teacher,
+                                                          "--distill_cache")}
+
+    def report(name, r, result):
+        print(f"  round {r + 1} {name:34}: {result['samples_per_s']:6.1f} samples/s, start-up "
+              f"{result['startup_s']:.1f} s (load {common.load_average():.1f})", flush=True)
+    runs = common.alternate(sides, args.rounds, report)
+    rows = []
+    for name, results in runs.items():
+        ratios = [r["samples_per_s"] / a["samples_per_s"] for r, a in zip(results, runs["alone"])]
+        rows.append([name, f"{statistics.median(r['samples_per_s'] for r in results):.1f}",
+                     common.median_spread(ratios), f"{statistics.median(r['startup_s'] for r in results):.1f}"])
+    return common.table(["tiny-vit-64, no augmentation", "samples/s (median)", "vs alone, median (range)",
+                         "start-up (s)"], rows)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a small version in minutes; prints, no README")
+    parser.add_argument("--only", choices=("recall", "speed"), help="one table only (recall: no timings)")
+    parser.add_argument("--teacher", help=f"the teacher's model, a preset or open_clip name (default small-vit-128; "
+                        f"{QUICK_TEACHER} with --quick)")
+    parser.add_argument("--teacher_lr", type=float, default=5e-4, help="the teacher's learning rate")
+    for name, value in FULL.items():
+        parser.add_argument(f"--{name}", type=int, help=f"default {value} ({QUICK[name]} with --quick)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads of each run (OMP_NUM_THREADS); 0 = "
+                        "torch's default. One thread runs far faster on a busy machine; recall does not change")
+    parser.add_argument("--no_readme", action="store_true", help="print the tables only")
+    parser.add_argument("--distill_args", nargs=argparse.REMAINDER, default=[],
+                        help="train.py flags for the distilled student, e.g. --distill_weight 0.7 (must come last)")
+    args = parser.parse_args()
+    for name, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.teacher = args.teacher or (QUICK_TEACHER if args.quick else "small-vit-128")
+    if args.threads:
+        ENV["OMP_NUM_THREADS"] = str(args.threads)
+    train_set = common.sample_data(args.num_images) / "data.json"
+    heldout = common.sample_data(500, seed=1) / "data.json"
+    validation_set = common.sample_data(500, seed=2) / "data.json"
+    load_before = common.load_average()
+    teacher = teacher_checkpoint(args, train_set, validation_set, heldout)
+    print(f"teacher: {teacher_summary(args, teacher)}", flush=True)
+    tables = {}
+    if args.only in (None, "recall"):
+        print(f"students: {args.seeds} seeds x (alone, distilled), {args.student_steps} steps each", flush=True)
+        tables["recall"], verdict = recall_table(args, train_set, heldout, teacher)
+        print(f"\n{tables['recall']}\n\n{verdict}\n")
+    if args.only in (None, "speed"):
+        print(f"cost: {args.rounds} rounds of 3 runs of {args.speed_steps} steps", flush=True)
+        tables["speed"] = speed_table(args, train_set, heldout, teacher)
+        print(f"\n{tables['speed']}\n")
+    if args.quick or args.no_readme or args.only:
+        return
+    common.write_readme(HEADING, f"""{HEADING}
+
+Distillation (`--distill_from`, clip_model.DistillationLoss). Teacher, trained from scratch on the
+generated training set, validated every epoch on 500 images of another seed, best.pt kept:
+{teacher_summary(args, teacher)}. Students: tiny-vit-64, batch {BATCH},
+{args.student_steps} steps, the same data, schedule and seeds, alone and distilled (distillation settings
+{' '.join(map(str, args.distill_args)) or 'at their defaults'}); mean recall (the mean of R@1/5/10 in both
+directions, %) of the final weights on a held-out set of 500 images (a third seed). Cost: samples/s of the
+whole training loop (validation left out) without augmentation, {args.speed_steps} steps, {args.rounds}
+rounds in alternating order, each run in a fresh process; start-up includes the cache's one pass.
+Machine: {common.machine()}; load average {load_before:.1f} before, {common.load_average():.1f} after.
+Rerun: `.venv/bin/python bench/bench_distill.py` (the teacher is trained once and kept in bench/out/distill/).
+
+{tables['recall']}
+
+{verdict}
+
+{tables['speed']}
+""")
+
+
+if __name__ == "__main__":
+    main()
