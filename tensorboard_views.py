@@ -15,6 +15,7 @@ validation set, and only they are encoded (one small batch for the pictures; the
 metrics have encoded the whole set already, but threading all its features out of the evaluation
 for eight rows would cost more code than the batch costs time: bench/bench_tensorboard.py).
 """
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -167,13 +168,15 @@ def encode_pairs(job, index):
 # Text and HParams
 
 def settings_markdown(cfg, schema):
-    """The resolved settings as a Markdown table by section; a changed default is named."""
+    """The resolved settings as a Markdown table by section, in config.json's notation; a value
+    that is not the default is in bold, with the default beside it."""
     rows = ["| section | setting | value | default |", "|---|---|---|---|"]
     for s in schema:
-        value = getattr(cfg, s.name)
-        changed = "" if value == s.default else f"{s.default!r}"
-        shown = f"**{value!r}**" if changed else f"{value!r}"
-        rows.append(f"| {s.section} | {s.name} | {shown} | {changed} |")
+        value, default = json.dumps(getattr(cfg, s.name)), json.dumps(s.default)
+        if value == default:
+            rows.append(f"| {s.section} | {s.name} | `{value}` | |")
+        else:
+            rows.append(f"| {s.section} | {s.name} | **`{value}`** | `{default}` |")
     return "\n".join(rows)
 
 
@@ -189,8 +192,9 @@ def data_markdown(job, train_index):
     return "\n".join([
         "| set | images | captions | source |", "|---|---:|---:|---|", training,
         f"| validation | {val.num_images} | {val.num_captions} | {val.source} |", "",
-        f"Unreadable images left out: {skipped} of the training set, {len(val.skipped)} of the "
-        f"validation set.", "",
+        f"Image files found missing when the data was read, and left out: {skipped} of the training "
+        f"set, {len(val.skipped)} of the validation set (unreadable ones found later are counted "
+        f"in the log and in val/skipped_images/count).", "",
         f"Global batch {job.global_batch} (batch_size {job.cfg.batch_size} x accum_steps "
         f"{job.cfg.accum_steps} x {job.run.world_size} processes), {job.steps_per_epoch} steps per "
         f"epoch, {job.total_steps} steps.", "",

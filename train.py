@@ -140,7 +140,7 @@ SCHEMA = [
             "TensorBoard's Embedding Projector shows, with thumbnails, written at the end; 0 = none",
             valid="[0, 10000]"),
     Setting("logging", "projector_every_validation", False, "write the projector at every "
-            "validation too (each one about 2 x projector_pairs x the embedding width x 12 bytes)"),
+            "validation too (each one is about 2 x projector_pairs x the embedding width x 20 bytes of text)"),
 ]
 SETTINGS = {s.name: s for s in SCHEMA}
 SECTIONS = list(dict.fromkeys(s.section for s in SCHEMA))

@@ -150,9 +150,10 @@ def test_the_settings_and_the_data_are_text_at_the_start(run, events):
         return event.step, event.tensor_proto.string_val[0].decode()
     step, settings = text("run/settings")
     assert step == 0
-    assert "| training | max_steps | **4** | 0 |" in settings
-    assert "| training | batch_size | **32** | 64 |" in settings
-    assert "| model | model_name | 'tiny-vit-64' |  |" in settings
+    assert "| training | max_steps | **`4`** | `0` |" in settings
+    assert "| training | learning_rate | **`0.002`** | `0.0005` |" in settings
+    assert '| model | model_name | `"tiny-vit-64"` | |' in settings
+    assert "| logging | tensorboard_pairs | **`6`** | `8` |" in settings
     step, data = text("run/data")
     assert step == 0
     val = run["val_index"]
