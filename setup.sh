@@ -36,14 +36,15 @@ if [ -z "$(fc-list :lang=zh 2>/dev/null || true)" ]; then
     fi
 fi
 
-# The browser tests of search_app.py drive Debian's Chromium; install it where we can.
+# The browser tests (search_app.py's page, TensorBoard's views) drive Debian's Chromium with
+# Playwright (never Playwright's own browser download); install it where we can.
 if ! command -v chromium >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "setup: installing Chromium for the browser tests of search_app.py (chromium)"
+        echo "setup: installing Chromium for the browser tests (chromium)"
         apt-get update -qq >/dev/null && apt-get install -y -qq chromium >/dev/null \
-            || echo "setup: could not install chromium; the browser tests of search_app.py will be skipped"
+            || echo "setup: could not install chromium; the browser tests will be skipped"
     else
-        echo "setup: no Chromium found; the browser tests of search_app.py will be skipped" \
+        echo "setup: no Chromium found; the browser tests will be skipped" \
              "(to run them: sudo apt-get install chromium)"
     fi
 fi

@@ -149,6 +149,14 @@ SCHEMA = [
     Setting("logging", "checkpoint_dir", "model-checkpoint", "folder of the runs' checkpoints"),
     Setting("logging", "log_dir", "logs", "folder of the runs' logs and TensorBoard events"),
     Setting("logging", "results_dir", "results", "folder of the runs' results and plots"),
+    Setting("logging", "tensorboard_pairs", 8, "validation pairs whose similarity heatmap and "
+            "retrieval examples TensorBoard shows at every validation (the same pairs each time, "
+            "chosen with the seed); 0 = no pictures", valid="[0, 16]"),
+    Setting("logging", "projector_pairs", 256, "validation pairs whose image and caption features "
+            "TensorBoard's Embedding Projector shows, with thumbnails, written at the end; 0 = none",
+            valid="[0, 10000]"),
+    Setting("logging", "projector_every_validation", False, "write the projector at every "
+            "validation too (each one is about 2 x projector_pairs x the embedding width x 20 bytes of text)"),
 ]
 SETTINGS = {s.name: s for s in SCHEMA}
 SECTIONS = list(dict.fromkeys(s.section for s in SCHEMA))
@@ -513,6 +521,8 @@ class Timing:
     data_wait_s: float = 0.0      # waiting for the next batch
     checkpoint_s: float = 0.0
     mining_s: float = 0.0         # hard-negative mining
+    tensorboard_s: float = 0.0    # TensorBoard's pictures at validations (a part of validation_s)
+    tensorboard_end_s: float = 0.0  # TensorBoard's projector and HParams at the end
     samples: int = 0              # trained, by all processes together
 
     @property
@@ -537,6 +547,7 @@ class Job:
     total_steps: int
     global_batch: int
     ema: object = None                 # AveragedModel of the weights (ema_decay > 0), else None
+    views: object = None               # tensorboard_views.Views, rank 0 only
     timing: Timing = field(default_factory=Timing)
     distill: object = None             # Distillation: the teacher and its term; None without
 
@@ -569,6 +580,7 @@ def main(argv=None):
                   steps_per_epoch, total_steps, global_batch, ema=build_ema(cfg, setup.model),
                   distill=distill)
         state = resume(job, train_index)
+        job.views = start_views(job, train_index, state)
         job.timing.startup_s = time.perf_counter() - started
         stop_reason = train(job, state)
         return finish(job, state, stop_reason)
@@ -795,10 +807,11 @@ def validate(job, state):
         metrics = evaluate_weights(job, job.setup)
         if job.ema is not None:
             metrics["ema"] = evaluate_weights(job, ema_setup(job))
+        improved = record_validation(job, state, metrics)
+        show_validation(job, state)
         job.model.train()
         elapsed = time.perf_counter() - started
         job.timing.validation_s += elapsed
-        improved = record_validation(job, state, metrics)
         for name, part in (("", metrics), (" EMA", metrics.get("ema"))):
             if part is not None:
                 run.log.info(f"step {state.step} validation{name} ({elapsed:.1f}s): "
@@ -825,6 +838,24 @@ def evaluate_weights(job, setup):
         zeroshot = evaluation.evaluate_zeroshot(setup, cfg.val_zeroshot, **options)
         metrics["zeroshot"] = {key: zeroshot[key] for key in ZEROSHOT_METRICS}
     return metrics
+
+
+def start_views(job, train_index, state):
+    """TensorBoard's views beyond the scalars (rank 0): the settings, data and HParams now,
+    pictures at each validation, the projector at the end. tensorboard_views.py sits above
+    train.py (it draws with visualization.py), so it is imported here, when the run starts."""
+    if job.run.writer is None:
+        return None
+    import tensorboard_views
+    return tensorboard_views.Views.start(job, train_index, state, SCHEMA)
+
+
+def show_validation(job, state):
+    """TensorBoard's pictures of this validation, timed apart (they are a part of validation_s)."""
+    if job.views is not None:
+        started = time.perf_counter()
+        job.views.validation(job, state)
+        job.timing.tensorboard_s += time.perf_counter() - started
 
 
 def ema_setup(job):
@@ -952,6 +983,10 @@ def finish(job, state, stop_reason):
     if run.is_main:
         results = write_results(job, state)
         plot_curves(results, run.results_dir / "training_curves.png", run.log)
+        if job.views is not None:
+            started = time.perf_counter()
+            job.views.end(job, state)
+            job.timing.tensorboard_end_s = time.perf_counter() - started
         run.log.info(f"{'finished' if finished else 'stopped: ' + stop_reason} at step {state.step}; "
                      f"best {job.cfg.best_metric} {state.best['value']} at step {state.best['step']}; "
                      f"checkpoints in {run.checkpoint_dir}, TensorBoard: tensorboard --logdir "

@@ -105,6 +105,16 @@ def save_figure(figure, path) -> Path:
     return path
 
 
+def figure_pixels(figure) -> np.ndarray:
+    """The figure drawn as an RGB array [H, W, 3] of uint8 at its own size and dpi, as save_figure
+    draws it: what TensorBoard's add_image takes (train.py's pictures, tensorboard_views.py)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    figure.set_facecolor("white")
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
 def _wrap(text: str, width: int = 30, max_lines: int = 3) -> str:
     """Wrap a caption into lines; a Chinese character is twice as wide as a Latin one."""
     if sum(map(_is_wide, text)) > len(text) / 2:
@@ -116,8 +126,9 @@ def _wrap(text: str, width: int = 30, max_lines: int = 3) -> str:
     return "\n".join(lines)
 
 
-def _thumbnail(image, size: int = 128) -> np.ndarray:
-    """The image letterboxed on white into a size x size RGB array (aspect ratio kept)."""
+def thumbnail(image, size: int = 128) -> np.ndarray:
+    """The image letterboxed on white into a size x size RGB array (aspect ratio kept): what the
+    plots draw, and TensorBoard's projector shows as sprites."""
     from PIL import ImageOps
     return np.asarray(ImageOps.pad(image.convert("RGB"), (size, size), color="white"))
 
@@ -394,7 +405,7 @@ def plot_similarity_heatmap(images, captions, image_features, text_features):
         # Thumbnails sit in a row above the matrix, in its own coordinates, so each one lines
         # up with its column whatever the figure size.
         for col, image in enumerate(images):
-            ax.imshow(_thumbnail(image), extent=(col - 0.45, col + 0.45, -0.6, -1.5))
+            ax.imshow(thumbnail(image), extent=(col - 0.45, col + 0.45, -0.6, -1.5))
         low, high = similarity.min(), similarity.max()
         for (row, col), value in np.ndenumerate(similarity):
             bright = (value - low) / max(high - low, 1e-6) > 0.6
@@ -458,7 +469,7 @@ def _draw_text_query(part, grid, row, caption, scores, answer, images, top_k):
     ax.text(0, 0.5, f"query:\n“{_wrap(caption, 30, 4)}”", va="center", fontsize=10)
     for rank, image_id in enumerate(np.argsort(-scores, kind="stable")[:top_k]):
         ax = part.add_subplot(grid[row, rank + 1])
-        ax.imshow(_thumbnail(images[image_id]))
+        ax.imshow(thumbnail(images[image_id]))
         ax.set(xticks=[], yticks=[])
         correct = image_id == answer
         color = CORRECT if correct else WRONG
@@ -470,7 +481,7 @@ def _draw_text_query(part, grid, row, caption, scores, answer, images, top_k):
 
 def _draw_image_query(part, grid, row, image, scores, is_answer, captions, top_k):
     ax = part.add_subplot(grid[row, 0])
-    ax.imshow(_thumbnail(image))
+    ax.imshow(thumbnail(image))
     ax.set(xticks=[], yticks=[])
     ax.set_title("query image", fontsize=9, color="dimgray")
     ax = part.add_subplot(grid[row, 1])

@@ -239,7 +239,7 @@ def _job_train(params):
     import torch
     timing, history = result["timing"], result["history"]["train"]
     loop_s = timing["loop_s"] - timing["validation_s"]
-    _finish({"steps": result["step"], "samples": timing["samples"], "loop_s": loop_s,
+    _finish({"timing": timing, "steps": result["step"], "samples": timing["samples"], "loop_s": loop_s,
              "samples_per_s": timing["samples"] / loop_s, "startup_s": timing["startup_s"],
              "validation_s": timing["validation_s"], "validations": len(result["history"]["val"]),
              "data_s": timing["data_wait_s"], "checkpoint_s": timing["checkpoint_s"],
