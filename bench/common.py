@@ -337,6 +337,68 @@ def _job_open_clip_train(params):
              "validation_s": marks["evaluate_s"], "threads": torch.get_num_threads()})
 
 
+def _job_snapshots(params):
+    """A trainer run unchanged (`trainer`: "train.py" runs train.main(argv); "open_clip_train"
+    runs open_clip_train.main.main(argv) with our presets registered), with a copy of the
+    model's weights taken every `every` optimiser steps. Each copy records its step, the seconds
+    since this process started (imports, data, model, training, the trainer's own validations
+    and checkpoints; less the time of the copies themselves) and the seconds spent validating so
+    far. The copies are written after the run to `out`/step_NNNNN.pt ({"state_dict": ...}, which
+    open_clip.create_model(name, pretrained=file) loads), so the files cost the run nothing.
+
+    Neither trainer is touched: the copies come from torch's global optimizer step hook, and the
+    model is the first module with a logit scale and an image tower that runs forward. A trainer
+    module is imported before torch, so its own start-up happens as on the command line.
+    `augmentation` (optional) replaces data_loader.TRAIN_AUGMENTATION for train.py."""
+    started = time.perf_counter()
+    sys.path.insert(0, params["repo"])
+    marks = {"validation_s": 0.0}
+    if params["trainer"] == "train.py":
+        import train as trainer
+        import data_loader
+        import evaluation
+        if params.get("augmentation"):
+            data_loader.TRAIN_AUGMENTATION = {k: tuple(v) if isinstance(v, list) else v
+                                              for k, v in params["augmentation"].items()}
+        _timed(evaluation, "evaluate_model", marks, "validation_s")
+    else:
+        import open_clip
+        import open_clip_train.main as trainer
+        open_clip.add_model_config(Path(params["repo"]) / "model_configs")
+        _timed(trainer, "evaluate", marks, "validation_s")
+    import torch
+    from torch.nn.modules.module import register_module_forward_pre_hook
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    found, snapshots, paused = {}, [], [0.0]
+
+    def find_model(module, args):
+        if "model" not in found and hasattr(module, "logit_scale") and hasattr(module, "visual"):
+            found["model"] = module
+
+    def after_step(optimizer, args, kwargs):
+        found["steps"] = found.get("steps", 0) + 1
+        if found["steps"] % params["every"] == 0:
+            copy_started = time.perf_counter()
+            weights = {k: v.detach().clone() for k, v in found["model"].state_dict().items()}
+            snapshots.append({"step": found["steps"], "weights": weights,
+                              "elapsed_s": copy_started - started - paused[0],
+                              "validation_s": marks["validation_s"]})
+            paused[0] += time.perf_counter() - copy_started
+
+    model_hook = register_module_forward_pre_hook(find_model)
+    register_optimizer_step_post_hook(after_step)
+    trainer.main(params["argv"])
+    model_hook.remove()
+    out = Path(params["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    for snapshot in snapshots:
+        snapshot["path"] = str(out / f"step_{snapshot['step']:05d}.pt")
+        torch.save({"state_dict": snapshot.pop("weights")}, snapshot["path"])
+    _finish({"snapshots": snapshots, "steps": found.get("steps", 0),
+             "total_s": time.perf_counter() - started - paused[0],
+             "validation_s": marks["validation_s"], "threads": torch.get_num_threads()})
+
+
 def _job_loader(params):
     """Images/s that train.py's DataLoader delivers on its own (no model): the data set, sampler
     and DataLoader built as train.py builds them, iterated for `epochs` whole epochs."""
