@@ -10,8 +10,9 @@ files say about themselves, the file name and its folders, and are as noisy. A f
 `animals/birds/acquila_architetto_franc_01.png` becomes the title "acquila architetto franc"
 (an Italian word, a truncated author name) and its folders "animals", "birds"; each image gets 2
 to 4 captions drawn from templates such as "acquila architetto franc", "birds: acquila architetto
-franc", "animals birds acquila architetto franc". The same file stored in several folders is one
-image with the captions of all its copies (and can never sit in two splits).
+franc", "animals birds acquila architetto franc". The same file stored in several folders (about
+900 files are) is one image with a caption from each copy's folder as well, and can never sit in
+two splits.
 
 The split is by category folder: every folder gives val_fraction of its images to validation,
 as many other images to test, and the rest to training (folders of fewer than MIN_SPLIT_FOLDER
@@ -58,11 +59,13 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 SOURCE = Path("/usr/share/openclipart/png")
 SPLITS = ("train", "val", "test")
+FORMAT = 2            # raise it when the output changes: a set built by older code is then rebuilt
 MIN_SPLIT_FOLDER = 5
 # Caption templates: {title} from the file name, {leaf} its folder, {path} and {folders} all its
 # folders ("animals birds", "animals / birds").
-TEMPLATES = ("{title}", "{title} clipart", "{title}, {leaf}", "{leaf}: {title}", "{path} {title}",
-             "clip art of {title} ({leaf})", "{title} - {folders}")
+FOLDER_TEMPLATES = ("{title}, {leaf}", "{leaf}: {title}", "{path} {title}", "clip art of {title} ({leaf})",
+                    "{title} - {folders}")
+TEMPLATES = ("{title}", "{title} clipart", *FOLDER_TEMPLATES)
 
 
 def words(name: str) -> str:
@@ -73,15 +76,16 @@ def words(name: str) -> str:
 
 
 def captions_of(copies: list, rng: np.random.Generator) -> list:
-    """2-4 captions of an image stored at the given relative paths (its copies): templates drawn
-    for the first copy, one caption of each further copy; duplicates dropped, order kept."""
+    """Captions of an image stored at the given relative paths (its copies): 2-4 templates drawn
+    for the first copy, and one naming its folder for each further copy; duplicates dropped."""
     captions = []
     for k, relative in enumerate(copies):
         folders = [words(part) for part in Path(relative).parent.parts] or ["clip art"]
         fields = {"title": words(Path(relative).stem), "leaf": folders[-1], "path": " ".join(folders),
                   "folders": " / ".join(folders)}
-        drawn = rng.choice(len(TEMPLATES), size=rng.integers(2, 5) if k == 0 else 1, replace=False)
-        captions += [TEMPLATES[t].format(**fields) for t in drawn]
+        templates = TEMPLATES if k == 0 else FOLDER_TEMPLATES
+        drawn = rng.choice(len(templates), size=rng.integers(2, 5) if k == 0 else 1, replace=False)
+        captions += [templates[t].format(**fields) for t in drawn]
     return list(dict.fromkeys(captions))
 
 
@@ -152,8 +156,8 @@ def write_split(folder: Path, entries: list):
 def build(out: Path = None, size: int = 128, seed: int = 0, val_fraction: float = 0.1,
           max_per_folder: int = 300, source: Path = SOURCE, workers: int = 2) -> Path:
     """Build the data set (or reuse the one built with the same settings); returns its folder."""
-    settings = {"source": str(source), "size": size, "seed": seed, "val_fraction": val_fraction,
-                "max_per_folder": max_per_folder}
+    settings = {"format": FORMAT, "source": str(source), "size": size, "seed": seed,
+                "val_fraction": val_fraction, "max_per_folder": max_per_folder}
     out = Path(out or BENCH / "out" / f"clipart-{size}px-seed{seed}")
     if (out / "info.json").is_file() and json.loads((out / "info.json").read_text())["settings"] == settings:
         return out
