@@ -53,7 +53,6 @@ import common
 import clipart
 
 HEADING = "## bench_quality.py"
-ABLATION_HEADING = "## bench_quality.py --ablations"
 SHARED = {"model": "tiny-vit-64", "batch": 128, "precision": "fp32", "workers": 2, "lr": 1e-3,
           "warmup": 100}
 EPOCHS = 3            # open_clip_train's epochs (of caption rows); train.py gets the same steps
@@ -96,6 +95,7 @@ class Data:
     train: Path        # folder with data.json and data.csv
     val: Path
     test: Path
+    images: int        # training images: train.py's epoch
     rows: int          # caption rows of train/data.csv: open_clip_train's epoch
 
 
@@ -131,8 +131,9 @@ def caption_rows(train: Path) -> Path:
 def prepare_data(args) -> Data:
     root = clipart.build(size=args.image_size, seed=args.data_seed)
     train = training_subset(root / "train", args.train_images) if args.train_images else root / "train"
+    images = len(json.loads((train / "data.json").read_text(encoding="utf-8")))
     rows = sum(1 for _ in open(train / "data.csv", encoding="utf-8")) - 1
-    return Data(train, root / "val", root / "test", rows)
+    return Data(train, root / "val", root / "test", images, rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,9 +217,15 @@ def recall(snapshot: dict, metric=("text_to_image", "R@1")) -> float:
 def compare(args, data: Data) -> dict:
     """Alternating rounds of train.py and open_clip_train; each run's snapshots evaluated."""
     every = max(1, args.epochs * (data.rows // SHARED["batch"]) // SNAPSHOTS)
-    sides = {name: (lambda name=name, recipe=recipe, count=iter(range(99)): evaluate_snapshots(
-        train(recipe, data, f"{name}-round{next(count) + 1}", args.epochs, every), data.test))
-        for name, recipe in (("train.py", OURS), ("open_clip_train", THEIRS))}
+    rounds_run = {"train.py": 0, "open_clip_train": 0}
+
+    def side(name, recipe):
+        def run():
+            rounds_run[name] += 1
+            result = train(recipe, data, f"{name}-round{rounds_run[name]}", args.epochs, every)
+            return evaluate_snapshots(result, data.test)
+        return run
+    sides = {"train.py": side("train.py", OURS), "open_clip_train": side("open_clip_train", THEIRS)}
 
     def report(name, r, result):
         final = result["snapshots"][-1]
@@ -332,7 +339,8 @@ def ablations(args, data: Data) -> dict:
     """Every recipe of ABLATIONS for every seed (args.parallel runs at a time), evaluated at its
     last step: name -> list of results, in seed order."""
     every = data.rows // SHARED["batch"]     # after each of open_clip_train's epochs
-    slug = {name: f"ablation{k}" for k, name in enumerate(ABLATIONS)}
+    names = [name for k, name in enumerate(ABLATIONS) if not args.only or k in args.only]
+    slug = {name: f"ablation{list(ABLATIONS).index(name)}" for name in names}
 
     def run(job):
         name, seed = job
@@ -342,44 +350,63 @@ def ablations(args, data: Data) -> dict:
         print(f"{name}, seed {seed}: test R@1 t->i {recall(result['snapshots'][-1]):.1f}, i->t "
               f"{recall(result['snapshots'][-1], ('image_to_text', 'R@1')):.1f}", flush=True)
         return result
-    jobs = [(name, seed) for seed in args.seeds for name in ABLATIONS]
+    jobs = [(name, seed) for seed in args.seeds for name in names]
     with ThreadPoolExecutor(args.parallel) as pool:
         results = dict(zip(jobs, pool.map(run, jobs)))
-    return {name: [results[name, seed] for seed in args.seeds] for name in ABLATIONS}
+    return {name: [results[name, seed] for seed in args.seeds] for name in names}
+
+
+def merge_runs(files) -> dict:
+    """The ablation runs saved by several invocations (their raw JSON files), name -> results in
+    seed order; a later file's run of the same recipe and seed replaces an earlier one."""
+    merged = {}
+    for file in files:
+        for name, results in json.loads(Path(file).read_text())["runs"].items():
+            merged.setdefault(name, {}).update({r["seed"]: r for r in results})
+    order = [name for name in ABLATIONS if name in merged] + [name for name in merged if name not in ABLATIONS]
+    return {name: [merged[name][seed] for seed in sorted(merged[name])] for name in order}
 
 
 def ablation_table(runs: dict) -> str:
     """Per recipe: test recalls at the last step, median (range) over seeds, and the change of
-    mean recall against train.py's defaults paired by seed."""
+    mean recall against train.py's defaults of the same seed."""
     def spread(values):
         return (f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
                 if len(values) > 1 else f"{values[0]:.1f}")
-    base = runs["train.py defaults"]
+    base = {r["seed"]: r["snapshots"][-1] for r in runs["train.py defaults"]}
     rows = []
     for name, results in runs.items():
-        finals = [r["snapshots"][-1] for r in results]
-        delta = [recall(f, "mean_recall") - recall(b["snapshots"][-1], "mean_recall") for f, b in zip(finals, base)]
-        rows.append([name, *[spread([recall(f, metric) for f in finals]) for metric in
-                             (("text_to_image", "R@1"), ("text_to_image", "R@5"),
-                              ("image_to_text", "R@1"), ("image_to_text", "R@5"))],
-                     spread([recall(f, "mean_recall") for f in finals]),
-                     "" if results is base else spread(delta)])
-    return common.table(["setting (one change from train.py's defaults)", "t->i R@1", "t->i R@5",
+        finals = {r["seed"]: r["snapshots"][-1] for r in results}
+        delta = [recall(f, "mean_recall") - recall(base[seed], "mean_recall")
+                 for seed, f in finals.items() if seed in base]
+        rows.append([name, len(finals), *[spread([recall(f, metric) for f in finals.values()]) for metric in
+                                          (("text_to_image", "R@1"), ("text_to_image", "R@5"),
+                                           ("image_to_text", "R@1"), ("image_to_text", "R@5"), "mean_recall")],
+                     "" if name == "train.py defaults" else spread(delta)])
+    return common.table(["setting (one change from train.py's defaults)", "seeds", "t->i R@1", "t->i R@5",
                          "i->t R@1", "i->t R@5", "mean recall", "change of mean recall"], rows)
+
+
+def ablation_heading(args) -> str:
+    """One section per data regime: the whole training set, or --train_images N --epochs E."""
+    regime = f" --train_images {args.train_images} --epochs {args.epochs}" if args.train_images else ""
+    return f"{HEADING} --ablations{regime}"
 
 
 def ablation_section(args, data: Data, runs: dict) -> str:
     steps = runs["train.py defaults"][0]["steps"]
-    return f"""{ABLATION_HEADING}
+    return f"""{ablation_heading(args)}
 
-Which of train.py's defaults cost held-out recall, at equal steps: the clip-art data and the
-shared settings of the section above ({steps} steps of batch {SHARED['batch']}), each row
-changing one thing of train.py's defaults (to open_clip_train's choice, or dropping it), plus
-open_clip_train itself. Test recall at the last step, in percent: median (range) over seeds
-{', '.join(map(str, args.seeds))}; the change of mean recall (mean of the six R@K) is paired by
-seed against train.py's defaults. Timing plays no part (runs used {args.threads or 'default'}
-torch thread(s), {args.parallel} at a time). Rerun: `.venv/bin/python bench/bench_quality.py
---ablations --seeds {' '.join(map(str, args.seeds))} --threads 1`.
+Which of train.py's defaults cost held-out recall, at equal steps: the clip-art data
+({data.images:,} training images, {data.rows:,} caption rows) and the shared settings of the
+section above, {steps} steps of batch {SHARED['batch']} ({steps * SHARED['batch'] / data.images:.1f}
+epochs of images, {args.epochs} of caption rows). Each row changes one thing of train.py's
+defaults (to open_clip_train's choice, or dropping it); the last is open_clip_train itself. Test
+recall at the last step, in percent: median (range) over seeds {', '.join(map(str, args.seeds))};
+the change of mean recall (mean of the six R@K) is paired by seed against train.py's defaults.
+Timing plays no part (the runs had {'/'.join(map(str, sorted({r['threads'] for rs in runs.values() for r in rs})))}
+torch thread(s)). Rerun: `.venv/bin/python bench/bench_quality.py --ablations --seeds
+{' '.join(map(str, args.seeds))}{ablation_heading(args)[len(HEADING) + len(' --ablations'):]} --threads 1`.
 
 {ablation_table(runs)}
 """
@@ -398,6 +425,10 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a smoke run: 384 training images, 2 epochs, 1 round")
     parser.add_argument("--ablations", action="store_true", help="recall at equal steps of one-change recipes")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the ablations")
+    parser.add_argument("--only", type=int, nargs="+", help="run these ablations only (numbers: "
+                        + ", ".join(f"{k} {name}" for k, name in enumerate(ABLATIONS)).replace("%", "%%") + "); 0 always runs")
+    parser.add_argument("--from_json", nargs="+", metavar="FILE", help="with --ablations: no training, "
+                        "the table of the runs saved in these raw files (bench/out/quality/ablations-*.json)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default); "
                         "for --ablations on a busy machine")
     parser.add_argument("--parallel", type=int, default=1, help="ablation runs at a time")
@@ -405,11 +436,14 @@ def main():
     args = parser.parse_args()
     if args.threads:   # torch reads it at import: in the runs' processes and in this one (evaluation)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    if args.only and 0 not in args.only:   # the other rows are compared with it
+        args.only.insert(0, 0)
     if args.quick:
         args.train_images, args.epochs, args.rounds = args.train_images or 384, 2, 1
     data = prepare_data(args)
     if args.ablations:
-        runs = ablations(args, data)
+        runs = merge_runs(args.from_json) if args.from_json else ablations(args, data)
+        args.seeds = sorted({r["seed"] for results in runs.values() for r in results})
         section = ablation_section(args, data, runs)
     else:
         loads = [common.load_average()]
@@ -418,11 +452,12 @@ def main():
         plot(runs, PLOT if not args.no_readme else common.OUT / PLOT.name)
         section = comparison_section(args, data, runs, loads)
     print(section)
-    raw = common.OUT / "quality" / f"{'ablations' if args.ablations else 'comparison'}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    raw.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
-    print(f"every run's snapshots and metrics: {raw}")
+    if not args.from_json:
+        raw = common.OUT / "quality" / f"{'ablations' if args.ablations else 'comparison'}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        raw.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
+        print(f"every run's snapshots and metrics: {raw}")
     if not args.no_readme:
-        common.write_readme(ABLATION_HEADING if args.ablations else HEADING, section)
+        common.write_readme(ablation_heading(args) if args.ablations else HEADING, section)
 
 
 if __name__ == "__main__":
