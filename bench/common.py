@@ -286,26 +286,96 @@ def _job_open_clip_train(params):
                  f"which open_clip_torch does not install; `pip install pandas braceexpand`")
     open_clip.add_model_config(Path(params["repo"]) / "model_configs")
     marks = {"evaluate_s": 0.0}
-    train_one_epoch, evaluate = peer.train_one_epoch, peer.evaluate
+    train_one_epoch = peer.train_one_epoch
 
     def timed_epoch(*args, **kwargs):
         marks.setdefault("loop_start", time.perf_counter())
         return train_one_epoch(*args, **kwargs)
 
-    def timed_evaluate(*args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return evaluate(*args, **kwargs)
-        finally:
-            marks["evaluate_s"] += time.perf_counter() - started
-
-    peer.train_one_epoch, peer.evaluate = timed_epoch, timed_evaluate
+    peer.train_one_epoch = timed_epoch
+    _timed(peer, "evaluate", marks, "evaluate_s")
     started = time.perf_counter()
     peer.main(params["argv"])
     loop_s = time.perf_counter() - marks["loop_start"] - marks["evaluate_s"]
     import torch
     _finish({"loop_s": loop_s, "startup_s": marks["loop_start"] - started,
              "validation_s": marks["evaluate_s"], "threads": torch.get_num_threads()})
+
+
+def _timed(module, name: str, marks: dict, key: str):
+    """Replace module.name by a wrapper that adds the seconds spent in it to marks[key]."""
+    function = getattr(module, name)
+
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            marks[key] += time.perf_counter() - started
+
+    setattr(module, name, timed)
+
+
+def _job_snapshots(params):
+    """A trainer run unchanged (`trainer`: "train.py" runs train.main(argv); "open_clip_train"
+    runs open_clip_train.main.main(argv) with our presets registered), with a copy of the
+    model's weights taken every `every` optimiser steps. Each copy records its step, the seconds
+    since this process started (imports, data, model, training, the trainer's own validations
+    and checkpoints; less the time of the copies themselves) and the seconds spent validating so
+    far. The copies are written after the run to `out`/step_NNNNN.pt ({"state_dict": ...}, which
+    open_clip.create_model(name, pretrained=file) loads), so the files cost the run nothing.
+
+    Neither trainer is touched: the copies come from torch's global optimizer step hook, and the
+    model is the first module with a logit scale and an image tower that runs forward. A trainer
+    module is imported before torch, so its own start-up happens as on the command line.
+    `augmentation` (optional): data_loader's augmentation constants (CROP_SCALE,
+    COLOUR_JITTER_PROB, ...) that train.py uses instead of its own, forked into its workers."""
+    started = time.perf_counter()
+    sys.path.insert(0, params["repo"])
+    marks = {"validation_s": 0.0}
+    if params["trainer"] == "train.py":
+        import data_loader
+        import evaluation
+        import train as trainer
+        for name, value in (params.get("augmentation") or {}).items():
+            setattr(data_loader, name, tuple(value) if isinstance(value, list) else value)
+        _timed(evaluation, "evaluate_model", marks, "validation_s")
+    else:
+        import open_clip
+        import open_clip_train.main as trainer
+        open_clip.add_model_config(Path(params["repo"]) / "model_configs")
+        _timed(trainer, "evaluate", marks, "validation_s")
+    import torch
+    from torch.nn.modules.module import register_module_forward_pre_hook
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    found, snapshots, paused = {}, [], [0.0]
+
+    def find_model(module, args):
+        if "model" not in found and hasattr(module, "logit_scale") and hasattr(module, "visual"):
+            found["model"] = module
+
+    def after_step(optimizer, args, kwargs):
+        found["steps"] = found.get("steps", 0) + 1
+        if found["steps"] % params["every"] == 0:
+            copy_started = time.perf_counter()
+            weights = {k: v.detach().clone() for k, v in found["model"].state_dict().items()}
+            snapshots.append({"step": found["steps"], "weights": weights,
+                              "elapsed_s": copy_started - started - paused[0],
+                              "validation_s": marks["validation_s"]})
+            paused[0] += time.perf_counter() - copy_started
+
+    model_hook = register_module_forward_pre_hook(find_model)
+    register_optimizer_step_post_hook(after_step)
+    trainer.main(params["argv"])
+    model_hook.remove()
+    out = Path(params["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    for snapshot in snapshots:
+        snapshot["path"] = str(out / f"step_{snapshot['step']:05d}.pt")
+        torch.save({"state_dict": snapshot.pop("weights")}, snapshot["path"])
+    _finish({"snapshots": snapshots, "steps": found.get("steps", 0),
+             "total_s": time.perf_counter() - started - paused[0],
+             "validation_s": marks["validation_s"], "threads": torch.get_num_threads()})
 
 
 def _job_loader(params):

@@ -252,6 +252,7 @@ def test_tensorboard_serves_the_pictures_of_the_run(tensorboard, browser):
     for tag in ("val/similarity_heatmap", "val/retrieval_examples"):
         page.locator(f"text=tag: {tag}").wait_for(timeout=60_000)
     pictures = page.locator("img[src*='individualImage']")
+    pictures.nth(1).wait_for(timeout=60_000)          # the cards are drawn before their images
     assert pictures.count() == 2
     widths = [pictures.nth(i).evaluate("img => img.decode().then(() => img.naturalWidth)")
               for i in range(2)]
