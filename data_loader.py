@@ -474,8 +474,8 @@ def _read_lmdb(folder: str) -> CaptionIndex:
     return _make_index(list(image_of_id), captions, owner, folder, lmdb_path=imgs_path)
 
 
-def load_captions(path, image_column: str = "filepath", caption_column: str = "title",
-                  split: str = "train", strict: bool = False) -> CaptionIndex:
+def load_caption_index(path, image_column: str = "filepath", caption_column: str = "title",
+                        split: str = "train", strict: bool = False) -> CaptionIndex:
     """Read a data set in any supported format (see the top of this file) into a CaptionIndex.
 
     Images listed but missing are left out and named in `index.skipped` (strict: DataError)."""
@@ -1051,7 +1051,7 @@ def main(argv=None):
             print(f"wrote {args.num_samples} images: index {paths['index']}, folder layout "
                   f"{paths['folder']}, zero-shot classes {paths['zeroshot']}")
         if args.inspect:
-            index = load_captions(args.inspect, **read)
+            index = load_caption_index(args.inspect, **read)
             print(index)
             for i in range(min(3, index.num_images)):
                 image = index.load_image(i)  # decoding a few images catches a wrong image format early

@@ -673,9 +673,9 @@ def run(args) -> dict:
                        model=saved["meta"].get("model"),
                        skipped_images=skipped_summary(saved["meta"].get("skipped", [])))
     elif args.data:
-        from data_loader import load_captions
-        index = load_captions(args.data, args.image_column, args.caption_column, args.split,
-                              strict=args.strict_data)
+        from data_loader import load_caption_index
+        index = load_caption_index(args.data, args.image_column, args.caption_column, args.split,
+                                    strict=args.strict_data)
         image_features, text_features, index = encode_index(
             setup, index, args.batch_size, args.num_workers, device, precision, args.strict_data)
         report_skipped(index.skipped)

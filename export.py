@@ -463,7 +463,7 @@ def check_data(path, limit, workdir):
         path = data_loader.create_sample_dataset(Path(workdir) / "check_data", num_samples=CHECK_IMAGES,
                                                  seed=1)["index"]
         label = f"the generated sample set (sample_data.py, {CHECK_IMAGES} images, seed 1)"
-    index = data_loader.load_captions(path)
+    index = data_loader.load_caption_index(path)
     if 0 < limit < index.num_images:
         index = index.subset(np.arange(limit))
     return index, label

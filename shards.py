@@ -413,7 +413,7 @@ def _shard_image(index: data_loader.CaptionIndex, i: int, resize: int) -> tuple[
 
 def convert_to_webdataset(src, out_dir, shard_size: int = 10000, resize: int = 0, seed: int = 0,
                           **read) -> dict:
-    """Write a data set that load_captions reads (`read`: its options) as WebDataset shards
+    """Write a data set that load_caption_index reads (`read`: its options) as WebDataset shards
     out_dir/00000.tar, 00001.tar, ... of shard_size samples, and out_dir/_info.json.
 
     One sample per image: `<key>.jpg` or `.png` and `<key>.json` with all its captions and the
@@ -428,7 +428,7 @@ def convert_to_webdataset(src, out_dir, shard_size: int = 10000, resize: int = 0
     out_dir = str(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise FileExistsError(f"{out_dir}: folder exists and is not empty; choose a new folder or delete it")
-    index = data_loader.load_captions(src, **read)
+    index = data_loader.load_caption_index(src, **read)
     os.makedirs(out_dir, exist_ok=True)
     shards, skipped, tar = [], [], None
     for i in tqdm(np.random.default_rng(seed).permutation(index.num_images), desc="converting", unit="image"):

@@ -20,6 +20,12 @@ from pathlib import Path
 from errors import DataError, OutputError, SettingsError, TrainingError, disk_full_message, is_disk_full
 
 DEFAULT_DATA_DIR = "data/sample"
+# On a CPU the model's OpenMP threads share the cores with the DataLoader workers. After each
+# parallel region GNU OpenMP's threads spin for ~300,000 rounds before they sleep, holding the
+# cores the workers need; 1000 rounds trains ~12% faster here (bench_peer.py, bench/README.md).
+# OpenMP reads it once, when torch loads it, so it is set before torch is imported; a value of
+# the user's own wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1195,9 +1201,9 @@ def load_data(cfg, run):
         raise SettingsError(f"train_num_samples, data_weights and data_resampled apply to WebDataset "
                             f"shards; data_dir {cfg.data_dir} is read whole, one sample per image per "
                             f"epoch")
-    train_index = None if streamed else data_loader.load_captions(cfg.data_dir, split=cfg.split, **read)
+    train_index = None if streamed else data_loader.load_caption_index(cfg.data_dir, split=cfg.split, **read)
     if cfg.val_data:
-        val_index = data_loader.load_captions(cfg.val_data, split="valid", **read)
+        val_index = data_loader.load_caption_index(cfg.val_data, split="valid", **read)
     else:
         train_index, val_index = data_loader.split_by_image(train_index, cfg.val_fraction, cfg.seed)
     for index in (train_index, val_index):

@@ -576,7 +576,7 @@ def _load_images(saved: dict, data):
     # read the data the way evaluation.py did (CSV columns, Chinese-CLIP split)
     read = {k: saved["meta"][k] for k in ("image_column", "caption_column", "split")
             if k in saved["meta"]}
-    index = data_loader.load_captions(data, **read)
+    index = data_loader.load_caption_index(data, **read)
     names = saved["meta"].get("image_names")
     if saved["meta"].get("skipped") and names:   # evaluation left unreadable images out
         position = {index.image_name(i): i for i in range(index.num_images)}

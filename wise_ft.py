@@ -82,8 +82,8 @@ def evaluate_mix(setup, args, device):
     options = dict(batch_size=args.batch_size, num_workers=args.num_workers, device=device)
     result = {}
     if args.data:
-        from data_loader import load_captions
-        metrics = evaluation.evaluate_model(setup, load_captions(args.data), **options)
+        from data_loader import load_caption_index
+        metrics = evaluation.evaluate_model(setup, load_caption_index(args.data), **options)
         result["retrieval"] = metrics["retrieval"]
     if args.zeroshot:
         zeroshot = evaluation.evaluate_zeroshot(setup, args.zeroshot, **options)

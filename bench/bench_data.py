@@ -68,7 +68,7 @@ def sample_costs(repo, rounds: int) -> dict:
     setup = clip_model.build_model("tiny-vit-64")
     transform = data_loader.image_transform(setup.preprocess_cfg, train=True, augment=True)
     sets = {"64 px PNG (the generated set)": common.sample_data(2000) / "data.json", **photo_sets()}
-    datasets = {name: data_loader.TrainDataset(data_loader.load_captions(path), transform, setup.tokenizer)
+    datasets = {name: data_loader.TrainDataset(data_loader.load_caption_index(path), transform, setup.tokenizer)
                 for name, path in sets.items()}
     times = {name: [] for name in sets}
     for _ in range(rounds):

@@ -5,7 +5,7 @@
 
 The index names N distinct image files, each with two captions of about 50 characters. The files
 are 1,000 to a folder, each folder one 8x8 PNG and 999 hard links to it (a directory entry each, no
-data blocks), so that load_captions checks that every image exists as it does for real ones. Each form is measured in a
+data blocks), so that load_caption_index checks that every image exists as it does for real ones. Each form is measured in a
 fresh process: load the index, then iterate it with a DataLoader of 2 workers that reads every
 image name and every caption (what TrainDataset touches besides the image file; images are not
 decoded, that cost does not depend on the index). While it iterates, the parent samples
@@ -13,7 +13,7 @@ decoded, that cost does not depend on the index). While it iterates, the parent 
 USS = Private_Clean + Private_Dirty, the memory the worker alone holds (pages it has copied from
 the parent, plus its own allocations); PSS adds its share of the pages still shared. The forms:
   baseline  the same DataLoader over a dataset that holds no strings;
-  index     data_loader.load_captions: names and captions packed into numpy buffers;
+  index     data_loader.load_caption_index: names and captions packed into numpy buffers;
   naive     the entries as json.load returns them, a list of dicts, read the same way.
 """
 import argparse
@@ -113,7 +113,7 @@ def worker(form: str, index_path: str, entries: int, workers: int, batch_size: i
     import data_loader
     started, arrays = time.perf_counter(), 0
     if form == "index":
-        dataset = ReadIndex(data_loader.load_captions(index_path))
+        dataset = ReadIndex(data_loader.load_caption_index(index_path))
         strings = (dataset.index._names, dataset.index._captions)
         arrays = sum(a.nbytes for a in (dataset.index._first_caption, dataset.index.caption_image,
                                          *(p.buffer for p in strings), *(p.offsets for p in strings)))
@@ -235,7 +235,7 @@ image name and caption) by a DataLoader of {args.workers} worker processes (fork
 batch; each form in a fresh process. Worker columns: the largest value seen while iterating, one
 per worker. USS is the worker's private memory (Private_Clean + Private_Dirty of
 /proc/PID/smaps_rollup); PSS adds its share of the pages it still shares with the parent.
-"baseline" iterates a dataset without strings; "index" is `data_loader.load_captions` (a
+"baseline" iterates a dataset without strings; "index" is `data_loader.load_caption_index` (a
 CaptionIndex); "naive" is the list of dicts `json.load` returns. Machine: {os.cpu_count()} cores
 ({cpu}), torch {torch.__version__}, Python {platform.python_version()}; load average {load_before[0]:.1f} before and
 {os.getloadavg()[0]:.1f} after (other jobs shared the cores: times are noisy). Rerun:

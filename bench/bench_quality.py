@@ -198,7 +198,7 @@ def evaluate_snapshots(result: dict, test: Path) -> dict:
     import data_loader
     import evaluation
     with _evaluating:
-        index = data_loader.load_captions(test)
+        index = data_loader.load_caption_index(test)
         for snapshot in result["snapshots"]:
             setup = clip_model.build_model(SHARED["model"], pretrained=snapshot["path"])
             snapshot["retrieval"] = evaluation.evaluate_model(setup, index, batch_size=SHARED["batch"])["retrieval"]

@@ -263,7 +263,7 @@ def _job_train_eval(params):
     result = train.main(params["argv"])
     last = result["checkpoint_dir"] / "last.pt"
     setup, checkpoint = clip_model.model_from_checkpoint(last)
-    index = data_loader.load_captions(params["eval"])
+    index = data_loader.load_caption_index(params["eval"])
     out = {"raw": evaluation.evaluate_model(setup, index)["retrieval"], "timing": result["timing"],
            "checkpoint": str(last)}
     if checkpoint.get("ema"):
@@ -390,7 +390,7 @@ def _job_loader(params):
     if params.get("threads"):
         torch.set_num_threads(params["threads"])
     setup = clip_model.build_model(params.get("model_name", "tiny-vit-64"))
-    index = data_loader.load_captions(params["data"])
+    index = data_loader.load_caption_index(params["data"])
     augmentation = data_loader.TrainAugmentation(setup.preprocess_cfg)
     started, cache = time.perf_counter(), None
     if params.get("cache", True):

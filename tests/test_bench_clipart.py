@@ -107,8 +107,8 @@ def test_images_are_rgb_on_white_and_at_most_size_on_the_shorter_side(source, tm
 def test_json_and_csv_describe_the_same_pairs(source, tmp_path):
     out = build(source, tmp_path / "set")
     for name in clipart.SPLITS:
-        from_json = data_loader.load_captions(out / name)
-        from_csv = data_loader.load_captions(out / name / "data.csv")
+        from_json = data_loader.load_caption_index(out / name)
+        from_csv = data_loader.load_caption_index(out / name / "data.csv")
         assert (from_json.num_images, from_json.captions()) == (from_csv.num_images, from_csv.captions())
         with open(out / name / "data.csv", newline="", encoding="utf-8") as f:
             assert all(Path(row["filepath"]).is_absolute() for row in csv.DictReader(f))

@@ -81,7 +81,7 @@ def write_chinese_clip(index, folder, split="train"):
 # ----------------------------------------------------------------------------- formats
 
 def test_every_format_loads_the_same_samples(sample, tmp_path):
-    reference = dl.load_captions(sample["index"])
+    reference = dl.load_caption_index(sample["index"])
     folder = tmp_path / "folder"  # the images/ + captions/ layout on its own (no data.json beside it)
     for sub in ("images", "captions"):
         shutil.copytree(os.path.join(sample["folder"], sub), folder / sub)
@@ -92,22 +92,22 @@ def test_every_format_loads_the_same_samples(sample, tmp_path):
     expected = contents(reference)
     assert len(expected) == 12 and reference.num_captions >= 24
     for source in sources:
-        index = dl.load_captions(source)
+        index = dl.load_caption_index(source)
         assert (index.num_images, index.num_captions) == (12, reference.num_captions), source
         assert contents(index) == expected, source
-    assert dl.load_captions(folder).source == str(folder)  # really read as the folder layout
+    assert dl.load_caption_index(folder).source == str(folder)  # really read as the folder layout
 
 
 def test_table_columns_are_configurable_and_the_separator_is_detected(tmp_path):
     write_png(tmp_path / "a.png")
     (tmp_path / "pairs.txt").write_text('id;img;text\n1;a.png;"a red square, small"\n2;a.png;red\n')
-    index = dl.load_captions(tmp_path / "pairs.txt", image_column="img", caption_column="text")
+    index = dl.load_caption_index(tmp_path / "pairs.txt", image_column="img", caption_column="text")
     assert index.num_images == 1 and index.captions() == ["a red square, small", "red"]
 
 
 def test_an_image_named_several_times_is_one_image_with_all_its_captions(tmp_path):
     write_png(tmp_path / "a.png"), write_png(tmp_path / "b.png")
-    index = dl.load_captions(write_json(tmp_path / "data.json", [
+    index = dl.load_caption_index(write_json(tmp_path / "data.json", [
         {"image_path": "a.png", "captions": ["a1", "a2"]}, {"image_path": "b.png", "caption": "b1"},
         {"image_path": "a.png", "caption": "a3"}]))
     assert (index.num_images, index.num_captions) == (2, 4)
@@ -124,7 +124,7 @@ def test_chinese_clip_text_of_several_images_belongs_to_each_and_unused_images_a
         '{"text_id": 1, "text": "红色和蓝色", "image_ids": [7, 8]}\n'
         '{"text_id": 2, "text": "蓝色", "image_ids": [8]}\n',
         encoding="utf-8")
-    index = dl.load_captions(tmp_path, split="valid")
+    index = dl.load_caption_index(tmp_path, split="valid")
     assert [index.image_name(i) for i in range(index.num_images)] == ["7", "8"]  # 9 has no text
     assert index.captions() == ["红色和蓝色", "红色和蓝色", "蓝色"]
     assert index.caption_image.tolist() == [0, 1, 1]
@@ -132,7 +132,7 @@ def test_chinese_clip_text_of_several_images_belongs_to_each_and_unused_images_a
 
 
 def test_split_is_per_image_seeded_and_keeps_every_caption_with_its_image(sample):
-    index = dl.load_captions(sample["index"])
+    index = dl.load_caption_index(sample["index"])
     train, val = dl.split_by_image(index, 0.25, seed=1)
     names = lambda part: {part.image_name(i) for i in range(part.num_images)}  # noqa: E731
     assert val.num_images == 3 and train.num_images == 9
@@ -148,14 +148,14 @@ def test_split_is_per_image_seeded_and_keeps_every_caption_with_its_image(sample
 def test_invalid_json_names_the_file_and_line(tmp_path):
     (tmp_path / "data.json").write_text('[{"image_path": "a.png",\n "caption": }]')
     with pytest.raises(dl.DataError, match=r"data\.json: not valid JSON \(line 2"):
-        dl.load_captions(tmp_path)
+        dl.load_caption_index(tmp_path)
 
 
 def test_entry_without_image_path_is_named_by_number(tmp_path):
     write_png(tmp_path / "a.png")
     path = write_json(tmp_path / "train.json", [{"image_path": "a.png", "caption": "x"}, {"caption": "y"}])
     with pytest.raises(dl.DataError, match=re.escape(f"{path}, entry 1: missing 'image_path'")):
-        dl.load_captions(path)
+        dl.load_caption_index(path)
 
 
 def test_empty_caption_names_the_entry_and_image(tmp_path):
@@ -163,7 +163,7 @@ def test_empty_caption_names_the_entry_and_image(tmp_path):
     path = write_json(tmp_path / "train.json", [{"image_path": "a.png", "caption": "x"},
                                                 {"image_path": "b.png", "captions": ["ok", "  "]}])
     with pytest.raises(dl.DataError, match=re.escape(f"{path}, entry 1: empty caption for image 'b.png'")):
-        dl.load_captions(path)
+        dl.load_caption_index(path)
 
 
 def test_missing_images_are_skipped_and_named_at_load_time_or_stop_a_strict_load(tmp_path):
@@ -172,19 +172,19 @@ def test_missing_images_are_skipped_and_named_at_load_time_or_stop_a_strict_load
         {"image_path": f"img/{k}.png", "captions": [f"caption {k}", f"other {k}"]} for k in range(5)])
     resolved = tmp_path / "img" / "1.png"
     message = f"{path}, entry 1: image 'img/1.png' not found (resolved to {resolved})"
-    index = dl.load_captions(path)
+    index = dl.load_caption_index(path)
     assert index.num_images == 2 and index.skipped[0] == message and len(index.skipped) == 3
     assert [index.image_name(i) for i in range(2)] == [str(tmp_path / "img/0.png"), str(tmp_path / "img/3.png")]
     assert index.captions() == ["caption 0", "other 0", "caption 3", "other 3"]
     assert index.caption_image.tolist() == [0, 0, 1, 1]
     with pytest.raises(dl.DataError, match=re.escape(message + "; 2 more images are missing")):
-        dl.load_captions(path, strict=True)
+        dl.load_caption_index(path, strict=True)
 
 
 def test_an_index_whose_images_are_all_missing_is_an_error(tmp_path):
     path = write_json(tmp_path / "train.json", [{"image_path": "nowhere.png", "caption": "x"}])
     with pytest.raises(dl.DataError, match="entry 0: image 'nowhere.png' not found"):
-        dl.load_captions(path)
+        dl.load_caption_index(path)
 
 
 def test_a_symlink_loop_in_a_captions_folder_is_named_in_one_line(tmp_path):
@@ -192,7 +192,7 @@ def test_a_symlink_loop_in_a_captions_folder_is_named_in_one_line(tmp_path):
     (tmp_path / "captions").mkdir()
     os.symlink(tmp_path / "captions" / "cat.txt", tmp_path / "captions" / "cat.txt")
     with pytest.raises(dl.DataError, match="cat.txt: cannot be read \\(Too many levels of symbolic links"):
-        dl.load_captions(tmp_path)
+        dl.load_caption_index(tmp_path)
 
 
 def test_caption_file_that_is_not_utf8_is_named(tmp_path):
@@ -201,13 +201,13 @@ def test_caption_file_that_is_not_utf8_is_named(tmp_path):
     (tmp_path / "captions" / "cat.txt").write_bytes(b"a cat\n\xff\xfe caf\xe9\n")
     with pytest.raises(dl.DataError, match=re.escape(f"{tmp_path / 'captions' / 'cat.txt'}, entry 0: caption "
                                                      f"file of image 'images/cat.png' is not UTF-8")):
-        dl.load_captions(tmp_path)
+        dl.load_caption_index(tmp_path)
 
 
 def test_table_without_the_columns_shows_its_header(tmp_path):
     (tmp_path / "pairs.csv").write_text("path,text\na.png,x\n")
     with pytest.raises(dl.DataError, match="header 'path,text' lacks the columns 'filepath' and 'title'"):
-        dl.load_captions(tmp_path / "pairs.csv")
+        dl.load_caption_index(tmp_path / "pairs.csv")
 
 
 def test_chinese_clip_text_pointing_to_an_unknown_image_is_named(tmp_path):
@@ -215,7 +215,7 @@ def test_chinese_clip_text_pointing_to_an_unknown_image_is_named(tmp_path):
     (tmp_path / "train_texts.jsonl").write_text('{"text_id": 1, "text": "x", "image_ids": [1]}\n'
                                                 '{"text_id": 2, "text": "y", "image_ids": [5]}\n')
     with pytest.raises(dl.DataError, match=r"train_texts\.jsonl, entry 1: image id 5 is not in .*train_imgs"):
-        dl.load_captions(tmp_path)
+        dl.load_caption_index(tmp_path)
 
 
 BROKEN_IMAGES = {"empty": b"", "truncated": png_bytes(Image.new("RGB", (64, 64), "red"))[:60],
@@ -228,14 +228,14 @@ BROKEN_MESSAGES = {"empty": "is empty (0 bytes)", "truncated": "cannot be decode
 def index_with_broken_image(tmp_path):
     write_png(tmp_path / "good1.png"), write_png(tmp_path / "good2.png", (0, 0, 255))
     (tmp_path / "broken.png").write_bytes(BROKEN_IMAGES["truncated"])
-    return dl.load_captions(write_json(tmp_path / "data.json", [
+    return dl.load_caption_index(write_json(tmp_path / "data.json", [
         {"image_path": name, "caption": "a picture"} for name in ("good1.png", "broken.png", "good2.png")]))
 
 
 @pytest.mark.parametrize("kind", BROKEN_IMAGES)
 def test_undecodable_image_raises_data_error_naming_it(kind, tmp_path):
     (tmp_path / "x.png").write_bytes(BROKEN_IMAGES[kind])
-    index = dl.load_captions(write_json(tmp_path / "data.json", [{"image_path": "x.png", "caption": "c"}]))
+    index = dl.load_caption_index(write_json(tmp_path / "data.json", [{"image_path": "x.png", "caption": "c"}]))
     message = f"image '{tmp_path / 'x.png'}' {BROKEN_MESSAGES[kind]}"
     with pytest.raises(dl.DataError, match=re.escape(message)):
         index.load_image(0)
@@ -307,7 +307,7 @@ def test_every_image_mode_becomes_correct_rgb(mode):
 # ----------------------------------------------------------------------------- sampling
 
 def test_without_augmentation_a_training_image_is_the_evaluation_image(sample):
-    image = dl.load_captions(sample["index"]).load_image(0).resize((48, 40))
+    image = dl.load_caption_index(sample["index"]).load_image(0).resize((48, 40))
     evaluate = dl.image_transform(PREPROCESS)
     plain = dl.TrainAugmentation(PREPROCESS, augment=False)
     assert evaluate(image).shape == (3, 32, 32) and plain.side == 32
@@ -316,7 +316,7 @@ def test_without_augmentation_a_training_image_is_the_evaluation_image(sample):
 
 
 def test_augmentation_is_drawn_from_the_samples_generator_alone(sample):
-    image = dl.load_captions(sample["index"]).load_image(0)
+    image = dl.load_caption_index(sample["index"]).load_image(0)
     augment = dl.TrainAugmentation(PREPROCESS)
     pixels = augment.prepare(image)
     first = augment(pixels, np.random.default_rng((0, 0, 1)))
@@ -380,7 +380,7 @@ class NoPixels:
 
 
 def test_each_epoch_draws_one_seeded_caption_per_image(sample):
-    index = dl.load_captions(sample["index"])
+    index = dl.load_caption_index(sample["index"])
     dataset = dl.TrainDataset(index, NoPixels(), lambda texts: texts, seed=1)
     draws = []
     for epoch in range(6):
@@ -395,7 +395,7 @@ def test_each_epoch_draws_one_seeded_caption_per_image(sample):
 
 
 def test_train_batches_do_not_depend_on_worker_count(sample, tokenizer):
-    index = dl.load_captions(sample["index"])
+    index = dl.load_caption_index(sample["index"])
 
     def batches(num_workers):
         dataset = dl.TrainDataset(index, dl.TrainAugmentation(PREPROCESS), tokenizer, seed=5)
@@ -416,7 +416,7 @@ def test_train_batches_do_not_depend_on_worker_count(sample, tokenizer):
 
 
 def test_loader_drops_the_last_partial_batch_only_for_training(sample, tokenizer):
-    index = dl.load_captions(sample["index"])
+    index = dl.load_caption_index(sample["index"])
     evaluation = list(dl.build_dataloader(dl.ImageDataset(index, dl.image_transform(PREPROCESS)), 5,
                                           train=False))
     assert [len(batch["indices"]) for batch in evaluation] == [5, 5, 2]
@@ -486,20 +486,20 @@ def write_chinese_clip_lmdb(index, root, split="train", pairs=None):
 
 
 def test_chinese_clip_lmdb_reads_like_the_files_it_was_made_from(sample, tmp_path):
-    reference = dl.load_captions(sample["index"])
+    reference = dl.load_caption_index(sample["index"])
     folder = write_chinese_clip_lmdb(reference, tmp_path)
     for path, split in ((folder, "train"), (tmp_path / "lmdb", "train")):  # the split's folder, or lmdb/
-        index = dl.load_captions(path, split=split)
+        index = dl.load_caption_index(path, split=split)
         assert (index.num_images, index.num_captions) == (12, reference.num_captions)
         assert contents(index) == contents(reference)
         assert index.image_name(0) == "1000" and index.subset([3]).image_name(0) == "1003"
 
 
 def test_an_image_id_missing_from_the_lmdb_images_is_named(sample, tmp_path):
-    reference = dl.load_captions(sample["index"])
+    reference = dl.load_caption_index(sample["index"])
     folder = write_chinese_clip_lmdb(reference, tmp_path, pairs=[pickle.dumps((7, 0, "一只猫"))])
     with pytest.raises(dl.DataError, match=r"pairs: image id '7' is not in .*imgs"):
-        dl.load_captions(folder)
+        dl.load_caption_index(folder)
 
 
 class _RunsCode:
@@ -518,26 +518,27 @@ def test_a_malicious_pickle_in_the_lmdb_is_refused_and_runs_nothing(sample, tmp_
     pickle.loads(payload)  # control: plain pickle.loads runs it ...
     assert marker.exists()
     marker.unlink()
-    folder = write_chinese_clip_lmdb(dl.load_captions(sample["index"]), tmp_path,
+    folder = write_chinese_clip_lmdb(dl.load_caption_index(sample["index"]), tmp_path,
                                      pairs=[pickle.dumps((1000, 0, "a good record")), payload])
     with pytest.raises(dl.DataError, match=r"pairs, key 1: refused to unpickle the record: it names "
                                            r"(io|builtins)\.open; only plain data"):
-        dl.load_captions(folder)
+        dl.load_caption_index(folder)
     assert not marker.exists()  # ... our reader does not
 
 
 def test_an_lmdb_record_that_is_not_image_text_id_and_text_is_named(sample, tmp_path):
-    folder = write_chinese_clip_lmdb(dl.load_captions(sample["index"]), tmp_path,
+    folder = write_chinese_clip_lmdb(dl.load_caption_index(sample["index"]), tmp_path,
                                      pairs=[pickle.dumps({"image_id": 1000, "text": "a dict"})])
     with pytest.raises(dl.DataError, match=r"pairs, key 0: expected a pickled \(image_id, text_id, text\)"):
-        dl.load_captions(folder)
+        dl.load_caption_index(folder)
 
 
 def test_train_runs_on_a_chinese_clip_lmdb_folder(tmp_path):
     import train
     root = tmp_path / "muge"
     for split, seed in (("train", 0), ("valid", 1)):
-        index = dl.load_captions(sample_data.create_sample_dataset(tmp_path / split, 24, seed, language="zh")["index"])
+        sample = sample_data.create_sample_dataset(tmp_path / split, 24, seed, language="zh")
+        index = dl.load_caption_index(sample["index"])
         write_chinese_clip_lmdb(index, root, split)
     result = train.main(["--data_dir", str(root / "lmdb/train"), "--val_data", str(root / "lmdb/valid"),
                          "--batch_size", "8", "--num_workers", "1", "--max_steps", "3", "--warmup_steps", "1",

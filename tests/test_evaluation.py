@@ -419,7 +419,7 @@ def sample(tmp_path_factory):
     setup = clip_model.build_model("tiny-vit-64")
     clip_model.save_checkpoint(root / "best.pt", setup)
     return {"root": root, "setup": setup, "data": paths["index"], "zeroshot": paths["zeroshot"],
-            "checkpoint": str(root / "best.pt"), "index": data_loader.load_captions(paths["index"])}
+            "checkpoint": str(root / "best.pt"), "index": data_loader.load_caption_index(paths["index"])}
 
 
 RUN = ["--device", "cpu", "--num_workers", "0", "--batch_size", "16"]
@@ -509,7 +509,7 @@ def damaged(sample, tmp_path_factory):
 
 def test_unreadable_images_are_left_out_with_their_captions_and_named(sample, damaged):
     import data_loader
-    index = data_loader.load_captions(damaged["index"])
+    index = data_loader.load_caption_index(damaged["index"])
     results = ev.evaluate_model(sample["setup"], index, batch_size=16, num_workers=2)
     good = [i for i in range(index.num_images) if i not in damaged["bad"]]
     reference = ev.evaluate_model(sample["setup"], index.subset(good), batch_size=16)

@@ -54,7 +54,7 @@ def test_sample_dataset_layouts_captions_and_zeroshot_classes(sample):
 def test_chinese_sample_captions_are_chinese_and_tokenised(tmp_path):
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
     paths = sample_data.create_sample_dataset(tmp_path / "zh", num_samples=8, seed=0, language="zh")
-    index = dl.load_captions(paths["index"])
+    index = dl.load_caption_index(paths["index"])
     colour_names = [zh for _, zh in sample_data.SAMPLE_COLOURS.values()]
     assert all(any(c in caption for c in colour_names) for caption in index.captions())
     assert "红色圆形" in os.listdir(paths["zeroshot"])
@@ -66,7 +66,7 @@ def test_chinese_sample_captions_are_chinese_and_tokenised(tmp_path):
 
 def test_a_set_of_some_colours_names_only_those_and_classifies_only_their_shapes(tmp_path):
     paths = sample_data.create_sample_dataset(tmp_path / "rb", num_samples=30, seed=0, colours=("red", "blue"))
-    captions = " ".join(dl.load_captions(paths["index"]).captions())
+    captions = " ".join(dl.load_caption_index(paths["index"]).captions())
     assert "red" in captions and "blue" in captions
     assert not any(colour in captions for colour in ("green", "yellow", "purple"))
     assert sorted(os.listdir(paths["zeroshot"])) == sorted(f"{c} {s}" for c in ("red", "blue")

@@ -109,7 +109,7 @@ def shard_set(sample_set, tmp_path_factory):
     out = tmp_path_factory.mktemp("shards") / "set"
     info = shards.convert_to_webdataset(sample_set["index"], out, shard_size=10, seed=0)
     return {"pattern": str(out / "{00000..00019}.tar"), "folder": out, "info": info,
-            "index": dl.load_captions(sample_set["index"])}
+            "index": dl.load_caption_index(sample_set["index"])}
 
 
 @pytest.fixture(scope="module")

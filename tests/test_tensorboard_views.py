@@ -39,7 +39,7 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tensorboard")
     train_set = sample_data.create_sample_dataset(out / "train", num_samples=160, seed=0)
     val_set = sample_data.create_sample_dataset(out / "val", num_samples=30, seed=1)
-    val_index = data_loader.load_captions(val_set["index"])
+    val_index = data_loader.load_caption_index(val_set["index"])
     order = np.random.default_rng(0).permutation(val_index.num_images)
     Path(val_index.image_name(int(order[1]))).write_bytes(b"not an image")
     result = train.main([

@@ -2,6 +2,7 @@
 step; and whole runs on CPU: it learns, resumes exactly, survives SIGTERM and NaN losses, and
 writes what evaluation, TensorBoard and visualization read. (Faults: test_train_faults.py.)"""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -383,3 +384,15 @@ def test_hard_negative_batches_resume_exactly_mid_epoch(data, tmp_path):
     assert a["epoch_order"][0] == 1 and torch.equal(a["epoch_order"][1], b["epoch_order"][1])
     log = (tmp_path / "logs/whole/train.log").read_text()
     assert "epoch 0: hard-negative batches mined from 480 captions" in log and "epoch 1: hard-negative" in log
+
+
+@pytest.mark.parametrize("users_value", [None, "250000"])
+def test_openmp_threads_spin_briefly_unless_the_user_chose(users_value):
+    """GOMP_SPINCOUNT must be in the environment before torch loads OpenMP, so train.py sets it on
+    import; a value the user exported is kept."""
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    if users_value:
+        env["GOMP_SPINCOUNT"] = users_value
+    code = "import sys, os, train; print('torch' in sys.modules, os.environ['GOMP_SPINCOUNT'])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", users_value or "1000"]

@@ -84,7 +84,7 @@ def write_embeddings(folder, data):
     """Saved embeddings in evaluation.py's format for the data set at `data`."""
     import data_loader
 
-    index = data_loader.load_captions(data)
+    index = data_loader.load_caption_index(data)
     caption_image = np.asarray(index.caption_image, dtype=np.int64)
     rng = np.random.default_rng(0)
     image_features = rng.normal(size=(index.num_images, 16)).astype(np.float32)

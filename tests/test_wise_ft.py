@@ -52,7 +52,7 @@ def test_each_mix_is_evaluated_drawn_and_a_chosen_one_saved(endpoints, tmp_path)
                             "--data", data["index"], "--zeroshot", data["zeroshot"], "--output", str(output),
                             "--save", "0.5", str(saved), "--num_workers", "0"])
     assert [r["alpha"] for r in results] == [0.0, 0.5, 1.0]
-    direct = evaluation.evaluate_model(endpoints["start"], data_loader.load_captions(data["index"]))
+    direct = evaluation.evaluate_model(endpoints["start"], data_loader.load_caption_index(data["index"]))
     assert results[0]["retrieval"] == direct["retrieval"]            # alpha 0 is the pretrained model
     assert json.loads(output.read_text())["results"] == results
     assert output.with_suffix(".png").stat().st_size > 10_000
