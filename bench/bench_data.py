@@ -54,9 +54,13 @@ def photo_sets(num_images: int = 200) -> dict:
     return sets
 
 
+GENERATED, CACHED = "64 px PNG (the generated set)", "the same, from the image cache (train.py's default)"
+
+
 def sample_costs(repo, rounds: int) -> dict:
-    """Microseconds per training sample (TrainDataset[i]: read, decode, augment, tokenise) in
-    this process on one thread, as in a DataLoader worker; the sets take turns, median of rounds."""
+    """Microseconds per training sample (TrainDataset[i]: read, decode, augment, tokenise; from
+    the image cache: crop, jitter and tokenise only) in this process on one thread, as in a
+    DataLoader worker; the sets take turns, median of rounds."""
     import sys
     import time
     sys.path.insert(0, str(repo))
@@ -66,11 +70,13 @@ def sample_costs(repo, rounds: int) -> dict:
     import data_loader
     torch.set_num_threads(1)
     setup = clip_model.build_model("tiny-vit-64")
-    transform = data_loader.image_transform(setup.preprocess_cfg, train=True, augment=True)
-    sets = {"64 px PNG (the generated set)": common.sample_data(2000) / "data.json", **photo_sets()}
-    datasets = {name: data_loader.TrainDataset(data_loader.load_caption_index(path), transform, setup.tokenizer)
+    augmentation = data_loader.TrainAugmentation(setup.preprocess_cfg)
+    sets = {GENERATED: common.sample_data(2000) / "data.json", **photo_sets()}
+    datasets = {name: data_loader.TrainDataset(data_loader.load_caption_index(path), augmentation, setup.tokenizer)
                 for name, path in sets.items()}
-    times = {name: [] for name in sets}
+    cached_index, cache = data_loader.cache_images(data_loader.load_caption_index(sets[GENERATED]), augmentation)
+    datasets[CACHED] = data_loader.TrainDataset(cached_index, augmentation, setup.tokenizer, cache=cache)
+    times = {name: [] for name in datasets}
     for _ in range(rounds):
         for name, dataset in datasets.items():
             started = time.perf_counter()
@@ -185,7 +191,7 @@ The data pipeline of train.py: images/s its DataLoader delivers with no model (2
 mean over the logging windows of a 2-epoch run) with 0, 1 and 2 workers. Each run in a fresh
 process, alternating, {args.rounds} rounds; medians.
 Machine: {common.machine()}; load average {load_before:.1f} before, {load_after:.1f} after.
-Rerun: `.venv/bin/python bench/bench_data.py`.
+Rerun: {common.rerun()}.
 
 {loader_table}
 
@@ -210,11 +216,14 @@ processes: other jobs on the machine count too (see the load average).
   {loader_rows[2][3]}), so train.py waits for data mostly at the start of an epoch. The price
   of the workers is the CPU time they take from the model's threads: bench_overhead.py shows
   it as a slower forward-backward inside train.py.
-- Photos: a 512 px JPEG costs {costs["512 px JPEG"] / costs["64 px PNG (the generated set)"]:.1f}x
-  the whole pipeline of a 64 px PNG, decoded again every epoch; resized once it costs
-  {costs["resized once to 64 px JPEG"] / costs["64 px PNG (the generated set)"]:.1f}x. The one-time
-  resized copy exists: `python shards.py --to_webdataset SRC OUT --resize 64` writes shards
-  of resized images, and `train.py --data_dir OUT --val_data ...` trains on them.
+- Photos: a 512 px JPEG costs {costs["512 px JPEG"] / costs[GENERATED]:.1f}x
+  the whole pipeline of a 64 px PNG when it is decoded again every epoch; resized once it costs
+  {costs["resized once to 64 px JPEG"] / costs[GENERATED]:.1f}x. train.py decodes each image once
+  into its image cache when the decoded set fits in a quarter of the free memory (the default,
+  `--cache_images`): a sample then costs {costs[CACHED]:.0f} us, {costs[CACHED] / model_us:.2f} of
+  the model's time per sample, which is what the workers take from the model's two threads. Beyond
+  memory, `python shards.py --to_webdataset SRC OUT --resize 64` writes shards of resized images
+  once, and `train.py --data_dir OUT --val_data ...` trains on them.
 - Threads: next to one busy process, two threads with OpenMP's default spinning keep
   {busy["2 threads, OpenMP default spinning"]:.2f} of their idle speed, with GOMP_SPINCOUNT=1000
   {busy["2 threads, GOMP_SPINCOUNT=1000"]:.2f}, one thread {busy["1 thread"]:.2f}: a thread

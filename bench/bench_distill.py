@@ -179,7 +179,7 @@ directions, %) of the final weights on a held-out set of 500 images (a third see
 whole training loop (validation left out) without augmentation, {args.speed_steps} steps, {args.rounds}
 rounds in alternating order, each run in a fresh process; start-up includes the cache's one pass.
 Machine: {common.machine()}; load average {load_before:.1f} before, {common.load_average():.1f} after.
-Rerun: `.venv/bin/python bench/bench_distill.py` (the teacher is trained once and kept in bench/out/distill/).
+Rerun: {common.rerun()} (the teacher is trained once and kept in bench/out/distill/).
 
 {tables['recall']}
 

@@ -183,7 +183,7 @@ timed calls, {args.calls_batch1} per round) and the items/s it allows; batch 64:
 (median call of {args.calls_batch64} per round). Each runtime in a fresh process, {args.threads}
 threads each, {args.rounds} rounds in alternating order; "x PyTorch" is the median of the rounds'
 speed ratios (range). Machine: {common.machine()}; load average {load_before:.1f} before,
-{common.load_average():.1f} after. Rerun: `.venv/bin/python bench/bench_export.py`.
+{common.load_average():.1f} after. Rerun: {common.rerun()}.
 
 {result}
 """)

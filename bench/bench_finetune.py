@@ -121,7 +121,7 @@ def main():
 
 {__doc__.split(chr(10) + chr(10), 2)[2].strip()}
 
-Rerun: `.venv/bin/python bench/bench_finetune.py` ({len(seeds)} seeds, {epochs} epochs of 31 steps
+Rerun: {common.rerun()} ({len(seeds)} seeds, {epochs} epochs of 31 steps
 at batch 64). Machine: {common.machine()}.
 
 Fine-grained retrieval (400 near-twin images, chance R@1 0.25%), mean ± half the range over the

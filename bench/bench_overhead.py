@@ -111,7 +111,7 @@ logging, `--save_every {args.save_every}` checkpoints, best.pt after each valida
 validation time is left out and shown on its own. Bare loop: torch's defaults; tuned bare
 loop: fused AdamW and `GOMP_SPINCOUNT=1000`. Each run in a fresh process, alternating,
 {args.rounds} rounds. Machine: {common.machine()}; load average {load_before:.1f} before, {load_after:.1f} after.
-Rerun: `.venv/bin/python bench/bench_overhead.py`.
+Rerun: {common.rerun()}.
 
 {result}
 

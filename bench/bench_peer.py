@@ -102,7 +102,7 @@ learning rate {SHARED['lr']}, warmup {SHARED['warmup']}, {steps} optimiser steps
 epochs of caption rows), CPU. Samples/s: from the first step to the last, epoch boundaries,
 logging and checkpoints included, validation left out. Each run in a fresh process, alternating.
 Machine: {common.machine()}; load average {load_before:.1f} before, {load_after:.1f} after.
-Rerun: `.venv/bin/python bench/bench_peer.py` (needs `pip install pandas braceexpand`).
+Rerun: {common.rerun()} (needs `pip install pandas braceexpand`).
 
 {results_table}
 

@@ -324,7 +324,7 @@ is each trainer's default, validation after each of its epochs included. Every
 work) and later evaluated by our evaluation.py on the test split. Elapsed: seconds from the
 process start (start-up, data, training, validation, checkpoints). Medians over {args.rounds}
 alternating rounds. Machine: {common.machine()}; load average {loads[0]:.1f} before,
-{loads[1]:.1f} after. Rerun: `.venv/bin/python bench/bench_quality.py` (open_clip_train needs
+{loads[1]:.1f} after. Rerun: {common.rerun()} (open_clip_train needs
 `pip install pandas braceexpand`).
 
 {curve_table(runs)}

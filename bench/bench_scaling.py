@@ -121,7 +121,7 @@ memory of the whole process (python and torch alone take about 0.5 GiB). First a
 (tiny-vit-64, fp32), then against model size (fp32), then the options, each as a ratio to the
 plain step of the same model and batch 64 run next to it. {args.rounds} rounds, alternating; medians.
 Machine: {common.machine()}{bf16_note}; load average {load_before:.1f} before,
-{load_after:.1f} after. Rerun: `.venv/bin/python bench/bench_scaling.py`.
+{load_after:.1f} after. Rerun: {common.rerun()}.
 
 {tables["batch"]}
 

@@ -282,7 +282,7 @@ to parsed JSON (k = {args.k}); "inside the server" is the API's own `took_ms` (t
 top k). Memory per photo: server RSS after loading minus that of a {BASELINE_PHOTOS:,}-photo server,
 over the photos added. Target: p95 under 100 ms at 1,000,000 photos with the tiny preset.
 Machine: {common.machine()}; load average {load_before:.1f} before, {common.load_average():.1f}
-after. Rerun: `.venv/bin/python bench/bench_search.py`.
+after. Rerun: {common.rerun()}.
 
 {build}
 

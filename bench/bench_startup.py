@@ -129,7 +129,7 @@ medians, and the ratio's median (range). The second table: the slowest imports o
 first step, each with what it imports in turn (`python -X importtime`, one run; it adds its own
 overhead).
 Machine: {common.machine()}; load average {load_before:.1f} before, {load_after:.1f} after.
-Rerun: `.venv/bin/python bench/bench_startup.py`.
+Rerun: {common.rerun()}.
 
 {result}
 

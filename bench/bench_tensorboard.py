@@ -97,7 +97,7 @@ out for validation; the share is measured inside each run by train.py's timers (
 of fresh processes, the two sizes alternating. The first validation of a run also imports
 matplotlib. The projector (256 pairs, 2 x 256 points) is written once, at the end. Machine:
 {common.machine()}; load average {load_before:.1f} before, {load_after:.1f} after.
-Rerun: `.venv/bin/python bench/bench_tensorboard.py`.
+Rerun: {common.rerun()}.
 
 {table}
 """)

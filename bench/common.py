@@ -20,6 +20,7 @@ import itertools
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -103,6 +104,11 @@ def evaluate(repo, heldout, name, model_args) -> dict:
                     "--output", str(output), "--num_workers", "0"], cwd=OUT, check=True,
                    stdout=subprocess.DEVNULL)
     return json.loads(output.read_text())["retrieval"]
+
+
+def rerun() -> str:
+    """The command that ran this benchmark, as its README section quotes it."""
+    return "`" + " ".join([".venv/bin/python", f"bench/{Path(sys.argv[0]).name}", *map(shlex.quote, sys.argv[1:])]) + "`"
 
 
 def run_job(job: str, params: dict, env: dict = None, repo: Path = REPO, log_name: str = None) -> dict:
