@@ -7,9 +7,10 @@ samples/s the model consumes, and the share of each step train.py spends waiting
 The loader alone (common._job_loader): the generated set of 2000 images (64 px PNG files),
 TrainDataset, EpochSampler and build_dataloader as train.py builds them (file reading, decoding,
 augmentation, tokenisation, collation), iterated for 2 whole epochs with no model. The model
-alone: the bare loop (common.bare_loop) of tiny-vit-64, batch 64, fp32. Headroom is the loader's
-images/s over the model's samples/s: below 1 the loader cannot keep up even with the cores to
-itself; above 1 it can, but during training its workers take CPU time from the model.
+alone: the bare loop (common.bare_loop) of tiny-vit-64, batch 64, fp32, fused AdamW as in
+train.py, first step untimed. Headroom is the loader's images/s over the model's samples/s:
+below 1 the loader cannot keep up even with the cores to itself; above 1 it can, but during
+training its workers take CPU time from the model.
 Data wait: train.py's own measure (TensorBoard tag train/data_wait, the share of each logging
 window spent waiting for the next batch), averaged over the windows of a 2-epoch run; samples/s is
 that run's loop, as in bench_overhead.py. Target (issue 8): under 5% in the default
@@ -139,8 +140,8 @@ def main():
         return run
 
     sides = {f"loader {w}": loader(w) for w in WORKERS}
-    sides["bare"] = lambda: common.run_job("bare", {"batch_size": batch, "steps": 30}, repo=repo,
-                                           log_name="data-bare")
+    sides["bare"] = lambda: common.run_job("bare", {"batch_size": batch, "steps": 30, "warmup": 1, "fused": True},
+                                           repo=repo, log_name="data-bare")
     sides.update({f"train {w}": train(w) for w in WORKERS})
 
     def report(name, r, result):
@@ -186,7 +187,7 @@ def main():
 
 The data pipeline of train.py: images/s its DataLoader delivers with no model (2000 generated
 64 px PNG files: reading, decoding, random resized crop, colour jitter, tokenisation, collation;
-2 whole epochs), against the samples/s the model consumes (the bare loop of tiny-vit-64, batch
+2 whole epochs), against the samples/s the model consumes (the bare loop of tiny-vit-64, fused AdamW, batch
 {batch}, fp32); and the share of each step train.py waits for data (TensorBoard `train/data_wait`,
 mean over the logging windows of a 2-epoch run) with 0, 1 and 2 workers. Each run in a fresh
 process, alternating, {args.rounds} rounds; medians.
