@@ -333,7 +333,7 @@ def run_flags(data, out, *extra, batch_size=16):
     return ["--data_dir", str(data["index"]), "--num_workers", "0", "--batch_size", str(batch_size),
             "--warmup_steps", "1", "--log_every", "1", "--learning_rate", "2e-3",
             "--checkpoint_dir", str(out / "ckpt"), "--log_dir", str(out / "logs"),
-            "--results_dir", str(out / "results"), *extra]
+            "--results_dir", str(out / "results"), "--tensorboard_pairs", "0", "--projector_pairs", "0", *extra]
 
 
 def single_thread_main(argv):

@@ -149,7 +149,7 @@ def train_flags(data, out, *extra, batch_size=16):
     return ["--data_dir", data["index"], "--model_name", "tiny-vit-64", "--batch_size", str(batch_size),
             "--num_workers", "0", "--max_steps", "6", "--warmup_steps", "2", "--log_every", "1",
             "--checkpoint_dir", str(out / "ckpt"), "--log_dir", str(out / "logs"),
-            "--results_dir", str(out / "results"), *extra]
+            "--results_dir", str(out / "results"), "--tensorboard_pairs", "0", "--projector_pairs", "0", *extra]
 
 
 def torchrun(args, cwd):

@@ -33,7 +33,7 @@ def trained(tmp_path_factory):
     data = data_loader.create_sample_dataset(out / "data", num_samples=64, seed=0)["index"]
     train.main(["--data_dir", str(data), "--max_steps", "3", "--batch_size", "16", "--num_workers", "0",
                 "--run_name", "x", "--checkpoint_dir", str(out / "ckpt"), "--log_dir", str(out / "logs"),
-                "--results_dir", str(out / "results")])
+                "--results_dir", str(out / "results"), "--tensorboard_pairs", "0", "--projector_pairs", "0"])
     return out / "ckpt/x/last.pt"
 
 

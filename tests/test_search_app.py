@@ -52,7 +52,7 @@ def trained_model(folder, language, steps):
                 "--checkpoint_dir", str(folder / "ckpt"), "--log_dir", str(folder / "logs"),
                 "--results_dir", str(folder / "results"), "--num_workers", "0", "--batch_size", "32",
                 "--max_steps", str(steps), "--learning_rate", "2e-3", "--warmup_steps", "5",
-                "--eval_every", "1000", *context])
+                "--eval_every", "1000", "--tensorboard_pairs", "0", "--projector_pairs", "0", *context])
     return folder / "ckpt/tiny/last.pt"
 
 

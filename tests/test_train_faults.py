@@ -32,7 +32,9 @@ def run_args(data, out, *extra):
     return ["--data_dir", str(data["train"]["index"]), "--val_data", str(data["val"]["index"]),
             "--checkpoint_dir", str(out / "ckpt"), "--log_dir", str(out / "logs"),
             "--results_dir", str(out / "results"), "--num_workers", "0", "--batch_size", "16",
-            "--log_every", "2", "--warmup_steps", "2", *extra]
+            "--log_every", "2", "--warmup_steps", "2",
+            # the pictures and projector cost ~2 s a validation; tests/test_tensorboard_views.py tests them
+            "--tensorboard_pairs", "0", "--projector_pairs", "0", *extra]
 
 
 def start(args, **options):
