@@ -22,7 +22,8 @@ from errors import DataError, OutputError, SettingsError, TrainingError, disk_fu
 DEFAULT_DATA_DIR = "data/sample"
 # On a CPU the model's OpenMP threads share the cores with the DataLoader workers. After each
 # parallel region GNU OpenMP's threads spin for ~300,000 rounds before they sleep, holding the
-# cores the workers need; 1000 rounds trains ~12% faster here (bench_peer.py, bench/README.md).
+# cores the workers need; with 1000 rounds, two threads beside one busy process keep 0.59 of
+# their idle speed instead of 0.32 (bench/bench_data.py's thread table in bench/README.md).
 # OpenMP reads it once, when torch loads it, so it is set before torch is imported; a value of
 # the user's own wins.
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
