@@ -117,16 +117,9 @@ def thread_rows(repo, rounds: int, batch: int) -> list:
     return rows
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of all runs, alternating")
-    parser.add_argument("--repo", default=str(common.REPO), help="repository whose code is measured")
-    parser.add_argument("--no_readme", action="store_true", help="print the tables only")
-    args = parser.parse_args()
-    repo = common.Path(args.repo)
-    data = common.sample_data(2000) / "data.json"
-    batch = 64
-
+def pipeline_runs(repo, data, batch: int, rounds: int) -> dict:
+    """The loader alone with 0, 1 and 2 workers, the bare loop, and train.py with 0, 1 and 2
+    workers, each in a fresh process, alternating: name -> results of the rounds."""
     def loader(workers):
         return lambda: common.run_job("loader", {"data": str(data), "batch_size": batch, "epochs": 2,
                                                  "num_workers": workers}, repo=repo, log_name="data-loader")
@@ -148,10 +141,11 @@ def main():
         speed = result.get("images_per_s") or result["samples_per_s"]
         wait = f", data wait {100 * result['data_wait']:.1f}%" if "data_wait" in result else ""
         print(f"round {r + 1} {name:9}: {speed:7.1f}/s{wait} (load {common.load_average():.1f})", flush=True)
+    return common.alternate(sides, rounds, report)
 
-    load_before = common.load_average()
-    runs = common.alternate(sides, args.rounds, report)
-    load_after = common.load_average()
+
+def pipeline_tables(runs: dict) -> tuple[str, str, str]:
+    """The loader's headroom and train.py's data wait tables, and the headroom of 2 workers."""
     model = [r["samples_per_s"] for r in runs["bare"]]
     loader_rows, train_rows = [], []
     for w in WORKERS:
@@ -169,21 +163,43 @@ def main():
     train_table = common.table(["train.py workers", "data wait, mean of windows (%)",
                                 "data wait, worst window (%)", "train.py (samples/s)",
                                 "train.py / bare loop"], train_rows)
+    return loader_table, train_table, loader_rows[2][3]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of all runs, alternating")
+    parser.add_argument("--repo", default=str(common.REPO), help="repository whose code is measured")
+    parser.add_argument("--no_readme", action="store_true", help="print the tables only")
+    args = parser.parse_args()
+    repo = common.Path(args.repo)
+    batch = 64
+    load_before = common.load_average()
+    runs = pipeline_runs(repo, common.sample_data(2000) / "data.json", batch, args.rounds)
+    load_after = common.load_average()
+    loader_table, train_table, headroom = pipeline_tables(runs)
     rows = thread_rows(repo, args.rounds, batch)
     threads_table = common.table(["torch threads", "other load", "bare loop (samples/s)"], rows)
     speed = {(name, load): float(value) for name, load, value in rows}
-    busy = {name: speed[name, "one busy process"] / speed[name, "idle"] for name in THREADS}
     costs = sample_costs(repo, 2 * args.rounds + 1)
-    model_us = 1e6 / statistics.median(model)
+    model_us = 1e6 / statistics.median(r["samples_per_s"] for r in runs["bare"])
     cost_table = common.table(["images", "worker time per sample (us)", "vs the model's time per sample"],
                               [[name, f"{us:.0f}", f"{us / model_us:.2f}"] for name, us in costs.items()])
     default_wait = statistics.median(100 * r["data_wait"] for r in runs["train 2"])
     summary = (f"Data wait in the default configuration: {default_wait:.1f}% (median of {args.rounds} runs): "
                f"target under 5% {'met' if default_wait < 5 else 'NOT met'}.")
     print(f"\n{loader_table}\n\n{train_table}\n\n{cost_table}\n\n{threads_table}\n\n{summary}")
-    if args.no_readme:
-        return
-    common.write_readme(HEADING, f"""{HEADING}
+    if not args.no_readme:
+        common.write_readme(HEADING, readme_section(
+            args, batch, (load_before, load_after), (loader_table, train_table, cost_table, threads_table),
+            summary, headroom, costs, model_us, speed))
+
+
+def readme_section(args, batch, loads, tables, summary, headroom, costs, model_us, speed) -> str:
+    """bench/README.md's section: the tables with what they show."""
+    loader_table, train_table, cost_table, threads_table = tables
+    busy = {name: speed[name, "one busy process"] / speed[name, "idle"] for name in THREADS}
+    return f"""{HEADING}
 
 The data pipeline of train.py: images/s its DataLoader delivers with no model (2000 generated
 64 px PNG files: reading, decoding, random resized crop, colour jitter, tokenisation, collation;
@@ -191,7 +207,7 @@ The data pipeline of train.py: images/s its DataLoader delivers with no model (2
 {batch}, fp32); and the share of each step train.py waits for data (TensorBoard `train/data_wait`,
 mean over the logging windows of a 2-epoch run) with 0, 1 and 2 workers. Each run in a fresh
 process, alternating, {args.rounds} rounds; medians.
-Machine: {common.machine()}; load average {load_before:.1f} before, {load_after:.1f} after.
+Machine: {common.machine()}; load average {loads[0]:.1f} before, {loads[1]:.1f} after.
 Rerun: {common.rerun()}.
 
 {loader_table}
@@ -214,7 +230,7 @@ processes: other jobs on the machine count too (see the load average).
 {summary}
 
 - Headroom: the loader alone delivers more than the model consumes (2 workers:
-  {loader_rows[2][3]}), so train.py waits for data mostly at the start of an epoch. The price
+  {headroom}), so train.py waits for data mostly at the start of an epoch. The price
   of the workers is the CPU time they take from the model's threads: bench_overhead.py shows
   it as a slower forward-backward inside train.py.
 - Photos: a 512 px JPEG costs {costs["512 px JPEG"] / costs[GENERATED]:.1f}x
@@ -231,7 +247,7 @@ processes: other jobs on the machine count too (see the load average).
   that waits for a descheduled partner keeps spinning on the core the partner needs. On idle
   cores two threads run {speed["2 threads, GOMP_SPINCOUNT=1000", "idle"] / speed["1 thread", "idle"]:.2f}x
   as fast as one, so two threads that spin briefly is the default to want.
-""")
+"""
 
 
 if __name__ == "__main__":

@@ -68,6 +68,23 @@ def main():
     runs = common.alternate({"train": run_train, "bare": bare(),
                              "tuned": bare(params={"fused": True}, env=TUNED_ENV)}, args.rounds, report)
     load_after = common.load_average()
+    result, ratios, tuned_ratios = rounds_table(runs)
+    parts = time_parts(runs, steps)
+    breakdown = common.table(["ms per step (median of rounds)", "train.py", "tuned bare loop",
+                              "difference"],
+                             [[name, f"{a:.1f}", f"{b:.1f}", f"{a - b:+.1f}"] for name, a, b in parts])
+    verdict = "met" if statistics.median(tuned_ratios) >= 0.97 else "NOT met"
+    summary = (f"Median ratio over {args.rounds} rounds: {common.median_spread(ratios)} against the bare "
+               f"loop, {common.median_spread(tuned_ratios)} against the tuned bare loop, which is the "
+               f"one the target is judged by: target 0.97 {verdict}.")
+    print(f"\n{result}\n\n{breakdown}\n\n{summary}")
+    if not args.no_readme:
+        common.write_readme(HEADING, readme_section(args, cfg, precision, (load_before, load_after),
+                                                    (result, breakdown, summary), parts))
+
+
+def rounds_table(runs: dict) -> tuple[str, list, list]:
+    """Each round's samples/s and ratios; the ratios against the bare and the tuned bare loop."""
     rows, ratios, tuned_ratios = [], [], []
     for r, (t, b, u) in enumerate(zip(runs["train"], runs["bare"], runs["tuned"]), 1):
         ratios.append(t["samples_per_s"] / b["samples_per_s"])
@@ -75,11 +92,15 @@ def main():
         rows.append([r, f"{t['samples_per_s']:.1f}", f"{b['samples_per_s']:.1f}", f"{u['samples_per_s']:.1f}",
                      f"{ratios[-1]:.2f}", f"{tuned_ratios[-1]:.2f}", f"{100 * t['data_wait']:.1f}",
                      f"{t['validation_s'] / t['validations']:.1f}", f"{t['startup_s']:.1f}"])
-    result = common.table(["round", "train.py (samples/s)", "bare loop (samples/s)",
-                           "tuned bare loop (samples/s)", "train.py / bare", "train.py / tuned bare",
-                           "data wait (%)", "validation (s each)", "start-up (s)"], rows)
+    table = common.table(["round", "train.py (samples/s)", "bare loop (samples/s)",
+                          "tuned bare loop (samples/s)", "train.py / bare", "train.py / tuned bare",
+                          "data wait (%)", "validation (s each)", "start-up (s)"], rows)
+    return table, ratios, tuned_ratios
 
-    def per_step(results, key):   # ms per step, median over the rounds
+
+def time_parts(runs: dict, steps: int) -> list:
+    """Where a step's time goes: [part, train.py ms, tuned bare loop ms], medians of the rounds."""
+    def per_step(results, key):
         return statistics.median(1000 * r.get(key, 0.0) / steps for r in results)
     t, u = runs["train"], runs["tuned"]
     parts = [["forward and backward (backward_step)", per_step(t, "model_s"), per_step(u, "model_s")],
@@ -89,18 +110,14 @@ def main():
              ["optimiser step, schedule, logging, the rest", per_step(t, "rest_s"),
               per_step(u, "loop_s") - per_step(u, "model_s")]]
     parts.append(["the whole step", sum(row[1] for row in parts), sum(row[2] for row in parts)])
-    breakdown = common.table(["ms per step (median of rounds)", "train.py", "tuned bare loop",
-                              "difference"],
-                             [[name, f"{a:.1f}", f"{b:.1f}", f"{a - b:+.1f}"] for name, a, b in parts])
-    verdict = "met" if statistics.median(tuned_ratios) >= 0.97 else "NOT met"
-    summary = (f"Median ratio over {args.rounds} rounds: {common.median_spread(ratios)} against the bare "
-               f"loop, {common.median_spread(tuned_ratios)} against the tuned bare loop, which is the "
-               f"one the target is judged by: target 0.97 {verdict}.")
-    print(f"\n{result}\n\n{breakdown}\n\n{summary}")
-    if args.no_readme:
-        return
+    return parts
+
+
+def readme_section(args, cfg, precision, loads, tables, parts) -> str:
+    """bench/README.md's section: the tables with what they show."""
+    result, breakdown, summary = tables
     extra = f" {' '.join(args.train_args)}" if args.train_args else ""
-    common.write_readme(HEADING, f"""{HEADING}
+    return f"""{HEADING}
 
 Harness overhead: samples/s of `train.py`'s real loop against the bare loop (forward, loss,
 backward, AdamW step on tensors in memory), same model ({cfg.model_name}), batch
@@ -110,7 +127,7 @@ PNG files with augmentation and tokenisation in DataLoader workers, gradient cli
 logging, `--save_every {args.save_every}` checkpoints, best.pt after each validation; its
 validation time is left out and shown on its own. Bare loop: torch's defaults; tuned bare
 loop: fused AdamW and `GOMP_SPINCOUNT=1000`. Each run in a fresh process, alternating,
-{args.rounds} rounds. Machine: {common.machine()}; load average {load_before:.1f} before, {load_after:.1f} after.
+{args.rounds} rounds. Machine: {common.machine()}; load average {loads[0]:.1f} before, {loads[1]:.1f} after.
 Rerun: {common.rerun()}.
 
 {result}
@@ -134,7 +151,7 @@ optimiser step.
 - Checkpoints: each save writes the weights and the AdamW state (96 MB for tiny-vit-64) and
   fsyncs them, 0.1-0.2 s; best.pt is written after every validation that improves, which on
   this set means almost every epoch of 28 steps.
-""")
+"""
 
 
 def _config(repo, argv):

@@ -31,8 +31,8 @@ copies; its final recall if it finished sooner). Runs alternate (ours, theirs, t
 
 Ablations (--ablations): recall at equal steps, so the load of the machine does not matter (use
 --threads 1 on a busy machine: one torch thread per run is then faster). Each row changes ONE
-thing of train.py's defaults towards open_clip_train's (or drops it), with the same steps and
-seeds; the delta is paired by seed against train.py's defaults.
+thing of train.py's defaults towards open_clip_train's (or drops it, or makes the crops
+stronger), with the same steps and seeds; the delta is paired by seed against train.py's defaults.
 
 open_clip_train needs pandas and braceexpand, which open_clip_torch does not install:
 `pip install pandas braceexpand`.
@@ -84,6 +84,9 @@ ABLATIONS = {
     "one sample per caption row, as open_clip_train": Recipe("train.py", caption_rows=True),
     "weight decay 0.2, as open_clip_train": Recipe("train.py", flags=("--weight_decay", 0.2)),
     "no gradient clipping, as open_clip_train": Recipe("train.py", flags=("--grad_clip_norm", 0.0)),
+    "stronger crops, 50-100%": Recipe("train.py", augmentation={"CROP_SCALE": (0.5, 1.0)}),
+    "stronger crops, 50-100%, no colour jitter":
+        Recipe("train.py", augmentation={"CROP_SCALE": (0.5, 1.0), "COLOUR_JITTER_PROB": 0.0}),
     "open_clip_train defaults": THEIRS,
 }
 
@@ -345,6 +348,9 @@ def ablations(args, data: Data) -> dict:
     names = [name for k, name in enumerate(ABLATIONS) if not args.only or k in args.only]
     slug = {name: f"ablation{list(ABLATIONS).index(name)}" for name in names}
 
+    finished, saving = {}, threading.Lock()   # saved after every run: an interrupted invocation keeps them
+    partial = common.OUT / "quality" / f"ablations-{time.strftime('%Y%m%d-%H%M%S')}-partial.json"
+
     def run(job):
         name, seed = job
         result = train(ABLATIONS[name], data, f"{slug[name]}-seed{seed}", args.epochs, every, seed=seed,
@@ -352,6 +358,9 @@ def ablations(args, data: Data) -> dict:
         result = evaluate_snapshots(result, data.test)
         print(f"{name}, seed {seed}: test R@1 t->i {recall(result['snapshots'][-1]):.1f}, i->t "
               f"{recall(result['snapshots'][-1], ('image_to_text', 'R@1')):.1f}", flush=True)
+        with saving:
+            finished.setdefault(name, []).append(result)
+            partial.write_text(json.dumps({"args": vars(args), "runs": finished}, indent=1))
         return result
     jobs = [(name, seed) for seed in args.seeds for name in names]
     with ThreadPoolExecutor(args.parallel) as pool:
@@ -404,7 +413,8 @@ Which of train.py's defaults cost held-out recall, at equal steps: the clip-art 
 ({data.images:,} training images, {data.rows:,} caption rows) and the shared settings of the
 section above, {steps} steps of batch {SHARED['batch']} ({steps * SHARED['batch'] / data.images:.1f}
 epochs of images, {args.epochs} of caption rows). Each row changes one thing of train.py's
-defaults (to open_clip_train's choice, or dropping it); the last is open_clip_train itself. Test
+defaults (to open_clip_train's choice, dropping it, or stronger crops); the last is
+open_clip_train itself. Test
 recall at the last step, in percent: median (range) over seeds {', '.join(map(str, args.seeds))};
 the change of mean recall (mean of the six R@K) is paired by seed against train.py's defaults.
 Timing plays no part (the runs had {'/'.join(map(str, sorted({r['threads'] for rs in runs.values() for r in rs})))}
