@@ -27,6 +27,7 @@ import statistics
 import common
 
 HEADING = "## bench_distill.py"
+SPEED_HEADING = "## bench_distill.py --only speed"
 FULL = {"num_images": 2000, "teacher_epochs": 30, "student_steps": 150, "seeds": 5, "speed_steps": 40,
         "rounds": 3}
 QUICK = {"num_images": 400, "teacher_epochs": 6, "student_steps": 24, "seeds": 2, "speed_steps": 8, "rounds": 1}
@@ -133,7 +134,8 @@ def speed_table(args, train_set, heldout, teacher):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small version in minutes; prints, no README")
-    parser.add_argument("--only", choices=("recall", "speed"), help="one table only (recall: no timings)")
+    parser.add_argument("--only", choices=("recall", "speed"), help="one table and its README section only "
+                        "(recall: no timings, so it may run beside other work)")
     parser.add_argument("--teacher", help=f"the teacher's model, a preset or open_clip name (default small-vit-128; "
                         f"{QUICK_TEACHER} with --quick)")
     parser.add_argument("--teacher_lr", type=float, default=5e-4, help="the teacher's learning rate")
@@ -166,27 +168,47 @@ def main():
         print(f"cost: {args.rounds} rounds of 3 runs of {args.speed_steps} steps", flush=True)
         tables["speed"] = speed_table(args, train_set, heldout, teacher)
         print(f"\n{tables['speed']}\n")
-    if args.quick or args.no_readme or args.only:
+    if args.quick or args.no_readme:
         return
-    common.write_readme(HEADING, f"""{HEADING}
+    loads = (load_before, common.load_average())
+    if "recall" in tables:
+        common.write_readme(HEADING, recall_section(args, teacher, tables["recall"], verdict, loads))
+    if "speed" in tables:
+        common.write_readme(SPEED_HEADING, speed_section(args, tables["speed"], loads))
+
+
+def recall_section(args, teacher, table, verdict, loads) -> str:
+    return f"""{HEADING}
 
 Distillation (`--distill_from`, clip_model.DistillationLoss). Teacher, trained from scratch on the
 generated training set, validated every epoch on 500 images of another seed, best.pt kept:
 {teacher_summary(args, teacher)}. Students: tiny-vit-64, batch {BATCH},
 {args.student_steps} steps, the same data, schedule and seeds, alone and distilled (distillation settings
 {' '.join(map(str, args.distill_args)) or 'at their defaults'}); mean recall (the mean of R@1/5/10 in both
-directions, %) of the final weights on a held-out set of 500 images (a third seed). Cost: samples/s of the
-whole training loop (validation left out) without augmentation, {args.speed_steps} steps, {args.rounds}
-rounds in alternating order, each run in a fresh process; start-up includes the cache's one pass.
-Machine: {common.machine()}; load average {load_before:.1f} before, {common.load_average():.1f} after.
+directions, %) of the final weights on a held-out set of 500 images (a third seed). Recall does not
+depend on the machine's load (the runs may share the cores with other work).
+Machine: {common.machine()}; load average {loads[0]:.1f} before, {loads[1]:.1f} after.
 Rerun: {common.rerun()} (the teacher is trained once and kept in bench/out/distill/).
 
-{tables['recall']}
+{table}
 
 {verdict}
+"""
 
-{tables['speed']}
-""")
+
+def speed_section(args, table, loads) -> str:
+    return f"""{SPEED_HEADING}
+
+What the teacher costs: samples/s of the tiny-vit-64 student's whole training loop (validation left
+out) without augmentation, batch {BATCH}, {args.speed_steps} steps, alone, with the {args.teacher} teacher
+(distillation settings {' '.join(map(str, args.distill_args)) or 'at their defaults'}) and with
+`--distill_cache`; {args.rounds} rounds in alternating order, each run in a fresh process, on a quiet
+machine; start-up includes the cache's one pass.
+Machine: {common.machine()}; load average {loads[0]:.1f} before, {loads[1]:.1f} after.
+Rerun: {common.rerun()}.
+
+{table}
+"""
 
 
 if __name__ == "__main__":
