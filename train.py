@@ -75,7 +75,7 @@ SCHEMA = [
     Setting("model", "distill_temperature", 4.0, "temperature T that softens both models' "
             "similarity distributions before they are compared (the term is scaled by T^2)",
             valid="> 0"),
-    Setting("model", "distill_features", False, "also pull the student's features towards the "
+    Setting("model", "distill_features", True, "also pull the student's features towards the "
             "teacher's, through a learned linear map when their widths differ (dropped after training)"),
     Setting("model", "distill_cache", False, "compute the teacher's features of every training image "
             "and caption once, up front, instead of at every step; needs --no-augment (each image is "
@@ -1411,7 +1411,7 @@ def check_distillation(cfg):
     """The distillation settings fit together; checked before anything is loaded."""
     import shards
     if not cfg.distill_from:
-        given = [name for name in ("distill_pretrained", "distill_features", "distill_cache") if getattr(cfg, name)]
+        given = [name for name in ("distill_pretrained", "distill_cache") if getattr(cfg, name)]
         if given:
             raise SettingsError(f"{', '.join(given)} without distill_from: name the teacher with "
                                 f"--distill_from, or drop {given[0]}")

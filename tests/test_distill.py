@@ -361,7 +361,7 @@ def test_a_student_equal_to_its_teacher_learns_nothing_from_distillation_alone(d
     # contrastive loss has gradient norms of 1 to 10 here)
 
 
-ACCUMULATED = ("--accum_steps", "2", "--distill_features", "--max_steps", "3", "--save_every", "1000")
+ACCUMULATED = ("--accum_steps", "2", "--max_steps", "3", "--save_every", "1000")   # feature term on by default
 
 
 @pytest.fixture(scope="module")
@@ -429,7 +429,7 @@ def test_a_resumed_distilled_run_ends_where_an_uninterrupted_one_does(accumulate
     assert torch.equal(whole["distillation"]["map"], split_run["distillation"]["map"])
     with pytest.raises(SettingsError, match="feature map"):   # resumed without the map it trained
         single_thread_main(run_flags(data, tmp_path, "--run_name", "split", "--resume", "auto", "--max_steps", "4",
-                                     "--distill_from", str(teacher["checkpoint"])))
+                                     "--distill_from", str(teacher["checkpoint"]), "--no-distill_features"))
 
 
 def test_the_cached_teacher_gives_the_live_teachers_loss(data, teacher, tmp_path):
