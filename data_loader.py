@@ -525,9 +525,11 @@ def split_by_image(index: CaptionIndex, val_fraction: float, seed: int) -> tuple
 # ----------------------------------------------------------------------------- training samples
 
 # Mild augmentation: crops keep most of the picture (captions say "on the left"), colour jitter
-# keeps the hue (captions name colours), and no flips (they would swap left and right).
-CROP_SCALE, CROP_RATIO = (0.8, 1.0), (3 / 4, 4 / 3)
-COLOUR_JITTER, COLOUR_JITTER_PROB = (0.3, 0.3, 0.3), 0.8   # brightness, contrast, saturation
+# keeps the hue (captions name colours), and no flips (they would swap left and right). How much
+# of the picture a crop keeps and how often colours are jittered are train.py's settings
+# crop_min_scale and colour_jitter; the shapes of crops and the jitter's strengths are fixed here.
+CROP_RATIO = (3 / 4, 4 / 3)
+COLOUR_JITTER = (0.3, 0.3, 0.3)   # brightness, contrast, saturation: factors from [1 - s, 1 + s]
 
 
 def image_transform(preprocess_cfg: dict):
@@ -555,18 +557,22 @@ class TrainAugmentation:
     model -- a distillation teacher with its own image size and normalisation -- can be shown the
     same crop of the same picture (TeacherView); `min_side` then keeps enough pixels for both.
     With augment=False the image is only resized and centre-cropped as for evaluation.
+    `crop_min_scale` and `colour_jitter` are train.py's settings of the same names (their defaults
+    here are the schema's, tests/test_data_loader.py checks it).
     """
 
-    def __init__(self, preprocess_cfg: dict, augment: bool = True, min_side: int = 0):
+    def __init__(self, preprocess_cfg: dict, augment: bool = True, min_side: int = 0,
+                 crop_min_scale: float = 0.9, colour_jitter: float = 0.0):
         import open_clip
         size = preprocess_cfg["size"]
         self.size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         self.augment = augment
+        self.crop_scale, self.colour_jitter = (crop_min_scale, 1.0), colour_jitter
         self.mean = torch.tensor(preprocess_cfg.get("mean") or open_clip.OPENAI_DATASET_MEAN).view(3, 1, 1)
         self.std = torch.tensor(preprocess_cfg.get("std") or open_clip.OPENAI_DATASET_STD).view(3, 1, 1)
         self.bilinear = preprocess_cfg.get("interpolation") == "bilinear"
         self.resize_mode = preprocess_cfg.get("resize_mode") or "shortest"
-        shrink = math.sqrt(CROP_SCALE[0] * CROP_RATIO[0]) if augment else 1.0
+        shrink = math.sqrt(crop_min_scale * CROP_RATIO[0]) if augment else 1.0
         self.side = max(min_side, math.ceil(max(self.size) / shrink))
 
     def prepare(self, image: Image.Image) -> np.ndarray:
@@ -587,8 +593,8 @@ class TrainAugmentation:
         """The random choices for one prepared image, drawn from rng in a fixed order."""
         if not self.augment:
             return AugmentationDraw()
-        box = _crop_box(*pixels.shape[:2], rng)
-        if rng.random() >= COLOUR_JITTER_PROB:
+        box = _crop_box(*pixels.shape[:2], self.crop_scale, rng)
+        if rng.random() >= self.colour_jitter:
             return AugmentationDraw(box)
         order = rng.permutation(3)
         return AugmentationDraw(box, tuple((int(k), rng.uniform(1 - COLOUR_JITTER[k], 1 + COLOUR_JITTER[k]))
@@ -621,14 +627,14 @@ class TrainAugmentation:
         return TF.center_crop(image, list(self.size))       # pads with 0 when the image is smaller
 
 
-def _crop_box(height: int, width: int, rng: np.random.Generator):
-    """RandomResizedCrop's box (top, left, height, width): an area of CROP_SCALE of the image's,
-    an aspect ratio drawn log-uniformly from CROP_RATIO, ten tries, else the central crop of the
-    nearest allowed aspect ratio (the algorithm of torchvision, drawing from `rng`)."""
+def _crop_box(height: int, width: int, scale: tuple, rng: np.random.Generator):
+    """RandomResizedCrop's box (top, left, height, width): a share of the image's area drawn
+    from `scale`, an aspect ratio drawn log-uniformly from CROP_RATIO, ten tries, else the central
+    crop of the nearest allowed aspect ratio (the algorithm of torchvision, drawing from `rng`)."""
     area = height * width
     log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
     for _ in range(10):
-        target = area * rng.uniform(*CROP_SCALE)
+        target = area * rng.uniform(*scale)
         ratio = math.exp(rng.uniform(*log_ratio))
         w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
         if 0 < w <= width and 0 < h <= height:

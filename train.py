@@ -98,7 +98,12 @@ SCHEMA = [
             "two sources (with data_resampled); '' = in proportion to their sizes"),
     Setting("data", "data_resampled", False, "shards: draw shards with replacement (any number of "
             "shards for any number of workers; sources mixed by data_weights)"),
-    Setting("data", "augment", True, "random resized crop and colour jitter in training (no flips)"),
+    Setting("data", "augment", True, "random resized crops (and colour jitter, see colour_jitter) in "
+            "training, no flips; off: each image resized and centre-cropped as for evaluation"),
+    Setting("data", "crop_min_scale", 0.9, "the smallest share of an image's area a random crop keeps "
+            "(crops keep crop_min_scale to all of it, as RandomResizedCrop's scale)", valid="(0, 1]"),
+    Setting("data", "colour_jitter", 0.0, "share of training images whose brightness, contrast and "
+            "saturation are jittered (by up to 30%, hue kept: captions name colours)", valid="[0, 1]"),
     Setting("data", "cache_images", True, "decode each training image once, shrunk to just above the "
             "model's input, and keep it in memory (when it fits in a quarter of the free memory)"),
     Setting("data", "val_zeroshot", "", "a folder of one image folder per class: zero-shot top-1/top-5 "
@@ -1246,7 +1251,8 @@ def build_loader(cfg, run, setup, train_index, distill=None):
     TeacherView) unless the teacher's features are cached."""
     import data_loader
     augmentation = data_loader.TrainAugmentation(setup.preprocess_cfg, augment=cfg.augment,
-                                                 min_side=distill.view.augmentation.side if distill else 0)
+                                                 min_side=distill.view.augmentation.side if distill else 0,
+                                                 crop_min_scale=cfg.crop_min_scale, colour_jitter=cfg.colour_jitter)
     teacher_view = distill.view if distill and not cfg.distill_cache else None
     if train_index is None:   # streamed: the dataset shares the shards out across ranks and workers
         import shards
@@ -1464,7 +1470,8 @@ def build_distillation(cfg, run, setup):
     if run.distributed and loss_fn.map is not None:
         import torch.distributed as dist
         dist.broadcast(loss_fn.map.data, src=0)   # DDP does this for the model's parameters only
-    view = data_loader.TeacherView(data_loader.TrainAugmentation(teacher.preprocess_cfg, augment=cfg.augment),
+    view = data_loader.TeacherView(data_loader.TrainAugmentation(teacher.preprocess_cfg, augment=cfg.augment,
+                                                                 crop_min_scale=cfg.crop_min_scale),
                                    teacher.tokenizer)
     mapped = "" if not cfg.distill_features else \
         f", features matched through a learned {widths[0]} -> {widths[1]} map" if loss_fn.map is not None \

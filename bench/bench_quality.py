@@ -30,9 +30,9 @@ copies; its final recall if it finished sooner). Runs alternate (ours, theirs, t
 ...) so that a drifting load hurts both alike; timings are only meaningful on a quiet machine.
 
 Ablations (--ablations): recall at equal steps, so the load of the machine does not matter (use
---threads 1 on a busy machine: one torch thread per run is then faster). Each row changes ONE
-thing of train.py's defaults towards open_clip_train's (or drops it, or makes the crops
-stronger), with the same steps and seeds; the delta is paired by seed against train.py's defaults.
+--threads 1 on a busy machine: one torch thread per run is then faster). Each row changes
+train.py's defaults (the augmentation's strength, or one choice of open_clip_train's), with the
+same steps and seeds; the delta is paired by seed against train.py's defaults.
 
 open_clip_train needs pandas and braceexpand, which open_clip_torch does not install:
 `pip install pandas braceexpand`.
@@ -46,7 +46,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import clipart
@@ -65,28 +65,30 @@ METRICS = (("text_to_image", "R@1"), ("text_to_image", "R@5"), ("text_to_image",
 
 @dataclass(frozen=True)
 class Recipe:
-    """A way of training: a trainer with its defaults, changed by flags, by another training
-    augmentation (data_loader's CROP_SCALE, COLOUR_JITTER_PROB, ...), or by feeding train.py one image per
-    caption row (what open_clip_train iterates)."""
+    """A way of training: a trainer with its defaults, changed by flags, or train.py fed one
+    image per caption row (what open_clip_train iterates)."""
     trainer: str                                   # "train.py" or "open_clip_train"
     flags: tuple = ()
-    augmentation: dict = field(default=None, hash=False)
     caption_rows: bool = False
 
 
-OURS, THEIRS = Recipe("train.py"), Recipe("open_clip_train")
+def ours(*flags) -> Recipe:
+    return Recipe("train.py", flags=flags)
+
+
+OURS, THEIRS = ours(), Recipe("open_clip_train")
 ABLATIONS = {
     "train.py defaults": OURS,
-    "augmentation as open_clip_train's: crop 90-100%, no colour jitter":
-        Recipe("train.py", augmentation={"CROP_SCALE": (0.9, 1.0), "COLOUR_JITTER_PROB": 0.0}),
-    "crop 80-100% (ours), no colour jitter": Recipe("train.py", augmentation={"COLOUR_JITTER_PROB": 0.0}),
-    "no augmentation": Recipe("train.py", flags=("--no-augment",)),
+    "crops 80-100%": ours("--crop_min_scale", 0.8),
+    "crops 50-100%": ours("--crop_min_scale", 0.5),
+    "colour jitter on 80% of images": ours("--colour_jitter", 0.8),
+    "crops 80-100%, colour jitter on 80% (the defaults until 2026-12-06)":
+        ours("--crop_min_scale", 0.8, "--colour_jitter", 0.8),
+    "crops 50-100%, colour jitter on 80%": ours("--crop_min_scale", 0.5, "--colour_jitter", 0.8),
+    "no augmentation": ours("--no-augment"),
     "one sample per caption row, as open_clip_train": Recipe("train.py", caption_rows=True),
-    "weight decay 0.2, as open_clip_train": Recipe("train.py", flags=("--weight_decay", 0.2)),
-    "no gradient clipping, as open_clip_train": Recipe("train.py", flags=("--grad_clip_norm", 0.0)),
-    "stronger crops, 50-100%": Recipe("train.py", augmentation={"CROP_SCALE": (0.5, 1.0)}),
-    "stronger crops, 50-100%, no colour jitter":
-        Recipe("train.py", augmentation={"CROP_SCALE": (0.5, 1.0), "COLOUR_JITTER_PROB": 0.0}),
+    "weight decay 0.2, as open_clip_train": ours("--weight_decay", 0.2),
+    "no gradient clipping, as open_clip_train": ours("--grad_clip_norm", 0.0),
     "open_clip_train defaults": THEIRS,
 }
 
@@ -180,8 +182,7 @@ def train(recipe: Recipe, data: Data, label: str, epochs: int, every: int, seed:
     else:
         leftovers = [out / "open_clip_train"]
         argv = theirs_argv(data, recipe, epochs, seed, validate, leftovers[0])
-    params = {"trainer": recipe.trainer, "argv": argv, "every": every, "out": str(out / "snapshots"),
-              "augmentation": recipe.augmentation}
+    params = {"trainer": recipe.trainer, "argv": argv, "every": every, "out": str(out / "snapshots")}
     result = common.run_job("snapshots", params, log_name=f"quality-{label}")
     for folder in leftovers:
         shutil.rmtree(folder, ignore_errors=True)
@@ -395,7 +396,7 @@ def ablation_table(runs: dict) -> str:
                                           (("text_to_image", "R@1"), ("text_to_image", "R@5"),
                                            ("image_to_text", "R@1"), ("image_to_text", "R@5"), "mean_recall")],
                      "" if name == "train.py defaults" else spread(delta)])
-    return common.table(["setting (one change from train.py's defaults)", "seeds", "t->i R@1", "t->i R@5",
+    return common.table(["setting (what differs from train.py's defaults)", "seeds", "t->i R@1", "t->i R@5",
                          "i->t R@1", "i->t R@5", "mean recall", "change of mean recall"], rows)
 
 
@@ -412,9 +413,9 @@ def ablation_section(args, data: Data, runs: dict) -> str:
 Which of train.py's defaults cost held-out recall, at equal steps: the clip-art data
 ({data.images:,} training images, {data.rows:,} caption rows) and the shared settings of the
 section above, {steps} steps of batch {SHARED['batch']} ({steps * SHARED['batch'] / data.images:.1f}
-epochs of images, {args.epochs} of caption rows). Each row changes one thing of train.py's
-defaults (to open_clip_train's choice, dropping it, or stronger crops); the last is
-open_clip_train itself. Test
+epochs of images, {args.epochs} of caption rows). Each row changes train.py's defaults (the
+augmentation's strength, or one choice of open_clip_train's); the last is open_clip_train
+itself. Test
 recall at the last step, in percent: median (range) over seeds {', '.join(map(str, args.seeds))};
 the change of mean recall (mean of the six R@K) is paired by seed against train.py's defaults.
 Timing plays no part (the runs had {'/'.join(map(str, sorted({r['threads'] for rs in runs.values() for r in rs})))}

@@ -333,18 +333,13 @@ def _job_snapshots(params):
 
     Neither trainer is touched: the copies come from torch's global optimizer step hook, and the
     model is the first module with a logit scale and an image tower that runs forward. A trainer
-    module is imported before torch, so its own start-up happens as on the command line.
-    `augmentation` (optional): data_loader's augmentation constants (CROP_SCALE,
-    COLOUR_JITTER_PROB, ...) that train.py uses instead of its own, forked into its workers."""
+    module is imported before torch, so its own start-up happens as on the command line."""
     started = time.perf_counter()
     sys.path.insert(0, params["repo"])
     marks = {"validation_s": 0.0}
     if params["trainer"] == "train.py":
-        import data_loader
         import evaluation
         import train as trainer
-        for name, value in (params.get("augmentation") or {}).items():
-            setattr(data_loader, name, tuple(value) if isinstance(value, list) else value)
         _timed(evaluation, "evaluate_model", marks, "validation_s")
     else:
         import open_clip

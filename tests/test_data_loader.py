@@ -2,6 +2,7 @@
 import base64
 import csv
 import dataclasses
+import inspect
 import io
 import json
 import math
@@ -19,6 +20,7 @@ from PIL import Image
 
 import data_loader as dl
 import sample_data
+import train
 
 PREPROCESS = dataclasses.asdict(PreprocessCfg(size=32))  # the shape of model.visual.preprocess_cfg
 
@@ -326,28 +328,45 @@ def test_augmentation_is_drawn_from_the_samples_generator_alone(sample):
     assert not torch.equal(first, augment(pixels, np.random.default_rng((0, 1, 1))))
 
 
+def test_augmentation_defaults_are_the_settings_defaults():
+    defaults = inspect.signature(dl.TrainAugmentation).parameters
+    for name in ("crop_min_scale", "colour_jitter"):
+        assert defaults[name].default == train.SETTINGS[name].default, name
+
+
 @pytest.mark.parametrize("height,width", [(100, 100), (60, 200), (200, 60), (37, 41)])
 def test_crop_boxes_follow_random_resized_crop(height, width):
     rng = np.random.default_rng(0)
-    boxes = [dl._crop_box(height, width, rng) for _ in range(300)]
+    boxes = [dl._crop_box(height, width, (0.5, 1.0), rng) for _ in range(300)]
     for top, left, h, w in boxes:
         assert 0 <= top and top + h <= height and 0 <= left and left + w <= width
     areas = np.array([h * w / (height * width) for _, _, h, w in boxes])
     ratios = np.array([w / h for _, _, h, w in boxes])
     if height == width:     # every try succeeds: area and ratio in their ranges (up to rounding)
-        assert areas.min() > dl.CROP_SCALE[0] - 0.03 and areas.max() <= 1.0
+        assert areas.min() > 0.5 - 0.03 and areas.max() <= 1.0 and areas.min() < 0.55
         assert ratios.min() > dl.CROP_RATIO[0] - 0.03 and ratios.max() < dl.CROP_RATIO[1] + 0.03
     elif max(height, width) / min(height, width) > 2:   # too elongated: the central fallback box
         assert len(set(boxes)) == 1
 
 
-def test_a_prepared_image_keeps_enough_pixels_for_the_smallest_crop():
-    augment = dl.TrainAugmentation(PREPROCESS)
+@pytest.mark.parametrize("colour_jitter", [0.0, 0.5, 1.0])
+def test_colour_jitter_is_drawn_for_its_share_of_images(colour_jitter):
+    augment = dl.TrainAugmentation(PREPROCESS, colour_jitter=colour_jitter)
+    pixels = np.zeros((40, 40, 3), dtype=np.uint8)
+    draws = [augment.draw(pixels, np.random.default_rng((0, 0, i))) for i in range(400)]
+    jittered = np.mean([draw.jitter is not None for draw in draws])
+    assert abs(jittered - colour_jitter) < 0.08
+    assert all(sorted(k for k, _ in draw.jitter) == [0, 1, 2] for draw in draws if draw.jitter)
+
+
+@pytest.mark.parametrize("crop_min_scale", [0.9, 0.3])
+def test_a_prepared_image_keeps_enough_pixels_for_the_smallest_crop(crop_min_scale):
+    augment = dl.TrainAugmentation(PREPROCESS, crop_min_scale=crop_min_scale)
     big = Image.new("RGB", (400, 300))
     pixels = augment.prepare(big)
     assert pixels.shape == (augment.side, round(400 * augment.side / 300), 3)
-    # the smallest crop (scale 0.8 at ratio 3/4) of the prepared image still covers 32 pixels
-    assert math.sqrt(dl.CROP_SCALE[0] * dl.CROP_RATIO[0]) * augment.side >= 32
+    # the smallest crop (crop_min_scale at ratio 3/4) of the prepared image still covers 32 pixels
+    assert math.sqrt(crop_min_scale * dl.CROP_RATIO[0]) * augment.side >= 32
     assert augment.prepare(Image.new("RGB", (20, 10))).shape == (10, 20, 3)       # never enlarged
     assert augment.prepare(Image.new("RGB", (4000, 100))).shape[1] == 4 * augment.side
 

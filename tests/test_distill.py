@@ -251,8 +251,9 @@ def test_the_teacher_sees_the_students_crop_and_caption_through_its_own_size_nor
     student_tokenizer, teacher_tokenizer = (cm.CaptionTokenizer(cm.open_clip.get_tokenizer("ViT-B-32",
                                                                                            context_length=n))
                                             for n in (32, 16))
-    student = dl.TrainAugmentation({"size": 32}, min_side=100)
-    view = dl.TeacherView(dl.TrainAugmentation({"size": 64, **TEACHER_PREPROCESS}), teacher_tokenizer)
+    strong = {"crop_min_scale": 0.5, "colour_jitter": 0.8}      # samples that differ, to tell apart
+    student = dl.TrainAugmentation({"size": 32}, min_side=100, **strong)
+    view = dl.TeacherView(dl.TrainAugmentation({"size": 64, **TEACHER_PREPROCESS}, **strong), teacher_tokenizer)
     dataset = SimpleNamespace(seed=0, augmentation=student, tokenizer=student_tokenizer, teacher_view=view)
     seen = []
     for i in range(6):
