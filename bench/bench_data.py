@@ -60,7 +60,7 @@ GENERATED, CACHED = "64 px PNG (the generated set)", "the same, from the image c
 
 def sample_costs(repo, rounds: int) -> dict:
     """Microseconds per training sample (TrainDataset[i]: read, decode, augment, tokenise; from
-    the image cache: crop, jitter and tokenise only) in this process on one thread, as in a
+    the image cache: crop (and jitter, when on) and tokenise only) in this process on one thread, as in a
     DataLoader worker; the sets take turns, median of rounds."""
     import sys
     import time
@@ -202,7 +202,7 @@ def readme_section(args, batch, loads, tables, summary, headroom, costs, model_u
     return f"""{HEADING}
 
 The data pipeline of train.py: images/s its DataLoader delivers with no model (2000 generated
-64 px PNG files: reading, decoding, random resized crop, colour jitter, tokenisation, collation;
+64 px PNG files: reading, decoding, random resized crop (colour jitter when on), tokenisation, collation;
 2 whole epochs), against the samples/s the model consumes (the bare loop of tiny-vit-64, fused AdamW, batch
 {batch}, fp32); and the share of each step train.py waits for data (TensorBoard `train/data_wait`,
 mean over the logging windows of a 2-epoch run) with 0, 1 and 2 workers. Each run in a fresh
