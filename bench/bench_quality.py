@@ -342,15 +342,14 @@ alternating rounds. Machine: {common.machine()}; load average {loads[0]:.1f} bef
 # ----------------------------------------------------------------------------------------------
 # Ablations: recall at equal steps
 
-def ablations(args, data: Data) -> dict:
+def ablations(args, data: Data, raw: Path) -> dict:
     """Every recipe of ABLATIONS for every seed (args.parallel runs at a time), evaluated at its
     last step: name -> list of results, in seed order."""
     every = data.rows // SHARED["batch"]     # after each of open_clip_train's epochs
     names = [name for k, name in enumerate(ABLATIONS) if not args.only or k in args.only]
     slug = {name: f"ablation{list(ABLATIONS).index(name)}" for name in names}
 
-    finished, saving = {}, threading.Lock()   # saved after every run: an interrupted invocation keeps them
-    partial = common.OUT / "quality" / f"ablations-{time.strftime('%Y%m%d-%H%M%S')}-partial.json"
+    finished, saving = {}, threading.Lock()   # saved to `raw` after every run: an interrupted invocation keeps them
 
     def run(job):
         name, seed = job
@@ -361,7 +360,7 @@ def ablations(args, data: Data) -> dict:
               f"{recall(result['snapshots'][-1], ('image_to_text', 'R@1')):.1f}", flush=True)
         with saving:
             finished.setdefault(name, []).append(result)
-            partial.write_text(json.dumps({"args": vars(args), "runs": finished}, indent=1))
+            raw.write_text(json.dumps({"args": vars(args), "runs": finished}, indent=1))
         return result
     jobs = [(name, seed) for seed in args.seeds for name in names]
     with ThreadPoolExecutor(args.parallel) as pool:
@@ -455,8 +454,9 @@ def main():
     if args.quick:
         args.train_images, args.epochs, args.rounds = args.train_images or 384, 2, 1
     data = prepare_data(args)
+    raw = common.OUT / "quality" / f"{'ablations' if args.ablations else 'comparison'}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     if args.ablations:
-        runs = merge_runs(args.from_json) if args.from_json else ablations(args, data)
+        runs = merge_runs(args.from_json) if args.from_json else ablations(args, data, raw)
         args.seeds = sorted({r["seed"] for results in runs.values() for r in results})
         section = ablation_section(args, data, runs)
     else:
@@ -467,7 +467,6 @@ def main():
         section = comparison_section(args, data, runs, loads)
     print(section)
     if not args.from_json:
-        raw = common.OUT / "quality" / f"{'ablations' if args.ablations else 'comparison'}-{time.strftime('%Y%m%d-%H%M%S')}.json"
         raw.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
         print(f"every run's snapshots and metrics: {raw}")
     if not args.no_readme:
