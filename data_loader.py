@@ -698,16 +698,18 @@ class TrainDataset(Dataset):
     The caption and the augmentation come from a generator seeded with (seed, epoch, i), so an
     epoch's samples depend neither on worker count nor on order, and a resumed run sees exactly
     the samples the interrupted one would have. With an ImageCache the image is taken from it
-    instead of being read and decoded again. With a TeacherView each sample also carries the
-    teacher's view of it (distillation).
+    instead of being read and decoded again; with `tokens` (tokenize_captions of the index) the
+    caption's tokens are looked up instead of tokenised again. With a TeacherView each sample
+    also carries the teacher's view of it (distillation).
     """
 
     yields_train_samples = True  # build_dataloader collates them with collate_batch
 
     def __init__(self, index: CaptionIndex, augmentation: TrainAugmentation, tokenizer, seed: int = 0,
-                 cache: ImageCache | None = None, teacher_view: TeacherView | None = None):
+                 cache: ImageCache | None = None, tokens: torch.Tensor | None = None,
+                 teacher_view: TeacherView | None = None):
         self.index, self.augmentation, self.tokenizer, self.seed = index, augmentation, tokenizer, seed
-        self.cache, self.teacher_view = cache, teacher_view
+        self.cache, self.tokens, self.teacher_view = cache, tokens, teacher_view
         # Persistent DataLoader workers keep their own copy of the dataset, so an epoch stored in
         # a plain attribute would never reach them; a shared-memory tensor does.
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
@@ -726,27 +728,31 @@ class TrainDataset(Dataset):
         return self.index.caption(int(captions[draw_caption(len(captions), self.seed, epoch, i)[0]]))
 
     def __getitem__(self, i: int):
-        captions = [self.index.caption(int(j)) for j in self.index.captions_of(i)]
+        ids = self.index.captions_of(i)
+        captions = [self.index.caption(int(j)) for j in ids]
+        tokens = None if self.tokens is None else self.tokens[torch.from_numpy(ids)]
         if self.cache is not None:
-            return train_sample(i, int(self._epoch[0]), captions, lambda: self.cache[i], self)
+            return train_sample(i, int(self._epoch[0]), captions, lambda: self.cache[i], self, tokens)
         return train_sample(i, int(self._epoch[0]), captions,
-                            lambda: self.augmentation.prepare(self.index.load_image(i)), self)
+                            lambda: self.augmentation.prepare(self.index.load_image(i)), self, tokens)
 
 
-def train_sample(i: int, epoch: int, captions: list[str], load_pixels, dataset):
+def train_sample(i: int, epoch: int, captions: list[str], load_pixels, dataset, tokens=None):
     """Sample i of an epoch, `(pixels, tokens, i, choice)` (choice: which of its captions it
     shows), then the teacher's `(pixels, tokens)` if the dataset has a teacher_view: ONE caption
     and the augmentation, both drawn from a generator seeded with (seed, epoch, i); a
     FailedSample if the image cannot be read. `load_pixels` gives the prepared image
-    (TrainAugmentation.prepare). Shared by TrainDataset and shards.WebDatasetTrain; the fields
-    are named by TRAIN_SAMPLE_FIELDS."""
+    (TrainAugmentation.prepare); `tokens`, if given, the captions already tokenised (one row
+    each), else dataset.tokenizer tokenises the one drawn. Shared by TrainDataset and
+    shards.WebDatasetTrain; the fields are named by TRAIN_SAMPLE_FIELDS."""
     choice, rng = draw_caption(len(captions), dataset.seed, epoch, i)
     try:
         pixels = load_pixels()
     except DataError as e:
         return FailedSample(i, str(e))
     draw = dataset.augmentation.draw(pixels, rng)
-    sample = (dataset.augmentation.apply(pixels, draw), dataset.tokenizer([captions[choice]])[0], i, choice)
+    text = dataset.tokenizer([captions[choice]])[0] if tokens is None else tokens[choice].long()
+    sample = (dataset.augmentation.apply(pixels, draw), text, i, choice)
     if dataset.teacher_view is None:
         return sample
     return sample + dataset.teacher_view(pixels, draw, captions[choice])
@@ -873,6 +879,21 @@ def cache_images(index: CaptionIndex, augmentation: TrainAugmentation, num_worke
         index = index.subset(kept)
         index.skipped = skipped
     return index, ImageCache(buffer, offsets, shapes)
+
+
+def tokenize_captions(captions: list[str], tokenizer, chunk: int = 4096) -> torch.Tensor:
+    """Every caption tokenised once: int32 [len(captions), context_length], row j caption j.
+
+    A DataLoader worker that tokenises the one caption a sample draws spends most of that time on
+    the call itself (a tensor per caption: ~3x the per-caption cost of a batched call); looked up
+    in this table, the caption costs nothing after the first epoch, and the workers' time is
+    taken from the model's threads on a small machine. int32 halves the table (token ids are
+    below 2^31); chunks bound the tokenizer's int64 intermediate.
+    """
+    table = torch.empty(len(captions), tokenizer.context_length, dtype=torch.int32)
+    for start in range(0, len(captions), chunk):
+        table[start:start + chunk] = tokenizer(captions[start:start + chunk])
+    return table
 
 
 class ImageDataset(Dataset):

@@ -105,7 +105,8 @@ SCHEMA = [
     Setting("data", "colour_jitter", 0.0, "share of training images whose brightness, contrast and "
             "saturation are jittered (by up to 30%, hue kept: captions name colours)", valid="[0, 1]"),
     Setting("data", "cache_images", True, "decode each training image once, shrunk to just above the "
-            "model's input, and keep it in memory (when it fits in a quarter of the free memory)"),
+            "model's input, and tokenise each caption once; keep both in memory (when the images fit in "
+            "a quarter of the free memory)"),
     Setting("data", "val_zeroshot", "", "a folder of one image folder per class: zero-shot top-1/top-5 "
             "at every validation, so that forgetting shows while it happens; '' = off"),
     Setting("data", "strict_data", False, "stop at the first unreadable image (missing or "
@@ -1246,7 +1247,8 @@ def build_model(cfg, run):
 def build_loader(cfg, run, setup, train_index, distill=None):
     """The training batches, the training index (without the images found unreadable), and the
     steps of an epoch at the global batch size. The images of an index are decoded once into an
-    ImageCache when it fits in memory (cached_images). With a teacher, the images are prepared
+    ImageCache and its captions tokenised once when they fit in memory (cached_data). With a
+    teacher, the images are prepared
     large enough for both models, and each sample brings the teacher's inputs too (its
     TeacherView) unless the teacher's features are cached."""
     import data_loader
@@ -1261,9 +1263,9 @@ def build_loader(cfg, run, setup, train_index, distill=None):
                                          num_samples=cfg.train_num_samples, weights=cfg.data_weights,
                                          resampled=cfg.data_resampled, teacher_view=teacher_view)
     else:
-        train_index, cache = cached_images(cfg, run, train_index, augmentation)
+        train_index, cache, tokens = cached_data(cfg, run, train_index, augmentation, setup.tokenizer)
         dataset = data_loader.TrainDataset(train_index, augmentation, setup.tokenizer, seed=cfg.seed,
-                                           cache=cache, teacher_view=teacher_view)
+                                           cache=cache, tokens=tokens, teacher_view=teacher_view)
     loader = data_loader.EpochLoader(dataset, cfg.batch_size, num_workers=cfg.num_workers,
                                      seed=cfg.seed, rank=run.rank, world_size=run.world_size,
                                      pin_memory=run.device.type == "cuda")
@@ -1276,13 +1278,14 @@ def build_loader(cfg, run, setup, train_index, distill=None):
     return loader, train_index, steps_per_epoch, global_batch
 
 
-def cached_images(cfg, run, train_index, augmentation):
-    """(index, ImageCache or None): the cache when cache_images is on and it fits in a quarter of
-    the memory available (shared by the processes of this machine); unreadable images found on
-    the way are left out of the index, and named."""
+def cached_data(cfg, run, train_index, augmentation, tokenizer):
+    """(index, ImageCache or None, token table or None): the images decoded once and the captions
+    tokenised once (data_loader.tokenize_captions) when cache_images is on and the images fit in
+    a quarter of the memory available (shared by the processes of this machine); unreadable
+    images found on the way are left out of the index, and named."""
     import data_loader
     if not cfg.cache_images:
-        return train_index, None
+        return train_index, None, None
     needed = data_loader.cache_estimate(train_index, augmentation)
     budget = available_memory() // 4 // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if needed > budget:
@@ -1290,15 +1293,17 @@ def cached_images(cfg, run, train_index, augmentation):
                      f"{augmentation.side} px, more than a quarter of the free memory "
                      f"({budget / 2**30:.1f} GiB); they are decoded every epoch (shards written with "
                      f"--resize {augmentation.side} make that cheaper)")
-        return train_index, None
+        return train_index, None, None
     started, before = time.perf_counter(), len(train_index.skipped)
     train_index, cache = data_loader.cache_images(train_index, augmentation, cfg.num_workers,
                                                   strict=cfg.strict_data)
     for message in train_index.skipped[before:before + 5]:
         run.log.warning(f"skipped unreadable image: {message}")
+    tokens = data_loader.tokenize_captions(train_index.captions(), tokenizer)
     run.log.info(f"cached {len(cache)} training images at {augmentation.side} px "
-                 f"({cache.nbytes / 2**20:.0f} MiB) in {time.perf_counter() - started:.1f} s")
-    return train_index, cache
+                 f"({cache.nbytes / 2**20:.0f} MiB) and {len(tokens)} tokenised captions "
+                 f"({tokens.nbytes / 2**20:.0f} MiB) in {time.perf_counter() - started:.1f} s")
+    return train_index, cache, tokens
 
 
 def available_memory():

@@ -55,13 +55,13 @@ def photo_sets(num_images: int = 200) -> dict:
     return sets
 
 
-GENERATED, CACHED = "64 px PNG (the generated set)", "the same, from the image cache (train.py's default)"
+GENERATED, CACHED = "64 px PNG (the generated set)", "the same, from the image cache and token table (train.py's default)"
 
 
 def sample_costs(repo, rounds: int) -> dict:
     """Microseconds per training sample (TrainDataset[i]: read, decode, augment, tokenise; from
-    the image cache: crop (and jitter, when on) and tokenise only) in this process on one thread, as in a
-    DataLoader worker; the sets take turns, median of rounds."""
+    the image cache and token table: crop (and jitter, when on) and a token lookup only) in this
+    process on one thread, as in a DataLoader worker; the sets take turns, median of rounds."""
     import sys
     import time
     sys.path.insert(0, str(repo))
@@ -76,7 +76,9 @@ def sample_costs(repo, rounds: int) -> dict:
     datasets = {name: data_loader.TrainDataset(data_loader.load_caption_index(path), augmentation, setup.tokenizer)
                 for name, path in sets.items()}
     cached_index, cache = data_loader.cache_images(data_loader.load_caption_index(sets[GENERATED]), augmentation)
-    datasets[CACHED] = data_loader.TrainDataset(cached_index, augmentation, setup.tokenizer, cache=cache)
+    datasets[CACHED] = data_loader.TrainDataset(
+        cached_index, augmentation, setup.tokenizer, cache=cache,
+        tokens=data_loader.tokenize_captions(cached_index.captions(), setup.tokenizer))
     times = {name: [] for name in datasets}
     for _ in range(rounds):
         for name, dataset in datasets.items():
@@ -236,8 +238,8 @@ processes: other jobs on the machine count too (see the load average).
 - Photos: a 512 px JPEG costs {costs["512 px JPEG"] / costs[GENERATED]:.1f}x
   the whole pipeline of a 64 px PNG when it is decoded again every epoch; resized once it costs
   {costs["resized once to 64 px JPEG"] / costs[GENERATED]:.1f}x. train.py decodes each image once
-  into its image cache when the decoded set fits in a quarter of the free memory (the default,
-  `--cache_images`): a sample then costs {costs[CACHED]:.0f} us, {costs[CACHED] / model_us:.2f} of
+  into its image cache, and tokenises each caption once, when the decoded set fits in a quarter of
+  the free memory (the default, `--cache_images`): a sample then costs {costs[CACHED]:.0f} us, {costs[CACHED] / model_us:.2f} of
   the model's time per sample, which is what the workers take from the model's two threads. Beyond
   memory, `python shards.py --to_webdataset SRC OUT --resize 64` writes shards of resized images
   once, and `train.py --data_dir OUT --val_data ...` trains on them.

@@ -381,7 +381,7 @@ def _job_snapshots(params):
 
 def _job_loader(params):
     """Images/s that train.py's DataLoader delivers on its own (no model): the data set (with its
-    image cache unless params["cache"] is false), sampler and DataLoader built as train.py builds
+    image cache and token table unless params["cache"] is false), sampler and DataLoader built as train.py builds
     them, iterated for `epochs` whole epochs; the cache's build time is reported apart."""
     sys.path.insert(0, params["repo"])
     import torch
@@ -393,11 +393,12 @@ def _job_loader(params):
     setup = clip_model.build_model(params.get("model_name", "tiny-vit-64"))
     index = data_loader.load_caption_index(params["data"])
     augmentation = data_loader.TrainAugmentation(setup.preprocess_cfg)
-    started, cache = time.perf_counter(), None
+    started, cache, tokens = time.perf_counter(), None, None
     if params.get("cache", True):
         index, cache = data_loader.cache_images(index, augmentation, params["num_workers"])
+        tokens = data_loader.tokenize_captions(index.captions(), setup.tokenizer)
     cache_s = time.perf_counter() - started
-    dataset = data_loader.TrainDataset(index, augmentation, setup.tokenizer, seed=0, cache=cache)
+    dataset = data_loader.TrainDataset(index, augmentation, setup.tokenizer, seed=0, cache=cache, tokens=tokens)
     loader = data_loader.EpochLoader(dataset, params["batch_size"], num_workers=params["num_workers"])
     images, started = 0, time.perf_counter()
     for epoch in range(params["epochs"]):

@@ -413,6 +413,22 @@ def test_each_epoch_draws_one_seeded_caption_per_image(sample):
     assert [dataset[i][1] for i in range(index.num_images)] == draws[0]
 
 
+def test_tokenised_captions_give_the_samples_of_tokenising_each_draw(sample, tokenizer):
+    index = dl.load_caption_index(sample["index"])
+    tokens = dl.tokenize_captions(index.captions(), tokenizer, chunk=5)      # several chunks
+    assert tokens.dtype == torch.int32 and torch.equal(tokens.long(), tokenizer(index.captions()))
+    looked_up = dl.TrainDataset(index, NoPixels(), tokenizer, seed=1, tokens=tokens)
+    tokenised = dl.TrainDataset(index, NoPixels(), tokenizer, seed=1)
+    choices = []
+    for epoch in range(3):
+        looked_up.set_epoch(epoch), tokenised.set_epoch(epoch)
+        for i in range(index.num_images):
+            (_, a, _, choice), (_, b, _, same_choice) = looked_up[i], tokenised[i]
+            assert choice == same_choice and a.dtype == torch.long and torch.equal(a, b)
+            choices.append(choice)
+    assert max(choices) > 0          # later captions of an image were drawn too
+
+
 def test_train_batches_do_not_depend_on_worker_count(sample, tokenizer):
     index = dl.load_caption_index(sample["index"])
 

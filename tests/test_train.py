@@ -262,6 +262,17 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(data, tm
     assert [e["step"] for e in a["history"]["val"]] == [e["step"] for e in b["history"]["val"]]
 
 
+def test_the_image_and_caption_caches_change_nothing_a_run_learns(data, tmp_path):
+    common = ("--max_steps", "4", "--eval_every", "4")
+    train.main(run_args(data, tmp_path, "--run_name", "cached", *common))
+    train.main(run_args(data, tmp_path, "--run_name", "decoded", "--no-cache_images", *common))
+    assert "tokenised captions" in (tmp_path / "logs/cached/train.log").read_text()
+    a = cm.load_checkpoint(tmp_path / "ckpt/cached/last.pt")["state_dict"]
+    b = cm.load_checkpoint(tmp_path / "ckpt/decoded/last.pt")["state_dict"]
+    for name, tensor in a.items():
+        assert torch.equal(tensor, b[name]), name
+
+
 def test_an_existing_run_is_not_overwritten_without_resume(data, tmp_path):
     train.main(run_args(data, tmp_path, "--run_name", "once", "--max_steps", "2"))
     with pytest.raises(OutputError, match="last.pt exists.*--resume auto"):
