@@ -543,8 +543,9 @@ def image_transform(preprocess_cfg: dict):
 
 class TrainAugmentation:
     """Training images: an image is first shrunk once (`prepare`: its shorter side to `side`
-    pixels, uint8), then each epoch cropped, resized to the model's size, colour-jittered and
-    normalised (`__call__`), with every random choice drawn from the sample's own generator.
+    pixels, uint8), then each epoch cropped, resized to the model's size and colour-jittered
+    (`__call__`, still uint8), with every random choice drawn from the sample's own generator;
+    a whole batch is normalised at once where the model runs (`normalise`).
 
     Why in two parts: decoding and shrinking a photo is most of the cost of a training sample,
     and its result does not change from epoch to epoch, so it can be done once (ImageCache);
@@ -552,7 +553,10 @@ class TrainAugmentation:
     ratio at their minimum) is never enlarged. The random part works on small uint8 arrays with
     torchvision's tensor functions, and draws from a numpy Generator seeded by (seed, epoch, i)
     instead of the global generators: the sample depends on nothing else, and no per-sample
-    seeding of global state is needed.
+    seeding of global state is needed. A sample stays uint8 until the batch reaches the model's
+    device: a quarter of the bytes of float pixels to pass from the DataLoader workers (and to copy
+    to a GPU), and the float arithmetic of normalising runs once per batch, in place, instead of
+    in the workers, whose time a small machine takes from the model.
     The random choices (`draw`) are kept apart from applying them (`apply`), so that a second
     model -- a distillation teacher with its own image size and normalisation -- can be shown the
     same crop of the same picture (TeacherView); `min_side` then keeps enough pixels for both.
@@ -570,6 +574,8 @@ class TrainAugmentation:
         self.crop_scale, self.colour_jitter = (crop_min_scale, 1.0), colour_jitter
         self.mean = torch.tensor(preprocess_cfg.get("mean") or open_clip.OPENAI_DATASET_MEAN).view(3, 1, 1)
         self.std = torch.tensor(preprocess_cfg.get("std") or open_clip.OPENAI_DATASET_STD).view(3, 1, 1)
+        # (x / 255 - mean) / std as one multiply-add on uint8 values x
+        self.scale, self.shift = 1 / (255 * self.std), -self.mean / self.std
         self.bilinear = preprocess_cfg.get("interpolation") == "bilinear"
         self.resize_mode = preprocess_cfg.get("resize_mode") or "shortest"
         shrink = math.sqrt(crop_min_scale * CROP_RATIO[0]) if augment else 1.0
@@ -586,8 +592,15 @@ class TrainAugmentation:
         return np.asarray(image, dtype=np.uint8)
 
     def __call__(self, pixels: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-        """A prepared image -> the normalised float tensor [3, height, width] the model reads."""
+        """A prepared image -> the uint8 tensor [3, height, width] that `normalise` turns into
+        what the model reads."""
         return self.apply(pixels, self.draw(pixels, rng))
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images [..., 3, height, width] -> the float pixels the model reads, normalised
+        with the model's mean and std (in place on a new float tensor: out-of-place arithmetic on
+        a batch allocates, and page-faults, a new batch per operation)."""
+        return images.float().mul_(self.scale.to(images.device)).add_(self.shift.to(images.device))
 
     def draw(self, pixels: np.ndarray, rng: np.random.Generator) -> AugmentationDraw:
         """The random choices for one prepared image, drawn from rng in a fixed order."""
@@ -601,8 +614,8 @@ class TrainAugmentation:
                                            for k in order))
 
     def apply(self, pixels: np.ndarray, draw: AugmentationDraw) -> torch.Tensor:
-        """The prepared image cropped, resized to this model's size, jittered and normalised as
-        `draw` says (a draw made by another TrainAugmentation of the same image works too)."""
+        """The prepared image cropped, resized to this model's size and jittered as `draw` says
+        (a draw made by another TrainAugmentation of the same image works too), uint8."""
         from torchvision.transforms.v2 import functional as TF
         image = torch.from_numpy(np.array(pixels, copy=True)).permute(2, 0, 1)     # [3, H, W] uint8
         mode = TF.InterpolationMode.BILINEAR if self.bilinear else TF.InterpolationMode.BICUBIC
@@ -610,10 +623,9 @@ class TrainAugmentation:
             image = TF.resized_crop(image, *draw.box, list(self.size), mode, antialias=True)
         else:
             image = self._fit(image, mode, TF)
-        image = image.float().div_(255)
         if draw.jitter is not None:
             image = _colour_jitter(image, draw.jitter, TF)
-        return (image - self.mean) / self.std
+        return image
 
     def _fit(self, image, mode, TF):
         """Resize as open_clip's evaluation transform does: shortest side and centre crop,

@@ -713,15 +713,20 @@ def mine_hard_batches(job, epoch):
 
 
 def next_micro_batches(job, state, batches):
-    """The micro-batches of the next step, on the device; None at the end of the epoch.
-    Unreadable images are counted, and named the first time (strict_data: DataError)."""
+    """The micro-batches of the next step, on the device, their uint8 images normalised there
+    (data_loader.TrainAugmentation.normalise: the student's, and the teacher's for its view);
+    None at the end of the epoch. Unreadable images are counted, and named the first time
+    (strict_data: DataError)."""
     micro_batches = []
+    normalise = {"images": job.loader.dataset.augmentation.normalise}
+    if job.distill:                                  # (its images are in batches unless cached)
+        normalise["teacher_images"] = job.distill.view.augmentation.normalise
     for batch in batches:
         report_unreadable(job, state, batch["failed"])
         if len(batch["image_ids"]) == 0:
             continue
-        micro_batches.append({k: v.to(job.run.device, non_blocking=True) if hasattr(v, "to") else v
-                              for k, v in batch.items()})
+        batch = {k: v.to(job.run.device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
+        micro_batches.append({**batch, **{k: f(batch[k]) for k, f in normalise.items() if k in batch}})
         if len(micro_batches) == job.cfg.accum_steps:
             return micro_batches
     return None
@@ -1532,7 +1537,7 @@ def cache_teacher_features(cfg, run, distill, dataset):
         for batch in data_loader.build_dataloader(images, cfg.batch_size, num_workers=cfg.num_workers,
                                                   train=False):
             ids.append(batch["image_ids"])
-            yield batch["images"]
+            yield view.augmentation.normalise(batch["images"])
     features = clip_model.encode_images(distill.teacher.model, batches(), run.device, run.precision)
     image_table = torch.zeros(index.num_images, features.shape[1])
     image_table[torch.cat(ids)] = features                 # unreadable images keep a row of zeros

@@ -314,7 +314,10 @@ def test_without_augmentation_a_training_image_is_the_evaluation_image(sample):
     plain = dl.TrainAugmentation(PREPROCESS, augment=False)
     assert evaluate(image).shape == (3, 32, 32) and plain.side == 32
     # the same pixels up to the resampling of torchvision's tensor resize and PIL's
-    torch.testing.assert_close(plain(plain.prepare(image), None), evaluate(image), atol=0.05, rtol=0)
+    pixels = plain(plain.prepare(image), None)
+    assert pixels.dtype == torch.uint8                    # normalised per batch, where the model runs
+    torch.testing.assert_close(plain.normalise(pixels), (pixels / 255 - plain.mean) / plain.std)
+    torch.testing.assert_close(plain.normalise(pixels[None])[0], evaluate(image), atol=0.05, rtol=0)
 
 
 def test_augmentation_is_drawn_from_the_samples_generator_alone(sample):

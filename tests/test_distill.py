@@ -261,9 +261,8 @@ def test_the_teacher_sees_the_students_crop_and_caption_through_its_own_size_nor
             i, 0, ["red squares on black", "a chequered picture"], lambda: pixels, dataset)
         assert teacher_images.shape == (3, 64, 64) and teacher_tokens.shape == (16,)
         assert torch.equal(teacher_tokens[:4], tokens[:4])     # the same caption, in 16 tokens
-        shown = images * student.std + student.mean             # back to [0, 1]
-        shown_to_teacher = F.interpolate((teacher_images * view.augmentation.std + view.augmentation.mean)[None],
-                                         size=32, mode="area")[0]
+        shown = images / 255
+        shown_to_teacher = F.interpolate(teacher_images[None] / 255, size=32, mode="area")[0]
         seen.append((shown, shown_to_teacher))
     for i, (_, shown_to_teacher) in enumerate(seen):   # the same crop and jitter at both sizes (~0.006) ...
         differences = [(shown - shown_to_teacher).abs().mean() for shown, _ in seen]
