@@ -705,23 +705,26 @@ class FailedSample:
 
 
 class TrainDataset(Dataset):
-    """Item i is image i with ONE of its captions, drawn anew each epoch.
+    """Item i is image i with ONE of its captions, drawn anew each epoch; or, `by_caption`, item
+    j is caption j with its image: an epoch then shows every caption once, and each image as
+    often as it has captions (as open_clip's trainer iterates caption rows). Two captions of one
+    image can then meet in a batch: the sample's image id tells the loss they are not negatives.
 
-    The caption and the augmentation come from a generator seeded with (seed, epoch, i), so an
-    epoch's samples depend neither on worker count nor on order, and a resumed run sees exactly
-    the samples the interrupted one would have. With an ImageCache the image is taken from it
-    instead of being read and decoded again; with `tokens` (tokenize_captions of the index) the
-    caption's tokens are looked up instead of tokenised again. With a TeacherView each sample
-    also carries the teacher's view of it (distillation).
+    The caption and the augmentation come from a generator seeded with (seed, epoch, i) (and the
+    caption's number, by_caption), so an epoch's samples depend neither on worker count nor on
+    order, and a resumed run sees exactly the samples the interrupted one would have. With an
+    ImageCache the image is taken from it instead of being read and decoded again; with `tokens`
+    (tokenize_captions of the index) the caption's tokens are looked up instead of tokenised
+    again. With a TeacherView each sample also carries the teacher's view of it (distillation).
     """
 
     yields_train_samples = True  # build_dataloader collates them with collate_batch
 
     def __init__(self, index: CaptionIndex, augmentation: TrainAugmentation, tokenizer, seed: int = 0,
                  cache: ImageCache | None = None, tokens: torch.Tensor | None = None,
-                 teacher_view: TeacherView | None = None):
+                 teacher_view: TeacherView | None = None, by_caption: bool = False):
         self.index, self.augmentation, self.tokenizer, self.seed = index, augmentation, tokenizer, seed
-        self.cache, self.tokens, self.teacher_view = cache, tokens, teacher_view
+        self.cache, self.tokens, self.teacher_view, self.by_caption = cache, tokens, teacher_view, by_caption
         # Persistent DataLoader workers keep their own copy of the dataset, so an epoch stored in
         # a plain attribute would never reach them; a shared-memory tensor does.
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
@@ -732,32 +735,42 @@ class TrainDataset(Dataset):
         self._epoch[0] = epoch
 
     def __len__(self) -> int:
-        return self.index.num_images
+        return self.index.num_captions if self.by_caption else self.index.num_images
 
-    def caption_drawn(self, i: int, epoch: int) -> str:
-        """The caption item i draws in `epoch` (what hard-negative mining embeds)."""
-        captions = self.index.captions_of(i)
-        return self.index.caption(int(captions[draw_caption(len(captions), self.seed, epoch, i)[0]]))
+    def image_and_caption(self, k: int) -> tuple[int, int | None]:
+        """Item k's image and which of its captions it shows (None: drawn each epoch)."""
+        if not self.by_caption:
+            return k, None
+        i = int(self.index.caption_image[k])
+        return i, k - int(self.index.captions_of(i)[0])
 
-    def __getitem__(self, i: int):
+    def caption_drawn(self, k: int, epoch: int) -> str:
+        """The caption item k shows in `epoch` (what hard-negative mining embeds)."""
+        if self.by_caption:
+            return self.index.caption(k)
+        captions = self.index.captions_of(k)
+        return self.index.caption(int(captions[draw_caption(len(captions), self.seed, epoch, k)[0]]))
+
+    def __getitem__(self, k: int):
+        i, choice = self.image_and_caption(k)
         ids = self.index.captions_of(i)
         captions = [self.index.caption(int(j)) for j in ids]
         tokens = None if self.tokens is None else self.tokens[torch.from_numpy(ids)]
         if self.cache is not None:
-            return train_sample(i, int(self._epoch[0]), captions, lambda: self.cache[i], self, tokens)
+            return train_sample(i, int(self._epoch[0]), captions, lambda: self.cache[i], self, tokens, choice)
         return train_sample(i, int(self._epoch[0]), captions,
-                            lambda: self.augmentation.prepare(self.index.load_image(i)), self, tokens)
+                            lambda: self.augmentation.prepare(self.index.load_image(i)), self, tokens, choice)
 
 
-def train_sample(i: int, epoch: int, captions: list[str], load_pixels, dataset, tokens=None):
+def train_sample(i: int, epoch: int, captions: list[str], load_pixels, dataset, tokens=None, choice=None):
     """Sample i of an epoch, `(pixels, tokens, i, choice)` (choice: which of its captions it
     shows), then the teacher's `(pixels, tokens)` if the dataset has a teacher_view: ONE caption
-    and the augmentation, both drawn from a generator seeded with (seed, epoch, i); a
-    FailedSample if the image cannot be read. `load_pixels` gives the prepared image
+    (`choice`, or drawn) and the augmentation, drawn from a generator seeded with (seed, epoch,
+    i); a FailedSample if the image cannot be read. `load_pixels` gives the prepared image
     (TrainAugmentation.prepare); `tokens`, if given, the captions already tokenised (one row
-    each), else dataset.tokenizer tokenises the one drawn. Shared by TrainDataset and
+    each), else dataset.tokenizer tokenises the one shown. Shared by TrainDataset and
     shards.WebDatasetTrain; the fields are named by TRAIN_SAMPLE_FIELDS."""
-    choice, rng = draw_caption(len(captions), dataset.seed, epoch, i)
+    choice, rng = draw_caption(len(captions), dataset.seed, epoch, i, choice)
     try:
         pixels = load_pixels()
     except DataError as e:
@@ -770,23 +783,27 @@ def train_sample(i: int, epoch: int, captions: list[str], load_pixels, dataset, 
     return sample + dataset.teacher_view(pixels, draw, captions[choice])
 
 
-def draw_caption(num_captions: int, seed: int, epoch: int, i: int):
-    """Which of its captions item i trains with in an epoch, and the generator, seeded with
-    (seed, epoch, i), that then draws its augmentation."""
+def draw_caption(num_captions: int, seed: int, epoch: int, i: int, choice: int | None = None):
+    """Which of its captions image i trains with in an epoch, and the generator, seeded with
+    (seed, epoch, i), that then draws its augmentation. A given `choice` is kept, and seeds the
+    generator too: two captions of one image in an epoch get crops of their own."""
+    if choice is not None:
+        return choice, np.random.default_rng((seed, epoch, i, choice))
     rng = np.random.default_rng((seed, epoch, i))
     return int(rng.integers(num_captions)), rng
 
 
-def neighbourhood_order(neighbours: np.ndarray, captions: list[str], batch: int, share: float,
-                        rng: np.random.Generator) -> np.ndarray:
+def neighbourhood_order(neighbours: np.ndarray, captions: list[str], images: np.ndarray, batch: int,
+                        share: float, rng: np.random.Generator) -> np.ndarray:
     """An epoch's order of N items in which every run of `batch` items (one global batch) is
     `share` groups of similar items and the rest random items: hard-negative batches.
 
     The contrastive loss learns most from negatives that are hard to tell from the positive
     (a red car beside a red truck, not beside a cat). A group is a seed item and its nearest
     neighbours ([N, k] `neighbours`, nearest first) that no batch took yet, leaving out those
-    whose caption is the seed's own text: a copy of its caption on another image is a false
-    negative, not a hard one. The random rest keeps the batch from being all near-duplicates.
+    whose caption is the seed's own text (a copy of its caption on another image is a false
+    negative, not a hard one) and those of the seed's own image (`images`: each item's image;
+    another caption of it is a positive). The random rest keeps the batch from being all near-duplicates.
     Each item comes at most once; the last partial batch is left out, as training does.
     """
     n = len(neighbours)
@@ -800,7 +817,7 @@ def neighbourhood_order(neighbours: np.ndarray, captions: list[str], batch: int,
             seed, s = seeds[s], s + 1
             if not used[seed]:
                 group = [seed] + [j for j in neighbours[seed]
-                                  if not used[j] and captions[j] != captions[seed]]
+                                  if not used[j] and captions[j] != captions[seed] and images[j] != images[seed]]
                 group = group[:hard - len(items)]
                 used[group] = True
                 items += group

@@ -104,6 +104,10 @@ SCHEMA = [
             "(crops keep crop_min_scale to all of it, as RandomResizedCrop's scale)", valid="(0, 1]"),
     Setting("data", "colour_jitter", 0.0, "share of training images whose brightness, contrast and "
             "saturation are jittered (by up to 30%, hue kept: captions name colours)", valid="[0, 1]"),
+    Setting("data", "sample_by", "caption", "what an epoch goes through once: caption (each caption with "
+            "its image, so an image comes as often as it has captions, as in open_clip's trainer) or image "
+            "(each image, with one of its captions drawn anew each epoch); indexed data only: shards "
+            "always show each image with one drawn caption", ("caption", "image")),
     Setting("data", "cache_images", True, "decode each training image once, shrunk to just above the "
             "model's input, and tokenise each caption once; keep both in memory (when the images fit in "
             "a quarter of the free memory)"),
@@ -688,7 +692,7 @@ HARD_NEIGHBOURS = 3     # a hard group: an item and its 3 nearest neighbours
 
 
 def mine_hard_batches(job, epoch):
-    """Embed the caption every training image draws this epoch with the current weights, find
+    """Embed the caption every training item shows this epoch with the current weights, find
     each one's nearest neighbours, and order the epoch into hard-negative batches
     (data_loader.neighbourhood_order). Its cost is logged and counted in the timing."""
     import numpy as np
@@ -703,7 +707,8 @@ def mine_hard_batches(job, epoch):
                                        precision=job.run.precision)
     job.model.train()
     neighbours = evaluation.nearest_neighbours(features, HARD_NEIGHBOURS, seed=job.cfg.seed + epoch).numpy()
-    order = data_loader.neighbourhood_order(neighbours, captions, job.global_batch, job.cfg.hard_negatives,
+    images = np.array([dataset.image_and_caption(k)[0] for k in range(len(dataset))])
+    order = data_loader.neighbourhood_order(neighbours, captions, images, job.global_batch, job.cfg.hard_negatives,
                                             np.random.default_rng((job.cfg.seed, epoch)))
     elapsed = time.perf_counter() - started
     job.timing.mining_s += elapsed
@@ -1270,14 +1275,15 @@ def build_loader(cfg, run, setup, train_index, distill=None):
     else:
         train_index, cache, tokens = cached_data(cfg, run, train_index, augmentation, setup.tokenizer)
         dataset = data_loader.TrainDataset(train_index, augmentation, setup.tokenizer, seed=cfg.seed,
-                                           cache=cache, tokens=tokens, teacher_view=teacher_view)
+                                           cache=cache, tokens=tokens, teacher_view=teacher_view,
+                                           by_caption=cfg.sample_by == "caption")
     loader = data_loader.EpochLoader(dataset, cfg.batch_size, num_workers=cfg.num_workers,
                                      seed=cfg.seed, rank=run.rank, world_size=run.world_size,
                                      pin_memory=run.device.type == "cuda")
     global_batch = cfg.batch_size * cfg.accum_steps * run.world_size
     steps_per_epoch = len(dataset) // global_batch
     if steps_per_epoch == 0:
-        raise SettingsError(f"{len(dataset)} training images are fewer than one global batch "
+        raise SettingsError(f"{len(dataset)} training samples are fewer than one global batch "
                             f"(batch_size {cfg.batch_size} x accum_steps {cfg.accum_steps} x "
                             f"{run.world_size} processes = {global_batch}); lower batch_size")
     return loader, train_index, steps_per_epoch, global_batch

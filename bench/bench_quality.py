@@ -90,6 +90,7 @@ ABLATIONS = {
     "weight decay 0.2, as open_clip_train": ours("--weight_decay", 0.2),
     "no gradient clipping, as open_clip_train": ours("--grad_clip_norm", 0.0),
     "open_clip_train defaults": THEIRS,
+    "every caption once per epoch, with its image (--sample_by caption)": ours("--sample_by", "caption"),
 }
 
 

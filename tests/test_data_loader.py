@@ -416,6 +416,24 @@ def test_each_epoch_draws_one_seeded_caption_per_image(sample):
     assert [dataset[i][1] for i in range(index.num_images)] == draws[0]
 
 
+def test_by_caption_an_epoch_shows_every_caption_once_with_its_own_image_and_crop(sample):
+    index = dl.load_caption_index(sample["index"])
+    augment = dl.TrainAugmentation(PREPROCESS, crop_min_scale=0.5)
+    dataset = dl.TrainDataset(index, augment, lambda texts: texts, seed=1, by_caption=True)
+    assert len(dataset) == index.num_captions > index.num_images
+    dataset.set_epoch(2)
+    samples = [dataset[k] for k in range(len(dataset))]
+    assert [text for _, text, _, _ in samples] == index.captions()
+    assert [i for _, _, i, _ in samples] == index.caption_image.tolist()      # the loss's image ids
+    assert [index.captions_of(i)[choice] for _, _, i, choice in samples] == list(range(len(dataset)))
+    assert len(index.captions_of(0)) > 1
+    for k, j in zip(index.captions_of(0), index.captions_of(0)[1:]):       # own crops, same picture
+        assert not torch.equal(samples[k][0], samples[j][0])
+    assert torch.equal(dataset[3][0], samples[3][0]) and dataset.caption_drawn(3, 2) == samples[3][1]
+    dataset.set_epoch(3)
+    assert not torch.equal(dataset[3][0], samples[3][0])                    # new crops each epoch
+
+
 def test_tokenised_captions_give_the_samples_of_tokenising_each_draw(sample, tokenizer):
     index = dl.load_caption_index(sample["index"])
     tokens = dl.tokenize_captions(index.captions(), tokenizer, chunk=5)      # several chunks
@@ -594,16 +612,17 @@ def test_hard_negative_batches_are_neighbour_groups_then_random_items_each_item_
     n, batch, share = 103, 10, 0.4
     neighbours = np.array([rng.choice([j for j in range(n) if j != i], 3, replace=False) for i in range(n)])
     captions = [f"caption {i % 50}" for i in range(n)]          # items i and i + 50 share a caption
-    order = dl.neighbourhood_order(neighbours, captions, batch, share, np.random.default_rng(1))
+    images = np.arange(n) // 2                                  # items 2m and 2m + 1 share an image
+    order = dl.neighbourhood_order(neighbours, captions, images, batch, share, np.random.default_rng(1))
     assert len(order) == n // batch * batch and len(set(order.tolist())) == len(order)
-    again = dl.neighbourhood_order(neighbours, captions, batch, share, np.random.default_rng(1))
+    again = dl.neighbourhood_order(neighbours, captions, images, batch, share, np.random.default_rng(1))
     assert np.array_equal(order, again)                         # deterministic for a generator
     grouped = 0
     for start in range(0, len(order), batch):
         seed, *rest = order[start:start + round(share * batch)].tolist()   # the hard part of a batch
         for j in rest:
-            if j in neighbours[seed]:    # in the seed's group: a neighbour, with another caption
-                assert captions[j] != captions[seed]
+            if j in neighbours[seed]:    # in the seed's group: a neighbour, with another caption and image
+                assert captions[j] != captions[seed] and images[j] != images[seed]
                 grouped += 1
             else:                        # the next group's seed
                 seed = j

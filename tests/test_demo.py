@@ -13,7 +13,7 @@ def test_demo_runs_end_to_end_and_writes_every_output(tmp_path):
     # Unknown flags go to train.py: a short run keeps the test quick.
     result = subprocess.run(
         [sys.executable, str(ROOT / "demo.py"), "--num_samples", "300", "--val_samples", "60",
-         "--num_epochs", "2", "--batch_size", "32", "--num_workers", "0"],
+         "--num_epochs", "1", "--batch_size", "32", "--num_workers", "0"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = tmp_path / "results/demo-en"

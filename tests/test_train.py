@@ -193,7 +193,7 @@ def learned_run(data, tmp_path_factory):
     """One short training run shared by the tests that read its outputs."""
     out = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
-    result = train.main(run_args(data, out, "--run_name", "learn", "--num_epochs", "8",
+    result = train.main(run_args(data, out, "--run_name", "learn", "--num_epochs", "3",
                                  "--learning_rate", "2e-3", "--eval_every", "30"))
     return out, result
 
@@ -212,7 +212,7 @@ def test_a_run_writes_checkpoints_results_and_curves(learned_run):
     out, result = learned_run
     assert (out / "ckpt/learn/last.pt").is_file() and (out / "ckpt/learn/best.pt").is_file()
     saved = json.loads((out / "ckpt/learn/config.json").read_text())
-    assert saved["num_epochs"] == 8 and saved["learning_rate"] == 2e-3
+    assert saved["num_epochs"] == 3 and saved["learning_rate"] == 2e-3
     results = json.loads((out / "results/learn/training_results.json").read_text())
     assert results["best"]["metric"] == "rsum" and results["best"]["step"] is not None
     assert results["final"]["step"] == result["step"]
@@ -271,6 +271,17 @@ def test_the_image_and_caption_caches_change_nothing_a_run_learns(data, tmp_path
     b = cm.load_checkpoint(tmp_path / "ckpt/decoded/last.pt")["state_dict"]
     for name, tensor in a.items():
         assert torch.equal(tensor, b[name]), name
+
+
+@pytest.mark.parametrize("sample_by", ["caption", "image"])
+def test_an_epoch_has_a_step_per_batch_of_captions_or_of_images(sample_by, data, tmp_path):
+    import data_loader
+    index = data_loader.load_caption_index(data["train"]["index"])
+    train.main(run_args(data, tmp_path, "--run_name", "epoch", "--sample_by", sample_by,
+                        "--num_epochs", "2", "--stop_at_step", "1"))
+    per_epoch = (index.num_captions if sample_by == "caption" else index.num_images) // 32
+    assert f"training {2 * per_epoch} steps ({per_epoch} per epoch)" in (tmp_path / "logs/epoch/train.log").read_text()
+    assert index.num_captions > index.num_images
 
 
 def test_an_existing_run_is_not_overwritten_without_resume(data, tmp_path):
@@ -386,17 +397,20 @@ def test_zero_shot_is_tracked_at_every_validation_and_can_pick_best_pt(data, tmp
 
 
 def test_hard_negative_batches_resume_exactly_mid_epoch(data, tmp_path):
-    common = ("--max_steps", "18", "--hard_negatives", "0.5", "--eval_every", "1000", "--save_every", "1000")
-    train.main(run_args(data, tmp_path, "--run_name", "whole", *common))       # 15 steps an epoch
+    import data_loader
+    captions = data_loader.load_caption_index(data["train"]["index"]).num_captions
+    steps = captions // 32 + 3                                                  # into the second epoch
+    common = ("--max_steps", str(steps), "--hard_negatives", "0.5", "--eval_every", "1000", "--save_every", "1000")
+    train.main(run_args(data, tmp_path, "--run_name", "whole", *common))
     train.main(run_args(data, tmp_path, "--run_name", "split", "--stop_at_step", "7", *common))
     result = train.main(run_args(data, tmp_path, "--run_name", "split", "--resume", "auto", *common))
-    assert result["step"] == 18 and result["timing"]["mining_s"] > 0
+    assert result["step"] == steps and result["timing"]["mining_s"] > 0
     a, b = (cm.load_checkpoint(tmp_path / f"ckpt/{run}/last.pt") for run in ("whole", "split"))
     for name, tensor in a["state_dict"].items():
         assert torch.equal(tensor, b["state_dict"][name]), name
     assert a["epoch_order"][0] == 1 and torch.equal(a["epoch_order"][1], b["epoch_order"][1])
     log = (tmp_path / "logs/whole/train.log").read_text()
-    assert "epoch 0: hard-negative batches mined from 480 captions" in log and "epoch 1: hard-negative" in log
+    assert f"epoch 0: hard-negative batches mined from {captions} captions" in log and "epoch 1: hard-negative" in log
 
 
 @pytest.mark.parametrize("users_value", [None, "250000"])
