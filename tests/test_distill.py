@@ -329,8 +329,9 @@ def data(tmp_path_factory):
 
 
 def run_flags(data, out, *extra, batch_size=16):
-    # 180 training images (20 held out); global batch 32: 5 steps per epoch
-    return ["--data_dir", str(data["index"]), "--num_workers", "0", "--batch_size", str(batch_size),
+    # 180 training images (20 held out), an epoch of images; global batch 32: 5 steps per epoch
+    return ["--data_dir", str(data["index"]), "--sample_by", "image", "--num_workers", "0",
+            "--batch_size", str(batch_size),
             "--warmup_steps", "1", "--log_every", "1", "--learning_rate", "2e-3",
             "--checkpoint_dir", str(out / "ckpt"), "--log_dir", str(out / "logs"),
             "--results_dir", str(out / "results"), "--tensorboard_pairs", "0", "--projector_pairs", "0", *extra]

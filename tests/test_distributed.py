@@ -145,8 +145,9 @@ def sample_set(tmp_path_factory):
 
 
 def train_flags(data, out, *extra, batch_size=16):
-    # 180 training images (20 are held out), a global batch of 2 x 16: 5 steps per epoch
-    return ["--data_dir", data["index"], "--model_name", "tiny-vit-64", "--batch_size", str(batch_size),
+    # 180 training images (20 are held out), an epoch of images, a global batch of 2 x 16: 5 steps per epoch
+    return ["--data_dir", data["index"], "--sample_by", "image", "--model_name", "tiny-vit-64",
+            "--batch_size", str(batch_size),
             "--num_workers", "0", "--max_steps", "6", "--warmup_steps", "2", "--log_every", "1",
             "--checkpoint_dir", str(out / "ckpt"), "--log_dir", str(out / "logs"),
             "--results_dir", str(out / "results"), "--tensorboard_pairs", "0", "--projector_pairs", "0", *extra]
