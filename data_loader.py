@@ -803,8 +803,9 @@ def neighbourhood_order(neighbours: np.ndarray, captions: list[str], images: np.
     neighbours ([N, k] `neighbours`, nearest first) that no batch took yet, leaving out those
     whose caption is the seed's own text (a copy of its caption on another image is a false
     negative, not a hard one) and those of the seed's own image (`images`: each item's image;
-    another caption of it is a positive). The random rest keeps the batch from being all near-duplicates.
-    Each item comes at most once; the last partial batch is left out, as training does.
+    another caption of it is a positive). The random rest keeps the batch from being all
+    near-duplicates. Each item comes at most once; the last partial batch is left out, as
+    training does.
     """
     n = len(neighbours)
     used = np.zeros(n, dtype=bool)

@@ -1258,9 +1258,8 @@ def build_loader(cfg, run, setup, train_index, distill=None):
     """The training batches, the training index (without the images found unreadable), and the
     steps of an epoch at the global batch size. The images of an index are decoded once into an
     ImageCache and its captions tokenised once when they fit in memory (cached_data). With a
-    teacher, the images are prepared
-    large enough for both models, and each sample brings the teacher's inputs too (its
-    TeacherView) unless the teacher's features are cached."""
+    teacher, the images are prepared large enough for both models, and each sample brings the
+    teacher's inputs too (its TeacherView) unless the teacher's features are cached."""
     import data_loader
     augmentation = data_loader.TrainAugmentation(setup.preprocess_cfg, augment=cfg.augment,
                                                  min_side=distill.view.augmentation.side if distill else 0,

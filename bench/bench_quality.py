@@ -86,11 +86,12 @@ ABLATIONS = {
         ours("--crop_min_scale", 0.8, "--colour_jitter", 0.8),
     "crops 50-100%, colour jitter on 80%": ours("--crop_min_scale", 0.5, "--colour_jitter", 0.8),
     "no augmentation": ours("--no-augment"),
-    "one sample per caption row, as open_clip_train": Recipe("train.py", caption_rows=True),
+    "caption rows as separate images (two of one image are negatives), as open_clip_train":
+        Recipe("train.py", caption_rows=True),
     "weight decay 0.2, as open_clip_train": ours("--weight_decay", 0.2),
     "no gradient clipping, as open_clip_train": ours("--grad_clip_norm", 0.0),
     "open_clip_train defaults": THEIRS,
-    "every caption once per epoch, with its image (--sample_by caption)": ours("--sample_by", "caption"),
+    "each image once per epoch, with one drawn caption (--sample_by image)": ours("--sample_by", "image"),
 }
 
 
