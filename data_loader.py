@@ -116,6 +116,11 @@ class CaptionIndex:
     def captions_of(self, i: int) -> np.ndarray:
         return np.arange(self._first_caption[i], self._first_caption[i + 1], dtype=np.int64)
 
+    def caption_range(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each image's first caption and its number of captions."""
+        first = self._first_caption[images]
+        return first, self._first_caption[images + 1] - first
+
     def image_name(self, i: int) -> str:
         """The image's path (resolved), or its id inside the TSV file or LMDB database."""
         stored = self.tsv_path or self.lmdb_path
@@ -530,6 +535,7 @@ def split_by_image(index: CaptionIndex, val_fraction: float, seed: int) -> tuple
 # crop_min_scale and colour_jitter; the shapes of crops and the jitter's strengths are fixed here.
 CROP_RATIO = (3 / 4, 4 / 3)
 COLOUR_JITTER = (0.3, 0.3, 0.3)   # brightness, contrast, saturation: factors from [1 - s, 1 + s]
+CROP_TRIES = 10                   # RandomResizedCrop's tries before its central fallback box
 
 
 def image_transform(preprocess_cfg: dict):
@@ -544,19 +550,18 @@ def image_transform(preprocess_cfg: dict):
 class TrainAugmentation:
     """Training images: an image is first shrunk once (`prepare`: its shorter side to `side`
     pixels, uint8), then each epoch cropped, resized to the model's size and colour-jittered
-    (`__call__`, still uint8), with every random choice drawn from the sample's own generator;
-    a whole batch is normalised at once where the model runs (`normalise`).
+    (`draw` the random choices, `apply` them; still uint8); a whole batch is normalised at once
+    where the model runs (`normalise`).
 
     Why in two parts: decoding and shrinking a photo is most of the cost of a training sample,
     and its result does not change from epoch to epoch, so it can be done once (ImageCache);
     `side` is just large enough that the smallest crop of RandomResizedCrop (scale and aspect
-    ratio at their minimum) is never enlarged. The random part works on small uint8 arrays with
-    torchvision's tensor functions, and draws from a numpy Generator seeded by (seed, epoch, i)
-    instead of the global generators: the sample depends on nothing else, and no per-sample
-    seeding of global state is needed. A sample stays uint8 until the batch reaches the model's
-    device: a quarter of the bytes of float pixels to pass from the DataLoader workers (and to copy
-    to a GPU), and the float arithmetic of normalising runs once per batch, in place, instead of
-    in the workers, whose time a small machine takes from the model.
+    ratio at their minimum) is never enlarged. The random choices of a whole batch are drawn at
+    once, as numpy arrays, from each sample's own uniforms (sample_uniforms: a function of seed,
+    epoch and sample alone), so that a sample depends on nothing else and no generator is seeded
+    per sample. A sample stays uint8 until the batch reaches the model's device: a quarter of the
+    bytes of float pixels to pass from DataLoader workers (and to copy to a GPU), and the float
+    arithmetic of normalising runs once per batch, in place.
     The random choices (`draw`) are kept apart from applying them (`apply`), so that a second
     model -- a distillation teacher with its own image size and normalisation -- can be shown the
     same crop of the same picture (TeacherView); `min_side` then keeps enough pixels for both.
@@ -564,6 +569,10 @@ class TrainAugmentation:
     `crop_min_scale` and `colour_jitter` are train.py's settings of the same names (their defaults
     here are the schema's, tests/test_data_loader.py checks it).
     """
+
+    # uniforms a draw reads per image: the crop's tries (area, aspect ratio), its position, then
+    # whether to jitter, the jitter's order and its three factors
+    DRAWS = 2 * CROP_TRIES + 2 + 1 + 3 + 3
 
     def __init__(self, preprocess_cfg: dict, augment: bool = True, min_side: int = 0,
                  crop_min_scale: float = 0.9, colour_jitter: float = 0.0):
@@ -591,38 +600,43 @@ class TrainAugmentation:
             image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
         return np.asarray(image, dtype=np.uint8)
 
-    def __call__(self, pixels: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-        """A prepared image -> the uint8 tensor [3, height, width] that `normalise` turns into
-        what the model reads."""
-        return self.apply(pixels, self.draw(pixels, rng))
-
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images [..., 3, height, width] -> the float pixels the model reads, normalised
         with the model's mean and std (in place on a new float tensor: out-of-place arithmetic on
         a batch allocates, and page-faults, a new batch per operation)."""
         return images.float().mul_(self.scale.to(images.device)).add_(self.shift.to(images.device))
 
-    def draw(self, pixels: np.ndarray, rng: np.random.Generator) -> AugmentationDraw:
-        """The random choices for one prepared image, drawn from rng in a fixed order."""
+    def draw(self, shapes: np.ndarray, uniforms: np.ndarray) -> list[AugmentationDraw]:
+        """The random choices for prepared images of `shapes` ([n, 2]: height, width), made
+        from their uniforms ([n, DRAWS], each row one image's own, in [0, 1))."""
         if not self.augment:
-            return AugmentationDraw()
-        box = _crop_box(*pixels.shape[:2], self.crop_scale, rng)
-        if rng.random() >= self.colour_jitter:
-            return AugmentationDraw(box)
-        order = rng.permutation(3)
-        return AugmentationDraw(box, tuple((int(k), rng.uniform(1 - COLOUR_JITTER[k], 1 + COLOUR_JITTER[k]))
-                                           for k in order))
+            return [AugmentationDraw()] * len(shapes)
+        shapes = np.asarray(shapes, dtype=np.int64).reshape(-1, 2)
+        boxes = _crop_boxes(shapes, self.crop_scale, uniforms[:, :2 * CROP_TRIES + 2])
+        jitter = uniforms[:, 2 * CROP_TRIES + 2:]
+        orders = np.argsort(jitter[:, 1:4], axis=1)       # a uniformly random order of the three
+        strengths = np.asarray(COLOUR_JITTER)
+        factors = 1 - strengths + 2 * strengths * jitter[:, 4:7]
+        return [AugmentationDraw(tuple(box.tolist()),
+                                 tuple((int(k), float(factors[n, k])) for k in orders[n])
+                                 if jitter[n, 0] < self.colour_jitter else None)
+                for n, box in enumerate(boxes)]
 
     def apply(self, pixels: np.ndarray, draw: AugmentationDraw) -> torch.Tensor:
         """The prepared image cropped, resized to this model's size and jittered as `draw` says
         (a draw made by another TrainAugmentation of the same image works too), uint8."""
         from torchvision.transforms.v2 import functional as TF
-        image = torch.from_numpy(np.array(pixels, copy=True)).permute(2, 0, 1)     # [3, H, W] uint8
         mode = TF.InterpolationMode.BILINEAR if self.bilinear else TF.InterpolationMode.BICUBIC
         if draw.box is not None:
-            image = TF.resized_crop(image, *draw.box, list(self.size), mode, antialias=True)
+            # RandomResizedCrop as one interpolate call on the uint8 crop in [H, W, 3] layout (a
+            # copy of the crop alone: the cache is read-only): the same pixels as
+            # TF.resized_crop on the whole image, at less than half its cost
+            top, left, height, width = draw.box
+            crop = torch.from_numpy(np.array(pixels[top:top + height, left:left + width])).permute(2, 0, 1)
+            image = torch.nn.functional.interpolate(crop[None], size=self.size, mode=mode.value,
+                                                    antialias=True)[0]
         else:
-            image = self._fit(image, mode, TF)
+            image = self._fit(torch.from_numpy(np.array(pixels, copy=True)).permute(2, 0, 1), mode, TF)
         if draw.jitter is not None:
             image = _colour_jitter(image, draw.jitter, TF)
         return image
@@ -639,26 +653,28 @@ class TrainAugmentation:
         return TF.center_crop(image, list(self.size))       # pads with 0 when the image is smaller
 
 
-def _crop_box(height: int, width: int, scale: tuple, rng: np.random.Generator):
-    """RandomResizedCrop's box (top, left, height, width): a share of the image's area drawn
-    from `scale`, an aspect ratio drawn log-uniformly from CROP_RATIO, ten tries, else the central
-    crop of the nearest allowed aspect ratio (the algorithm of torchvision, drawing from `rng`)."""
-    area = height * width
-    log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        ratio = math.exp(rng.uniform(*log_ratio))
-        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
-        if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
-    ratio = width / height
-    if ratio < CROP_RATIO[0]:
-        w, h = width, round(width / CROP_RATIO[0])
-    elif ratio > CROP_RATIO[1]:
-        h, w = height, round(height * CROP_RATIO[1])
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+def _crop_boxes(shapes: np.ndarray, scale: tuple, uniforms: np.ndarray) -> np.ndarray:
+    """RandomResizedCrop's boxes [n, 4] (top, left, height, width) for images of `shapes`: a share
+    of the image's area drawn from `scale`, an aspect ratio drawn log-uniformly from CROP_RATIO,
+    the first of CROP_TRIES tries that fits, placed at random; else the central crop of the
+    nearest allowed aspect ratio. torchvision's algorithm, for a whole batch at once; `uniforms`
+    [n, 2 x CROP_TRIES + 2]: the tries' areas, their ratios, the position."""
+    height, width = shapes[:, :1].astype(np.float64), shapes[:, 1:].astype(np.float64)
+    areas = height * width * (scale[0] + (scale[1] - scale[0]) * uniforms[:, :CROP_TRIES])
+    log_low, log_high = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
+    ratios = np.exp(log_low + (log_high - log_low) * uniforms[:, CROP_TRIES:2 * CROP_TRIES])
+    w, h = np.round(np.sqrt(areas * ratios)), np.round(np.sqrt(areas / ratios))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    rows, first = np.arange(len(shapes)), fits.argmax(axis=1)
+    w, h, found = w[rows, first], h[rows, first], fits.any(axis=1)
+    # the fallback: the whole image, cut to the nearest allowed aspect ratio, centred
+    height, width = height[:, 0], width[:, 0]
+    fall_w = np.where(width / height > CROP_RATIO[1], np.round(height * CROP_RATIO[1]), width)
+    fall_h = np.where(width / height < CROP_RATIO[0], np.round(width / CROP_RATIO[0]), height)
+    w, h = np.where(found, w, fall_w), np.where(found, h, fall_h)
+    top = np.where(found, np.floor(uniforms[:, -2] * (height - h + 1)), (height - h) // 2)
+    left = np.where(found, np.floor(uniforms[:, -1] * (width - w + 1)), (width - w) // 2)
+    return np.stack([top, left, h, w], axis=1).astype(np.int64)
 
 
 def _colour_jitter(image: torch.Tensor, jitter: tuple, TF) -> torch.Tensor:
@@ -710,12 +726,14 @@ class TrainDataset(Dataset):
     often as it has captions (as open_clip's trainer iterates caption rows). Two captions of one
     image can then meet in a batch: the sample's image id tells the loss they are not negatives.
 
-    The caption and the augmentation come from a generator seeded with (seed, epoch, i) (and the
-    caption's number, by_caption), so an epoch's samples depend neither on worker count nor on
-    order, and a resumed run sees exactly the samples the interrupted one would have. With an
-    ImageCache the image is taken from it instead of being read and decoded again; with `tokens`
-    (tokenize_captions of the index) the caption's tokens are looked up instead of tokenised
-    again. With a TeacherView each sample also carries the teacher's view of it (distillation).
+    The caption and the augmentation come from the sample's own uniforms (sample_uniforms of
+    seed, epoch, image and the caption's number, by_caption), so an epoch's samples depend neither
+    on worker count nor on order, and a resumed run sees exactly the samples the interrupted one
+    would have. A DataLoader asks for a whole batch at once (`__getitems__`), whose random choices
+    are then drawn together. With an ImageCache the image is taken from it instead of being read
+    and decoded again; with `tokens` (tokenize_captions of the index) the caption's tokens are
+    looked up instead of tokenised again. With a TeacherView each sample also carries the
+    teacher's view of it (distillation).
     """
 
     yields_train_samples = True  # build_dataloader collates them with collate_batch
@@ -737,60 +755,107 @@ class TrainDataset(Dataset):
     def __len__(self) -> int:
         return self.index.num_captions if self.by_caption else self.index.num_images
 
-    def image_and_caption(self, k: int) -> tuple[int, int | None]:
-        """Item k's image and which of its captions it shows (None: drawn each epoch)."""
+    def images_and_captions(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The items' images and which of its captions each shows (-1: drawn each epoch)."""
         if not self.by_caption:
-            return k, None
-        i = int(self.index.caption_image[k])
-        return i, k - int(self.index.captions_of(i)[0])
+            return items, np.full(len(items), -1, dtype=np.int64)
+        images = self.index.caption_image[items]
+        return images, items - self.index.caption_range(images)[0]
 
     def caption_drawn(self, k: int, epoch: int) -> str:
         """The caption item k shows in `epoch` (what hard-negative mining embeds)."""
         if self.by_caption:
             return self.index.caption(k)
-        captions = self.index.captions_of(k)
-        return self.index.caption(int(captions[draw_caption(len(captions), self.seed, epoch, k)[0]]))
+        first, count = self.index.caption_range(np.array([k]))
+        return self.index.caption(int(first[0] + draw_captions(self.seed, epoch, np.array([k]), count)[0]))
 
     def __getitem__(self, k: int):
-        i, choice = self.image_and_caption(k)
-        ids = self.index.captions_of(i)
-        captions = [self.index.caption(int(j)) for j in ids]
-        tokens = None if self.tokens is None else self.tokens[torch.from_numpy(ids)]
+        return self.__getitems__([k])[0]
+
+    def __getitems__(self, items: list[int]) -> list:
+        """The samples of `items` (see train_sample), or FailedSamples for unreadable images."""
+        images, shown = self.images_and_captions(np.asarray(items, dtype=np.int64))
+        samples = [self._pixels(int(i)) for i in images]
+        good = np.array([n for n, s in enumerate(samples) if not isinstance(s, FailedSample)], dtype=np.int64)
+        first, count = self.index.caption_range(images[good])
+        choices, draws = draw_samples(self, int(self._epoch[0]), images[good], shown[good], count,
+                                      [samples[n].shape[:2] for n in good])
+        rows = first + choices
+        tokens = None if self.tokens is None else self.tokens[torch.from_numpy(rows)].long()
+        for m, n in enumerate(good):
+            samples[n] = train_sample(self, int(images[n]), int(choices[m]), samples[n], draws[m],
+                                      self.index.caption(int(rows[m])), None if tokens is None else tokens[m])
+        return samples
+
+    def _pixels(self, i: int):
+        """Image i prepared (from the cache, else read and decoded), or a FailedSample."""
         if self.cache is not None:
-            return train_sample(i, int(self._epoch[0]), captions, lambda: self.cache[i], self, tokens, choice)
-        return train_sample(i, int(self._epoch[0]), captions,
-                            lambda: self.augmentation.prepare(self.index.load_image(i)), self, tokens, choice)
+            return self.cache[i]
+        try:
+            return self.augmentation.prepare(self.index.load_image(i))
+        except DataError as e:
+            return FailedSample(i, str(e))
 
 
-def train_sample(i: int, epoch: int, captions: list[str], load_pixels, dataset, tokens=None, choice=None):
-    """Sample i of an epoch, `(pixels, tokens, i, choice)` (choice: which of its captions it
-    shows), then the teacher's `(pixels, tokens)` if the dataset has a teacher_view: ONE caption
-    (`choice`, or drawn) and the augmentation, drawn from a generator seeded with (seed, epoch,
-    i); a FailedSample if the image cannot be read. `load_pixels` gives the prepared image
-    (TrainAugmentation.prepare); `tokens`, if given, the captions already tokenised (one row
-    each), else dataset.tokenizer tokenises the one shown. Shared by TrainDataset and
-    shards.WebDatasetTrain; the fields are named by TRAIN_SAMPLE_FIELDS."""
-    choice, rng = draw_caption(len(captions), dataset.seed, epoch, i, choice)
-    try:
-        pixels = load_pixels()
-    except DataError as e:
-        return FailedSample(i, str(e))
-    draw = dataset.augmentation.draw(pixels, rng)
-    text = dataset.tokenizer([captions[choice]])[0] if tokens is None else tokens[choice].long()
+def draw_samples(dataset, epoch: int, images: np.ndarray, shown: np.ndarray, num_captions: np.ndarray,
+                 shapes: list) -> tuple[np.ndarray, list]:
+    """The random choices of a batch of samples: each one's caption (`shown`, or, where that is
+    -1, one drawn from its `num_captions`) and its augmentation (dataset.augmentation.draw of the
+    prepared images' `shapes`), all from the samples' own uniforms. Shared by TrainDataset and
+    shards.WebDatasetTrain."""
+    uniforms = sample_uniforms(dataset.seed, epoch, images, shown, 1 + TrainAugmentation.DRAWS)
+    choices = np.where(shown >= 0, shown, np.floor(uniforms[:, 0] * num_captions).astype(np.int64))
+    return choices, dataset.augmentation.draw(np.reshape(shapes, (-1, 2)), uniforms[:, 1:])
+
+
+def draw_captions(seed: int, epoch: int, images: np.ndarray, num_captions: np.ndarray) -> np.ndarray:
+    """Which of their captions `images` train with in an epoch, when each draws one (what
+    draw_samples draws for them)."""
+    uniforms = sample_uniforms(seed, epoch, images, np.full(len(images), -1), 1)
+    return np.floor(uniforms[:, 0] * num_captions).astype(np.int64)
+
+
+def train_sample(dataset, i: int, choice: int, pixels: np.ndarray, draw: AugmentationDraw, caption: str,
+                 tokens: torch.Tensor | None = None) -> tuple:
+    """Sample i, `(pixels, tokens, i, choice)` -- its prepared image through the drawn
+    augmentation, its caption `choice` tokenised (looked up: `tokens`, else by dataset.tokenizer)
+    -- then the teacher's `(pixels, tokens)` if the dataset has a teacher_view. The fields are
+    named by TRAIN_SAMPLE_FIELDS."""
+    text = dataset.tokenizer([caption])[0] if tokens is None else tokens
     sample = (dataset.augmentation.apply(pixels, draw), text, i, choice)
     if dataset.teacher_view is None:
         return sample
-    return sample + dataset.teacher_view(pixels, draw, captions[choice])
+    return sample + dataset.teacher_view(pixels, draw, caption)
 
 
-def draw_caption(num_captions: int, seed: int, epoch: int, i: int, choice: int | None = None):
-    """Which of its captions image i trains with in an epoch, and the generator, seeded with
-    (seed, epoch, i), that then draws its augmentation. A given `choice` is kept, and seeds the
-    generator too: two captions of one image in an epoch get crops of their own."""
-    if choice is not None:
-        return choice, np.random.default_rng((seed, epoch, i, choice))
-    rng = np.random.default_rng((seed, epoch, i))
-    return int(rng.integers(num_captions)), rng
+def sample_uniforms(seed: int, epoch: int, images: np.ndarray, shown: np.ndarray, count: int) -> np.ndarray:
+    """[n, count] numbers uniform in [0, 1): row k is a function of (seed, epoch, images[k],
+    shown[k]) alone, column j of it and j alone -- a counter-based generator.
+
+    Every random choice of a training sample is made from its row: which caption, where to
+    crop, how to jitter. Seeding a generator per sample would cost more than the rest of the
+    sample's draws (~20 us each); hashing the sample's coordinates costs nothing per sample and
+    works on a whole batch at once. The hash is SplitMix64's finaliser (Steele et al., 2014),
+    whose outputs look independent even for consecutive inputs: the key folds in each coordinate
+    in turn, and column j hashes key + j x the golden-ratio constant. The top 53 bits of a
+    64-bit hash make a double in [0, 1).
+    """
+    key = np.full(len(images), seed, dtype=np.int64).view(np.uint64)
+    for part in (np.full(len(images), epoch, dtype=np.int64), images, shown):
+        key = _mix64(key ^ _mix64(np.asarray(part, dtype=np.int64).view(np.uint64) + _GOLDEN))
+    bits = _mix64(key[:, None] + _GOLDEN * np.arange(1, count + 1, dtype=np.uint64))
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)          # 2^64 / the golden ratio
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: a bijection of uint64 arrays that scatters every input bit over
+    the output (arithmetic wraps modulo 2^64)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 def neighbourhood_order(neighbours: np.ndarray, captions: list[str], images: np.ndarray, batch: int,

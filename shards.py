@@ -365,12 +365,15 @@ class WebDatasetTrain(IterableDataset):
         if not captions:
             return data_loader.FailedSample(i, f"{image_name}: no caption (.txt, or \"captions\" in .json)")
         image = next((sample[ext] for ext in IMAGE_KEYS if ext in sample), None)
-
-        def load_pixels():
-            if image is None:
-                raise DataError(f"{image_name}: no image (.{', .'.join(IMAGE_KEYS)})")
-            return self.augmentation.prepare(decode_image(image, image_name))
-        return data_loader.train_sample(i, epoch, captions, load_pixels, self)
+        if image is None:
+            return data_loader.FailedSample(i, f"{image_name}: no image (.{', .'.join(IMAGE_KEYS)})")
+        try:
+            pixels = self.augmentation.prepare(decode_image(image, image_name))
+        except DataError as e:
+            return data_loader.FailedSample(i, str(e))
+        (choice,), (draw,) = data_loader.draw_samples(self, epoch, np.array([i]), np.array([-1]),
+                                                      np.array([len(captions)]), [pixels.shape[:2]])
+        return data_loader.train_sample(self, i, int(choice), pixels, draw, captions[choice])
 
 
 def _captions(sample: dict) -> tuple[list[str], str]:

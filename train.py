@@ -20,13 +20,6 @@ from pathlib import Path
 from errors import DataError, OutputError, SettingsError, TrainingError, disk_full_message, is_disk_full
 
 DEFAULT_DATA_DIR = "data/sample"
-# On a CPU the model's OpenMP threads share the cores with the DataLoader workers. After each
-# parallel region GNU OpenMP's threads spin for ~300,000 rounds before they sleep, holding the
-# cores the workers need; with 1000 rounds, two threads beside one busy process keep 0.59 of
-# their idle speed instead of 0.32 (bench/bench_data.py's thread table in bench/README.md).
-# OpenMP reads it once, when torch loads it, so it is set before torch is imported; a value of
-# the user's own wins.
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,8 +108,9 @@ SCHEMA = [
             "at every validation, so that forgetting shows while it happens; '' = off"),
     Setting("data", "strict_data", False, "stop at the first unreadable image (missing or "
             "corrupt) instead of skipping it and counting it"),
-    Setting("data", "num_workers", 2, "DataLoader worker processes per training process",
-            valid=">= 0"),
+    Setting("data", "num_workers", 2, "DataLoader worker processes per training process, which "
+            "read and decode images (on a CPU-only run with the images cached, training batches are "
+            "built in the training process itself)", valid=">= 0"),
     # training
     Setting("training", "batch_size", 64, "images per process per micro-batch", valid=">= 1"),
     Setting("training", "accum_steps", 1, "micro-batches per optimiser step; the loss still sees "
@@ -580,6 +574,7 @@ def main(argv=None):
     """Train CLIP; returns the run's summary (its folders, step, best, history and timings)."""
     started = time.perf_counter()
     cfg = parse_config(argv)
+    tune_openmp(cfg)
     run = start_run(cfg)
     try:
         import torch
@@ -603,6 +598,22 @@ def main(argv=None):
         return finish(job, state, stop_reason)
     finally:
         close_run(run)
+
+
+def tune_openmp(cfg):
+    """How long the model's OpenMP threads spin, on a CPU, before they sleep.
+
+    After each parallel region GNU OpenMP's threads spin for ~300,000 rounds before they sleep:
+    the fastest when the model has the cores to itself, as it does when batches are built from
+    the image cache in this process (the default; ~8% faster than spinning briefly). Beside busy
+    DataLoader workers, which read and decode images in every epoch when the images are not
+    cached, the spinning holds the cores the workers need: two threads beside one busy process
+    keep 0.32 of their idle speed, or 0.59 with 1000 rounds (bench/bench_data.py's thread table
+    in bench/README.md). OpenMP reads the setting once, when torch loads it, so this runs before
+    torch is imported; a value of the user's own wins. (Shards and images too large to cache are
+    known only later: build_loader says what to set then.)"""
+    if cfg.num_workers and not cfg.cache_images:
+        os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 
 def train(job, state):
@@ -707,7 +718,7 @@ def mine_hard_batches(job, epoch):
                                        precision=job.run.precision)
     job.model.train()
     neighbours = evaluation.nearest_neighbours(features, HARD_NEIGHBOURS, seed=job.cfg.seed + epoch).numpy()
-    images = np.array([dataset.image_and_caption(k)[0] for k in range(len(dataset))])
+    images = dataset.images_and_captions(np.arange(len(dataset)))[0]
     order = data_loader.neighbourhood_order(neighbours, captions, images, job.global_batch, job.cfg.hard_negatives,
                                             np.random.default_rng((job.cfg.seed, epoch)))
     elapsed = time.perf_counter() - started
@@ -1265,6 +1276,7 @@ def build_loader(cfg, run, setup, train_index, distill=None):
                                                  min_side=distill.view.augmentation.side if distill else 0,
                                                  crop_min_scale=cfg.crop_min_scale, colour_jitter=cfg.colour_jitter)
     teacher_view = distill.view if distill and not cfg.distill_cache else None
+    cache = None
     if train_index is None:   # streamed: the dataset shares the shards out across ranks and workers
         import shards
         dataset = shards.WebDatasetTrain(cfg.data_dir, augmentation, setup.tokenizer, seed=cfg.seed,
@@ -1276,7 +1288,19 @@ def build_loader(cfg, run, setup, train_index, distill=None):
         dataset = data_loader.TrainDataset(train_index, augmentation, setup.tokenizer, seed=cfg.seed,
                                            cache=cache, tokens=tokens, teacher_view=teacher_view,
                                            by_caption=cfg.sample_by == "caption")
-    loader = data_loader.EpochLoader(dataset, cfg.batch_size, num_workers=cfg.num_workers,
+    # From the cache a batch is a few milliseconds of work (crops, resizes, token lookups). On a
+    # CPU the training process builds it between steps: DataLoader workers beside it would take
+    # the cores the model's threads are using (bench/README.md, bench_peer.py). A GPU leaves the
+    # CPU idle, so there the workers build the next batches while the GPU computes.
+    in_process = cache is not None and run.device.type == "cpu"
+    if in_process and cfg.num_workers:
+        run.log.info("training batches are built from the cache in this process (no DataLoader "
+                     "workers beside the model's threads on a CPU)")
+    elif run.device.type == "cpu" and cfg.num_workers and "GOMP_SPINCOUNT" not in os.environ:
+        run.log.warning("DataLoader workers read the images beside the model's threads, which spin "
+                        "after each operation and hold the cores the workers need: start train.py "
+                        "with GOMP_SPINCOUNT=1000 in the environment (README: Slow training on a CPU)")
+    loader = data_loader.EpochLoader(dataset, cfg.batch_size, num_workers=0 if in_process else cfg.num_workers,
                                      seed=cfg.seed, rank=run.rank, world_size=run.world_size,
                                      pin_memory=run.device.type == "cuda")
     global_batch = cfg.batch_size * cfg.accum_steps * run.world_size

@@ -314,21 +314,45 @@ def test_without_augmentation_a_training_image_is_the_evaluation_image(sample):
     plain = dl.TrainAugmentation(PREPROCESS, augment=False)
     assert evaluate(image).shape == (3, 32, 32) and plain.side == 32
     # the same pixels up to the resampling of torchvision's tensor resize and PIL's
-    pixels = plain(plain.prepare(image), None)
+    pixels = plain.apply(plain.prepare(image), dl.AugmentationDraw())
     assert pixels.dtype == torch.uint8                    # normalised per batch, where the model runs
     torch.testing.assert_close(plain.normalise(pixels), (pixels / 255 - plain.mean) / plain.std)
     torch.testing.assert_close(plain.normalise(pixels[None])[0], evaluate(image), atol=0.05, rtol=0)
 
 
-def test_augmentation_is_drawn_from_the_samples_generator_alone(sample):
+def test_a_samples_uniforms_depend_on_its_own_coordinates_alone():
+    images, shown = np.arange(2000), np.full(2000, -1)
+    uniforms = dl.sample_uniforms(7, 3, images, shown, 30)
+    assert uniforms.shape == (2000, 30) and uniforms.min() >= 0 and uniforms.max() < 1
+    # uniform and uncorrelated: across samples, across columns, between neighbouring samples
+    assert abs(uniforms.mean() - 0.5) < 0.005 and abs(uniforms.var() - 1 / 12) < 0.002
+    assert np.histogram(uniforms, bins=10, range=(0, 1))[0].min() > 0.97 * uniforms.size / 10
+    assert abs(np.corrcoef(uniforms[:, 0], uniforms[:, 1])[0, 1]) < 0.06
+    assert abs(np.corrcoef(uniforms[:-1, 0], uniforms[1:, 0])[0, 1]) < 0.06
+    # a row is the same in any batch, whatever its neighbours and however many columns are asked
+    assert np.array_equal(dl.sample_uniforms(7, 3, images[[5, 9]], shown[[5, 9]], 4), uniforms[[5, 9], :4])
+    for changed in ((8, 3, images, shown), (7, 4, images, shown), (7, 3, images + 1, shown),
+                    (7, 3, images, shown + 1)):
+        assert not np.isclose(dl.sample_uniforms(*changed, 30), uniforms).any(axis=1).all(), changed
+    huge = np.array([2**62 + 5, 2**62 + 6])          # shard ids take 55 bits and more
+    assert len(np.unique(dl.sample_uniforms(0, 0, huge, np.array([-1, -1]), 1))) == 2
+
+
+def test_augmentation_is_drawn_from_the_samples_uniforms_alone(sample):
     image = dl.load_caption_index(sample["index"]).load_image(0)
     augment = dl.TrainAugmentation(PREPROCESS)
     pixels = augment.prepare(image)
-    first = augment(pixels, np.random.default_rng((0, 0, 1)))
+    shapes = np.array([pixels.shape[:2]] * 2)
+
+    def augmented(epoch):
+        uniforms = dl.sample_uniforms(0, epoch, np.array([1, 2]), np.array([-1, -1]), augment.DRAWS)
+        return [augment.apply(pixels, draw) for draw in augment.draw(shapes, uniforms)]
+    first = augmented(0)
     torch.manual_seed(123)                                   # global generators play no part
-    assert first.shape == (3, 32, 32)
-    assert torch.equal(first, augment(pixels, np.random.default_rng((0, 0, 1))))
-    assert not torch.equal(first, augment(pixels, np.random.default_rng((0, 1, 1))))
+    np.random.seed(123)
+    assert first[0].shape == (3, 32, 32)
+    assert all(torch.equal(a, b) for a, b in zip(first, augmented(0)))
+    assert not torch.equal(first[0], first[1]) and not torch.equal(first[0], augmented(1)[0])
 
 
 def test_augmentation_defaults_are_the_settings_defaults():
@@ -339,8 +363,8 @@ def test_augmentation_defaults_are_the_settings_defaults():
 
 @pytest.mark.parametrize("height,width", [(100, 100), (60, 200), (200, 60), (37, 41)])
 def test_crop_boxes_follow_random_resized_crop(height, width):
-    rng = np.random.default_rng(0)
-    boxes = [dl._crop_box(height, width, (0.5, 1.0), rng) for _ in range(300)]
+    uniforms = np.random.default_rng(0).random((300, 2 * dl.CROP_TRIES + 2))
+    boxes = [tuple(box) for box in dl._crop_boxes(np.array([[height, width]] * 300), (0.5, 1.0), uniforms)]
     for top, left, h, w in boxes:
         assert 0 <= top and top + h <= height and 0 <= left and left + w <= width
     areas = np.array([h * w / (height * width) for _, _, h, w in boxes])
@@ -356,7 +380,7 @@ def test_crop_boxes_follow_random_resized_crop(height, width):
 def test_colour_jitter_is_drawn_for_its_share_of_images(colour_jitter):
     augment = dl.TrainAugmentation(PREPROCESS, colour_jitter=colour_jitter)
     pixels = np.zeros((40, 40, 3), dtype=np.uint8)
-    draws = [augment.draw(pixels, np.random.default_rng((0, 0, i))) for i in range(400)]
+    draws = augment.draw(np.array([pixels.shape[:2]] * 400), np.random.default_rng(0).random((400, augment.DRAWS)))
     jittered = np.mean([draw.jitter is not None for draw in draws])
     assert abs(jittered - colour_jitter) < 0.08
     assert all(sorted(k for k, _ in draw.jitter) == [0, 1, 2] for draw in draws if draw.jitter)
@@ -392,10 +416,10 @@ class NoPixels:
     """An augmentation that keeps nothing of the image: for tests of caption sampling."""
 
     def prepare(self, image):
-        return None
+        return np.zeros((1, 1, 3), dtype=np.uint8)
 
-    def draw(self, pixels, rng):
-        return None
+    def draw(self, shapes, uniforms):
+        return [None] * len(shapes)
 
     def apply(self, pixels, draw):
         return torch.zeros(1)
@@ -414,6 +438,7 @@ def test_each_epoch_draws_one_seeded_caption_per_image(sample):
     assert draws[0] != draws[1]
     dataset.set_epoch(0)
     assert [dataset[i][1] for i in range(index.num_images)] == draws[0]
+    assert [dataset.caption_drawn(i, 1) for i in range(index.num_images)] == draws[1]    # what mining embeds
 
 
 def test_by_caption_an_epoch_shows_every_caption_once_with_its_own_image_and_crop(sample):
@@ -466,6 +491,9 @@ def test_train_batches_do_not_depend_on_worker_count(sample, tokenizer):
 
     serial, parallel = batches(0), batches(2)
     assert len(serial) == len(parallel) == 6
+    dataset = dl.TrainDataset(index, dl.TrainAugmentation(PREPROCESS), tokenizer, seed=5)
+    together, alone = dataset.__getitems__([4, 1, 6]), [dataset[k] for k in (4, 1, 6)]    # batch-mates
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(together, alone))
     for a, b in zip(serial, parallel):
         assert all(torch.equal(a[key], b[key]) for key in ("images", "texts", "image_ids"))
     assert not torch.equal(serial[0]["images"], serial[3]["images"])

@@ -256,9 +256,12 @@ def test_the_teacher_sees_the_students_crop_and_caption_through_its_own_size_nor
     view = dl.TeacherView(dl.TrainAugmentation({"size": 64, **TEACHER_PREPROCESS}, **strong), teacher_tokenizer)
     dataset = SimpleNamespace(seed=0, augmentation=student, tokenizer=student_tokenizer, teacher_view=view)
     seen = []
+    captions = ["red squares on black", "a chequered picture"]
     for i in range(6):
+        (choice,), (draw,) = dl.draw_samples(dataset, 0, np.array([i]), np.array([-1]), np.array([2]),
+                                             [pixels.shape[:2]])
         images, tokens, _, choice, teacher_images, teacher_tokens = dl.train_sample(
-            i, 0, ["red squares on black", "a chequered picture"], lambda: pixels, dataset)
+            dataset, i, int(choice), pixels, draw, captions[choice])
         assert teacher_images.shape == (3, 64, 64) and teacher_tokens.shape == (16,)
         assert torch.equal(teacher_tokens[:4], tokens[:4])     # the same caption, in 16 tokens
         shown = images / 255

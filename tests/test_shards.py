@@ -35,8 +35,8 @@ class Pixels:
     def prepare(self, image):
         return np.asarray(image)
 
-    def draw(self, pixels, rng):
-        return None
+    def draw(self, shapes, uniforms):
+        return [None] * len(shapes)
 
     def apply(self, pixels, draw):
         return torch.from_numpy(np.array(pixels)).permute(2, 0, 1)

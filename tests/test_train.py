@@ -262,11 +262,13 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(data, tm
     assert [e["step"] for e in a["history"]["val"]] == [e["step"] for e in b["history"]["val"]]
 
 
-def test_the_image_and_caption_caches_change_nothing_a_run_learns(data, tmp_path):
-    common = ("--max_steps", "2", "--eval_every", "2")
+def test_the_image_and_caption_caches_and_workers_change_nothing_a_run_learns(data, tmp_path):
+    common = ("--max_steps", "2", "--eval_every", "2", "--num_workers", "1")
     train.main(run_args(data, tmp_path, "--run_name", "cached", *common))
     train.main(run_args(data, tmp_path, "--run_name", "decoded", "--no-cache_images", *common))
-    assert "tokenised captions" in (tmp_path / "logs/cached/train.log").read_text()
+    log = (tmp_path / "logs/cached/train.log").read_text()
+    # cached on a CPU: batches built in this process; decoded: in a DataLoader worker
+    assert "tokenised captions" in log and "batches are built from the cache in this process" in log
     a = cm.load_checkpoint(tmp_path / "ckpt/cached/last.pt")["state_dict"]
     b = cm.load_checkpoint(tmp_path / "ckpt/decoded/last.pt")["state_dict"]
     for name, tensor in a.items():
@@ -413,13 +415,17 @@ def test_hard_negative_batches_resume_exactly_mid_epoch(data, tmp_path):
     assert "epoch 0: hard-negative batches mined from 480 captions" in log and "epoch 1: hard-negative" in log
 
 
-@pytest.mark.parametrize("users_value", [None, "250000"])
-def test_openmp_threads_spin_briefly_unless_the_user_chose(users_value):
-    """GOMP_SPINCOUNT must be in the environment before torch loads OpenMP, so train.py sets it on
-    import; a value the user exported is kept."""
+@pytest.mark.parametrize("cache,users_value,spin", [("--cache_images", None, "default"),
+                                                     ("--no-cache_images", None, "1000"),
+                                                     ("--no-cache_images", "250000", "250000")])
+def test_openmp_threads_spin_briefly_beside_workers_unless_the_user_chose(cache, users_value, spin):
+    """GOMP_SPINCOUNT must be in the environment before torch loads OpenMP: train.main sets it
+    before importing torch when workers will decode beside the model (uncached images), and
+    keeps a value the user exported."""
     env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
     if users_value:
         env["GOMP_SPINCOUNT"] = users_value
-    code = "import sys, os, train; print('torch' in sys.modules, os.environ['GOMP_SPINCOUNT'])"
+    code = (f"import sys, os, train; train.tune_openmp(train.parse_config(['{cache}'])); "
+            f"print('torch' in sys.modules, os.environ.get('GOMP_SPINCOUNT', 'default'))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", users_value or "1000"]
+    assert out.stdout.split() == ["False", spin]
