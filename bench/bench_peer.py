@@ -101,6 +101,10 @@ caption rows), {SHARED['model']}, batch {SHARED['batch']}, {SHARED['precision']}
 learning rate {SHARED['lr']}, warmup {SHARED['warmup']}, {steps} optimiser steps each ({EPOCHS} of open_clip_train's
 epochs of caption rows), CPU. Samples/s: from the first step to the last, epoch boundaries,
 logging and checkpoints included, validation left out. Each run in a fresh process, alternating.
+(train.py, its images cached on a CPU, builds its batches in the training process and uses the
+workers to decode the cache; open_clip_train's workers build every batch.) The three share the
+machine with whatever else runs on its host: a run's rate can move by 10-15% from one run to
+the next, so the ratios are taken round by round and their median is the figure.
 Machine: {common.machine()}; load average {load_before:.1f} before, {load_after:.1f} after.
 Rerun: {common.rerun()} (needs `pip install pandas braceexpand`).
 
