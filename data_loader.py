@@ -976,6 +976,15 @@ def cache_images(index: CaptionIndex, augmentation: TrainAugmentation, num_worke
     return index, ImageCache(buffer, offsets, shapes)
 
 
+def cache_training_data(index: CaptionIndex, augmentation: TrainAugmentation, tokenizer, num_workers: int = 0,
+                        strict: bool = False) -> tuple[CaptionIndex, ImageCache, torch.Tensor]:
+    """Every image of the index decoded and prepared once (cache_images) and every caption of
+    the readable ones tokenised once (tokenize_captions): the index of the readable images, their
+    ImageCache and the token table, what TrainDataset takes as index, cache and tokens."""
+    index, cache = cache_images(index, augmentation, num_workers, strict)
+    return index, cache, tokenize_captions(index.captions(), tokenizer)
+
+
 def tokenize_captions(captions: list[str], tokenizer, chunk: int = 4096) -> torch.Tensor:
     """Every caption tokenised once: int32 [len(captions), context_length], row j caption j.
 

@@ -1314,7 +1314,7 @@ def build_loader(cfg, run, setup, train_index, distill=None):
 
 def cached_data(cfg, run, train_index, augmentation, tokenizer):
     """(index, ImageCache or None, token table or None): the images decoded once and the captions
-    tokenised once (data_loader.tokenize_captions) when cache_images is on and the images fit in
+    tokenised once (data_loader.cache_training_data) when cache_images is on and the images fit in
     a quarter of the memory available (shared by the processes of this machine); unreadable
     images found on the way are left out of the index, and named."""
     import data_loader
@@ -1329,11 +1329,10 @@ def cached_data(cfg, run, train_index, augmentation, tokenizer):
                      f"--resize {augmentation.side} make that cheaper)")
         return train_index, None, None
     started, before = time.perf_counter(), len(train_index.skipped)
-    train_index, cache = data_loader.cache_images(train_index, augmentation, cfg.num_workers,
-                                                  strict=cfg.strict_data)
+    train_index, cache, tokens = data_loader.cache_training_data(train_index, augmentation, tokenizer,
+                                                                 cfg.num_workers, strict=cfg.strict_data)
     for message in train_index.skipped[before:before + 5]:
         run.log.warning(f"skipped unreadable image: {message}")
-    tokens = data_loader.tokenize_captions(train_index.captions(), tokenizer)
     run.log.info(f"cached {len(cache)} training images at {augmentation.side} px "
                  f"({cache.nbytes / 2**20:.0f} MiB) and {len(tokens)} tokenised captions "
                  f"({tokens.nbytes / 2**20:.0f} MiB) in {time.perf_counter() - started:.1f} s")

@@ -395,8 +395,8 @@ def _job_loader(params):
     augmentation = data_loader.TrainAugmentation(setup.preprocess_cfg)
     started, cache, tokens = time.perf_counter(), None, None
     if params.get("cache", True):
-        index, cache = data_loader.cache_images(index, augmentation, params["num_workers"])
-        tokens = data_loader.tokenize_captions(index.captions(), setup.tokenizer)
+        index, cache, tokens = data_loader.cache_training_data(index, augmentation, setup.tokenizer,
+                                                               params["num_workers"])
     cache_s = time.perf_counter() - started
     dataset = data_loader.TrainDataset(index, augmentation, setup.tokenizer, seed=0, cache=cache, tokens=tokens)
     loader = data_loader.EpochLoader(dataset, params["batch_size"], num_workers=params["num_workers"])
