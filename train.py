@@ -605,7 +605,8 @@ def tune_openmp(cfg):
 
     After each parallel region GNU OpenMP's threads spin for ~300,000 rounds before they sleep:
     the fastest when the model has the cores to itself, as it does when batches are built from
-    the image cache in this process (the default; ~8% faster than spinning briefly). Beside busy
+    the image cache in this process (the default; 0-8% faster than spinning briefly on idle
+    cores, bench_data.py's thread table, and measured ~10% faster in train.py itself). Beside busy
     DataLoader workers, which read and decode images in every epoch when the images are not
     cached, the spinning holds the cores the workers need: two threads beside one busy process
     keep 0.32 of their idle speed, or 0.59 with 1000 rounds (bench/bench_data.py's thread table
