@@ -762,12 +762,12 @@ class TrainDataset(Dataset):
         images = self.index.caption_image[items]
         return images, items - self.index.caption_range(images)[0]
 
-    def caption_drawn(self, k: int, epoch: int) -> str:
-        """The caption item k shows in `epoch` (what hard-negative mining embeds)."""
-        if self.by_caption:
-            return self.index.caption(k)
-        first, count = self.index.caption_range(np.array([k]))
-        return self.index.caption(int(first[0] + draw_captions(self.seed, epoch, np.array([k]), count)[0]))
+    def captions_shown(self, epoch: int) -> list[str]:
+        """The caption every item shows in `epoch` (what hard-negative mining embeds)."""
+        images, shown = self.images_and_captions(np.arange(len(self)))
+        first, count = self.index.caption_range(images)
+        rows = first + np.where(shown >= 0, shown, draw_captions(self.seed, epoch, images, count))
+        return [self.index.caption(int(j)) for j in rows]
 
     def __getitem__(self, k: int):
         return self.__getitems__([k])[0]
@@ -804,13 +804,14 @@ def draw_samples(dataset, epoch: int, images: np.ndarray, shown: np.ndarray, num
     prepared images' `shapes`), all from the samples' own uniforms. Shared by TrainDataset and
     shards.WebDatasetTrain."""
     uniforms = sample_uniforms(dataset.seed, epoch, images, shown, 1 + TrainAugmentation.DRAWS)
-    choices = np.where(shown >= 0, shown, np.floor(uniforms[:, 0] * num_captions).astype(np.int64))
+    choices = np.where(shown >= 0, shown, draw_captions(dataset.seed, epoch, images, num_captions))
     return choices, dataset.augmentation.draw(np.reshape(shapes, (-1, 2)), uniforms[:, 1:])
 
 
 def draw_captions(seed: int, epoch: int, images: np.ndarray, num_captions: np.ndarray) -> np.ndarray:
-    """Which of their captions `images` train with in an epoch, when each draws one (what
-    draw_samples draws for them)."""
+    """Which of their captions `images` train with in an epoch, when each draws one: from the
+    first of each one's uniforms (sample_uniforms with no caption shown, -1), the column that
+    draw_samples leaves to it."""
     uniforms = sample_uniforms(seed, epoch, images, np.full(len(images), -1), 1)
     return np.floor(uniforms[:, 0] * num_captions).astype(np.int64)
 

@@ -714,7 +714,7 @@ def mine_hard_batches(job, epoch):
     import evaluation
     started = time.perf_counter()
     dataset = job.loader.dataset
-    captions = [dataset.caption_drawn(i, epoch) for i in range(len(dataset))]
+    captions = dataset.captions_shown(epoch)
     features = clip_model.encode_texts(job.raw_model, job.setup.tokenizer, captions, job.run.device,
                                        precision=job.run.precision)
     job.model.train()
@@ -1572,8 +1572,7 @@ def cache_teacher_features(cfg, run, distill, dataset):
     image_table[torch.cat(ids)] = features                 # unreadable images keep a row of zeros
     text_table = clip_model.encode_texts(distill.teacher.model, view.tokenizer, index.captions(),
                                          run.device, cfg.batch_size, run.precision).clone()
-    # captions are stored grouped by image: image i's captions start at its first caption's id
-    first_caption = np.searchsorted(index.caption_image, np.arange(index.num_images))
+    first_caption = index.caption_range(np.arange(index.num_images))[0]
     distill.cache = {"images": image_table.to(run.device), "texts": text_table.to(run.device),
                      "first_caption": torch.from_numpy(first_caption).to(run.device),
                      **teacher_temperature(distill.teacher.model)}

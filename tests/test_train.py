@@ -193,7 +193,7 @@ def learned_run(data, tmp_path_factory):
     """One short training run shared by the tests that read its outputs."""
     out = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
-    result = train.main(run_args(data, out, "--run_name", "learn", "--num_epochs", "3",
+    result = train.main(run_args(data, out, "--run_name", "learn", "--num_epochs", "2",
                                  "--learning_rate", "2e-3", "--eval_every", "30"))
     return out, result
 
@@ -212,7 +212,7 @@ def test_a_run_writes_checkpoints_results_and_curves(learned_run):
     out, result = learned_run
     assert (out / "ckpt/learn/last.pt").is_file() and (out / "ckpt/learn/best.pt").is_file()
     saved = json.loads((out / "ckpt/learn/config.json").read_text())
-    assert saved["num_epochs"] == 3 and saved["learning_rate"] == 2e-3
+    assert saved["num_epochs"] == 2 and saved["learning_rate"] == 2e-3
     results = json.loads((out / "results/learn/training_results.json").read_text())
     assert results["best"]["metric"] == "rsum" and results["best"]["step"] is not None
     assert results["final"]["step"] == result["step"]
