@@ -333,7 +333,7 @@ def test_a_samples_uniforms_depend_on_its_own_coordinates_alone():
     assert np.array_equal(dl.sample_uniforms(7, 3, images[[5, 9]], shown[[5, 9]], 4), uniforms[[5, 9], :4])
     for changed in ((8, 3, images, shown), (7, 4, images, shown), (7, 3, images + 1, shown),
                     (7, 3, images, shown + 1)):
-        assert not np.isclose(dl.sample_uniforms(*changed, 30), uniforms).any(axis=1).all(), changed
+        assert np.isclose(dl.sample_uniforms(*changed, 30), uniforms).mean() < 0.01, changed
     huge = np.array([2**62 + 5, 2**62 + 6])          # shard ids take 55 bits and more
     assert len(np.unique(dl.sample_uniforms(0, 0, huge, np.array([-1, -1]), 1))) == 2
 
