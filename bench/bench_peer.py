@@ -15,7 +15,9 @@ steps: open_clip_train trains EPOCHS epochs of caption rows, train.py gets that 
 Samples/s is over the whole run from its first step to its last, every epoch boundary, log line
 and checkpoint included and validation left out (common._job_train, common._job_open_clip_train).
 The bare loop (common.bare_loop) is forward, loss, backward and fused AdamW on one batch of
-tensors in memory: the model's cost and nothing else. Each run is a fresh process; runs alternate
+tensors in memory: the model's cost and nothing else; it runs twice, with glibc's malloc as it
+comes and with the thresholds train.py sets (train.tune_malloc: freed buffers are kept for the
+next step instead of being faulted in again). Each run is a fresh process; runs alternate
 so that a drifting load hurts all alike. Targets (issue 13): train.py >= 1.05 x open_clip_train,
 >= 0.97 x the bare loop.
 
@@ -36,7 +38,7 @@ EPOCHS = 2            # open_clip_train's epochs (of caption rows); train.py get
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of the three runs")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the four runs")
     parser.add_argument("--train_images", type=int, default=1900, help="training images (0: all)")
     parser.add_argument("--image_size", type=int, default=128, help="clip-art side in pixels")
     parser.add_argument("--data_seed", type=int, default=0, help="seed of the clip-art split")
@@ -64,18 +66,18 @@ def main():
         return {**result, "samples": steps * SHARED["batch"],
                 "samples_per_s": steps * SHARED["batch"] / result["loop_s"]}
 
-    def bare():
-        return common.run_job("bare", {"model_name": SHARED["model"], "batch_size": SHARED["batch"],
-                                       "precision": SHARED["precision"], "steps": steps, "fused": True},
-                              log_name="peer-bare")
+    def bare(malloc=False):
+        return lambda: common.run_job("bare", {"model_name": SHARED["model"], "batch_size": SHARED["batch"],
+                                               "precision": SHARED["precision"], "steps": steps, "fused": True,
+                                               "malloc": malloc}, log_name="peer-bare")
 
     def report(name, r, result):
         print(f"round {r + 1} {name:16}: {result['samples_per_s']:6.1f} samples/s "
               f"(load {common.load_average():.1f})", flush=True)
 
     load_before = common.load_average()
-    runs = common.alternate({"train.py": ours, "open_clip_train": theirs, "bare loop": bare},
-                            args.rounds, report)
+    runs = common.alternate({"train.py": ours, "open_clip_train": theirs, "bare loop": bare(),
+                             "bare loop, train.py's malloc": bare(malloc=True)}, args.rounds, report)
     load_after = common.load_average()
     rows = [[f"{name}, round {r}", f"{result['loop_s']:.1f}", f"{result['samples_per_s']:.1f}",
              f"{result.get('startup_s', 0):.1f}", f"{result['peak_mib']:,.0f}"]
@@ -88,7 +90,9 @@ def main():
     summary = common.table(["samples/s ratio", "median (range)", "target", "verdict"], [
         [f"train.py / {other}", common.median_spread(ratios(other)), f">= {target}",
          "met" if statistics.median(ratios(other)) >= target else "NOT met"]
-        for other, target in (("open_clip_train", 1.05), ("bare loop", 0.97))])
+        for other, target in (("open_clip_train", 1.05), ("bare loop", 0.97))] + [
+        ["train.py / bare loop, train.py's malloc", common.median_spread(ratios("bare loop, train.py's malloc")),
+         "", ""]])
     print(f"\n{results_table}\n\n{summary}")
     if args.no_readme:
         return
@@ -96,13 +100,14 @@ def main():
 
 Throughput of train.py, open_clip's trainer (`open_clip_train.main`, run unchanged after
 registering our presets) and a bare loop (forward, loss, backward, fused AdamW on tensors in
-memory), on the clip-art set of bench/clipart.py ({data.images} training images, {data.rows}
+memory; with glibc's malloc as it comes, and again with the thresholds train.py sets, which keep
+a step's freed buffers for the next step), on the clip-art set of bench/clipart.py ({data.images} training images, {data.rows}
 caption rows), {SHARED['model']}, batch {SHARED['batch']}, {SHARED['precision']}, {SHARED['workers']} DataLoader workers,
 learning rate {SHARED['lr']}, warmup {SHARED['warmup']}, {steps} optimiser steps each ({EPOCHS} of open_clip_train's
 epochs of caption rows), CPU. Samples/s: from the first step to the last, epoch boundaries,
 logging and checkpoints included, validation left out. Each run in a fresh process, alternating.
 (train.py, its images cached on a CPU, builds its batches in the training process and uses the
-workers to decode the cache; open_clip_train's workers build every batch.) The three share the
+workers to decode the cache; open_clip_train's workers build every batch.) The four share the
 machine with whatever else runs on its host: a run's rate can move by 10-15% from one run to
 the next, so the ratios are taken round by round and their median is the figure.
 Machine: {common.machine()}; load average {load_before:.1f} before, {load_after:.1f} after.

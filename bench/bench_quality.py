@@ -92,6 +92,8 @@ ABLATIONS = {
     "no gradient clipping, as open_clip_train": ours("--grad_clip_norm", 0.0),
     "open_clip_train defaults": THEIRS,
     "each image once per epoch, with one drawn caption (--sample_by image)": ours("--sample_by", "image"),
+    "sigmoid loss (--loss siglip)": ours("--loss", "siglip"),
+    "half of each batch in groups of similar items (--hard_negatives 0.5)": ours("--hard_negatives", 0.5),
 }
 
 
@@ -196,17 +198,20 @@ def train(recipe: Recipe, data: Data, label: str, epochs: int, every: int, seed:
 _evaluating = threading.Lock()   # ablation runs finish in parallel threads; evaluate one at a time
 
 
-def evaluate_snapshots(result: dict, test: Path) -> dict:
+def evaluate_snapshots(result: dict, test: Path, recipe: Recipe = OURS) -> dict:
     """Every snapshot of a run on the test split with our evaluation code (its retrieval metrics
-    are added to the snapshot); the weight files are deleted afterwards."""
+    are added to the snapshot); the weight files are deleted afterwards. The recipe's --loss
+    builds the model (the sigmoid loss adds a learned bias)."""
     sys.path.insert(0, str(common.REPO))
     import clip_model
     import data_loader
     import evaluation
+    flags = list(map(str, recipe.flags))
+    loss = flags[flags.index("--loss") + 1] if "--loss" in flags else "clip"
     with _evaluating:
         index = data_loader.load_caption_index(test)
         for snapshot in result["snapshots"]:
-            setup = clip_model.build_model(SHARED["model"], pretrained=snapshot["path"])
+            setup = clip_model.build_model(SHARED["model"], pretrained=snapshot["path"], loss=loss)
             snapshot["retrieval"] = evaluation.evaluate_model(setup, index, batch_size=SHARED["batch"])["retrieval"]
             os.remove(snapshot["path"])
     return result
@@ -357,7 +362,7 @@ def ablations(args, data: Data, raw: Path) -> dict:
         name, seed = job
         result = train(ABLATIONS[name], data, f"{slug[name]}-seed{seed}", args.epochs, every, seed=seed,
                        validate=False)
-        result = evaluate_snapshots(result, data.test)
+        result = evaluate_snapshots(result, data.test, ABLATIONS[name])
         print(f"{name}, seed {seed}: test R@1 t->i {recall(result['snapshots'][-1]):.1f}, i->t "
               f"{recall(result['snapshots'][-1], ('image_to_text', 'R@1')):.1f}", flush=True)
         with saving:

@@ -170,18 +170,21 @@ def _finish(result: dict):
 
 def bare_loop(model_name="tiny-vit-64", batch_size=64, precision="fp32", steps=20, warmup=0,
               grad_checkpointing=False, patch_dropout=0.0, compile=False, channels_last=False,
-              fused=False, threads=0, repo=REPO, **_) -> dict:
+              fused=False, threads=0, malloc=False, repo=REPO, **_) -> dict:
     """Samples/s of forward, loss, backward and AdamW step on one batch of tensors in memory.
 
     Everything train.py's step does to the model is here (its loss, its AdamW parameter groups,
     autocast for bf16), nothing around it. fused=True uses torch's fused AdamW kernel instead of
-    its default (a loop over the parameters on a CPU). The first `warmup` steps are not timed (torch.compile
+    its default (a loop over the parameters on a CPU). malloc=True keeps freed memory for the next
+    step as train.py does (train.tune_malloc). The first `warmup` steps are not timed (torch.compile
     compiles during them); with warmup=0 the first step, as in train.py, is counted."""
     sys.path.insert(0, str(repo))
     import torch
 
     import clip_model
     import train
+    if malloc:
+        train.tune_malloc()
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
