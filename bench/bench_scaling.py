@@ -6,7 +6,7 @@ channels-last (convolutional towers) change.
     .venv/bin/python bench/bench_scaling.py --only options --no_readme
 
 Every configuration is the bare loop (common.bare_loop: forward, loss, backward, fused AdamW
-step on one batch in memory; GOMP_SPINCOUNT=1000, see ENV) in a fresh process, so its peak
+step on one batch in memory, with train.py's malloc thresholds) in a fresh process, so its peak
 resident memory (the whole process: python and torch count for about 0.5 GiB) is its own. A configuration runs a few untimed warm-up steps
 (torch.compile compiles in them; its compile time is shown), then enough timed steps for about
 1000 samples (fewer for ViT-B-32). Options are measured as ratios against the plain step of the
@@ -26,15 +26,12 @@ OPTIONS = {  # name -> bare_loop settings that differ from the plain step
     "--precision bf16": {"precision": "bf16"},
     "--compile": {"compile": True, "warmup": 3},
 }
-# OpenMP threads that spin briefly before they sleep: with the default, a step slows down
-# several times whenever another job takes a core (bench_data.py, threads table).
-ENV = {"GOMP_SPINCOUNT": "1000"}
 CONV_OPTIONS = {"channels-last": {"channels_last": True}, "--precision bf16": {"precision": "bf16"}}
 
 
 def bare(**settings):
-    settings = {"warmup": 1, "fused": True, **settings}
-    return lambda: common.run_job("bare", settings, env=ENV, log_name="scaling-bare")
+    settings = {"warmup": 1, "fused": True, "malloc": True, **settings}
+    return lambda: common.run_job("bare", settings, log_name="scaling-bare")
 
 
 def medians(results):
@@ -116,7 +113,7 @@ def main():
     common.write_readme(HEADING, f"""{HEADING}
 
 The training step on a CPU (the bare loop: forward, loss, backward, fused AdamW step on a batch
-in memory, `GOMP_SPINCOUNT=1000`; no data loading), each configuration in a fresh process: samples/s and the peak resident
+in memory, with train.py's malloc thresholds; no data loading), each configuration in a fresh process: samples/s and the peak resident
 memory of the whole process (python and torch alone take about 0.5 GiB). First against batch size
 (tiny-vit-64, fp32), then against model size (fp32), then the options, each as a ratio to the
 plain step of the same model and batch 64 run next to it. {args.rounds} rounds, alternating; medians.
