@@ -631,12 +631,12 @@ def tune_malloc():
     large blocks with fresh pages from the kernel (mmap, under an adaptive threshold) and gives
     the top of its heap back to the kernel once more than twice that threshold is free, so every
     step faults its buffers in again and the kernel zeroes each page: ~50,000 page faults a step
-    in train.py on a CPU (tiny-vit-64, batch 128; 200 MB zeroed), 8-10% of the step. Fixed
-    thresholds -- blocks up to 32 MiB from the heap, up to 1 GiB of free heap kept -- leave the
-    buffers in place for the next step (a few hundred faults a step). The peak memory is still
-    what a step needs; the process just keeps up to 1 GiB of it between steps. A setting of the
-    user's own (MALLOC_*_ or GLIBC_TUNABLES in the environment) wins; without glibc (macOS,
-    musl) nothing changes."""
+    in train.py on a CPU (tiny-vit-64, batch 128; 200 MB zeroed), about a tenth of the step.
+    Fixed thresholds -- blocks up to 32 MiB from the heap, up to 1 GiB of free heap kept --
+    leave the buffers in place for the next step (a few hundred faults a step): train.py went
+    from 0.89 to 1.01 of the bare loop's samples/s (bench/bench_peer.py), its peak memory up
+    ~90 MiB (of 1.5 GiB). A setting of the user's own (MALLOC_*_ or GLIBC_TUNABLES in the
+    environment) wins; without glibc (macOS, musl) nothing changes."""
     if any(name.startswith("MALLOC_") or name == "GLIBC_TUNABLES" for name in os.environ):
         return
     import ctypes
