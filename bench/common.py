@@ -1,4 +1,4 @@
-"""What the training benchmarks (bench_overhead, bench_peer, bench_data, bench_scaling,
+"""What the training benchmarks (bench_peer, bench_data, bench_scaling,
 bench_startup, bench_distill) share: generated data sets, the bare loop they compare against,
 measured runs in fresh processes, held-out evaluation, medians of side-by-side ratios, tables and
 bench/README.md sections.

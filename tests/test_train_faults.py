@@ -70,6 +70,7 @@ def test_a_signal_to_the_whole_process_group_saves_a_run_that_resumes_exactly(da
     assert f"{signal.Signals(signum).name} received" in output and "--resume auto" in output
     assert "Traceback" not in output
     stopped = cm.load_checkpoint(tmp_path / "ckpt/cut/last.pt")["step"]
+    assert f"stopped: {signal.Signals(signum).name} received at step {stopped};" in output   # saved on the signal
     end = str(stopped + 3)
 
     resumed = train.main(run_args(data, tmp_path, "--run_name", "cut", "--resume", "auto",
