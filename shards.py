@@ -275,7 +275,7 @@ class WebDatasetTrain(IterableDataset):
     def __init__(self, data_dir, augmentation, tokenizer, seed: int = 0, rank: int = 0, world_size: int = 1,
                  num_samples: int = 0, weights: str = "", resampled: bool = False, teacher_view=None):
         self.data_dir, self.augmentation, self.tokenizer = str(data_dir), augmentation, tokenizer
-        self.teacher_view = teacher_view   # data_loader.TeacherView: the teacher's inputs too
+        self.teacher_view = teacher_view   # augmentation.TeacherView: the teacher's inputs too
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.resampled, self.num_samples = resampled, num_samples
         self.sources = [read_shard_set(pattern) for pattern in split_sources(self.data_dir)]

@@ -762,7 +762,7 @@ def mine_hard_batches(job, epoch):
 
 def next_micro_batches(job, state, batches):
     """The micro-batches of the next step, on the device, their uint8 images normalised there
-    (data_loader.TrainAugmentation.normalise: the student's, and the teacher's for its view);
+    (augmentation.TrainAugmentation.normalise: the student's, and the teacher's for its view);
     None at the end of the epoch. Unreadable images are counted, and named the first time
     (strict_data: DataError)."""
     micro_batches = []
@@ -1304,9 +1304,10 @@ def build_loader(cfg, run, setup, train_index, distill=None):
     teacher, the images are prepared large enough for both models, and each sample brings the
     teacher's inputs too (its TeacherView) unless the teacher's features are cached."""
     import data_loader
-    augmentation = data_loader.TrainAugmentation(setup.preprocess_cfg, augment=cfg.augment,
-                                                 min_side=distill.view.augmentation.side if distill else 0,
-                                                 crop_min_scale=cfg.crop_min_scale, colour_jitter=cfg.colour_jitter)
+    from augmentation import TrainAugmentation
+    augmentation = TrainAugmentation(setup.preprocess_cfg, augment=cfg.augment,
+                                     min_side=distill.view.augmentation.side if distill else 0,
+                                     crop_min_scale=cfg.crop_min_scale, colour_jitter=cfg.colour_jitter)
     teacher_view = distill.view if distill and not cfg.distill_cache else None
     cache = None
     if train_index is None:   # streamed: the dataset shares the shards out across ranks and workers
@@ -1452,7 +1453,7 @@ class Distillation:
     output for a batch, and the distillation term (clip_model.DistillationLoss) with its share."""
     teacher: object            # clip_model.ClipSetup: frozen, in eval mode, never checkpointed;
                                # None once the cache holds all that is needed of it
-    view: object               # data_loader.TeacherView: the teacher's inputs of a sample
+    view: object               # augmentation.TeacherView: the teacher's inputs of a sample
     loss_fn: object            # clip_model.DistillationLoss, holding the feature map if any
     weight: float              # w: loss = (1 - w) x contrastive + w x distillation
     cache: dict = None         # --distill_cache: "images" [N, D], "texts" [M, D], "first_caption" [N],
@@ -1520,9 +1521,9 @@ def build_distillation(cfg, run, setup):
     The teacher is frozen and in eval mode, runs at the run's precision, and is never saved in
     a checkpoint (last.pt keeps only the feature map the term learns). It may differ from the
     student in everything: architecture, width, image size, normalisation, tokenizer; each model
-    reads its own inputs of the same samples (data_loader.TeacherView)."""
+    reads its own inputs of the same samples (augmentation.TeacherView)."""
     import clip_model
-    import data_loader
+    from augmentation import TeacherView, TrainAugmentation
     if not cfg.distill_from or cfg.distill_weight == 0:
         if cfg.distill_from:
             run.log.warning("distill_weight 0: the teacher is not loaded, the run trains alone")
@@ -1540,9 +1541,9 @@ def build_distillation(cfg, run, setup):
     if run.distributed and loss_fn.map is not None:
         import torch.distributed as dist
         dist.broadcast(loss_fn.map.data, src=0)   # DDP does this for the model's parameters only
-    view = data_loader.TeacherView(data_loader.TrainAugmentation(teacher.preprocess_cfg, augment=cfg.augment,
-                                                                 crop_min_scale=cfg.crop_min_scale),
-                                   teacher.tokenizer)
+    teacher_augmentation = TrainAugmentation(teacher.preprocess_cfg, augment=cfg.augment,
+                                             crop_min_scale=cfg.crop_min_scale)
+    view = TeacherView(teacher_augmentation, teacher.tokenizer)
     mapped = "" if not cfg.distill_features else \
         f", features matched through a learned {widths[0]} -> {widths[1]} map" if loss_fn.map is not None \
         else ", features matched directly"

@@ -71,9 +71,10 @@ def sample_costs(repo, rounds: int) -> dict:
 
     import clip_model
     import data_loader
+    from augmentation import TrainAugmentation
     torch.set_num_threads(1)
     setup = clip_model.build_model("tiny-vit-64")
-    augmentation = data_loader.TrainAugmentation(setup.preprocess_cfg)
+    augmentation = TrainAugmentation(setup.preprocess_cfg)
     sets = {GENERATED: common.sample_data(2000) / "data.json", **photo_sets()}
     datasets = {name: data_loader.TrainDataset(data_loader.load_caption_index(path), augmentation, setup.tokenizer)
                 for name, path in sets.items()}

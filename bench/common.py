@@ -391,11 +391,12 @@ def _job_loader(params):
 
     import clip_model
     import data_loader
+    from augmentation import TrainAugmentation
     if params.get("threads"):
         torch.set_num_threads(params["threads"])
     setup = clip_model.build_model(params.get("model_name", "tiny-vit-64"))
     index = data_loader.load_caption_index(params["data"])
-    augmentation = data_loader.TrainAugmentation(setup.preprocess_cfg)
+    augmentation = TrainAugmentation(setup.preprocess_cfg)
     started, cache, tokens = time.perf_counter(), None, None
     if params.get("cache", True):
         index, cache, tokens = data_loader.cache_training_data(index, augmentation, setup.tokenizer,

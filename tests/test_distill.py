@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
+import augmentation
 import clip_model as cm
 import data_loader as dl
 import sample_data
@@ -252,8 +253,9 @@ def test_the_teacher_sees_the_students_crop_and_caption_through_its_own_size_nor
                                                                                            context_length=n))
                                             for n in (32, 16))
     strong = {"crop_min_scale": 0.5, "colour_jitter": 0.8}      # samples that differ, to tell apart
-    student = dl.TrainAugmentation({"size": 32}, min_side=100, **strong)
-    view = dl.TeacherView(dl.TrainAugmentation({"size": 64, **TEACHER_PREPROCESS}, **strong), teacher_tokenizer)
+    student = augmentation.TrainAugmentation({"size": 32}, min_side=100, **strong)
+    teacher = augmentation.TrainAugmentation({"size": 64, **TEACHER_PREPROCESS}, **strong)
+    view = augmentation.TeacherView(teacher, teacher_tokenizer)
     dataset = SimpleNamespace(seed=0, augmentation=student, tokenizer=student_tokenizer, teacher_view=view)
     seen = []
     captions = ["red squares on black", "a chequered picture"]

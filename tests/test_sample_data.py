@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import augmentation
 import data_loader as dl
 import sample_data
 
@@ -60,7 +61,7 @@ def test_chinese_sample_captions_are_chinese_and_tokenised(tmp_path):
     assert "红色圆形" in os.listdir(paths["zeroshot"])
     first, second = (tokenizer([index.caption(j)])[0] for j in (0, index.num_captions - 1))
     assert (first != 0).sum() > 2 and not torch.equal(first, second)  # more than start + end tokens
-    dataset = dl.TrainDataset(index, dl.TrainAugmentation({"size": 32}, augment=False), tokenizer)
+    dataset = dl.TrainDataset(index, augmentation.TrainAugmentation({"size": 32}, augment=False), tokenizer)
     assert (dataset[0][1] != 0).sum() > 2
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import augmentation
 import data_loader as dl
 import sample_data
 import shards
@@ -26,7 +27,7 @@ def caption_of(tokens) -> str:
     return bytes(tokens.tolist()).rstrip(b"\0").decode("utf-8")
 
 
-AUGMENT = dl.TrainAugmentation({"size": 32})
+AUGMENT = augmentation.TrainAugmentation({"size": 32})
 
 
 class Pixels:
