@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
+import common
+
+BENCH, REPO = common.BENCH, common.REPO
 HEADING = "## bench_evaluation.py"
 
 
@@ -118,20 +119,6 @@ Peak RSS is the whole process; the baseline (python, torch and evaluation import
 """
 
 
-def write_readme(section: str):
-    """Replace this benchmark's section of bench/README.md (other sections are left alone)."""
-    path = BENCH / "README.md"
-    text = path.read_text(encoding="utf-8") if path.exists() else (
-        "# Benchmarks\n\nOne section per script in bench/; each script writes its own section.\n")
-    start = text.find(HEADING)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(HEADING))
-        text = text[:start] + section + ("" if end < 0 else text[end:])
-    path.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 3000, 10000, 30000, 100000],
@@ -166,9 +153,8 @@ def main():
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     import torch
-    write_readme(readme_section(result, baseline, args, cpu, torch.__version__,
-                                (load_before[0], os.getloadavg()[0])))
-    print(f"\nwrote the section {HEADING!r} of {BENCH / 'README.md'}")
+    common.write_readme(HEADING, readme_section(result, baseline, args, cpu, torch.__version__,
+                                                (load_before[0], os.getloadavg()[0])))
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ import textwrap
 import time
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
+import common
+
+BENCH, REPO = common.BENCH, common.REPO
 HEADING = "## bench_index_memory.py"
 FORMS = ("baseline", "index", "naive")
 
@@ -160,20 +161,6 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def write_readme(section: str):
-    """Replace this benchmark's section of bench/README.md (other sections are left alone)."""
-    path = BENCH / "README.md"
-    text = path.read_text(encoding="utf-8") if path.exists() else (
-        "# Benchmarks\n\nOne section per script in bench/; each script writes its own section.\n")
-    start = text.find(HEADING)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(HEADING))
-        text = text[:start] + section + ("" if end < 0 else text[end:])
-    path.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entries", type=int, default=1_000_000, help="images in the JSON index")
@@ -228,7 +215,7 @@ def main():
                      f"baseline: reading an object writes its reference count, so the worker copies the "
                      f"page holding it (copy-on-write) and ends with its own copy of everything it read.")
     notes = "\n".join(textwrap.fill(note, 100, initial_indent="- ", subsequent_indent="  ") for note in notes)
-    write_readme(f"""{HEADING}
+    common.write_readme(HEADING, f"""{HEADING}
 
 A JSON index of {args.entries:,} images with two captions each, loaded and then read in full (every
 image name and caption) by a DataLoader of {args.workers} worker processes (fork), {args.batch_size} items per
@@ -245,7 +232,6 @@ CaptionIndex); "naive" is the list of dicts `json.load` returns. Machine: {os.cp
 
 {notes}
 """)
-    print(f"\nwrote the section {HEADING!r} of {BENCH / 'README.md'}")
 
 
 if __name__ == "__main__":
