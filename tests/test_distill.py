@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import augmentation
 import clip_model as cm
 import data_loader as dl
+import distillation
 import sample_data
 import train
 from errors import ModelError, SettingsError
@@ -167,7 +168,7 @@ def distillation_setup(loss_name):
     student, teacher = Towers(4, seed=0, siglip=siglip), Towers(3, seed=7, siglip=siglip).requires_grad_(False)
     torch.manual_seed(3)
     term = cm.DistillationLoss(2.0, sigmoid=siglip, local_loss=local_loss, feature_dims=(4, 3)).double()
-    distill = train.Distillation(teacher=SimpleNamespace(model=teacher), view=None, loss_fn=term, weight=0.4)
+    distill = distillation.Distillation(teacher=SimpleNamespace(model=teacher), view=None, loss_fn=term, weight=0.4)
     return student, distill, cm.create_loss(loss, local_loss=local_loss)
 
 
@@ -316,14 +317,15 @@ def test_a_model_folder_without_weights_is_refused(tmp_path):
 def test_distillation_settings_that_do_not_fit_are_refused_before_anything_loads(flags, message, teacher):
     cfg = train.parse_config([f.format(checkpoint=teacher["checkpoint"]) for f in flags])
     with pytest.raises(SettingsError, match=message):
-        train.check_distillation(cfg)
+        train.check_paths(cfg)                   # the teacher's paths: checked with the others
+        distillation.check_distillation(cfg)
 
 
 def test_a_siglip_student_with_a_softmax_teacher_is_refused(teacher):
     cfg = train.parse_config(["--loss", "siglip", "--distill_from", str(teacher["checkpoint"])])
     run = SimpleNamespace(device=torch.device("cpu"), log=None, distributed=False)
     with pytest.raises(SettingsError, match="needs a SigLIP teacher"):
-        train.build_distillation(cfg, run, None)
+        distillation.build_distillation(cfg, run, None)
 
 
 # ----------------------------------------------------------------------------- whole runs
