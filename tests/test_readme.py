@@ -106,9 +106,13 @@ def test_the_readme_snippets_run(tmp_path):
         assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
         ran += 1
     assert ran >= 6
-    for code in snippets("python"):
-        result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, f"{code}\n{result.stderr[-2000:]}"
+    # The Python snippets one after the other in one interpreter, as pasted into one session
+    # (each with its own globals); one process spares the import of torch and open_clip for each.
+    program = "import sys\nfor number, code in enumerate(sys.argv[1:]):\n" \
+              "    print(f'--- snippet {number}', flush=True)\n    exec(code, {'__name__': '__main__'})\n"
+    result = subprocess.run([sys.executable, "-c", program, *snippets("python")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{result.stdout[-1000:]}\n{result.stderr[-2000:]}"
+    assert f"--- snippet {len(snippets('python')) - 1}" in result.stdout
     assert (tmp_path / "results/shapes/similarity_heatmap.png").is_file()
     assert (tmp_path / "results/notebook/embedding_space.png").is_file()
