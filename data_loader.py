@@ -689,6 +689,8 @@ def neighbourhood_order(neighbours: np.ndarray, captions: list[str], images: np.
     return np.asarray(order, dtype=np.int64)
 
 
+# ----------------------------------------------------------------------------- caches
+
 class ImageCache:
     """The training images decoded once and prepared (TrainAugmentation.prepare: small uint8
     arrays), packed back to back in one buffer, so that later epochs skip reading and decoding.
@@ -793,6 +795,8 @@ def tokenize_captions(captions: list[str], tokenizer, chunk: int = 4096) -> torc
     return table
 
 
+# ----------------------------------------------------------------------------- evaluation images
+
 def image_transform(preprocess_cfg: dict):
     """The model's own evaluation preprocessing (size, mean, std, resizing) from its
     `preprocess_cfg`: PIL image -> normalised tensor, exactly as open_clip prepares images."""
@@ -834,6 +838,8 @@ def load_image_file(path: str) -> Image.Image:
 # The fields of a training sample (train_sample), which are the keys of a batch (collate_batch).
 TRAIN_SAMPLE_FIELDS = ("images", "texts", "image_ids", "caption_choices", "teacher_images", "teacher_texts")
 
+
+# ----------------------------------------------------------------------------- batches
 
 def collate_batch(samples: list) -> dict:
     """Stack TrainDataset samples into a batch keyed by TRAIN_SAMPLE_FIELDS. Failed ones are
