@@ -32,21 +32,21 @@ class TrainAugmentation:
     (`draw` the random choices, `apply` them; still uint8); a whole batch is normalised at once
     where the model runs (`normalise`).
 
-    Why in two parts: decoding and shrinking a photo is most of the cost of a training sample,
-    and its result does not change from epoch to epoch, so it can be done once
-    (data_loader.ImageCache); `side` is just large enough that the smallest crop of RandomResizedCrop (scale and aspect
-    ratio at their minimum) is never enlarged. The random choices of a whole batch are drawn at
-    once, as numpy arrays, from each sample's own uniforms (sample_uniforms: a function of seed,
-    epoch and sample alone), so that a sample depends on nothing else and no generator is seeded
-    per sample. A sample stays uint8 until the batch reaches the model's device: a quarter of the
-    bytes of float pixels to pass from DataLoader workers (and to copy to a GPU), and the float
-    arithmetic of normalising runs once per batch, in place.
+    Why in two parts: decoding and shrinking a photo is most of the cost of a training sample, and
+    its result does not change from epoch to epoch, so it can be done once (data_loader.ImageCache);
+    `side` is just large enough that the smallest crop of RandomResizedCrop (scale and aspect ratio
+    at their minimum) is never enlarged. The random choices of a whole batch are drawn at once, as
+    numpy arrays, from each sample's own uniforms (sample_uniforms: a function of seed, epoch and
+    sample alone), so that a sample depends on nothing else and no generator is seeded per sample. A
+    sample stays uint8 until the batch reaches the model's device: a quarter of the bytes of float
+    pixels to pass from DataLoader workers (and to copy to a GPU), and the float arithmetic of
+    normalising runs once per batch, in place.
     The random choices (`draw`) are kept apart from applying them (`apply`), so that a second
     model -- a distillation teacher with its own image size and normalisation -- can be shown the
     same crop of the same picture (TeacherView); `min_side` then keeps enough pixels for both.
     With augment=False the image is only resized and centre-cropped as for evaluation.
     `crop_min_scale` and `colour_jitter` are train.py's settings of the same names (their defaults
-    here are the schema's, tests/test_data_loader.py checks it).
+    here are the schema's, tests/test_augmentation.py checks it).
     """
 
     # uniforms a draw reads per image: the crop's tries (area, aspect ratio), its position, then

@@ -413,9 +413,9 @@ def loss_terms(loss_fn, out, ids, distill=None, teacher=None, last=True):
                           out.get("logit_bias"))
     if distill is None:
         return {"loss": contrastive}
-    distillation = distill.loss_fn(out, teacher, train_map=last)
-    return {"loss": (1 - distill.weight) * contrastive + distill.weight * distillation,
-            "contrastive": contrastive, "distillation": distillation}
+    distill_term = distill.loss_fn(out, teacher, train_map=last)
+    return {"loss": (1 - distill.weight) * contrastive + distill.weight * distill_term,
+            "contrastive": contrastive, "distillation": distill_term}
 
 
 @dataclass
@@ -1118,11 +1118,14 @@ def check_paths(cfg):
         raise SettingsError(f"resume {cfg.resume}: no such checkpoint file (or use --resume auto)")
     if looks_like_a_file(cfg.pretrained) and not Path(cfg.pretrained).is_file():
         raise SettingsError(f"pretrained {cfg.pretrained}: no such weights file")
-    if looks_like_a_file(cfg.distill_from) and not Path(cfg.distill_from).exists():
-        raise SettingsError(f"distill_from {cfg.distill_from}: no such checkpoint, model folder or "
-                            f"config file")
-    if looks_like_a_file(cfg.distill_pretrained) and not Path(cfg.distill_pretrained).is_file():
-        raise SettingsError(f"distill_pretrained {cfg.distill_pretrained}: no such weights file")
+    # a teacher's path that is not there reads as a model name; its weights' path matters only
+    # then (distillation.check_distillation says what does not fit together)
+    if cfg.distill_from and distillation.teacher_kind(cfg.distill_from) == "name":
+        if looks_like_a_file(cfg.distill_from) and not Path(cfg.distill_from).exists():
+            raise SettingsError(f"distill_from {cfg.distill_from}: no such checkpoint, model folder or "
+                                f"config file")
+        if looks_like_a_file(cfg.distill_pretrained) and not Path(cfg.distill_pretrained).is_file():
+            raise SettingsError(f"distill_pretrained {cfg.distill_pretrained}: no such weights file")
 
 
 def looks_like_a_file(value):

@@ -12,8 +12,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-MODULES = ["errors", "sample_data", "data_loader", "shards", "clip_model", "evaluation", "train", "visualization",
-           "demo", "wise_ft", "search_app", "export"]
+MODULES = ["errors", "sample_data", "augmentation", "data_loader", "shards", "clip_model", "evaluation",
+           "distillation", "train", "visualization", "demo", "wise_ft", "search_app", "export"]
 OUTPUT_FOLDERS = ["data", "model-checkpoint", "results", "logs"]
 SETUP_HINT = "run: bash setup.sh (installs requirements.txt into .venv)"
 

@@ -13,8 +13,8 @@ below 1 the loader cannot keep up even with the cores to itself; above 1 it can,
 training its workers take CPU time from the model.
 Data wait: train.py's own measure (TensorBoard tag train/data_wait, the share of each logging
 window spent waiting for the next batch), averaged over the windows of a 2-epoch run; samples/s is
-that run's loop, from its first step to its last (common._job_train): with the images decoded every epoch by 0, 1 and 2
-workers, and with the default (images cached, batches built in train.py's own process). Target
+that run's loop, validation left out (common._job_train): with the images decoded every epoch by
+0, 1 and 2 workers, and with the default (images cached, batches built in train.py's own process). Target
 (issue 8): under 5% in the default configuration.
 Two more tables say where the workers' time goes and what threads fighting over the cores cost:
 the time of one training sample on one thread for small PNGs, 512 px photos and photos resized
@@ -241,8 +241,8 @@ processes: other jobs on the machine count too (see the load average).
 
 - Headroom: the loader alone delivers more than the model consumes (2 workers:
   {headroom}), so train.py waits for data mostly at the start of an epoch. The price
-  of the workers is the CPU time they take from the model's threads (a slower
-  forward-backward inside train.py); from the cache a batch is cheap enough to
+  of the workers is the CPU time they take from the model's threads (the last table: the bare
+  loop beside one busy process); from the cache a batch is cheap enough to
   build between steps instead, its data wait is that time.
 - Photos: a 512 px JPEG costs {costs["512 px JPEG"] / costs[GENERATED]:.1f}x
   the whole pipeline of a 64 px PNG when it is decoded again every epoch; resized once it costs

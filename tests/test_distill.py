@@ -313,6 +313,10 @@ def test_a_model_folder_without_weights_is_refused(tmp_path):
     (["--distill_from", "ViT-B-32", "--distill_pretrained", "weights/none.safetensors"], "no such weights file"),
     (["--distill_from", "{checkpoint}", "--distill_cache"], "add --no-augment"),
     (["--distill_from", "{checkpoint}", "--distill_pretrained", "openai"], "drop --distill_pretrained"),
+    # what does not fit is said before a path that is not there
+    (["--distill_pretrained", "weights/none.safetensors"], "without distill_from"),
+    (["--distill_from", "{checkpoint}", "--distill_pretrained", "weights/none.safetensors"],
+     "drop --distill_pretrained"),
 ])
 def test_distillation_settings_that_do_not_fit_are_refused_before_anything_loads(flags, message, teacher):
     cfg = train.parse_config([f.format(checkpoint=teacher["checkpoint"]) for f in flags])

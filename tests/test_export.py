@@ -88,7 +88,7 @@ with torch.no_grad():
     np.save("images.npy", model.encode_image(images, normalize=True).numpy())
     np.save("texts.npy", model.encode_text(tokenizer([e["captions"][0] for e in entries]),
                                            normalize=True).numpy())
-ours = [m for m in ("clip_model", "data_loader", "export", "train") if m in sys.modules]
+ours = [m for m in ("augmentation", "clip_model", "data_loader", "export", "train") if m in sys.modules]
 assert not ours and not open_clip.get_model_config("tiny-vit-64"), ours
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

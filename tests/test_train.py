@@ -1,5 +1,5 @@
 """Specification of train.py: its settings, schedule, parameter groups and accumulated-batch
-step; and whole runs on CPU: it learns, resumes exactly, survives SIGTERM and NaN losses, and
+step; and whole runs on CPU: it learns, resumes exactly, survives NaN losses, and
 writes what evaluation, TensorBoard and visualization read. (Faults: test_train_faults.py.)"""
 import json
 import os

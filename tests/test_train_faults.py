@@ -57,14 +57,16 @@ def error_lines(done):
 
 # ---- stop signals -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_to_the_whole_process_group_saves_a_run_that_resumes_exactly(data, tmp_path, signum):
-    # DataLoader workers are in the group too: they must leave the signal to the main process.
+@pytest.mark.parametrize("signum,group", [(signal.SIGTERM, True), (signal.SIGINT, True), (signal.SIGTERM, False)],
+                         ids=["SIGTERM to the group", "SIGINT to the group", "SIGTERM to the process"])
+def test_a_stop_signal_saves_a_run_that_resumes_exactly(data, tmp_path, signum, group):
+    # To the group, as schedulers, `timeout` and Ctrl-C send it: DataLoader workers get it too and
+    # must leave it to the main process. To the process alone, as `kill PID` sends it.
     args = run_args(data, tmp_path, "--run_name", "cut", "--num_workers", "2", "--max_steps", "2000",
                     "--eval_every", "1000", "--save_every", "3")
     process = start(args)
     wait_for(tmp_path / "ckpt/cut/last.pt", process)            # step 3 is done: mid-epoch
-    os.killpg(process.pid, signum)
+    (os.killpg if group else os.kill)(process.pid, signum)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output[-3000:]
     assert f"{signal.Signals(signum).name} received" in output and "--resume auto" in output
