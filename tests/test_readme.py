@@ -1,6 +1,7 @@
 """The README is the manual: its settings table comes from the schema, it names every flag of
 every script, and its snippets run."""
 import argparse
+import json
 import os
 import re
 import shlex
@@ -93,27 +94,35 @@ def test_every_command_in_the_readme_parses_with_its_script():
             PARSERS[script]().parse_args(args)     # SystemExit on an unknown or malformed flag
 
 
+# Runs the README's commands in order (each script's main() with the command's arguments), then
+# its Python snippets (each with its own globals, as pasted into one session), in ONE interpreter:
+# a fresh Python per command would import torch and open_clip a dozen times (~5 s each here).
+# How a script's __main__ reports errors is tested with each script.
+RUNNER = """
+import importlib, json, sys
+commands, snippets = json.loads(sys.argv[1])
+for script, args in commands:
+    print(f"--- {script} {' '.join(args)}", flush=True)
+    status = importlib.import_module(script[:-3]).main(args)
+    if isinstance(status, int) and status != 0:
+        sys.exit(f"{script} {' '.join(args)}: exit status {status}")
+for number, code in enumerate(snippets):
+    print(f"--- snippet {number}", flush=True)
+    exec(code, {"__name__": "__main__"})
+print("--- every command and snippet ran")
+"""
+
+
 def test_the_readme_snippets_run(tmp_path):
     """Run the README's commands in order in an empty folder, then its Python snippets."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    ran = 0
-    for command in commands():
-        script, args = script_and_args(command)
-        if any(marker in command for marker in NOT_RUN_HERE) or script is None:
-            continue
-        result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=tmp_path, env=env,
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
-        ran += 1
-    assert ran >= 6
-    # The Python snippets one after the other in one interpreter, as pasted into one session
-    # (each with its own globals); one process spares the import of torch and open_clip for each.
-    program = "import sys\nfor number, code in enumerate(sys.argv[1:]):\n" \
-              "    print(f'--- snippet {number}', flush=True)\n    exec(code, {'__name__': '__main__'})\n" \
-              "print('--- every snippet ran')\n"
-    result = subprocess.run([sys.executable, "-c", program, *snippets("python")], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{result.stdout[-1000:]}\n{result.stderr[-2000:]}"
-    assert result.stdout.rstrip().endswith("--- every snippet ran"), result.stdout[-1000:]
+    run = [script_and_args(command) for command in commands()
+           if not any(marker in command for marker in NOT_RUN_HERE)]
+    run = [(script, args) for script, args in run if script is not None]
+    assert len(run) >= 6
+    result = subprocess.run([sys.executable, "-c", RUNNER, json.dumps([run, snippets("python")])], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    assert result.stdout.rstrip().endswith("--- every command and snippet ran"), result.stdout[-2000:]
     assert (tmp_path / "results/shapes/similarity_heatmap.png").is_file()
     assert (tmp_path / "results/notebook/embedding_space.png").is_file()
