@@ -2,6 +2,7 @@
 saving, two runs with one name, unreadable images, wrong settings. Nothing already trained or
 saved may be lost, and every known mistake is reported in one line."""
 import json
+import multiprocessing
 import os
 import re
 import signal
@@ -100,24 +101,29 @@ def test_a_second_ctrl_c_aborts_at_once_and_nothing_hangs(data, tmp_path):
     assert cm.load_checkpoint(tmp_path / "ckpt/abort/last.pt")["step"] >= 2      # the saved file is intact
 
 
+def _save_forever(setup, path, ready):
+    ready.set()
+    step = 0
+    while True:
+        step += 1
+        cm.save_checkpoint(path, setup, step=step)
+
+
 def test_kill_9_while_saving_never_leaves_an_unreadable_checkpoint(tmp_path):
-    # A process saves in a loop; it is killed at moments spread over a save, over and over.
-    code = ("import sys, clip_model as cm\n"
-            "setup = cm.build_model('tiny-vit-64')\n"
-            "print('ready', flush=True)\n"
-            "step = 0\n"
-            "while True:\n"
-            "    step += 1\n"
-            "    cm.save_checkpoint(sys.argv[1], setup, step=step)\n")
+    # A process saves in a loop; it is killed (SIGKILL) at moments spread over a save, over and
+    # over. The savers are forked from this process, model built: no import of torch each time.
+    fork = multiprocessing.get_context("fork")
+    setup = cm.build_model("tiny-vit-64")
     path = tmp_path / "last.pt"
     steps = []
     for delay in (0.05, 0.2, 0.45):
-        saver = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=ROOT, stdout=subprocess.PIPE,
-                                 text=True)
-        assert saver.stdout.readline().strip() == "ready"
+        ready = fork.Event()
+        saver = fork.Process(target=_save_forever, args=(setup, path, ready))
+        saver.start()
+        assert ready.wait(60)
         time.sleep(delay)
         saver.kill()
-        saver.wait()
+        saver.join()
         if path.exists():
             steps.append(cm.load_checkpoint(path)["step"])       # never a torn file
     assert steps and all(s >= 1 for s in steps)
