@@ -99,12 +99,14 @@ def main():
     if args.only in (None, "options"):
         print("options")
         bf16 = "--precision bf16"
-        emulated = {} if hardware_bf16 else {bf16: {**OPTIONS[bf16], "steps": 2, "warmup": 0}}
-        larger = {k: v for k, v in OPTIONS.items() if k != "--compile" and (hardware_bf16 or k != bf16)}
-        rows = option_rows("tiny-vit-64", 64, 16, {**OPTIONS, **emulated}, args.rounds)
-        rows += option_rows("small-vit-128", 64, 6, larger, args.rounds)
-        rows += option_rows("simple-rn18", 64, 8,
-                            {k: v for k, v in CONV_OPTIONS.items() if hardware_bf16 or k != bf16}, args.rounds)
+
+        def larger_model(options):   # an emulated bf16 runs on the tiny model alone
+            return {k: v for k, v in options.items() if hardware_bf16 or k != bf16}
+        tiny = {**OPTIONS, bf16: OPTIONS[bf16] if hardware_bf16 else {**OPTIONS[bf16], "steps": 2, "warmup": 0}}
+        rows = option_rows("tiny-vit-64", 64, 16, tiny, args.rounds)
+        rows += option_rows("small-vit-128", 64, 6,
+                            larger_model({k: v for k, v in OPTIONS.items() if k != "--compile"}), args.rounds)
+        rows += option_rows("simple-rn18", 64, 8, larger_model(CONV_OPTIONS), args.rounds)
         tables["options"] = common.table(["model, option", "samples/s", "vs plain, median (range)",
                                           "peak RSS (MiB)", "peak vs plain", "compile (s)"], rows)
 
