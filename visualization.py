@@ -10,6 +10,7 @@ writes into the results folder:
     retrieval_examples.png  text -> image and image -> text searches, right answers in green
     embedding_space.png     images and captions projected to 2-D, matching pairs joined
     zeroshot_confusion.png  zero-shot classification confusion (when evaluated with --zeroshot_dir)
+    relevance_maps.png      where a ViT looks in an image for its caption (minimal_clip.relevance_map)
 
 Every plot is also a function that takes arrays or dicts and returns a matplotlib Figure, for
 notebooks: `save_figure(plot_similarity_heatmap(images, captions, img_f, txt_f), "h.png")`.
@@ -564,6 +565,47 @@ def plot_embedding_space(image_features, text_features, caption_image, method: s
 
 
 # ---------------------------------------------------------------------------------------------
+# Where the model looks (input: a checkpoint of a plain ViT, and images with captions)
+
+def relevance_maps(checkpoint, images, captions) -> list:
+    """The relevance map of each image for its caption (minimal_clip.relevance_map), computed by
+    the written-out model of minimal_clip.py holding the checkpoint's weights."""
+    import clip_model
+    import data_loader
+    import minimal_clip
+
+    setup, _ = clip_model.model_from_checkpoint(checkpoint)
+    try:
+        model = minimal_clip.from_open_clip(setup.model.state_dict(), setup.model_config)
+    except ValueError as error:
+        raise MissingInput(f"{checkpoint}: {error}") from None
+    prepare = data_loader.image_transform(setup.preprocess_cfg)
+    return [minimal_clip.relevance_map(model, prepare(image), tokens).numpy()
+            for image, tokens in zip(images, setup.tokenizer(list(captions)))]
+
+
+def plot_relevance_maps(images, captions, maps):
+    """Each image above the same image overlaid with its relevance map for its caption: the
+    patches that made the image's embedding match the caption's (Chefer et al. 2021)."""
+    n = len(images)
+    with _figure((2.3 * n, 5.4), texts=captions) as figure:
+        axes = figure.subplots(2, n, squeeze=False)
+        for col, (image, caption, relevance) in enumerate(zip(images, captions, maps)):
+            picture = np.asarray(image.convert("RGB"))
+            height, width = picture.shape[:2]
+            axes[0, col].imshow(picture)
+            axes[0, col].set_title(_wrap(caption, 26, 4), fontsize=9)
+            axes[1, col].imshow(picture)
+            axes[1, col].imshow(relevance, cmap="inferno", alpha=0.6, interpolation="bilinear",
+                                extent=(0, width, height, 0))
+            for ax in axes[:, col]:
+                ax.axis("off")
+        figure.suptitle("Where the model looks: relevance of each patch to the caption",
+                        fontweight="bold")
+    return figure
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 
 def _load_images(saved: dict, data):
@@ -613,6 +655,16 @@ def _heatmap_inputs(saved, images, count):
             saved["image_features"][chosen], saved["text_features"][texts])
 
 
+def _relevance_inputs(saved, images, checkpoint, count):
+    """`count` images spread over the set with their first captions, and their relevance maps."""
+    checkpoint = checkpoint or saved["meta"].get("checkpoint")
+    if not checkpoint or not Path(checkpoint).is_file():
+        raise MissingInput(f"no checkpoint for the relevance maps ({checkpoint or 'none recorded'}); "
+                           "pass --checkpoint FILE")
+    images, captions, _, _ = _heatmap_inputs(saved, images, count)
+    return images, captions, relevance_maps(checkpoint, images, captions)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -637,6 +689,8 @@ def build_parser():
         help="text queries and image queries shown (default: 3 of each)")
     add("--max_points", type=int, default=60, metavar="N",
         help="images, each with all its captions, in the embedding plot (default: 60)")
+    add("--checkpoint", metavar="FILE", help="checkpoint of a plain ViT model, for the relevance "
+        "maps (default: the 'checkpoint' recorded in the embeddings' meta.json)")
     add("--tsne", action="store_true",
         help="project embeddings with t-SNE instead of PCA (needs scikit-learn)")
     return parser
@@ -692,6 +746,8 @@ def main(argv=None) -> int:
             method, args.max_points),
         "zeroshot_confusion.png": lambda: plot_zeroshot_confusion(
             evaluated("zeroshot", "--zeroshot_dir")["zeroshot"]),
+        "relevance_maps.png": lambda: plot_relevance_maps(*_relevance_inputs(
+            saved(), images(), args.checkpoint, args.num_images // 2)),
     }
     failures = 0
     for name, draw in plots.items():

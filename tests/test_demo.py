@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PLOTS = ["training_curves.png", "model_metrics.png", "similarity_heatmap.png",
+PLOTS = ["training_curves.png", "model_metrics.png", "similarity_heatmap.png", "relevance_maps.png",
          "retrieval_examples.png", "embedding_space.png", "zeroshot_confusion.png"]
 
 

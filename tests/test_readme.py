@@ -15,6 +15,7 @@ import data_loader
 import demo
 import evaluation
 import export
+import minimal_clip
 import search_app
 import shards
 import train
@@ -28,10 +29,12 @@ PARSERS = {"train.py": train.build_parser, "evaluation.py": evaluation.build_par
            "visualization.py": visualization.build_parser, "demo.py": demo.build_parser,
            "data_loader.py": data_loader.build_parser, "shards.py": shards.build_parser,
            "verify.py": verify.build_parser, "wise_ft.py": wise_ft.build_parser,
-           "search_app.py": search_app.build_parser, "export.py": export.build_parser}
+           "search_app.py": search_app.build_parser, "export.py": export.build_parser,
+           "minimal_clip.py": minimal_clip.build_parser}
 # Commands the test only checks against their script's parser, and why they cannot run here.
 NOT_RUN_HERE = {"setup.sh": "installs the environment the tests already run in",
                 "demo.py": "takes minutes; tests/test_demo.py runs it with a small budget",
+                "minimal_clip.py": "takes two minutes; tests/test_minimal_clip.py runs it with fewer epochs",
                 "--pretrained laion2b": "downloads weights, and this machine has no network",
                 "--distill_pretrained laion2b": "downloads the teacher's weights; no network here",
                 "torchrun": "multi-GPU and multi-node runs; tests/test_distributed.py runs torchrun",

@@ -358,3 +358,32 @@ def test_tsne_without_scikit_learn_falls_back_to_pca_and_says_so(results_dir, ca
     assert "t-SNE needs scikit-learn (pip install scikit-learn); drawing PCA instead" in \
         capsys.readouterr().out
     assert_picture(results_dir / "embedding_space.png")
+
+
+# --- where the model looks ---------------------------------------------------------------------
+
+def save_random_checkpoint(path, model_name):
+    import clip_model
+    clip_model.save_checkpoint(path, clip_model.build_model(model_name))
+    return str(path)
+
+
+def test_relevance_maps_of_a_vit_checkpoint_are_drawn(results_dir, capsys):
+    checkpoint = save_random_checkpoint(results_dir / "vit.pt", "tiny-vit-64")
+    assert viz.main(["--results_dir", str(results_dir), "--checkpoint", checkpoint,
+                     "--num_images", "6"]) == 0
+    assert f"wrote {results_dir / 'relevance_maps.png'}" in capsys.readouterr().out
+    assert_picture(results_dir / "relevance_maps.png")
+    images = shape_images(2)
+    maps = viz.relevance_maps(checkpoint, images, ["a red circle", "a green circle"])
+    assert [m.shape for m in maps] == [(8, 8), (8, 8)]                  # 64 px in 8 px patches
+    assert all(abs(m.sum() - 1) < 1e-5 and (m >= 0).all() for m in maps)
+
+
+def test_a_checkpoint_that_is_not_a_plain_vit_skips_only_the_relevance_maps(results_dir, capsys):
+    checkpoint = save_random_checkpoint(results_dir / "rn18.pt", "simple-rn18")
+    assert viz.main(["--results_dir", str(results_dir), "--checkpoint", checkpoint]) == 0
+    out = capsys.readouterr().out
+    assert f"skipped relevance_maps.png: {checkpoint}: minimal_clip writes out CLIP's plain ViT" in out
+    assert not (results_dir / "relevance_maps.png").exists()
+    assert_picture(results_dir / "similarity_heatmap.png")
