@@ -35,7 +35,6 @@ import sample_data
 # ---------------------------------------------------------------------------------------------
 # 1. Settings: the tiny-vit-64 preset of model_configs/, small enough to train on a CPU.
 
-
 @dataclass
 class Config:
     embed_dim: int = 128          # D, the size of the shared space
@@ -54,7 +53,6 @@ class Config:
 
 # ---------------------------------------------------------------------------------------------
 # 2. The Transformer that both towers are made of
-
 
 class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): OpenAI's cheap approximation of GELU. A model must be run with the
@@ -109,7 +107,6 @@ class Block(nn.Module):
 
 # ---------------------------------------------------------------------------------------------
 # 3. The two towers and the shared space
-
 
 class ImageTower(nn.Module):
     """Vision Transformer (Dosovitskiy et al. 2021): the image as a sequence of patches.
@@ -171,6 +168,9 @@ class TextTower(nn.Module):
         return x[torch.arange(len(x)), end_of_text] @ self.projection  # (B, D)
 
 
+MAX_LOGIT_SCALE = 100.0
+
+
 class CLIP(nn.Module):
     """Two towers into one space, and the temperature of their comparison.
 
@@ -198,9 +198,6 @@ class CLIP(nn.Module):
 
     def forward(self, images, tokens):
         return self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp()
-
-
-MAX_LOGIT_SCALE = 100.0
 
 
 # ---------------------------------------------------------------------------------------------
