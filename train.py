@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -153,7 +154,8 @@ SCHEMA = [
     Setting("training", "stop_at_step", 0, "save and stop after this step without changing the "
             "schedule (split a run into jobs); 0 = off", valid=">= 0"),
     # logging
-    Setting("logging", "run_name", "", "name of the run's folders; '' = model name and time"),
+    Setting("logging", "run_name", "", "name of the run's folders: letters, digits and . _ - + = @, "
+            "not starting with '.'; '' = model name and time", valid="folder name"),
     Setting("logging", "save_every", 500, "write last.pt every N steps (and at the end)",
             valid=">= 1"),
     Setting("logging", "log_every", 10, "steps between log lines and TensorBoard points",
@@ -203,6 +205,19 @@ def in_range(value, valid):
         (value <= high if valid[-1] == "]" else value < high)
 
 
+# A run name becomes one folder in each of checkpoint_dir, log_dir and results_dir, so it must be a
+# plain name: "..", "a/b" or an absolute path would write elsewhere (".." over the project's own
+# config.json). Letters and digits of any script, and . _ - + = @; at most 128 characters.
+FOLDER_NAME = re.compile(r"\w[\w.+=@-]{0,127}")
+
+
+def check_folder_name(value, where):
+    if value and not FOLDER_NAME.fullmatch(value):
+        raise SettingsError(f"{where}: {value!r} is not a plain folder name; use letters, digits and "
+                            f". _ - + = @ (not starting with '.'), at most 128 characters")
+    return value
+
+
 def check_value(name, value, where):
     """A setting's value checked against the schema: known name, type, choices, range."""
     setting = SETTINGS.get(name)
@@ -215,6 +230,8 @@ def check_value(name, value, where):
         raise SettingsError(f"{where}: {name} must be {expected.__name__}, got {value!r}")
     if setting.choices and value not in setting.choices:
         raise SettingsError(f"{where}: {name} must be one of {', '.join(setting.choices)}, got {value!r}")
+    if setting.valid == "folder name":
+        return check_folder_name(value, where)
     if setting.valid and not (math.isfinite(value) and in_range(value, setting.valid)):
         raise SettingsError(f"{where}: {name} must be {setting.valid}, got {value!r}")
     return value
@@ -1145,7 +1162,8 @@ def init_distributed(device):
 
 
 def run_name(cfg, distributed):
-    name = [cfg.run_name or f"{Path(cfg.model_name).stem}-{time.strftime('%Y%m%d-%H%M%S')}"]
+    model = re.sub(r"[^\w.+=@-]", "-", Path(cfg.model_name).stem).lstrip(".") or "run"
+    name = [cfg.run_name or f"{model}-{time.strftime('%Y%m%d-%H%M%S')}"]
     if distributed:
         import torch.distributed as dist
         dist.broadcast_object_list(name, src=0)        # every rank uses rank 0's timestamp

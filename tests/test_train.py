@@ -85,6 +85,43 @@ def test_missing_config_file_is_an_error(tmp_path):
         train.parse_config(["--config", str(tmp_path / "nope.json")])
 
 
+@pytest.mark.parametrize("name", ["..", ".", "../../tmp/x", "/tmp/abs", "a/b", "a\\b", "a\nb", ".hidden",
+                                  "a b", "x" * 129])
+def test_a_run_name_that_is_not_one_plain_folder_name_is_refused(name, tmp_path):
+    with pytest.raises(SettingsError, match="--run_name: .* is not a plain folder name"):
+        train.parse_config(["--run_name", name])
+    path = write_config(tmp_path, {"logging": {"run_name": name}})
+    with pytest.raises(SettingsError, match="not a plain folder name"):
+        train.parse_config(["--config", path])
+
+
+@pytest.mark.parametrize("name", ["run-1", "my_run.v2", "a+b=c@d", "运行1", "x" * 128])
+def test_plain_run_names_of_any_script_are_accepted(name):
+    assert train.parse_config(["--run_name", name]).run_name == name
+
+
+def test_a_default_run_name_from_a_config_file_path_is_a_plain_folder_name():
+    cfg = train.parse_config(["--model_name", "../my configs/.odd model.json"])
+    name = train.run_name(cfg, distributed=False)
+    assert train.FOLDER_NAME.fullmatch(name) and name.startswith("odd-model-")
+
+
+def test_run_name_dot_dot_leaves_the_projects_config_json_alone(tmp_path):
+    # The red team's case: every output of `--run_name ..` landed in the project folder itself.
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.json").write_text("{}")
+    for script, flags in (("train.py", []), ("demo.py", ["--num_samples", "4", "--val_samples", "2"]),
+                          ("visualization.py", [])):
+        done = subprocess.run([sys.executable, str(ROOT / script), "--run_name", "..", *flags],
+                              cwd=project, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+            f"{script}: error: --run_name: '..' is not a plain folder name; use letters, digits and "
+            ". _ - + = @ (not starting with '.'), at most 128 characters"], done.stderr
+    assert (project / "config.json").read_text() == "{}"
+    assert sorted(p.name for p in project.iterdir()) == ["config.json", "data"]   # demo's data only
+
+
 # ---- schedule and optimiser ---------------------------------------------------------------------
 
 def test_schedule_warms_up_linearly_then_decays_to_zero():
