@@ -620,7 +620,7 @@ class DistillationLoss(nn.Module):
     global batch as in ContrastiveLoss; local_loss keeps this process's rows of the softmax
     term. The feature term is taken over the global batch on every process: M lives outside
     DistributedDataParallel, and this way every process computes the same gradient for it.
-    `train_map=False` computes the same loss with M held fixed: train.backward_step gives M its
+    `train_map=False` computes the same loss with M held fixed: train_step.cached_backward gives M its
     gradient in one of the passes over accumulated micro-batches, as it does the temperature.
     """
 

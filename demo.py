@@ -70,6 +70,7 @@ def main(argv=None):
     data = generate_data(args)
 
     import evaluation
+    import settings
     import train
     import visualization
     print("\n== 1/4 training")
@@ -77,7 +78,7 @@ def main(argv=None):
     language_flags = ["--context_length", "64"] if args.language == "zh" else []
     flags = [*TRAIN_DEFAULTS, *language_flags, "--data_dir", str(data["train"]), "--val_data",
              str(data["val"]), "--run_name", args.run_name or f"demo-{args.language}", *train_flags]
-    remove_earlier_run(train.parse_config(flags))
+    remove_earlier_run(settings.parse_config(flags))
     run = train.main(flags)
 
     print("\n== 2/4 evaluating the best checkpoint: retrieval and zero-shot")

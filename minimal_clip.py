@@ -446,12 +446,13 @@ def main(argv=None):
 # What this file leaves out on purpose, and where the real system does it:
 #   towers of every open_clip architecture, pretrained weights    clip_model.build_model
 #   two captions of one image in a batch as positives, SigLIP    clip_model.ContrastiveLoss, SigLipLoss
-#   large batches on small memory (cached-feature accumulation)  train.backward_step
+#   large batches on small memory (cached-feature accumulation)  train_step.cached_backward
 #   many GPUs: features gathered with gradient, torchrun         clip_model.gather_features
-#   mixed precision (AMP, bf16), gradient clipping               train.optimizer_step
+#   mixed precision (AMP, bf16), gradient clipping               train_step.optimizer_step
 #   augmentation, every data format, unreadable images           augmentation.TrainAugmentation, data_loader
 #   data sets larger than memory, cached decoded images          shards.py, data_loader.cache_images
-#   resume, checkpoints that survive kill -9, stop signals       train.resume, clip_model.save_checkpoint
+#   resume, checkpoints that survive kill -9, stop signals       train.resume, clip_model.save_checkpoint,
+#                                                                runtime.StopRequest
 #   validation, best checkpoint, TensorBoard                     train.validate, tensorboard_views.py
 #   recall with many captions per image, ties, any scale         evaluation.retrieval_metrics
 #   zero-shot with open_clip's prompt sets, Chinese prompts      evaluation.evaluate_zeroshot

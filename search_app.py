@@ -666,8 +666,8 @@ def demo_index(language, device, batch_size, num_workers):
     """Index the validation images of demo.py's run (in its results folder) and return the
     index's path. The run must exist: `python demo.py [--language zh]` makes it."""
     import demo
-    import train
-    cfg = train.parse_config(["--run_name", f"demo-{language}"])
+    import settings
+    cfg = settings.parse_config(["--run_name", f"demo-{language}"])
     checkpoint = Path(cfg.checkpoint_dir) / cfg.run_name / "best.pt"
     if not checkpoint.is_file():
         flag = " --language zh" if language == "zh" else ""

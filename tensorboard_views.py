@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import visualization
+from settings import SCHEMA
 
 PROJECTOR_TILE = 48          # pixels of a thumbnail in the projector's sprite
 PICTURE_THUMBNAIL = 128      # the pictures draw thumbnails of this size (visualization.thumbnail)
@@ -56,15 +57,15 @@ class Views:
     projected_at: int = None  # the step of the last projector written
 
     @classmethod
-    def start(cls, job, train_index, state, schema):
+    def start(cls, job, train_index, state):
         """Write the text and HParams views, choose the samples, and load the pictures' pairs."""
         cfg, run = job.cfg, job.run
         order = np.random.default_rng(cfg.seed).permutation(job.val_index.num_images)
         views = cls(run.writer, run.log, job.val_index, order)
-        run.writer.add_text("run/settings", settings_markdown(cfg, schema), state.step)
+        run.writer.add_text("run/settings", settings_markdown(cfg), state.step)
         run.writer.add_text("run/data", data_markdown(job, train_index), state.step)
-        write_hparams(run.writer, run.name, {s.name: getattr(cfg, s.name) for s in schema
-                                             if s.section != "logging"}, schema)
+        write_hparams(run.writer, run.name, {s.name: getattr(cfg, s.name) for s in SCHEMA
+                                             if s.section != "logging"})
         if cfg.tensorboard_pairs:
             views.pictures = load_pairs(job.val_index, order, cfg.tensorboard_pairs)
         return views
@@ -167,11 +168,11 @@ def encode_pairs(job, index):
 # ----------------------------------------------------------------------------------------------
 # Text and HParams
 
-def settings_markdown(cfg, schema):
+def settings_markdown(cfg):
     """The resolved settings as a Markdown table by section, in config.json's notation; a value
     that is not the default is in bold, with the default beside it."""
     rows = ["| section | setting | value | default |", "|---|---|---|---|"]
-    for s in schema:
+    for s in SCHEMA:
         value, default = json.dumps(getattr(cfg, s.name)), json.dumps(s.default)
         if value == default:
             rows.append(f"| {s.section} | {s.name} | `{value}` | |")
@@ -202,7 +203,7 @@ def data_markdown(job, train_index):
         f"{clip_model.count_parameters(job.raw_model, True):,} trainable."])
 
 
-def write_hparams(writer, run_name, values, schema):
+def write_hparams(writer, run_name, values):
     """The HParams plugin's experiment (the settings as hyperparameters, typed, with the
     choices of those that have them; the best/* metrics as columns) and this run's session."""
     from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
@@ -210,7 +211,7 @@ def write_hparams(writer, run_name, values, schema):
     kinds = {bool: api_pb2.DATA_TYPE_BOOL, str: api_pb2.DATA_TYPE_STRING,
              int: api_pb2.DATA_TYPE_FLOAT64, float: api_pb2.DATA_TYPE_FLOAT64}
     infos = []
-    for s in (s for s in schema if s.name in values):
+    for s in (s for s in SCHEMA if s.name in values):
         info = api_pb2.HParamInfo(name=s.name, type=kinds[type(s.default)], description=s.help)
         domain = (False, True) if type(s.default) is bool else s.choices
         if domain:

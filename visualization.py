@@ -698,7 +698,7 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from train import SETTINGS, check_folder_name  # where train.py writes by default
+    from settings import SETTINGS, check_folder_name  # where train.py writes by default
     check_folder_name(args.run_name, "--run_name")
     results_dir = Path(args.results_dir or Path(SETTINGS["results_dir"].default) / args.run_name)
     logs_dir = args.logs_dir or (Path(SETTINGS["log_dir"].default) / args.run_name if args.run_name else None)

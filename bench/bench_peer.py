@@ -16,7 +16,7 @@ Samples/s is over the whole run from its first step to its last, every epoch bou
 and checkpoint included and validation left out (common._job_train, common._job_open_clip_train).
 The bare loop (common.bare_loop) is forward, loss, backward and fused AdamW on one batch of
 tensors in memory: the model's cost and nothing else; it runs twice, with glibc's malloc as it
-comes and with the thresholds train.py sets (train.tune_malloc: freed buffers are kept for the
+comes and with the thresholds train.py sets (runtime.tune_malloc: freed buffers are kept for the
 next step instead of being faulted in again). Each run is a fresh process; runs alternate
 so that a drifting load hurts all alike. Targets (issue 13): train.py >= 1.05 x open_clip_train,
 >= 0.97 x the bare loop.

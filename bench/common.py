@@ -176,15 +176,16 @@ def bare_loop(model_name="tiny-vit-64", batch_size=64, precision="fp32", steps=2
     Everything train.py's step does to the model is here (its loss, its AdamW parameter groups,
     autocast for bf16), nothing around it. fused=True uses torch's fused AdamW kernel instead of
     its default (a loop over the parameters on a CPU). malloc=True keeps freed memory for the next
-    step as train.py does (train.tune_malloc). The first `warmup` steps are not timed (torch.compile
+    step as train.py does (runtime.tune_malloc). The first `warmup` steps are not timed (torch.compile
     compiles during them); with warmup=0 the first step, as in train.py, is counted."""
     sys.path.insert(0, str(repo))
     import torch
 
     import clip_model
-    import train
+    import runtime
+    import train_step
     if malloc:
-        train.tune_malloc()
+        runtime.tune_malloc()
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -201,7 +202,7 @@ def bare_loop(model_name="tiny-vit-64", batch_size=64, precision="fp32", steps=2
         images = images.contiguous(memory_format=torch.channels_last)
     ids = torch.arange(batch_size)
     loss_fn = clip_model.create_loss("clip")
-    optimizer = torch.optim.AdamW(train.parameter_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.98),
+    optimizer = torch.optim.AdamW(train_step.parameter_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.98),
                                   eps=1e-6, **({"fused": True} if fused else {}))
     step_model = torch.compile(model) if compile else model
 

@@ -13,7 +13,7 @@ from PIL import Image
 import augmentation
 import data_loader as dl
 import sample_data
-import train
+import settings
 
 PREPROCESS = dataclasses.asdict(PreprocessCfg(size=32))  # the shape of model.visual.preprocess_cfg
 
@@ -73,7 +73,7 @@ def test_augmentation_is_drawn_from_the_samples_uniforms_alone(sample):
 def test_augmentation_defaults_are_the_settings_defaults():
     defaults = inspect.signature(augmentation.TrainAugmentation).parameters
     for name in ("crop_min_scale", "colour_jitter"):
-        assert defaults[name].default == train.SETTINGS[name].default, name
+        assert defaults[name].default == settings.SETTINGS[name].default, name
 
 
 @pytest.mark.parametrize("height,width", [(100, 100), (60, 200), (200, 60), (37, 41)])

@@ -22,8 +22,11 @@ import augmentation
 import clip_model as cm
 import data_loader as dl
 import distillation
+import runtime
 import sample_data
+import settings
 import train
+import train_step
 from errors import ModelError, SettingsError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,7 +193,7 @@ def distilled_gradients(model, distill, loss_fn, micro_batches):
     for _ in range(2):         # the second step is where DDP would miss a parameter left without gradient
         model.zero_grad()
         distill.loss_fn.zero_grad()
-        terms = train.backward_step(model, loss_fn, micro_batches, scaler, "fp32", "cpu", distill)
+        terms = train_step.backward_step(model, loss_fn, micro_batches, scaler, "fp32", "cpu", distill)
     grads = {name: p.grad.clone() for name, p in cm.unwrap(model).named_parameters()}
     return {**grads, "map": distill.loss_fn.map.grad.clone()}, terms
 
@@ -319,14 +322,14 @@ def test_a_model_folder_without_weights_is_refused(tmp_path):
      "drop --distill_pretrained"),
 ])
 def test_distillation_settings_that_do_not_fit_are_refused_before_anything_loads(flags, message, teacher):
-    cfg = train.parse_config([f.format(checkpoint=teacher["checkpoint"]) for f in flags])
+    cfg = settings.parse_config([f.format(checkpoint=teacher["checkpoint"]) for f in flags])
     with pytest.raises(SettingsError, match=message):
-        train.check_paths(cfg)                   # the teacher's paths: checked with the others
+        runtime.check_paths(cfg)                   # the teacher's paths: checked with the others
         distillation.check_distillation(cfg)
 
 
 def test_a_siglip_student_with_a_softmax_teacher_is_refused(teacher):
-    cfg = train.parse_config(["--loss", "siglip", "--distill_from", str(teacher["checkpoint"])])
+    cfg = settings.parse_config(["--loss", "siglip", "--distill_from", str(teacher["checkpoint"])])
     run = SimpleNamespace(device=torch.device("cpu"), log=None, distributed=False)
     with pytest.raises(SettingsError, match="needs a SigLIP teacher"):
         distillation.build_distillation(cfg, run, None)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import clip_model as cm
 import sample_data
 import train
+import train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -80,7 +81,7 @@ def rank_gradients(tmp_path_factory):
 
 
 class DictTowers(TwoTowers):
-    """TwoTowers answering as an open_clip model does (a dict), for train.backward_step."""
+    """TwoTowers answering as an open_clip model does (a dict), for train_step.backward_step."""
 
     def forward(self, images, texts):
         image_features, text_features, scale, bias = super().forward(images, texts)
@@ -89,13 +90,13 @@ class DictTowers(TwoTowers):
 
 
 def accumulated_gradients(model, loss_name, micro_batches, steps=1):
-    """Gradients of train.backward_step over micro-batches, after `steps` steps (the second step
+    """Gradients of train_step.backward_step over micro-batches, after `steps` steps (the second step
     is where DDP complains about a parameter that got no gradient in the synchronised pass)."""
     loss, local_loss = LOSSES[loss_name]
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     for _ in range(steps):
         model.zero_grad()
-        train.backward_step(model, cm.create_loss(loss, local_loss=local_loss), micro_batches, scaler,
+        train_step.backward_step(model, cm.create_loss(loss, local_loss=local_loss), micro_batches, scaler,
                             "fp32", "cpu")
     return {name: p.grad.clone() for name, p in cm.unwrap(model).named_parameters()}
 

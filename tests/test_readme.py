@@ -17,15 +17,15 @@ import evaluation
 import export
 import minimal_clip
 import search_app
+import settings
 import shards
-import train
 import verify
 import visualization
 import wise_ft
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
-PARSERS = {"train.py": train.build_parser, "evaluation.py": evaluation.build_parser,
+PARSERS = {"train.py": settings.build_parser, "evaluation.py": evaluation.build_parser,
            "visualization.py": visualization.build_parser, "demo.py": demo.build_parser,
            "data_loader.py": data_loader.build_parser, "shards.py": shards.build_parser,
            "verify.py": verify.build_parser, "wise_ft.py": wise_ft.build_parser,
@@ -78,8 +78,8 @@ def option_strings(parser):
 def test_settings_table_is_generated_from_the_schema():
     table = re.search(r"<!-- train-settings:start -->\n(.*?)\n<!-- train-settings:end -->",
                       README, flags=re.S).group(1)
-    assert table == train.settings_markdown(), \
-        "regenerate with: python -c 'import train; print(train.settings_markdown())'"
+    assert table == settings.settings_markdown(), \
+        "regenerate with: python -c 'import train; print(settings.settings_markdown())'"
 
 
 @pytest.mark.parametrize("script", sorted(PARSERS))

@@ -12,8 +12,11 @@ import torch
 
 import clip_model as cm
 import evaluation
+import runtime
 import sample_data
+import settings
 import train
+import train_step
 from errors import OutputError, SettingsError, TrainingError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,82 +31,82 @@ def write_config(tmp_path, sections):
 # ---- settings -----------------------------------------------------------------------------------
 
 def test_config_json_holds_exactly_the_schema_defaults():
-    assert json.loads((ROOT / "config.json").read_text()) == train.default_config()
+    assert json.loads((ROOT / "config.json").read_text()) == settings.default_config()
 
 
 def test_every_setting_is_a_flag_with_help():
-    help_text = train.build_parser().format_help()
-    for setting in train.SCHEMA:
+    help_text = settings.build_parser().format_help()
+    for setting in settings.SCHEMA:
         assert f"--{setting.name}" in help_text
 
 
 def test_precedence_is_defaults_then_config_file_then_flags(tmp_path):
     path = write_config(tmp_path, {"training": {"batch_size": 16, "learning_rate": 0.01},
                                    "logging": {"run_name": "from-file"}})
-    cfg = train.parse_config(["--config", path, "--batch_size", "8"])
+    cfg = settings.parse_config(["--config", path, "--batch_size", "8"])
     assert cfg.batch_size == 8                     # flag beats file
     assert cfg.learning_rate == 0.01               # file beats default
     assert cfg.run_name == "from-file"
-    assert cfg.weight_decay == train.SETTINGS["weight_decay"].default   # default stays
+    assert cfg.weight_decay == settings.SETTINGS["weight_decay"].default   # default stays
 
 
 def test_boolean_flags_turn_settings_on_and_off(tmp_path):
     path = write_config(tmp_path, {"data": {"augment": False}})
-    assert train.parse_config(["--config", path]).augment is False
-    assert train.parse_config(["--config", path, "--augment"]).augment is True
-    assert train.parse_config(["--config", path, "--no-augment"]).augment is False
+    assert settings.parse_config(["--config", path]).augment is False
+    assert settings.parse_config(["--config", path, "--augment"]).augment is True
+    assert settings.parse_config(["--config", path, "--no-augment"]).augment is False
 
 
 def test_unknown_key_in_the_config_file_is_an_error_naming_it(tmp_path):
     path = write_config(tmp_path, {"training": {"batch_sise": 16}})
     with pytest.raises(SettingsError, match="unknown setting 'batch_sise'"):
-        train.parse_config(["--config", path])
+        settings.parse_config(["--config", path])
 
 
 def test_wrong_type_in_the_config_file_is_an_error_naming_the_key(tmp_path):
     path = write_config(tmp_path, {"training": {"batch_size": "64"}})
     with pytest.raises(SettingsError, match="batch_size must be int, got '64'"):
-        train.parse_config(["--config", path])
+        settings.parse_config(["--config", path])
 
 
 def test_key_in_the_wrong_section_is_an_error(tmp_path):
     path = write_config(tmp_path, {"model": {"batch_size": 64}})
     with pytest.raises(SettingsError, match="batch_size belongs in section 'training'"):
-        train.parse_config(["--config", path])
+        settings.parse_config(["--config", path])
 
 
 def test_invalid_choice_and_unknown_flag_are_rejected(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        train.parse_config(["--precision", "fp8"])
+        settings.parse_config(["--precision", "fp8"])
     with pytest.raises(SystemExit):
-        train.parse_config(["--batch_sise", "3"])
+        settings.parse_config(["--batch_sise", "3"])
     assert "unrecognized arguments: --batch_sise" in capsys.readouterr().err
 
 
 def test_missing_config_file_is_an_error(tmp_path):
     with pytest.raises(SettingsError, match="nope.json: file not found"):
-        train.parse_config(["--config", str(tmp_path / "nope.json")])
+        settings.parse_config(["--config", str(tmp_path / "nope.json")])
 
 
 @pytest.mark.parametrize("name", ["..", ".", "../../tmp/x", "/tmp/abs", "a/b", "a\\b", "a\nb", ".hidden",
                                   "a b", "x" * 129])
 def test_a_run_name_that_is_not_one_plain_folder_name_is_refused(name, tmp_path):
     with pytest.raises(SettingsError, match="--run_name: .* is not a plain folder name"):
-        train.parse_config(["--run_name", name])
+        settings.parse_config(["--run_name", name])
     path = write_config(tmp_path, {"logging": {"run_name": name}})
     with pytest.raises(SettingsError, match="not a plain folder name"):
-        train.parse_config(["--config", path])
+        settings.parse_config(["--config", path])
 
 
 @pytest.mark.parametrize("name", ["run-1", "my_run.v2", "a+b=c@d", "运行1", "x" * 128])
 def test_plain_run_names_of_any_script_are_accepted(name):
-    assert train.parse_config(["--run_name", name]).run_name == name
+    assert settings.parse_config(["--run_name", name]).run_name == name
 
 
 def test_a_default_run_name_from_a_config_file_path_is_a_plain_folder_name():
-    cfg = train.parse_config(["--model_name", "../my configs/.odd model.json"])
-    name = train.run_name(cfg, distributed=False)
-    assert train.FOLDER_NAME.fullmatch(name) and name.startswith("odd-model-")
+    cfg = settings.parse_config(["--model_name", "../my configs/.odd model.json"])
+    name = runtime.run_name(cfg, distributed=False)
+    assert settings.FOLDER_NAME.fullmatch(name) and name.startswith("odd-model-")
 
 
 def test_run_name_dot_dot_leaves_the_projects_config_json_alone(tmp_path):
@@ -125,7 +128,7 @@ def test_run_name_dot_dot_leaves_the_projects_config_json_alone(tmp_path):
 # ---- schedule and optimiser ---------------------------------------------------------------------
 
 def test_schedule_warms_up_linearly_then_decays_to_zero():
-    factor = train.cosine_with_warmup(total_steps=110, warmup_steps=10)
+    factor = train_step.cosine_with_warmup(total_steps=110, warmup_steps=10)
     assert [factor(s) for s in range(3)] == pytest.approx([0.1, 0.2, 0.3])
     assert factor(9) == pytest.approx(1.0)
     assert factor(10) == pytest.approx(1.0)
@@ -135,7 +138,7 @@ def test_schedule_warms_up_linearly_then_decays_to_zero():
 
 @pytest.mark.parametrize("total,warmup", [(1, 0), (1, 1), (1, 100), (5, 5), (3, 0), (7, 1000)])
 def test_no_combination_of_steps_and_warmup_divides_by_zero(total, warmup):
-    factor = train.cosine_with_warmup(total, warmup)
+    factor = train_step.cosine_with_warmup(total, warmup)
     values = [factor(s) for s in range(total + 1)]
     assert all(0 <= v <= 1 for v in values)
     assert max(values) == pytest.approx(1.0)       # a capped warmup still reaches the peak
@@ -143,7 +146,7 @@ def test_no_combination_of_steps_and_warmup_divides_by_zero(total, warmup):
 
 def test_no_weight_decay_on_biases_norms_and_the_logit_scale():
     model = cm.build_model("tiny-vit-64").model
-    decay, no_decay = train.parameter_groups(model, 0.1)
+    decay, no_decay = train_step.parameter_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     assert "logit_scale" in no_decay_names
@@ -157,10 +160,10 @@ def test_no_weight_decay_on_biases_norms_and_the_logit_scale():
 def test_metric_paths_and_flattening():
     metrics = {"retrieval": {"image_to_text": {"R@1": 10.0}, "rsum": 55.0},
                "similarity": {"gap": 0.2}, "num_images": 4}
-    assert train.metric_value(metrics, "image_to_text/R@1") == 10.0
-    assert train.metric_value(metrics, "rsum") == 55.0
+    assert settings.metric_value(metrics, "image_to_text/R@1") == 10.0
+    assert settings.metric_value(metrics, "rsum") == 55.0
     with pytest.raises(SettingsError, match="best_metric 'R@7'"):
-        train.metric_value(metrics, "R@7")
+        settings.metric_value(metrics, "R@7")
     assert evaluation.flatten_metrics(metrics) == {"val/image_to_text/R@1": 10.0, "val/rsum": 55.0,
                                               "val/similarity/gap": 0.2, "val/num_images": 4}
 
@@ -186,10 +189,10 @@ def test_four_accumulated_batches_of_8_give_the_update_of_one_batch_of_32():
     big = batch_of(setup, 0, 32)
     micro = [{k: v[i * 8:(i + 1) * 8] for k, v in big.items()} for i in range(4)]
 
-    big_loss = train.backward_step(model, loss_fn, [big], scaler, "fp32", "cpu")["loss"]
+    big_loss = train_step.backward_step(model, loss_fn, [big], scaler, "fp32", "cpu")["loss"]
     expected = gradients_of(model)
     model.zero_grad()
-    accumulated_loss = train.backward_step(model, loss_fn, micro, scaler, "fp32", "cpu")["loss"]
+    accumulated_loss = train_step.backward_step(model, loss_fn, micro, scaler, "fp32", "cpu")["loss"]
     got = gradients_of(model)
 
     assert accumulated_loss.item() == pytest.approx(big_loss.item(), rel=1e-5)
@@ -199,7 +202,7 @@ def test_four_accumulated_batches_of_8_give_the_update_of_one_batch_of_32():
     # plain accumulation of per-micro-batch losses would NOT match: it sees 8 negatives, not 32
     model.zero_grad()
     for b in micro:
-        train.backward_step(model, loss_fn, [b], scaler, "fp32", "cpu")
+        train_step.backward_step(model, loss_fn, [b], scaler, "fp32", "cpu")
     naive = gradients_of(model)
     assert not torch.allclose(naive["visual.proj"], expected["visual.proj"], rtol=1e-2)
 
@@ -362,7 +365,7 @@ def test_zero_shot_on_the_generated_shape_classes_is_far_above_chance(learned_ru
 def test_the_moving_average_follows_its_formula_with_a_warming_decay():
     model = torch.nn.Linear(3, 2)
     cfg = train.argparse.Namespace(ema_decay=0.8)
-    ema = train.build_ema(cfg, model)
+    ema = train_step.build_ema(cfg, model)
     expected = {name: p.detach().clone() for name, p in model.named_parameters()}   # the first copy
     ema.update_parameters(model)
     for n in range(1, 6):
@@ -434,14 +437,14 @@ def test_hard_negative_batches_resume_exactly_mid_epoch(data, tmp_path):
 @pytest.mark.parametrize("users_setting", [None, "131072"])
 def test_a_steps_freed_buffers_are_reused_without_page_faults_unless_the_user_set_malloc(users_setting):
     """A step allocates and frees buffers of 4-24 MiB (76 MiB, 19,456 pages), as a training step
-    does with its activations. After train.tune_malloc the freed pages stay in the process for the
+    does with its activations. After runtime.tune_malloc the freed pages stay in the process for the
     next step. A malloc setting of the user's own wins: here one that serves every block over
     128 KiB with fresh pages, so each step faults all its pages in again."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     if users_setting:
         env["MALLOC_MMAP_THRESHOLD_"] = users_setting
-    code = ("import resource, torch, train\n"
-            "train.tune_malloc()\n"
+    code = ("import resource, torch, runtime\n"
+            "runtime.tune_malloc()\n"
             "def step(): return [torch.empty(mib << 18).fill_(1.0) for mib in (8, 16, 24, 8, 4, 16)]\n"
             "step()\n"
             "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
@@ -455,17 +458,19 @@ def test_a_steps_freed_buffers_are_reused_without_page_faults_unless_the_user_se
         assert faults_per_step < 1_000
 
 
-@pytest.mark.parametrize("cache,users_value,spin", [("--cache_images", None, "default"),
-                                                     ("--no-cache_images", None, "1000"),
-                                                     ("--no-cache_images", "250000", "250000")])
-def test_openmp_threads_spin_briefly_beside_workers_unless_the_user_chose(cache, users_value, spin):
-    """GOMP_SPINCOUNT must be in the environment before torch loads OpenMP: train.main sets it
-    before importing torch when workers will decode beside the model (uncached images), and
-    keeps a value the user exported."""
+@pytest.mark.parametrize("cache,users_value,seen", [("--cache_images", None, ["None"]),
+                                                     ("--no-cache_images", None, ["None", "1000"]),
+                                                     ("--no-cache_images", "250000", ["250000"])])
+def test_openmp_threads_spin_briefly_beside_workers_unless_the_user_chose(cache, users_value, seen, tmp_path):
+    """GOMP_SPINCOUNT must be in the environment when torch loads OpenMP, which is before
+    train.main runs: when workers will decode beside the model (uncached images), the train.py
+    process starts again, once, with the setting; a value the user exported is kept as it is."""
     env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
     if users_value:
         env["GOMP_SPINCOUNT"] = users_value
-    code = (f"import sys, os, train; train.tune_openmp(train.parse_config(['{cache}'])); "
-            f"print('torch' in sys.modules, os.environ.get('GOMP_SPINCOUNT', 'default'))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", spin]
+    code = ("import os, train; print(os.environ.get('GOMP_SPINCOUNT'), flush=True); "
+            "train.run_script(train.main, 'train.py')")
+    out = subprocess.run([sys.executable, "-c", code, cache, "--num_workers", "1", "--data_dir",
+                          str(tmp_path / "absent")], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.stdout.split() == seen                       # each start of the process prints once
+    assert out.returncode == 1 and "absent: no such file or folder" in out.stderr

@@ -16,6 +16,7 @@ import torch
 
 import clip_model as cm
 import sample_data
+import settings
 import train
 from errors import DataError, OutputError, SettingsError
 
@@ -281,8 +282,8 @@ def test_a_wrong_setting_is_one_line_on_the_command_line_and_help_shows_every_ra
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == ["train.py: error: --batch_size: batch_size must be "
                                                 ">= 1, got 0"]
-    help_text = " ".join(train.build_parser().format_help().split())
-    for setting in train.SCHEMA:
+    help_text = " ".join(settings.build_parser().format_help().split())
+    for setting in settings.SCHEMA:
         if setting.valid:
             assert f"valid: {setting.valid}" in help_text, setting.name
 

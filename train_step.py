@@ -1,0 +1,213 @@
+"""One optimiser step of CLIP training, and what shapes it: the optimiser, the schedule, the
+moving average of the weights.
+
+Read in this order: `optimizer_step` (the step as a whole), `plain_backward` (the CLIP step of
+minimal_clip.py, with mixed precision), then the extras: `cached_backward` (gradient
+accumulation that keeps every negative), `loss_terms` (a teacher's term), `build_ema`. A `job`
+is train.Job: the model, loss, optimiser, schedule, loss scaler and settings of a run.
+"""
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch.optim.swa_utils import AveragedModel
+
+import clip_model
+
+# ----------------------------------------------------------------------------------------------
+# The optimiser and the schedule
+
+
+def parameter_groups(model, weight_decay):
+    """AdamW groups by rule: tensors of fewer than 2 dimensions (biases, norm gains and offsets,
+    the logit scale and bias) get no weight decay; shrinking them towards 0 has no regularising
+    meaning and hurts (a LayerNorm gain of 0 switches its layer off)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def cosine_with_warmup(total_steps, warmup_steps):
+    """Learning-rate factor per step: linear warmup to 1, then cosine decay to 0.
+
+    A warmup longer than the run is capped at the run's length, and every denominator is at
+    least 1, so no combination of settings divides by zero.
+    """
+    warmup = min(warmup_steps, total_steps)
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
+
+
+def warmup_for(total_steps, warmup_steps):
+    """The warmup actually used: at most half the run, so that the other half can decay (a
+    warmup as long as the run would end it at the peak rate). Returns (steps, warning or None)."""
+    cap = total_steps // 2
+    if warmup_steps <= cap:
+        return warmup_steps, None
+    return cap, (f"warmup_steps {warmup_steps} is more than half of this {total_steps}-step run: "
+                 f"warming up for {cap} steps instead, so that the rate decays over the other half")
+
+
+def build_optimizer(cfg, run, model, total_steps, distill=None):
+    """AdamW over the trainable parameters (the distillation's feature map too), the
+    warmup-cosine schedule, the fp16 loss scaler."""
+    trained = torch.nn.ModuleList([model, distill.loss_fn]) if distill else model
+    warmup, warning = warmup_for(total_steps, cfg.warmup_steps)
+    if warning:
+        run.log.warning(warning)
+    # fused=True updates all parameters in one kernel instead of a Python loop over tensors
+    # (faster on CPU and CUDA alike; bench/README.md).
+    optimizer = torch.optim.AdamW(parameter_groups(trained, cfg.weight_decay), lr=cfg.learning_rate,
+                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                  fused=run.device.type in ("cuda", "cpu"))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup))
+    scaler = torch.amp.GradScaler(run.device.type, enabled=run.precision == "amp")
+    return optimizer, scheduler, scaler
+
+
+# ----------------------------------------------------------------------------------------------
+# The step
+
+@dataclass
+class StepResult:
+    loss: object          # tensor: the loss of the step (not synced)
+    grad_norm: object     # tensor: the global gradient norm before clipping
+    finite: bool          # False: the update was skipped
+    terms: dict = field(default_factory=dict)   # the loss's parts, when it has several
+
+
+def optimizer_step(job, micro_batches):
+    """One optimiser step: backward, unscale, clip, finiteness check, step, schedule, clamp."""
+    terms = backward_step(job.model, job.loss_fn, micro_batches, job.scaler, job.run.precision,
+                          job.run.device, job.distill)
+    loss = terms.pop("loss")
+    job.scaler.unscale_(job.optimizer)
+    clip = job.cfg.grad_clip_norm if job.cfg.grad_clip_norm > 0 else float("inf")
+    trained = [param for group in job.optimizer.param_groups for param in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trained, clip)
+    # One host-device sync per step: the price of never applying a non-finite update. With amp
+    # an infinite gradient is the loss scaler's business (it skips and retries with a smaller
+    # scale); only a non-finite loss counts as a bad step.
+    finite = bool(torch.isfinite(loss)) and (job.run.precision == "amp" or bool(torch.isfinite(grad_norm)))
+    if finite:
+        job.scaler.step(job.optimizer)
+    job.scaler.update()
+    job.optimizer.zero_grad(set_to_none=True)
+    job.scheduler.step()
+    clip_model.clamp_logit_scale(job.raw_model)
+    if finite and job.ema is not None:
+        job.ema.update_parameters(job.raw_model)
+    return StepResult(loss, grad_norm, finite, terms)
+
+
+def backward_step(model, loss_fn, micro_batches, scaler, precision, device, distill=None):
+    """Forward and backward for one optimiser step: the plain step for one micro-batch, gradient
+    caching for several. Returns the loss terms (loss_terms: tensors, not synced). With a teacher
+    (distill, a Distillation), its features of every micro-batch are computed once, before the
+    passes, and serve all of them: it is frozen, there is nothing to recompute."""
+    ids = torch.cat([b["image_ids"] for b in micro_batches]).to(device)
+    teacher = distill.teacher_outputs(micro_batches, device, precision) if distill else None
+    if len(micro_batches) == 1:
+        return plain_backward(model, loss_fn, micro_batches[0], ids, scaler, precision, device,
+                              distill, teacher)
+    return cached_backward(model, loss_fn, micro_batches, ids, scaler, precision, device,
+                           distill, teacher)
+
+
+def plain_backward(model, loss_fn, batch, ids, scaler, precision, device, distill, teacher):
+    """The CLIP step: both towers on the batch, the contrastive loss, backward (through the loss
+    scaler, which scales fp16 gradients up so that small ones do not underflow)."""
+    with clip_model.autocast(device, precision):
+        out = model(batch["images"], batch["texts"])
+        terms = loss_terms(loss_fn, out, ids, distill, teacher)
+    scaler.scale(terms["loss"]).backward()
+    return {name: value.detach() for name, value in terms.items()}
+
+
+def cached_backward(model, loss_fn, micro_batches, ids, scaler, precision, device, distill, teacher):
+    """Gradient accumulation that keeps every negative of the accumulated batch (Gao et al. 2021,
+    "gradient caching"; as open_clip and Chinese-CLIP do).
+
+    First every micro-batch's features are computed without gradient; then each micro-batch is
+    recomputed with gradient and the loss is taken over all features, its own live and the others
+    cached. The gradients of the micro-batches add up to the gradient of one big batch, at the
+    memory cost of one micro-batch. The temperature gets its gradient only once (from the last
+    micro-batch): every pass sees the same full loss, so counting it in each would multiply its
+    gradient by the number of micro-batches. It is the last pass because under DDP that is the
+    one that synchronises gradients, and DDP expects every parameter in it. The distillation's
+    feature map, like the temperature, gets its gradient in the last pass.
+
+    "The gradient of one big batch" holds when the cached and the live pass compute the same
+    features: it does not hold exactly with patch dropout (each pass drops other patches) or with
+    BatchNorm in training mode (batch statistics of a micro-batch, and running statistics updated
+    by both passes); LayerNorm towers (ViTs, the text transformer) are exact.
+    """
+    with torch.no_grad(), clip_model.autocast(device, precision):
+        cached = [model(b["images"], b["texts"]) for b in micro_batches]
+    for j, batch in enumerate(micro_batches):
+        last = j == len(micro_batches) - 1
+        # DDP: synchronise gradients across processes only on the last backward
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with clip_model.autocast(device, precision):
+                out = model(batch["images"], batch["texts"])
+                image_features = torch.cat([out["image_features"] if i == j else c["image_features"]
+                                            for i, c in enumerate(cached)])
+                text_features = torch.cat([out["text_features"] if i == j else c["text_features"]
+                                           for i, c in enumerate(cached)])
+                scale, bias = out["logit_scale"], out.get("logit_bias")
+                if not last:
+                    scale, bias = scale.detach(), bias.detach() if bias is not None else None
+                whole = {"image_features": image_features, "text_features": text_features,
+                         "logit_scale": scale, "logit_bias": bias}
+                terms = loss_terms(loss_fn, whole, ids, distill, teacher, last)
+            scaler.scale(terms["loss"]).backward()
+    return {name: value.detach() for name, value in terms.items()}
+
+
+def loss_terms(loss_fn, out, ids, distill=None, teacher=None, last=True):
+    """The loss of the model's output `out`: {"loss": the contrastive loss}, or with a teacher
+    {"loss": (1 - w) x contrastive + w x distillation, "contrastive": ..., "distillation": ...},
+    w = --distill_weight. `last`: the pass that trains the distillation's feature map."""
+    contrastive = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], ids,
+                          out.get("logit_bias"))
+    if distill is None:
+        return {"loss": contrastive}
+    distill_term = distill.loss_fn(out, teacher, train_map=last)
+    return {"loss": (1 - distill.weight) * contrastive + distill.weight * distill_term,
+            "contrastive": contrastive, "distillation": distill_term}
+
+
+# ----------------------------------------------------------------------------------------------
+# A moving average of the weights
+
+def build_ema(cfg, model):
+    """An exponential moving average of the weights (and buffers), or None when ema_decay is 0.
+
+    Averaging the weights of the last few hundred steps smooths out the noise of single steps:
+    the average often scores better than the weights themselves, above all late in a short run
+    or in fine-tuning. After n updates the decay is min(ema_decay, (1 + n) / (10 + n)): early on
+    the average follows the weights closely instead of remembering the random initial ones (as
+    TensorFlow's ExponentialMovingAverage with num_updates does). torch's AveragedModel keeps
+    the copy on the model's device.
+    """
+    if not cfg.ema_decay:
+        return None
+
+    @torch.no_grad()
+    def update(averages, weights, updates):
+        decay = min(cfg.ema_decay, (1 + int(updates)) / (10 + int(updates)))
+        if averages[0].is_floating_point():
+            torch._foreach_lerp_(averages, weights, 1 - decay)
+        else:                             # integer buffers (BatchNorm's step counter): the latest
+            torch._foreach_copy_(averages, weights)
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
