@@ -7,6 +7,7 @@ in runtime.py, and the optimiser step in train_step.py. Under `torchrun` the sam
 on many GPUs or machines.
 """
 import argparse
+import enum
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -59,6 +60,24 @@ class TrainState:
     @classmethod
     def from_checkpoint(cls, checkpoint):
         return cls(**{f.name: checkpoint[f.name] for f in fields(cls) if f.name in checkpoint})
+
+
+class StopKind(enum.Enum):
+    NON_FINITE = "non-finite losses in a row"
+    SIGNAL = "a stop signal"
+    STOP_AT_STEP = "stop_at_step reached"
+    NO_GAIN = "no gain in the best metric (early stopping)"
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Why a run ends before its last step: the kind decides what happens next (a non-finite
+    run is an error), the message is what the log says."""
+    kind: StopKind
+    message: str
+
+    def __str__(self):
+        return self.message
 
 
 @dataclass
@@ -367,10 +386,11 @@ def train_one_epoch(job, state, stop):
     job.model.train()
     try:
         while state.step < job.total_steps:
-            waited = time.perf_counter()
+            asked = time.perf_counter()
             micro_batches = next_micro_batches(job, state, batches)
-            window.wait += time.perf_counter() - waited
-            job.timing.data_wait_s += time.perf_counter() - waited
+            waited = time.perf_counter() - asked
+            window.wait += waited
+            job.timing.data_wait_s += waited
             if micro_batches is None:
                 return None                                        # the end of the epoch
             result = optimizer_step(job, micro_batches)
@@ -515,16 +535,16 @@ def after_step(job, state, result, stop):
     """Validation, checkpoint and the stop decisions that follow a step; returns why to stop."""
     cfg = job.cfg
     if state.bad_steps >= cfg.max_bad_steps:
-        return f"{state.bad_steps} non-finite losses in a row"
+        return Stop(StopKind.NON_FINITE, f"{state.bad_steps} non-finite losses in a row")
     reason = None
     if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < job.total_steps:
         reason = validate(job, state)
     if state.step % cfg.save_every == 0:
         save_last(job, state)
     if runtime.agree(job.run, stop.reason is not None):
-        reason = f"{stop.reason or 'signal'} received"
+        reason = Stop(StopKind.SIGNAL, f"{stop.reason or 'signal'} received")
     elif cfg.stop_at_step and state.step >= cfg.stop_at_step:
-        reason = reason or f"stop_at_step {cfg.stop_at_step} reached"
+        reason = reason or Stop(StopKind.STOP_AT_STEP, f"stop_at_step {cfg.stop_at_step} reached")
     return reason
 
 
@@ -555,7 +575,8 @@ def validate(job, state):
             save_best(job, state, metrics)       # the weights first: a results file can wait
         write_results(job, state)
         if cfg.early_stopping_patience and state.evals_without_gain >= cfg.early_stopping_patience:
-            stop = f"no gain in {cfg.best_metric} for {cfg.early_stopping_patience} validations"
+            stop = Stop(StopKind.NO_GAIN, f"no gain in {cfg.best_metric} for "
+                                          f"{cfg.early_stopping_patience} validations")
     return stop if runtime.agree(run, stop is not None) else None
 
 
@@ -679,7 +700,7 @@ def finish(job, state, stop_reason):
     run = job.run
     if state.unreadable:
         run.log.warning(f"{len(state.unreadable)} unreadable images were skipped in total")
-    if stop_reason and "non-finite" in stop_reason:
+    if stop_reason and stop_reason.kind is StopKind.NON_FINITE:
         raise TrainingError(f"stopped at step {state.step}: {stop_reason}. Lower --learning_rate, "
                             f"check the data, or try --precision fp32; "
                             f"{run.checkpoint_dir / 'last.pt'} holds the last finite weights")
@@ -691,7 +712,7 @@ def finish(job, state, stop_reason):
             started = time.perf_counter()
             job.views.end(job, state)
             job.timing.tensorboard_end_s = time.perf_counter() - started
-        run.log.info(f"{'finished' if finished else 'stopped: ' + stop_reason} at step {state.step}; "
+        run.log.info(f"{'finished' if finished else f'stopped: {stop_reason}'} at step {state.step}; "
                      f"best {job.cfg.best_metric} {state.best['value']} at step {state.best['step']}; "
                      f"checkpoints in {run.checkpoint_dir}, TensorBoard: tensorboard --logdir "
                      f"{job.cfg.log_dir}")
@@ -699,7 +720,7 @@ def finish(job, state, stop_reason):
             run.log.info(f"continue with: {resume_command(job)}")
     return {"run_name": run.name, "step": state.step, "best": state.best, "history": state.history,
             "checkpoint_dir": run.checkpoint_dir, "results_dir": run.results_dir,
-            "log_dir": run.log_dir, "stop_reason": stop_reason,
+            "log_dir": run.log_dir, "stop_reason": str(stop_reason) if stop_reason else None,
             "timing": {**asdict(job.timing), "train_samples_per_s": job.timing.train_samples_per_s}}
 
 

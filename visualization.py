@@ -27,6 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
+import clip_model
+import data_loader
+import evaluation
+import minimal_clip
+from errors import MissingInputError, ModelError, UserError, run_script
+from settings import SETTINGS, check_folder_name
+
 DPI = 120
 CORRECT, WRONG = "#2ca02c", "#d62728"
 # Families that hold Chinese glyphs, best first, and the file names they ship under (used when
@@ -35,10 +42,6 @@ CJK_FONT_FAMILIES = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans SC", "So
                      "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "Droid Sans Fallback",
                      "AR PL UMing CN", "Microsoft YaHei", "SimHei", "PingFang SC", "Heiti SC")
 _CJK_FILE_HINTS = ("cjk", "wqy", "droidsansfallback", "sourcehan", "msyh", "simhei", "pingfang")
-
-
-class MissingInput(Exception):
-    """The input of one plot is absent: the CLI skips that plot and draws the others."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,7 +188,7 @@ def load_training_results(results_dir, logs_dir=None) -> dict:
         return _read_json(path)
     if logs_dir is not None and any(Path(logs_dir).glob("events.out.tfevents.*")):
         return read_tensorboard_history(logs_dir)
-    raise MissingInput(f"no {path} and no TensorBoard events in {logs_dir or '(no --logs_dir)'}")
+    raise MissingInputError(f"no {path} and no TensorBoard events in {logs_dir or '(no --logs_dir)'}")
 
 
 def _series(entries, *keys):
@@ -570,15 +573,11 @@ def plot_embedding_space(image_features, text_features, caption_image, method: s
 def relevance_maps(checkpoint, images, captions) -> list:
     """The relevance map of each image for its caption (minimal_clip.relevance_map), computed by
     the written-out model of minimal_clip.py holding the checkpoint's weights."""
-    import clip_model
-    import data_loader
-    import minimal_clip
-
     setup, _ = clip_model.model_from_checkpoint(checkpoint)
     try:
         model = minimal_clip.from_open_clip(setup.model.state_dict(), setup.model_config)
     except ValueError as error:
-        raise MissingInput(f"{checkpoint}: {error}") from None
+        raise ModelError(f"{checkpoint}: {error}") from None
     prepare = data_loader.image_transform(setup.preprocess_cfg)
     return [minimal_clip.relevance_map(model, prepare(image), tokens).numpy()
             for image, tokens in zip(images, setup.tokenizer(list(captions)))]
@@ -610,11 +609,9 @@ def plot_relevance_maps(images, captions, maps):
 
 def _load_images(saved: dict, data):
     """The data set the embeddings came from, as a lazily loading image sequence."""
-    import data_loader
-
     data = data or saved["meta"].get("data")
     if not data:
-        raise MissingInput("no data set for thumbnails: meta.json has no 'data'; pass --data PATH")
+        raise MissingInputError("no data set for thumbnails: meta.json has no 'data'; pass --data PATH")
     # read the data the way evaluation.py did (CSV columns, Chinese-CLIP split)
     read = {k: saved["meta"][k] for k in ("image_column", "caption_column", "split")
             if k in saved["meta"]}
@@ -659,7 +656,7 @@ def _relevance_inputs(saved, images, checkpoint, count):
     """`count` images spread over the set with their first captions, and their relevance maps."""
     checkpoint = checkpoint or saved["meta"].get("checkpoint")
     if not checkpoint or not Path(checkpoint).is_file():
-        raise MissingInput(f"no checkpoint for the relevance maps ({checkpoint or 'none recorded'}); "
+        raise MissingInputError(f"no checkpoint for the relevance maps ({checkpoint or 'none recorded'}); "
                            "pass --checkpoint FILE")
     images, captions, _, _ = _heatmap_inputs(saved, images, count)
     return images, captions, relevance_maps(checkpoint, images, captions)
@@ -698,7 +695,6 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from settings import SETTINGS, check_folder_name  # where train.py writes by default
     check_folder_name(args.run_name, "--run_name")
     results_dir = Path(args.results_dir or Path(SETTINGS["results_dir"].default) / args.run_name)
     logs_dir = args.logs_dir or (Path(SETTINGS["log_dir"].default) / args.run_name if args.run_name else None)
@@ -707,23 +703,22 @@ def main(argv=None) -> int:
     @functools.cache
     def eval_results():
         if not eval_path.is_file():
-            raise MissingInput(f"no evaluation JSON {eval_path} "
+            raise MissingInputError(f"no evaluation JSON {eval_path} "
                                "(write it with evaluation.py --output)")
         return _read_json(eval_path)
 
     def evaluated(part, flag):
         """The evaluation JSON, when it has `part` (evaluation.py writes it when given `flag`)."""
         if part not in eval_results():
-            raise MissingInput(f"{eval_path} has no '{part}' part (evaluation.py {flag})")
+            raise MissingInputError(f"{eval_path} has no '{part}' part (evaluation.py {flag})")
         return eval_results()
 
     @functools.cache
     def saved():
-        import evaluation
         try:
             return evaluation.load_embeddings(args.embeddings or results_dir / "embeddings")
         except FileNotFoundError as missing:
-            raise MissingInput(missing) from None
+            raise MissingInputError(missing) from None
 
     images = functools.cache(lambda: _load_images(saved(), args.data))
     method = "pca"
@@ -754,8 +749,8 @@ def main(argv=None) -> int:
     for name, draw in plots.items():
         try:
             print(f"wrote {save_figure(draw(), results_dir / name)}")
-        except MissingInput as missing:
-            print(f"skipped {name}: {missing}")
+        except UserError as reason:   # an input absent or unfit: that plot alone is skipped
+            print(f"skipped {name}: {reason}")
         except Exception as error:  # one broken input must not cost the user the other plots
             print(f"failed {name}: {type(error).__name__}: {error}")
             failures += 1
@@ -763,5 +758,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from errors import run_script
     raise SystemExit(run_script(main, "visualization.py"))

@@ -34,10 +34,16 @@ def test_config_json_holds_exactly_the_schema_defaults():
     assert json.loads((ROOT / "config.json").read_text()) == settings.default_config()
 
 
-def test_every_setting_is_a_flag_with_help():
-    help_text = settings.build_parser().format_help()
-    for setting in settings.SCHEMA:
-        assert f"--{setting.name}" in help_text
+def test_every_setting_is_a_flag_of_train_py_with_its_help_and_default():
+    # What `python train.py --help` prints, compared without the line breaks argparse adds.
+    shown = "".join(subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, check=True,
+                                   capture_output=True, text=True).stdout.split())
+    for s in settings.SCHEMA:
+        flag = f"--{s.name},--no-{s.name}" if isinstance(s.default, bool) else \
+            f"--{s.name}{type(s.default).__name__.upper()}"
+        valid = f",valid:{s.valid}" if s.valid else ""
+        entry = "".join(f"{flag}{s.help}(default:{s.default!r}{valid})".split())
+        assert entry in shown, f"--{s.name}: its help is not what the schema says"
 
 
 def test_precedence_is_defaults_then_config_file_then_flags(tmp_path):
