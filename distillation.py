@@ -1,4 +1,4 @@
-"""Distillation: a trained teacher the student learns from (--distill_from; README "Distillation").
+"""Distillation: a trained teacher the student learns from (--distill_from; docs/distillation.md).
 
 A small model trained on few pairs learns faster when it is also asked to match a big model's
 judgement of each batch: the teacher's similarities between every image and every caption of the

@@ -179,7 +179,7 @@ def default_config():
 
 
 def settings_markdown():
-    """The README's table of train.py's settings, generated from the schema."""
+    """docs/settings.md's table of train.py's settings, generated from the schema."""
     rows = ["| flag | section | default | valid | meaning |", "|---|---|---|---|---|"]
     for s in SCHEMA:
         flag = f"`--{s.name}` / `--no-{s.name}`" if isinstance(s.default, bool) else f"`--{s.name}`"

@@ -249,7 +249,7 @@ def build_loader(cfg, run, setup, train_index, distill=None):
     elif run.device.type == "cpu" and cfg.num_workers and "GOMP_SPINCOUNT" not in os.environ:
         run.log.warning("DataLoader workers read the images beside the model's threads, which spin "
                         "after each operation and hold the cores the workers need: start train.py "
-                        "with GOMP_SPINCOUNT=1000 in the environment (README: Slow training on a CPU)")
+                        "with GOMP_SPINCOUNT=1000 in the environment (docs/troubleshooting.md: Slow training on a CPU)")
     loader = data_loader.EpochLoader(dataset, cfg.batch_size, num_workers=0 if in_process else cfg.num_workers,
                                      seed=cfg.seed, rank=run.rank, world_size=run.world_size,
                                      pin_memory=run.device.type == "cuda")

@@ -1,5 +1,5 @@
-"""The README is the manual: its settings table comes from the schema, it names every flag of
-every script, and its snippets run."""
+"""The README and docs/ are the manual: the settings table comes from the schema, every flag of
+every script is named in them, and their commands and snippets run."""
 import argparse
 import json
 import os
@@ -24,7 +24,10 @@ import visualization
 import wise_ft
 
 ROOT = Path(__file__).resolve().parent.parent
-README = (ROOT / "README.md").read_text()
+# The README, then docs/ in the order of the README's map: the order their commands run in.
+PAGES = [ROOT / "README.md"] + [ROOT / link for link in re.findall(
+    r"^\| \[docs/\w+\.md\]\((docs/\w+\.md)\)", (ROOT / "README.md").read_text(), flags=re.M)]
+MANUAL = "\n".join(page.read_text() for page in PAGES)
 PARSERS = {"train.py": settings.build_parser, "evaluation.py": evaluation.build_parser,
            "visualization.py": visualization.build_parser, "demo.py": demo.build_parser,
            "data_loader.py": data_loader.build_parser, "shards.py": shards.build_parser,
@@ -46,15 +49,18 @@ NOT_RUN_HERE = {"setup.sh": "installs the environment the tests already run in",
 
 
 def snippets(language):
-    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+    return re.findall(rf"```{language}\n(.*?)```", MANUAL, flags=re.S)
 
 
 def commands():
-    """Each command of the bash snippets, with continuation lines joined and comments dropped."""
+    """Each command of the bash snippets, once, with continuation lines joined and comments
+    dropped (the README repeats a few commands of docs/)."""
+    seen = set()
     for block in snippets("bash"):
         for line in block.replace("\\\n", " ").splitlines():
-            line = line.split("  #")[0].strip()
-            if line:
+            line = " ".join(line.split("  #")[0].split())
+            if line and line not in seen:
+                seen.add(line)
                 yield line
 
 
@@ -75,19 +81,32 @@ def option_strings(parser):
                 yield from option_strings(subcommand)
 
 
+def test_every_page_of_docs_is_in_the_readmes_map():
+    assert sorted(PAGES[1:]) == sorted((ROOT / "docs").glob("*.md"))
+
+
 def test_settings_table_is_generated_from_the_schema():
     table = re.search(r"<!-- train-settings:start -->\n(.*?)\n<!-- train-settings:end -->",
-                      README, flags=re.S).group(1)
+                      (ROOT / "docs/settings.md").read_text(), flags=re.S).group(1)
     assert table == settings.settings_markdown(), \
-        "regenerate with: python -c 'import train; print(settings.settings_markdown())'"
+        "regenerate with: python -c 'import settings; print(settings.settings_markdown())'"
+
+
+def documented_flags(text):
+    """Every whole flag written in the text: `--eval` is not documented by `--eval_every`."""
+    return set(re.findall(r"(?<![\w-])--[A-Za-z][\w-]*", text))
 
 
 @pytest.mark.parametrize("script", sorted(PARSERS))
 def test_every_flag_of_every_script_is_documented(script):
     flags = {option for option in option_strings(PARSERS[script]())
              if option.startswith("--") and option != "--help"}
-    missing = [flag for flag in sorted(flags) if flag not in README]
-    assert not missing, f"{script} flags missing from README.md: {missing}"
+    missing = sorted(flags - documented_flags(MANUAL))
+    assert not missing, f"{script} flags missing from the README and docs/: {missing}"
+
+
+def test_a_flag_is_documented_only_by_its_whole_name():
+    assert documented_flags("use `--eval_every N` or --no-augment, not x--y") == {"--eval_every", "--no-augment"}
 
 
 def test_every_command_in_the_readme_parses_with_its_script():
