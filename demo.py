@@ -9,7 +9,15 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
+import clip_model
+import evaluation
 import sample_data
+import settings
+import train
+import visualization
+from errors import run_script
 
 QUERIES = {"en": ["a large red circle on the left", "a small blue square at the top",
                   "a yellow star and a green triangle"],
@@ -47,10 +55,6 @@ def generate_data(args):
 
 def answer_queries(checkpoint, embeddings_dir, queries):
     """Rank the validation images for a few free-text queries: search with a trained CLIP."""
-    import torch
-
-    import clip_model
-    import evaluation
     setup, _ = clip_model.model_from_checkpoint(checkpoint)
     saved = evaluation.load_embeddings(embeddings_dir)
     images = torch.from_numpy(saved["image_features"])
@@ -69,10 +73,6 @@ def main(argv=None):
     started = time.time()
     data = generate_data(args)
 
-    import evaluation
-    import settings
-    import train
-    import visualization
     print("\n== 1/4 training")
     # Chinese captions take about 3 tokens per character: give the text tower a longer context.
     language_flags = ["--context_length", "64"] if args.language == "zh" else []
@@ -114,5 +114,4 @@ def remove_earlier_run(cfg):
 
 
 if __name__ == "__main__":
-    from errors import run_script
     run_script(main, "demo.py")

@@ -21,8 +21,12 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
+import clip_model
+import evaluation
 import visualization
+from errors import DataError
 from settings import SCHEMA
 
 PROJECTOR_TILE = 48          # pixels of a thumbnail in the projector's sprite
@@ -112,7 +116,6 @@ class Views:
         """The image features of projector_pairs validation pairs and the features of their first
         captions, as 2 x pairs points of one embedding: images with their thumbnails, captions
         with the same thumbnail faded, labelled by caption."""
-        import torch
         started = time.perf_counter()
         pairs = load_pairs(self.val_index, self.order, job.cfg.projector_pairs, PROJECTOR_TILE)
         image_features, text_features = encode_pairs(job, pairs.index)
@@ -135,7 +138,6 @@ class Views:
 def load_pairs(index, order, count, thumbnail_size=PICTURE_THUMBNAIL):
     """The first `count` readable images of `order` (an unreadable one is passed over: the
     validation metrics count it), with thumbnails."""
-    from errors import DataError
     numbers, thumbnails = [], []
     for i in order:
         if len(numbers) == count:
@@ -155,7 +157,6 @@ def load_pairs(index, order, count, thumbnail_size=PICTURE_THUMBNAIL):
 def encode_pairs(job, index):
     """Unit image and caption features of a small index by the weights being trained, in
     batches of the validation's size; no worker processes for so few images."""
-    import evaluation
     image_features, text_features, encoded = evaluation.encode_index(
         job.setup, index, batch_size=job.cfg.batch_size, num_workers=0, device=job.run.device,
         precision=job.run.precision)
@@ -183,7 +184,6 @@ def settings_markdown(cfg):
 
 def data_markdown(job, train_index):
     """Sizes and sources of the training and validation data, the batch and the schedule."""
-    import clip_model
     val = job.val_index
     if train_index is None:
         training = f"| training | {len(job.loader.dataset)} per epoch | (streamed) | {job.cfg.data_dir} |"
@@ -246,7 +246,6 @@ def _hparams_summary(tag, plugin_data):
 def write_best(writer, validations, step):
     """best/<name>: the best value of each BEST_SHOWN metric over the validations so far, of the
     weights or of their moving average (what the HParams table shows)."""
-    import evaluation
     best = {}
     for entry in validations:
         flat = evaluation.flatten_metrics({k: v for k, v in entry.items() if k not in ("step", "epoch")})

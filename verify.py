@@ -1,6 +1,8 @@
 """Check that this machine can run the project: `python verify.py`.
 
 Prints one row per check with a hint for each failure, and exits non-zero if anything failed.
+Every import of torch and of the project's modules is made inside the check that needs it: an
+installation that is broken is what this script reports, in a row, instead of failing to start.
 """
 import argparse
 import importlib
