@@ -10,6 +10,7 @@ wrong section of the config file is an error that names it.
 import argparse
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ class Setting:
     default: object
     help: str
     choices: tuple = None
-    valid: str = None        # range of a number (">= 1", "> 0", "[0, 1)", "(0, 1)") or "folder name"
+    valid: str = None        # range of a number (">= 1", "> 0", "[0, 1)", "[0, cores]") or "folder name"
 
 
 SCHEMA = [
@@ -103,7 +104,8 @@ SCHEMA = [
             "corrupt) instead of skipping it and counting it"),
     Setting("data", "num_workers", 2, "DataLoader worker processes per training process, which "
             "read and decode images (on a CPU-only run with the images cached, training batches are "
-            "built in the training process itself)", valid=">= 0"),
+            "built in the training process itself); at most the CPU cores this process may use "
+            "(at least 2)", valid="[0, cores]"),
     # training
     Setting("training", "batch_size", 64, "images per process per micro-batch", valid=">= 1"),
     Setting("training", "accum_steps", 1, "micro-batches per optimiser step; the loss still sees "
@@ -132,7 +134,7 @@ SCHEMA = [
             "with loss scaling, CUDA), bf16", ("auto", "fp32", "amp", "bf16")),
     Setting("training", "device", "auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps"),
     Setting("training", "seed", 0, "seed of model init, data order, captions and augmentation",
-            valid=">= 0"),
+            valid="[0, 4294967295]"),
     Setting("training", "max_bad_steps", 5, "stop after this many non-finite losses in a row",
             valid=">= 1"),
     Setting("training", "eval_every", 0, "validate every N steps; 0 = at the end of each epoch",
@@ -188,12 +190,20 @@ def settings_markdown():
     return "\n".join(rows)
 
 
+def usable_cores():
+    """The CPU cores this process may run on (its affinity, as a scheduler or taskset sets it),
+    and at least 2, so that the default of num_workers fits every machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(2, cores)
+
+
 def in_range(value, valid):
-    """Whether a number lies in a range written as '>= 1', '> 0', '[0, 1)' or '(0, 1)'."""
+    """Whether a number lies in a range written as '>= 1', '> 0', '[0, 1)', '(0, 1)' or
+    '[0, cores]' (cores: usable_cores())."""
     if valid.startswith((">=", ">")):
         bound = float(valid.lstrip(">= "))
         return value >= bound if valid.startswith(">=") else value > bound
-    low, high = (float(x) for x in valid[1:-1].split(","))
+    low, high = (usable_cores() if x.strip() == "cores" else float(x) for x in valid[1:-1].split(","))
     return (value >= low if valid[0] == "[" else value > low) and \
         (value <= high if valid[-1] == "]" else value < high)
 
@@ -218,15 +228,21 @@ def check_value(name, value, where):
         raise SettingsError(f"{where}: unknown setting {name!r}. Known: {', '.join(SETTINGS)}")
     expected = type(setting.default)
     if expected is float and type(value) is int:
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:               # an integer beyond float's range: 1e309 and up
+            value = math.inf
     if type(value) is not expected:
         raise SettingsError(f"{where}: {name} must be {expected.__name__}, got {value!r}")
     if setting.choices and value not in setting.choices:
         raise SettingsError(f"{where}: {name} must be one of {', '.join(setting.choices)}, got {value!r}")
     if setting.valid == "folder name":
         return check_folder_name(value, where)
-    if setting.valid and not (math.isfinite(value) and in_range(value, setting.valid)):
-        raise SettingsError(f"{where}: {name} must be {setting.valid}, got {value!r}")
+    if expected is float and not math.isfinite(value):
+        raise SettingsError(f"{where}: {name} must be a finite number, got {value!r}")
+    if setting.valid and not in_range(value, setting.valid):
+        bound = f" (this machine: {usable_cores()} cores)" if "cores" in setting.valid else ""
+        raise SettingsError(f"{where}: {name} must be {setting.valid}{bound}, got {value!r}")
     return value
 
 
@@ -240,8 +256,11 @@ def read_config_file(path):
         raise SettingsError(f"{path}: expected sections {', '.join(SECTIONS)} as a JSON object")
     values = {}
     for section, settings in sections.items():
-        if section not in SECTIONS or not isinstance(settings, dict):
+        if section not in SECTIONS:
             raise SettingsError(f"{path}: unknown section {section!r}; sections are {', '.join(SECTIONS)}")
+        if not isinstance(settings, dict):
+            raise SettingsError(f"{path}: section {section!r} must be a JSON object of settings, got "
+                                f"{type(settings).__name__}")
         for name, value in settings.items():
             values[name] = check_value(name, value, f"{path}, section {section}")
             if SETTINGS[name].section != section:

@@ -3,6 +3,7 @@ step; and whole runs on CPU: it learns, resumes exactly, survives NaN losses, an
 writes what evaluation, TensorBoard and visualization read. (Faults: test_train_faults.py.)"""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -129,6 +130,34 @@ def test_run_name_dot_dot_leaves_the_projects_config_json_alone(tmp_path):
             ". _ - + = @ (not starting with '.'), at most 128 characters"], done.stderr
     assert (project / "config.json").read_text() == "{}"
     assert sorted(p.name for p in project.iterdir()) == ["config.json", "data"]   # demo's data only
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--seed", str(2 ** 70)], "seed must be [0, 4294967295], got 1180591620717411303424"),
+    (["--learning_rate", "inf"], "learning_rate must be a finite number, got inf"),
+    (["--learning_rate", "nan"], "learning_rate must be a finite number, got nan"),
+    (["--num_workers", "1000000"], "num_workers must be [0, cores] (this machine: "),
+])
+def test_out_of_range_numbers_are_refused_naming_the_setting(flags, message):
+    with pytest.raises(SettingsError, match=re.escape(f"--{flags[0][2:]}: {message}")):
+        settings.parse_config(flags)
+
+
+def test_num_workers_may_use_the_cores_this_process_has():
+    cores = settings.usable_cores()
+    assert cores >= 2 and settings.parse_config(["--num_workers", str(cores)]).num_workers == cores
+    with pytest.raises(SettingsError, match=f"this machine: {cores} cores"):
+        settings.parse_config(["--num_workers", str(cores + 1)])
+
+
+@pytest.mark.parametrize("sections,message", [
+    ({"model": []}, "section 'model' must be a JSON object of settings, got list"),
+    ({"training": {"learning_rate": 10 ** 400}}, "learning_rate must be a finite number, got inf"),
+    ({"training": {"seed": 2 ** 70}}, "seed must be [0, 4294967295]"),
+])
+def test_a_config_file_with_a_wrong_shape_or_number_is_refused_in_one_line(sections, message, tmp_path):
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        settings.parse_config(["--config", write_config(tmp_path, sections)])
 
 
 # ---- schedule and optimiser ---------------------------------------------------------------------
