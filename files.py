@@ -1,0 +1,47 @@
+"""Writing a file whole or not at all: the one way every script saves what it must not lose
+(checkpoints, results, search indexes)."""
+import contextlib
+import json
+import os
+import secrets
+from pathlib import Path
+
+from errors import OutputError, disk_full_message, is_disk_full
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """Write `path` through a temporary file beside it, renamed over it once it is complete and
+    on the disk (fsync). os.replace is atomic on POSIX and Windows: a reader, or a process killed
+    mid-write (even by kill -9), finds the old file or the new one, never a part of either.
+
+    The temporary name (`.NAME.<random>.tmp`) is new for every write, so two writers of one path
+    never share it. On any failure it is removed and `path` is left as it was; an OSError becomes
+    OutputError naming the file and, for a full disk, the folder to free.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # O_EXCL: never write through a file (or a link) that is already there
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if is_disk_full(error):
+            raise OutputError(f"{path} not written: {disk_full_message(error, path.parent)}") from None
+        if isinstance(error, OSError):
+            raise OutputError(f"{path} cannot be written ({error.strerror or error})") from None
+        raise
+
+
+def write_json(path, data):
+    """JSON (UTF-8, indented) written whole or not at all."""
+    with atomic_write(path, "w") as f:
+        json.dump(data, f, indent=1, ensure_ascii=False)
+
