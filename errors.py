@@ -47,6 +47,26 @@ class OutputError(UserError, OSError):
     in use by another run."""
 
 
+# Skipped items (an unreadable image, a missing file) are reported one way everywhere: the first
+# few are named, all are counted.
+SHOWN_SKIPPED = 5
+
+
+def skipped_summary(messages):
+    """Skipped items as results files record them: how many, and the first few."""
+    return {"count": len(messages), "first": list(messages[:SHOWN_SKIPPED])}
+
+
+def report_skipped(say, what, messages, total=None, named_before=0):
+    """Name the skipped items `messages` through `say` (a logger's warning, or a print) while
+    fewer than SHOWN_SKIPPED of this run or command are named (`named_before` were, earlier);
+    then, when `total` is more than were named, say how many were skipped in all."""
+    for message in messages[:max(0, SHOWN_SKIPPED - named_before)]:
+        say(f"skipped {what}: {message}")
+    if total is not None and total > min(SHOWN_SKIPPED, named_before + len(messages)):
+        say(f"... {total} {what}s skipped in all")
+
+
 def is_disk_full(error):
     return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 

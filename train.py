@@ -27,7 +27,7 @@ import sample_data
 import shards
 import tensorboard_views
 from augmentation import TrainAugmentation
-from errors import DataError, SettingsError, TrainingError, run_script
+from errors import DataError, SettingsError, TrainingError, report_skipped, run_script, skipped_summary
 from runtime import Run
 from settings import (
     ARCHITECTURE_SETTINGS,
@@ -190,10 +190,8 @@ def load_data(cfg, run):
     else:
         train_index, val_index = data_loader.split_by_image(train_index, cfg.val_fraction, cfg.seed)
     for index in (train_index, val_index):
-        for message in (index.skipped if index else [])[:5]:
-            run.log.warning(f"skipped missing image: {message}")
-        if index and len(index.skipped) > 5:
-            run.log.warning(f"... {len(index.skipped)} images of {index.source} are missing in all")
+        if index:
+            report_skipped(run.log.warning, "missing image", index.skipped, total=len(index.skipped))
     training = (f"WebDataset shards {cfg.data_dir}" if streamed else
                 f"{train_index.num_images} training images ({train_index.num_captions} captions)")
     run.log.info(f"data: {training}, {val_index.num_images} validation images "
@@ -280,8 +278,7 @@ def cached_data(cfg, run, train_index, augmentation, tokenizer):
     started, before = time.perf_counter(), len(train_index.skipped)
     train_index, cache, tokens = data_loader.cache_training_data(train_index, augmentation, tokenizer,
                                                                  cfg.num_workers, strict=cfg.strict_data)
-    for message in train_index.skipped[before:before + 5]:
-        run.log.warning(f"skipped unreadable image: {message}")
+    report_skipped(run.log.warning, "unreadable image", train_index.skipped[before:])
     run.log.info(f"cached {len(cache)} training images at {augmentation.side} px "
                  f"({cache.nbytes / 2**20:.0f} MiB) and {len(tokens)} tokenised captions "
                  f"({tokens.nbytes / 2**20:.0f} MiB) in {time.perf_counter() - started:.1f} s")
@@ -469,13 +466,11 @@ def next_micro_batches(job, state, batches):
 
 
 def report_unreadable(job, state, messages):
-    new = [m for m in messages if m not in state.unreadable]
+    new = list(dict.fromkeys(m for m in messages if m not in state.unreadable))
     if new and job.cfg.strict_data:
         raise DataError(f"{new[0]} (--strict_data stops at the first unreadable image)")
-    for message in new:
-        state.unreadable.append(message)
-        if len(state.unreadable) <= 5:
-            job.run.log.warning(f"skipped unreadable image: {message}")
+    report_skipped(job.run.log.warning, "unreadable image", new, named_before=len(state.unreadable))
+    state.unreadable.extend(new)
 
 
 class Window:
@@ -613,9 +608,9 @@ def record_validation(job, state, metrics):
     if job.run.writer:
         for name, value in evaluation.flatten_metrics(metrics).items():
             job.run.writer.add_scalar(name, value, state.step)
-    if len(state.history["val"]) == 1 and metrics["skipped_images"]["count"]:
-        job.run.log.warning(f"validation skips {metrics['skipped_images']['count']} unreadable "
-                            f"images: {'; '.join(metrics['skipped_images']['first'])}")
+    if len(state.history["val"]) == 1:
+        skipped = metrics["skipped_images"]
+        report_skipped(job.run.log.warning, "unreadable validation image", skipped["first"], skipped["count"])
     candidates = [("raw", metric_value(metrics, job.cfg.best_metric))]
     if "ema" in metrics:
         candidates.append(("ema", metric_value(metrics["ema"], job.cfg.best_metric)))
@@ -686,7 +681,7 @@ def write_results(job, state):
     results = {"config": vars(job.cfg), "history": state.history,
                "final": state.history["val"][-1] if state.history["val"] else None,
                "best": state.best, "checkpoint": str(job.run.checkpoint_dir / "best.pt"),
-               "unreadable_images": evaluation.skipped_summary(state.unreadable)}
+               "unreadable_images": skipped_summary(state.unreadable)}
     evaluation.write_json(job.run.results_dir / "training_results.json", results)
     return results
 

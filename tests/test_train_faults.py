@@ -244,7 +244,7 @@ def test_a_run_with_a_missing_training_image_and_a_corrupt_validation_image_fini
     assert "DecompressionBombError" in results["final"]["skipped_images"]["first"][0]
     assert results["final"]["num_images"] == 39
     log = (tmp_path / "logs/bad/train.log").read_text()
-    assert "skipped missing image" in log and "validation skips 1 unreadable images" in log
+    assert "skipped missing image: " in log and "skipped unreadable validation image: " in log
     with pytest.raises(DataError, match=f"entry 5: image '{entries[5]['image_path']}' not found"):
         train.main([*args, "--run_name", "strict", "--strict_data"])
 
