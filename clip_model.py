@@ -358,7 +358,9 @@ def read_weights(path):
     state = check_state_dict(stored["state_dict"] if nested else stored, path)
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     name = stored.get("model_name") if nested else None
-    return state, None if name is None else short_repr(name).strip("'")
+    if name is not None:              # shown in messages: a name of ours, or a short view of data
+        name = name[:100] if isinstance(name, str) else short_repr(name)
+    return state, name
 
 
 def state_dict_difference(state, expected, stored_name, model_name):
