@@ -40,6 +40,7 @@ from errors import (
     UserError,
     disk_full_message,
     is_disk_full,
+    short_repr,
 )
 
 PRESET_DIR = Path(__file__).resolve().parent / "model_configs"
@@ -64,6 +65,14 @@ TEMPERATURE_PARAMETERS = ("logit_scale", "logit_bias")
 
 # Version of the checkpoint layout written by save_checkpoint; load_checkpoint refuses newer ones.
 CHECKPOINT_FORMAT = 1
+# What a model config read from a file (a checkpoint, a model folder) may ask us to build. Such a
+# config is data from elsewhere: embed_dim 2^40 would have open_clip allocate 512 TB, a tower of
+# 10^9 layers would loop for hours before its first tensor. Real ones stay far below: widths and
+# lengths in the thousands, vocabularies up to 250,002 (XLM-R), tens of layers, and 5.0 billion
+# parameters for the largest open_clip model (EVA02-E-14-plus).
+MAX_CONFIG_NUMBER = 2 ** 20     # any number of the model or preprocessing config
+MAX_LAYERS = 1024               # the layers of one tower (summed over a ResNet's stages)
+MAX_PARAMETERS = 20 * 10 ** 9
 
 
 @dataclass
@@ -259,22 +268,18 @@ def _create_from_config(model_config, preprocess_cfg, options, source):
     open_clip builds such a model from a folder holding open_clip_config.json ("local-dir:").
     The folder is a private temporary one, removed at once, and the file name is fixed: the
     checkpoint's model name is data, never part of a path, so no checkpoint can make us write
-    anywhere else. Keys open_clip does not know are refused.
+    anywhere else. The config is checked first (check_model_config); keys open_clip does not
+    know are refused.
     """
-    if not isinstance(model_config, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(model_config):
-        raise CheckpointError(f"{source}: its model_config is not an open_clip model config "
-                              f"(needs embed_dim, vision_cfg and text_cfg)")
+    check_model_config(model_config, preprocess_cfg, source)
     with tempfile.TemporaryDirectory(prefix="clip_config_") as folder:
         with open(os.path.join(folder, "open_clip_config.json"), "w", encoding="utf-8") as f:
             json.dump({"model_cfg": model_config, "preprocess_cfg": preprocess_cfg or {}}, f)
-        try:
-            with _quiet_open_clip():
-                model = open_clip.create_model(f"local-dir:{folder}", output_dict=True, **options)
-                tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}",
-                                                    context_length=options.get("force_context_length"))
-        except (TypeError, ValueError, KeyError) as error:
-            raise CheckpointError(f"{source}: its model_config cannot be built by open_clip "
-                                  f"({type(error).__name__}: {error})") from None
+        name = f"local-dir:{folder}"
+        with _config_errors(source, "its model_config cannot be built by open_clip"):
+            model = _create_within_bounds(
+                lambda device: open_clip.create_model(name, output_dict=True, device=device, **options), source)
+            tokenizer = open_clip.get_tokenizer(name, context_length=options.get("force_context_length"))
     return model, tokenizer
 
 
@@ -327,12 +332,7 @@ def _readable_weights_errors(path, model_name, options):
             raise
         if _refused_by_weights_only(error):
             raise CheckpointError(_unsafe_file_message(path)) from None
-        try:
-            state, stored_name = read_weights(path)
-        except Exception as read_error:
-            reason = (str(read_error).splitlines() or [""])[0][:200]
-            raise CheckpointError(f"--pretrained {path} cannot be read ({type(read_error).__name__}: "
-                                  f"{reason}); the file is truncated or not a weights file") from None
+        state, stored_name = read_weights(path)      # CheckpointError if the file itself is bad
         with _quiet_open_clip():
             expected = open_clip.create_model(model_name, **options).state_dict()
         raise CheckpointError(f"--pretrained {path}: " + state_dict_difference(
@@ -341,16 +341,26 @@ def _readable_weights_errors(path, model_name, options):
 
 def read_weights(path):
     """(state_dict, model name or None) of a weights file: safetensors, a state_dict, or a
-    checkpoint holding one under "state_dict" (ours, with its model name)."""
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path), None
-    stored = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(stored, dict):
-        raise ValueError(f"holds a {type(stored).__name__}, not a dictionary of tensors")
-    state = stored.get("state_dict", stored)
+    checkpoint holding one under "state_dict" (ours, with its model name). CheckpointError naming
+    the file when it is unsafe, truncated, not a weights file, or holds anything but tensors."""
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+            stored = load_file(path)
+        else:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch and safetensors raise many types for a damaged file
+        if _refused_by_weights_only(error):
+            raise CheckpointError(_unsafe_file_message(path)) from None
+        raise CheckpointError(f"{path} cannot be read ({_first_line(error)}); the file is truncated "
+                              f"or not a weights file") from None
+    nested = isinstance(stored, dict) and "state_dict" in stored
+    state = check_state_dict(stored["state_dict"] if nested else stored, path)
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    return state, stored.get("model_name") if "state_dict" in stored else None
+    name = stored.get("model_name") if nested else None
+    if name is not None:              # shown in messages: a name of ours, or a short view of data
+        name = name[:100] if isinstance(name, str) else short_repr(name)
+    return state, name
 
 
 def state_dict_difference(state, expected, stored_name, model_name):
@@ -769,7 +779,9 @@ def _unsafe_file_message(path):
 
 
 def load_checkpoint(path):
-    """Read a checkpoint safely: weights_only=True can never run code hidden in the file."""
+    """Read a checkpoint safely: weights_only=True can never run code hidden in the file, and
+    what it holds is checked before anything is built from it (check_state_dict; the model
+    config when a model is built, check_model_config)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
@@ -778,18 +790,115 @@ def load_checkpoint(path):
     except Exception as error:  # torch raises several types for a damaged zip archive
         if _refused_by_weights_only(error):
             raise CheckpointError(_unsafe_file_message(path)) from None
-        reason = (str(error).splitlines() or [""])[0][:200]
         raise CheckpointError(
-            f"checkpoint {path} cannot be read ({type(error).__name__}: {reason}). The file is "
+            f"checkpoint {path} cannot be read ({_first_line(error)}). The file is "
             f"truncated or corrupt, e.g. copied while it was being written; use another "
             f"checkpoint of the run (last.pt / best.pt)") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"checkpoint {path} has no 'state_dict': not a model checkpoint")
-    if checkpoint.get("format", 1) > CHECKPOINT_FORMAT:
-        raise CheckpointError(f"checkpoint {path} has format {checkpoint['format']}, written by a "
+    version = checkpoint.get("format", 1)
+    if type(version) is not int or version < 1:
+        raise CheckpointError(f"checkpoint {path} has format {short_repr(version)}, not a format of ours "
+                              f"(a whole number from 1 to {CHECKPOINT_FORMAT}): not our checkpoint")
+    if version > CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {path} has format {version}, written by a "
                               f"newer version of this code (this one reads up to format "
                               f"{CHECKPOINT_FORMAT}); update the code")
+    check_state_dict(checkpoint["state_dict"], f"checkpoint {path}")
     return checkpoint
+
+
+# ----------------------------------------------------------------------------------------------
+# Checking what a file asks us to build: every checkpoint, weights file and model folder goes
+# through check_state_dict and check_model_config before a model is built or loaded from it.
+
+def _first_line(error):
+    return f"{type(error).__name__}: " + (str(error).splitlines() or [""])[0][:200]
+
+
+def check_state_dict(state, source):
+    """state, after checking that it is what load_state_dict takes: tensors named by strings."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{source}: its state_dict is a {type(state).__name__}, not a "
+                              f"dictionary of tensors; not a model's weights")
+    for name, value in state.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{source}: its state_dict holds a {type(value).__name__} under "
+                                  f"{short_repr(name)}, where only tensors named by strings belong; "
+                                  f"not a model's weights")
+    return state
+
+
+def check_finite_weights(model, source):
+    """Refuse a model with a NaN or infinite parameter (buffers may hold -inf on purpose, as
+    attention masks do). One such weight makes the outputs NaN, and what fails downstream says
+    nothing of the cause: a NaN teacher makes every distillation step non-finite, and training
+    stops as if its learning rate were too high."""
+    parameters = dict(unwrap(model).named_parameters())
+    bad = [name for name, parameter in parameters.items() if not bool(torch.isfinite(parameter).all())]
+    if bad:
+        raise CheckpointError(f"{source}: {len(bad)} of its {len(parameters)} weight tensors hold NaN or "
+                              f"infinite values (the first: '{bad[0]}'), so every output would be NaN; "
+                              f"use a checkpoint saved before its training diverged")
+
+
+def _numbers(value, where=""):
+    """(where, number) of every number in nested dicts and lists ('vision_cfg.width', 768)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _numbers(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _numbers(item, where)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield where, value
+
+
+def check_model_config(model_config, preprocess_cfg, source):
+    """Refuse a model config (with its preprocessing) that is not open_clip's, or whose numbers
+    are beyond any real model (MAX_CONFIG_NUMBER, MAX_LAYERS), before anything is built."""
+    if not isinstance(model_config, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(model_config) \
+            or not all(isinstance(model_config[tower], dict) for tower in ("vision_cfg", "text_cfg")) \
+            or not isinstance(preprocess_cfg, (dict, type(None))):
+        raise CheckpointError(f"{source}: its model_config is not an open_clip model config "
+                              f"(needs embed_dim, vision_cfg and text_cfg, and a preprocess_cfg dict)")
+    for where, number in _numbers({"model_config": model_config, "preprocess_cfg": preprocess_cfg or {}}):
+        if not abs(number) <= MAX_CONFIG_NUMBER:
+            raise CheckpointError(f"{source}: its {short_repr(where)} is {short_repr(number)}, beyond "
+                                  f"any real model (at most {MAX_CONFIG_NUMBER}); not building it")
+    for tower in ("vision_cfg", "text_cfg"):
+        layers = sum(number for _, number in _numbers(model_config[tower].get("layers")))
+        if layers > MAX_LAYERS:
+            raise CheckpointError(f"{source}: its {tower} has {layers} layers, beyond any real model "
+                                  f"(at most {MAX_LAYERS}); not building it")
+
+
+def _create_within_bounds(create, source):
+    """create(device), a model, once its size is known to be within MAX_PARAMETERS: it is built
+    first on PyTorch's meta device, which records shapes without allocating, so the count is
+    exact (open_clip's own code, whatever the architecture) and costs no memory."""
+    with torch.device("meta"), _quiet_open_clip():
+        count = count_parameters(create("meta"))
+    if count > MAX_PARAMETERS:
+        raise CheckpointError(f"{source}: its model_config describes {count:,} parameters, beyond any "
+                              f"real model (at most {MAX_PARAMETERS:,}); not building it")
+    with _quiet_open_clip():
+        return create("cpu")
+
+
+@contextlib.contextmanager
+def _config_errors(source, what):
+    """open_clip's errors while building a model from a file's config, as one CheckpointError
+    line. A config from elsewhere can make open_clip fail in any way (TypeError for an unknown
+    key, ImportError for a Hugging Face tower without transformers, ...): all are the file's."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as error:
+        if _refused_by_weights_only(error):
+            raise CheckpointError(_unsafe_file_message(source)) from None
+        raise CheckpointError(f"{source}: {what} ({_first_line(error)})") from None
 
 
 def load_weights(model, state_dict, source, model_name):
@@ -807,25 +916,25 @@ def model_from_folder(folder, device="cpu"):
     """Load an open_clip model folder: open_clip_config.json ({"model_cfg", "preprocess_cfg"})
     beside its weights (open_clip_model.safetensors, ...), as open_clip's save_for_hf writes
     them and Hugging Face hub repositories hold them, through open_clip's "local-dir:" schema.
-    Returns a ClipSetup. A folder without weights is refused (open_clip would use random ones)."""
+    Returns a ClipSetup. A folder without weights is refused (open_clip would use random ones);
+    its config is checked as a checkpoint's is (check_model_config, MAX_PARAMETERS)."""
     folder = Path(folder)
     config_file = folder / "open_clip_config.json"
     try:
-        model_config = json.loads(config_file.read_text(encoding="utf-8"))["model_cfg"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        model_config, preprocess_cfg = config["model_cfg"], config.get("preprocess_cfg")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise ModelError(f"{folder}: not an open_clip model folder ({config_file.name} with a "
                          f"'model_cfg' cannot be read: {type(error).__name__}: {error})") from None
     if not any(next(folder.glob(pattern), None) for pattern in ("*.safetensors", "*.bin", "*.pth")):
         raise ModelError(f"{folder}: holds {config_file.name} but no weights (.safetensors, .bin "
                          f"or .pth); copy the model's weights file into it")
-    try:
-        with _quiet_open_clip():
-            model = open_clip.create_model(f"local-dir:{folder}", output_dict=True)
-            tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
-    except (RuntimeError, ValueError, KeyError, OSError) as error:
-        reason = (str(error).splitlines() or [""])[0][:200]
-        raise CheckpointError(f"{folder}: open_clip cannot load this model folder "
-                              f"({type(error).__name__}: {reason})") from None
+    check_model_config(model_config, preprocess_cfg, config_file)
+    name = f"local-dir:{folder}"
+    with _config_errors(folder, "open_clip cannot load this model folder"):
+        model = _create_within_bounds(lambda device: open_clip.create_model(
+            name, output_dict=True, device=device, load_weights=device != "meta"), config_file)
+        tokenizer = open_clip.get_tokenizer(name)
     model.to(device)
     return ClipSetup(model=model, tokenizer=CaptionTokenizer(tokenizer),
                      preprocess_cfg=dict(model.visual.preprocess_cfg), model_name=folder.name,
@@ -839,8 +948,11 @@ def model_from_checkpoint(path, device="cpu"):
         raise CheckpointError(f"checkpoint {path} has weights but no model config; load it with "
                               f"--model_name NAME --pretrained {path} instead")
     loss = "siglip" if "logit_bias" in checkpoint["state_dict"] else "clip"
-    setup = build_model(str(checkpoint.get("model_name", "model")), device=device, loss=loss,
-                        model_config=checkpoint["model_config"],
-                        preprocess_cfg=checkpoint.get("preprocess_cfg"))
+    try:
+        setup = build_model(str(checkpoint.get("model_name", "model")), device=device, loss=loss,
+                            model_config=checkpoint["model_config"],
+                            preprocess_cfg=checkpoint.get("preprocess_cfg"))
+    except CheckpointError as error:   # it names the model; the file is what the user can find
+        raise CheckpointError(f"checkpoint {path}: {error}") from None
     load_weights(setup.model, checkpoint["state_dict"], path, setup.model_name)
     return setup, checkpoint

@@ -39,7 +39,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from augmentation import AugmentationDraw, TeacherView, TrainAugmentation, sample_uniforms
-from errors import DataError
+from errors import DataError, short_repr
 from sample_data import create_sample_dataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -434,20 +434,29 @@ class _PlainDataUnpickler(pickle.Unpickler):
     dicts, None, booleans), and nothing is called."""
 
     def find_class(self, module, name):
-        raise pickle.UnpicklingError(f"it names {module}.{name}; only plain data is accepted (tuples, "
+        raise pickle.UnpicklingError(f"it names {module[:100]}.{name[:100]}; only plain data is accepted (tuples, "
                                      f"numbers, strings)")
 
 
 def _read_pair(data: bytes, where: str) -> tuple[str, str]:
-    """(image id, text) of one pickled (image_id, text_id, text) record of a pairs database."""
+    """(image id, text) of one pickled (image_id, text_id, text) record of a pairs database: a
+    tuple, as build_lmdb_dataset.py pickles it, of two ids (ints of at most 64 bits, or strings)
+    and a string. Nothing else is accepted, and what was found is shown through short_repr: a
+    286-byte record of lists nested 40 deep, each holding the next twice, has a repr of 2^40
+    items."""
     try:
         record = _PlainDataUnpickler(io.BytesIO(data)).load()
     except Exception as e:  # corrupt pickles raise many types (UnpicklingError, EOFError, KeyError, ...)
-        raise DataError(f"{where}: refused to unpickle the record: {e}") from e
-    if not (isinstance(record, tuple) and len(record) == 3 and isinstance(record[0], (int, str))
-            and isinstance(record[1], (int, str)) and isinstance(record[2], str)):
-        raise DataError(f"{where}: expected a pickled (image_id, text_id, text), found {record!r:.80}")
+        raise DataError(f"{where}: refused to unpickle the record: {str(e)[:200]}") from e
+    if not (type(record) is tuple and len(record) == 3 and _is_id(record[0]) and _is_id(record[1])
+            and type(record[2]) is str):
+        raise DataError(f"{where}: expected a pickled (image_id, text_id, text), found {short_repr(record)}")
     return str(record[0]), record[2]
+
+
+def _is_id(value) -> bool:
+    # type(...) is: True is an int too. 64 bits: str() of an int of over 4300 digits raises.
+    return type(value) is str or type(value) is int and -2 ** 63 <= value < 2 ** 63
 
 
 def _is_lmdb_folder(folder: str) -> bool:

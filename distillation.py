@@ -127,18 +127,22 @@ def teacher_kind(distill_from):
 
 
 def load_teacher(cfg, device):
-    """The model --distill_from names (teacher_kind), with --distill_pretrained TAG|FILE for a name."""
+    """The model --distill_from names (teacher_kind), with --distill_pretrained TAG|FILE for a name;
+    its weights checked to be finite (clip_model.check_finite_weights)."""
     import clip_model
     from errors import UserError
     kind = teacher_kind(cfg.distill_from)
     try:
         if kind == "folder":
-            return clip_model.model_from_folder(cfg.distill_from, device)
-        if kind == "checkpoint":
-            return clip_model.model_from_checkpoint(cfg.distill_from, device)[0]
-        return clip_model.build_model(cfg.distill_from, cfg.distill_pretrained, device=device)
+            teacher = clip_model.model_from_folder(cfg.distill_from, device)
+        elif kind == "checkpoint":
+            teacher = clip_model.model_from_checkpoint(cfg.distill_from, device)[0]
+        else:
+            teacher = clip_model.build_model(cfg.distill_from, cfg.distill_pretrained, device=device)
     except UserError as error:
         raise type(error)(f"teacher (distill_from {cfg.distill_from}): {error}") from None
+    clip_model.check_finite_weights(teacher.model, f"teacher (distill_from {cfg.distill_from})")
+    return teacher
 
 
 def cache_teacher_features(cfg, run, distill, dataset):

@@ -7,6 +7,7 @@ keeps its traceback.
 """
 import errno
 import os
+import reprlib
 import sys
 
 
@@ -65,6 +66,24 @@ def report_skipped(say, what, messages, total=None, named_before=0):
         say(f"skipped {what}: {message}")
     if total is not None and total > min(SHOWN_SKIPPED, named_before + len(messages)):
         say(f"... {total} {what}s skipped in all")
+
+
+# A message shows data read from a file through this: at most 3 levels deep and 4 items a level. The
+# whole repr of untrusted data can be huge: a 286-byte pickle of lists nested 40 deep, each holding
+# the next one twice, is a repr of 2^40 items, which exhausts memory before it could be cut.
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel = 3
+_SHORT_REPR.maxlist = _SHORT_REPR.maxtuple = _SHORT_REPR.maxdict = _SHORT_REPR.maxset = 4
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = _SHORT_REPR.maxlong = 60
+
+
+def short_repr(value, limit=80):
+    """The repr of a value read from a file, for a message: bounded before it is built."""
+    try:
+        text = _SHORT_REPR.repr(value)
+    except ValueError:   # an int of more than 4300 digits, which Python refuses to write out
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def is_disk_full(error):

@@ -16,7 +16,9 @@ sum (rsum) and their mean (mean_recall, the "MR" of Chinese-CLIP).
 
 Ties are broken by index, lower first, so every run gives the same ranks:
     rank = 1 + #(score > s) + #(score == s and index < correct index)
-They do occur: duplicate captions ("a dog.") have identical vectors.
+They do occur: duplicate captions ("a dog.") have identical vectors. Features must be finite
+(require_finite): no comparison with NaN is true, so a NaN score has nothing ahead of it, and
+all-NaN features would score a perfect rsum of 600.
 
 Scale. The N x M score matrix is never built (100k images x 500k captions would be 200 GB in
 float32). A rank needs only a count of the items that score ahead of the correct one, so scores
@@ -34,6 +36,8 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+
+from errors import DataError, MissingInputError
 
 RECALL_AT = (1, 5, 10)
 EMBEDDING_FILES = ("image_features.npy", "text_features.npy", "caption_image.npy", "meta.json")
@@ -67,10 +71,27 @@ OPEN_CLIP_CLASSNAMES = {"imagenet": "IMAGENET_CLASSNAMES"}
 GRID = 2.0 ** 24
 
 
-def _unit_rows(features):
-    """Rows normalised and rounded to the exact grid, float64 [n, D] (a new tensor)."""
+def require_finite(features, what):
+    """features as a tensor, after checking that every value is finite; DataError naming `what`
+    and the first row that is not. Wherever features are scored or compared, NaN would pass
+    unseen: every comparison with it is false, so it ranks ahead of nothing (perfect recall) and
+    passes a check such as `cosine < minimum` (export.py)."""
     import torch
     x = torch.as_tensor(features)
+    finite = torch.isfinite(x).flatten(1).all(dim=1) if x.ndim > 1 else torch.isfinite(x).reshape(-1)
+    if not bool(finite.all()):
+        rows = torch.nonzero(~finite)[:, 0]
+        raise DataError(f"{what}: {len(rows)} of {len(finite)} rows hold NaN or infinite values (the "
+                        f"first: row {int(rows[0])}), which no ranking or comparison can use; a model "
+                        f"whose weights hold NaN or inf gives them: use a checkpoint from before its "
+                        f"training diverged")
+    return x
+
+
+def _unit_rows(features, what):
+    """Rows normalised and rounded to the exact grid, float64 [n, D] (a new tensor)."""
+    import torch
+    x = require_finite(features, what)
     if x.device.type == "mps":  # MPS has no float64
         x = x.cpu()
     x = x.to(torch.float64, copy=True)
@@ -86,14 +107,14 @@ def _caption_owner(image_features, text_features, caption_image):
     n, m = image_shape[0], text_shape[0]
     if len(image_shape) != 2 or len(text_shape) != 2 or image_shape[1] != text_shape[1] \
             or n == 0 or m == 0 or owner.shape != (m,):
-        raise ValueError(f"image features {image_shape}, text features {text_shape} and caption_image "
+        raise DataError(f"image features {image_shape}, text features {text_shape} and caption_image "
                          f"{tuple(owner.shape)}: expected [N, D], [M, D] and [M] with N, M > 0")
     if owner.min() < 0 or owner.max() >= n:
         bad = int(owner[(owner < 0) | (owner >= n)][0])
-        raise ValueError(f"caption_image holds image {bad}, but images are numbered 0..{n - 1}")
+        raise DataError(f"caption_image holds image {bad}, but images are numbered 0..{n - 1}")
     counts = torch.bincount(owner, minlength=n)
     if (counts == 0).any():
-        raise ValueError(f"image {int(torch.nonzero(counts == 0)[0])} has no caption; image->text "
+        raise DataError(f"image {int(torch.nonzero(counts == 0)[0])} has no caption; image->text "
                          f"retrieval needs one or more per image (evaluate index.subset(...) of "
                          f"the captioned images)")
     return owner
@@ -131,7 +152,7 @@ def retrieval_metrics(image_features, text_features, caption_image, chunk_size=1
     """
     import torch
     owner = _caption_owner(image_features, text_features, caption_image)
-    images, texts = _unit_rows(image_features), _unit_rows(text_features)
+    images, texts = _unit_rows(image_features, "image features"), _unit_rows(text_features, "text features")
     owner = owner.to(images.device)
     num_images, num_texts = len(images), len(texts)
     image_ids = torch.arange(num_images, device=images.device)
@@ -178,7 +199,7 @@ def similarity_stats(image_features, text_features, caption_image, chunk_size=10
     negative_mean is nan when there is a single image (no non-matching pair exists).
     """
     owner = _caption_owner(image_features, text_features, caption_image)
-    images, texts = _unit_rows(image_features), _unit_rows(text_features)
+    images, texts = _unit_rows(image_features, "image features"), _unit_rows(text_features, "text features")
     positive_sum = float(_positive_scores(images, texts, owner.to(images.device), chunk_size).sum())
     # The sum over all N*M pairs needs no N x M matrix: the dot product is bilinear, so
     #     sum_i sum_j x_i . y_j = (sum_i x_i) . (sum_j y_j),
@@ -266,7 +287,7 @@ def zeroshot_metrics(image_features, labels, classifier, classnames, chunk_size=
     in retrieval) decides the top-k hits.
     """
     import torch
-    images, weights = _unit_rows(image_features), _unit_rows(classifier)
+    images, weights = _unit_rows(image_features, "image features"), _unit_rows(classifier, "class vectors")
     labels = torch.as_tensor(labels, dtype=torch.long, device=images.device)
     num_classes = len(weights)
     if len(classnames) != num_classes or labels.shape != (len(images),) or len(images) == 0:
@@ -500,22 +521,59 @@ def save_embeddings(directory, image_features, text_features, caption_image, met
 
 
 def load_embeddings(directory) -> dict:
-    """The files of save_embeddings as a dict: image_features, text_features, caption_image, meta."""
+    """The files of save_embeddings as a dict: image_features, text_features, caption_image, meta.
+    What save_embeddings did not write is refused with a DataError naming the file: arrays of
+    other types or shapes, features that are not finite (require_finite), captions of images
+    that are not there, a meta.json that is not a JSON object."""
     directory = Path(directory)
     missing = [name for name in EMBEDDING_FILES if not (directory / name).is_file()]
     if missing:
-        from errors import MissingInputError
         raise MissingInputError(f"--embeddings {directory}: {', '.join(missing)} missing (write "
                                 f"them with: python evaluation.py ... --save_embeddings {directory})")
-    saved = {name[:-4]: np.load(directory / name) for name in EMBEDDING_FILES[:3]}
-    saved["meta"] = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+    saved = {name[:-4]: _load_numbers(directory / name, kinds)
+             for name, kinds in zip(EMBEDDING_FILES[:3], ("fiu", "fiu", "iu"))}
     images, texts, owner = saved["image_features"], saved["text_features"], saved["caption_image"]
     if images.ndim != 2 or texts.ndim != 2 or owner.shape != (len(texts),):
-        from errors import DataError
         raise DataError(f"{directory}: image_features {images.shape}, text_features {texts.shape} "
-                         f"and caption_image {owner.shape} should be [N, D], [M, D] and [M]; "
-                         f"save the embeddings again")
+                        f"and caption_image {owner.shape} should be [N, D], [M, D] and [M]; "
+                        f"save the embeddings again")
+    for name in ("image_features", "text_features"):
+        require_finite(saved[name], directory / f"{name}.npy")
+    outside = np.flatnonzero((owner < 0) | (owner >= len(images)))
+    if len(outside):
+        raise DataError(f"{directory / 'caption_image.npy'}: caption {outside[0]} belongs to image "
+                        f"{owner[outside[0]]}, but image_features.npy holds images 0..{len(images) - 1} "
+                        f"({len(outside)} captions point outside); save the embeddings again")
+    saved["meta"] = _load_meta(directory / "meta.json")
     return saved
+
+
+def _load_numbers(path, kinds):
+    """A .npy array of numbers of the given dtype kinds ('f' float, 'i' signed, 'u' unsigned).
+    It is never unpickled (an object array is a pickle, refused), and it is mapped before it is
+    copied, so that a header promising more than the file holds is refused, not allocated."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        reason = (str(error).splitlines() or [""])[0][:120]
+        raise DataError(f"{path}: not an array of numbers as --save_embeddings writes it ({reason}); "
+                        f"save the embeddings again") from None
+    if array.dtype.kind not in kinds:
+        wanted = "integers" if kinds == "iu" else "numbers"
+        raise DataError(f"{path}: holds {array.dtype} values, not {wanted}; save the embeddings again")
+    return np.array(array)
+
+
+def _load_meta(path) -> dict:
+    """meta.json: a JSON object; its "skipped" (unreadable images) a list of messages."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not JSON ({error}); save the embeddings again") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("skipped", []), list):
+        raise DataError(f"{path}: expected a JSON object with image_names, captions, data and "
+                        f"skipped (a list), as --save_embeddings writes it; save the embeddings again")
+    return meta
 
 
 # ----------------------------------------------------------------------------- command line

@@ -25,7 +25,9 @@ export would: the folder through open_clip alone, the ONNX files through onnxrun
 preprocessing and tokenizer that its own config file describes. The features must match the
 PyTorch model's row by row (MIN_COSINE, MAX_NORM_ERROR) and find the same best match for every
 query, so the same retrieval R@1, up to near ties (TIE_MARGIN). A part
-that fails is deleted, export_report.json says why, and the command exits non-zero.
+that fails is deleted, export_report.json says why, and the command exits non-zero. A model whose
+features are not finite is refused before --output is touched, and --output must be new, empty
+or an earlier export's (prepare_output): an export never deletes a file it did not write.
 """
 import argparse
 import contextlib
@@ -80,6 +82,8 @@ INT8_FILES = {"image": "image_encoder.int8.onnx", "text": "text_encoder.int8.onn
 ONNX_CONFIG, REPORT_FILE = "onnx_config.json", "export_report.json"
 EXPORT_FILES = [CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, *ONNX_FILES.values(), *INT8_FILES.values(),
                 ONNX_CONFIG, REPORT_FILE]
+# Written first into every export folder: the files above may be replaced only where it is.
+MARKER_FILE = ".export_folder"
 
 
 class ExportError(UserError, RuntimeError):
@@ -94,10 +98,14 @@ class Features:
     recall: dict             # "image_to_text/R@1" -> percent, ...
 
 
-def encode(setup, index) -> Features:
+def encode(setup, index, label) -> Features:
     """Features of every image and caption of a CaptionIndex through a setup's own preprocessing,
-    tokenizer and towers, and the retrieval recalls they give."""
+    tokenizer and towers, and the retrieval recalls they give. Features that are not finite are
+    refused (evaluation.require_finite, naming `label`): no comparison with NaN is true, so a NaN
+    model would pass every check of this module."""
     images, texts, index = evaluation.encode_index(setup, index, batch_size=CHECK_BATCH, strict=True)
+    for features, tower in ((images, "image"), (texts, "text")):
+        evaluation.require_finite(features, f"{label}: {tower} features of the check data")
     metrics = evaluation.retrieval_metrics(images, texts, index.caption_image)
     recall = {f"{direction}/R@{k}": metrics[direction][f"R@{k}"] for k in evaluation.RECALL_AT
               for direction in ("image_to_text", "text_to_image")}
@@ -379,10 +387,11 @@ def compare(reference: Features, candidate: Features, files) -> dict:
     failures = []
     for tower in ("image", "text"):
         figures = result[tower]
-        if figures["min_cosine"] < MIN_COSINE:
+        # written as "not within": a NaN figure (features not finite) fails, as it must
+        if not figures["min_cosine"] >= MIN_COSINE:
             failures.append(f"{tower} features: 1 - cosine up to {1 - figures['min_cosine']:.2g} "
                             f"(tolerance {1 - MIN_COSINE:.0e})")
-        if figures["max_norm_error"] > MAX_NORM_ERROR:
+        if not figures["max_norm_error"] <= MAX_NORM_ERROR:
             failures.append(f"{tower} features are not unit vectors (norm off by up to "
                             f"{figures['max_norm_error']:.3g})")
     result["top1"] = top1_changes(reference, candidate)
@@ -422,10 +431,10 @@ def check_part(name, report, files, load, reference, index) -> dict:
     """Load a part as its user would (`load()`), compare its features with PyTorch's; a part that
     fails, or cannot even be loaded, has its files deleted. Returns its entry of the report."""
     try:
-        result = compare(reference, encode(load(), index), files)
+        result = compare(reference, encode(load(), index, name), files)
     except Exception as error:   # whatever stops the part from loading is the check failing
         result = {"files": {path.name: path.stat().st_size for path in files},
-                  "failures": [f"cannot be loaded: {type(error).__name__}: {error}"]}
+                  "failures": [f"cannot be loaded and encoded: {type(error).__name__}: {error}"]}
     result["passed"] = not result["failures"]
     if not result["passed"]:
         for path in files:
@@ -443,8 +452,8 @@ def build_parser():
                     "checked against the PyTorch model on real images and captions.")
     add = parser.add_argument
     add("--checkpoint", required=True, help="checkpoint written by train.py, e.g. model-checkpoint/<run>/best.pt")
-    add("--output", required=True, metavar="DIR", help="folder to write into; the files of an earlier "
-                                                       "export there are replaced")
+    add("--output", required=True, metavar="DIR", help="folder to write into: a new or empty one, or "
+                                                       "that of an earlier export, whose files are replaced")
     add("--onnx", action="store_true", help="also write image_encoder.onnx, text_encoder.onnx and onnx_config.json")
     add("--quantize", choices=("int8",), help="with --onnx: also write dynamically quantised int8 "
                                               "encoders and measure their recall change")
@@ -470,11 +479,23 @@ def check_data(path, limit, workdir):
 
 
 def prepare_output(folder) -> Path:
+    """--output, made ready: a folder that is new or empty, or that an earlier export wrote (it
+    holds MARKER_FILE), whose export files are then removed (they would mix with this export's).
+    Any other folder is refused: a README.md or export_report.json there is the user's own, and an
+    export deletes no file it did not write."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ExportError(f"--output {folder} is a file; give a folder")
+    if folder.is_dir() and not (folder / MARKER_FILE).is_file():
+        found = sorted(path.name for path in folder.iterdir())
+        if found:
+            raise ExportError(f"--output {folder} holds files that export.py did not write "
+                              f"({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}) and would "
+                              f"replace some of them: give a new or empty folder")
     folder.mkdir(parents=True, exist_ok=True)
-    for name in EXPORT_FILES:     # an earlier export's files would otherwise mix with this one's
+    (folder / MARKER_FILE).write_text("This folder was written by export.py; a later export into it "
+                                      "replaces the files of the export.\n")
+    for name in EXPORT_FILES:
         (folder / name).unlink(missing_ok=True)
     return folder
 
@@ -483,9 +504,9 @@ def run(args, workdir) -> dict:
     """The export, part by part, each checked before the next; returns the report."""
     setup, checkpoint = clip_model.model_from_checkpoint(args.checkpoint)
     index, data = check_data(args.check_data, args.check_images, workdir)
-    folder = prepare_output(args.output)
     print(f"checking on {index.num_images} images and {index.num_captions} captions of {data}")
-    reference = encode(setup, index)
+    reference = encode(setup, index, f"checkpoint {args.checkpoint}")   # before --output is touched
+    folder = prepare_output(args.output)
     report = {"checkpoint": str(args.checkpoint), "model": setup.model_name, "check_data": data,
               "images": index.num_images, "captions": index.num_captions,
               "tolerance": {"min_cosine": MIN_COSINE, "max_norm_error": MAX_NORM_ERROR,
@@ -505,7 +526,7 @@ def run(args, workdir) -> dict:
         onnx_check["opset"] = args.opset
         if args.quantize and onnx_check["passed"]:
             quantized = quantize_int8(folder, files)
-            int8 = compare(reference, encode(load_onnx(folder, quantized), index), quantized.values())
+            int8 = compare(reference, encode(load_onnx(folder, quantized), index, "int8"), quantized.values())
             int8["note"] = "measured, not checked: quantisation changes features on purpose"
             report["int8"] = int8
     return report
@@ -555,7 +576,8 @@ def main(argv=None) -> dict:
         if report.get(key, {}).get("passed") is False:
             raise ExportError(f"{label} failed the check against the PyTorch model: "
                               f"{'; '.join(report[key]['failures'])}. Their files were deleted; figures in {path}")
-    print(f"written to {args.output}: " + ", ".join(sorted(p.name for p in Path(args.output).iterdir())))
+    print(f"written to {args.output}: " + ", ".join(sorted(p.name for p in Path(args.output).iterdir()
+                                                            if p.name != MARKER_FILE)))
     return report
 
 

@@ -29,6 +29,7 @@ import itertools
 import json
 import os
 import sys
+import tarfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -346,11 +347,10 @@ class WebDatasetTrain(IterableDataset):
     def _read(self, shard_numbers, patience: int):
         """The samples of the given shards in turn. DataError if `patience` shards in a row hold
         none: an endless stream of empty shards would otherwise hang the run without a word."""
-        import webdataset as wds
         empty = 0
         for k in shard_numbers:
             found = False
-            for sample in wds.tarfile_samples([{"url": self.urls[k]}]):
+            for sample in shard_samples(self.urls[k]):
                 found = True
                 yield {**sample, "__source__": int(self.shard_source[k])}
             empty = 0 if found else empty + 1
@@ -374,6 +374,38 @@ class WebDatasetTrain(IterableDataset):
         (choice,), (draw,) = data_loader.draw_samples(self, epoch, np.array([i]), np.array([-1]),
                                                       np.array([len(captions)]), [pixels.shape[:2]])
         return data_loader.train_sample(self, i, int(choice), pixels, draw, captions[choice])
+
+
+def shard_samples(url: str):
+    """The samples of one tar shard, as webdataset groups its files; DataError naming the shard
+    when it is truncated (a copy or download that stopped), instead of losing the samples after
+    the cut without a word.
+
+    A tar file is a header block and the data blocks of each member in turn, then two blocks of
+    zeros. The tar reader raises when a file ends inside a member's data, but takes a file that
+    ends inside or just before a header for one that ends there. Those are caught by the end:
+    the file is a whole number of blocks and ends with the two blocks of zeros (a cut just
+    between two members, after a member ending in 1 KiB of zeros, would pass: no image, caption
+    or JSON ends so). One seek per shard, not a walk over every header of the shard."""
+    import webdataset as wds
+    try:
+        yield from wds.tarfile_samples([{"url": url}])
+        truncated = not _ends_like_a_tar(url)
+    except tarfile.ReadError:
+        truncated = True
+    if truncated:
+        raise DataError(f"{url}: the shard is truncated (it ends before its end-of-archive blocks), so "
+                        f"the samples after the cut are lost; copy or download it again, or convert "
+                        f"the set again")
+
+
+def _ends_like_a_tar(path: str) -> bool:
+    size = os.path.getsize(path)
+    if size < 2 * tarfile.BLOCKSIZE or size % tarfile.BLOCKSIZE:
+        return False
+    with open(path, "rb") as f:
+        f.seek(size - 2 * tarfile.BLOCKSIZE)
+        return f.read(2 * tarfile.BLOCKSIZE) == bytes(2 * tarfile.BLOCKSIZE)
 
 
 def _captions(sample: dict) -> tuple[list[str], str]:

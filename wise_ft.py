@@ -76,18 +76,24 @@ def interpolate(start, end, alpha):
             else (end[k] if alpha >= 0.5 else start[k]) for k in end}
 
 
-def evaluate_mix(setup, args, device):
-    """Retrieval on --data and zero-shot on --zeroshot of the model as it is now."""
+def evaluate_mix(setup, args, device, alpha):
+    """Retrieval on --data and zero-shot on --zeroshot of the model as it is now, the mix of alpha.
+    Features that are not finite (a NaN in either input's weights) are refused by evaluation, in
+    one line that names the mix."""
     import evaluation
+    from errors import DataError
     options = dict(batch_size=args.batch_size, num_workers=args.num_workers, device=device)
     result = {}
-    if args.data:
-        from data_loader import load_caption_index
-        metrics = evaluation.evaluate_model(setup, load_caption_index(args.data), **options)
-        result["retrieval"] = metrics["retrieval"]
-    if args.zeroshot:
-        zeroshot = evaluation.evaluate_zeroshot(setup, args.zeroshot, **options)
-        result["zeroshot"] = {k: zeroshot[k] for k in ("top1", "top5", "mean_per_class_recall")}
+    try:
+        if args.data:
+            from data_loader import load_caption_index
+            metrics = evaluation.evaluate_model(setup, load_caption_index(args.data), **options)
+            result["retrieval"] = metrics["retrieval"]
+        if args.zeroshot:
+            zeroshot = evaluation.evaluate_zeroshot(setup, args.zeroshot, **options)
+            result["zeroshot"] = {k: zeroshot[k] for k in ("top1", "top5", "mean_per_class_recall")}
+    except DataError as error:
+        raise DataError(f"the mix of alpha {alpha} of {args.pretrained} and {args.finetuned}: {error}") from None
     return result
 
 
@@ -115,7 +121,7 @@ def main(argv=None):
     if args.data or args.zeroshot:
         for alpha in alphas:
             setup.model.load_state_dict(interpolate(start, end, alpha))
-            results.append({"alpha": alpha, **evaluate_mix(setup, args, device)})
+            results.append({"alpha": alpha, **evaluate_mix(setup, args, device, alpha)})
             print(format_table(results).splitlines()[-1], flush=True)
         print(format_table(results))
     if args.output:

@@ -1,6 +1,7 @@
 """clip_model.py: models, the contrastive losses, fine-tuning controls and checkpoints."""
 import json
 import math
+import sys
 import tempfile
 
 import numpy as np
@@ -403,6 +404,91 @@ def test_a_checkpoint_config_with_keys_open_clip_does_not_know_is_refused(tmp_pa
         with pytest.raises(cm.CheckpointError, match="model_config cannot be built by open_clip"):
             cm.model_from_checkpoint(tmp_path / "c.pt")
         assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def hostile_checkpoint(path, setup, **changes):
+    """One of our checkpoints with some of its entries replaced, as a file from elsewhere may be."""
+    cm.save_checkpoint(path, setup)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint.update(changes)
+    torch.save(checkpoint, path)
+    return path
+
+
+def text_cfg(tiny, **changes):
+    return {**tiny.model_config, "text_cfg": {**tiny.model_config["text_cfg"], **changes}}
+
+
+HOSTILE_CHECKPOINTS = {
+    "non-tensor value": (lambda tiny: {"state_dict": {**tiny.model.state_dict(), "visual.proj": "x"}},
+                         r"its state_dict holds a str under 'visual.proj', where only tensors"),
+    "state_dict a list": (lambda tiny: {"state_dict": [1, 2]}, r"its state_dict is a list, not a dictionary"),
+    "unknown format": (lambda tiny: {"format": "2"}, r"has format '2', not a format of ours"),
+    "embed_dim 2^40": (lambda tiny: {"model_config": {**tiny.model_config, "embed_dim": 2 ** 40}},
+                       r"tiny-vit-64: its 'model_config.embed_dim' is 1099511627776, beyond any real model"),
+    "2000 layers": (lambda tiny: {"model_config": text_cfg(tiny, layers=2000)},
+                    r"its text_cfg has 2000 layers, beyond any real model \(at most 1024\)"),
+    # each number within bounds, the whole 3 x 10^14 parameters: counted on the meta device
+    "3e14 parameters": (lambda tiny: {"model_config": text_cfg(tiny, width=2 ** 19, layers=100, heads=8)},
+                        r"its model_config describes 329,880,[0-9,]+ parameters, beyond any real model"),
+    "hf_tokenizer_name without transformers": (
+        lambda tiny: {"model_config": text_cfg(tiny, hf_tokenizer_name="bert-base-uncased")},
+        r"its model_config cannot be built by open_clip \(ModuleNotFoundError: .*transformers"),
+    "preprocess_cfg a list": (lambda tiny: {"preprocess_cfg": [224]}, r"and a preprocess_cfg dict"),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE_CHECKPOINTS)
+def test_a_hostile_checkpoint_is_refused_in_one_line_naming_the_file_before_anything_is_built(
+        tmp_path, tiny, name, monkeypatch):
+    changes, message = HOSTILE_CHECKPOINTS[name]
+    if "transformers" in name:
+        monkeypatch.setitem(sys.modules, "transformers", None)   # absent, even where it is installed
+    path = hostile_checkpoint(tmp_path / "c.pt", tiny, **changes(tiny))
+    built = []
+    monkeypatch.setattr(open_clip.model.CLIP, "__init__", _recording(open_clip.model.CLIP.__init__, built))
+    with pytest.raises(cm.CheckpointError, match=message) as refused:
+        cm.model_from_checkpoint(path)
+    assert str(refused.value).startswith(f"checkpoint {path}") and "\n" not in str(refused.value)
+    if "transformers" not in name:        # refused before open_clip built anything but on the meta device
+        assert all(device == "meta" for device in built), built
+
+
+def _recording(init, built):
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        built.append(next(self.parameters()).device.type)
+    return recording_init
+
+
+def test_the_size_bound_counts_the_parameters_exactly_on_the_meta_device(tiny, tmp_path, monkeypatch):
+    cm.save_checkpoint(tmp_path / "c.pt", tiny)
+    counted, count = [], cm.count_parameters
+
+    def recording_count(model, trainable_only=False):
+        counted.append((next(model.parameters()).device.type, count(model)))
+        return counted[-1][1]
+    monkeypatch.setattr(cm, "count_parameters", recording_count)
+    cm.model_from_checkpoint(tmp_path / "c.pt")
+    assert counted == [("meta", count(tiny.model))] and count(tiny.model) == 7_981_057
+
+
+def test_weights_files_that_are_not_weights_are_refused_in_one_line(tmp_path, tiny):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    torch.save({"x": Evil()}, tmp_path / "pickle.pt")
+    cm.save_checkpoint(tmp_path / "whole.pt", tiny)
+    data = (tmp_path / "whole.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[:len(data) // 2])
+    torch.save([torch.zeros(1)], tmp_path / "list.pt")
+    torch.save({"a": 1}, tmp_path / "number.pt")
+    for name, message in [("pickle.pt", "NOT loaded"), ("truncated.pt", "cannot be read.*truncated"),
+                          ("list.pt", "its state_dict is a list"), ("number.pt", "holds a int under 'a'"),
+                          ("/etc/passwd", "passwd cannot be read.*not a weights file")]:
+        with pytest.raises(cm.CheckpointError, match=message) as refused:
+            cm.read_weights(tmp_path / name)
+        assert "\n" not in str(refused.value)
 
 
 # ---- tokenising ---------------------------------------------------------------------------------

@@ -8,6 +8,9 @@ import os
 import pickle
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -20,6 +23,8 @@ import augmentation
 import data_loader as dl
 import sample_data
 import train
+
+ROOT = Path(__file__).resolve().parent.parent
 
 PREPROCESS = dataclasses.asdict(PreprocessCfg(size=32))  # the shape of model.visual.preprocess_cfg
 
@@ -571,3 +576,52 @@ def test_a_given_order_replaces_the_samplers_draw_and_resumes_in_it():
     sampler = dl.EpochSampler(8, seed=0, rank=1, world_size=2)
     sampler.set_epoch(0, start=2, order=order)
     assert list(sampler) == [0, 4, 6]                          # order[2:] = 1 0 2 4 7 6, rank 1 of 2
+
+
+def nested_lists(depth):
+    """Lists nested `depth` deep, each holding the next one twice: a pickle of ~7 bytes a level
+    (the memo refers to the list again), a repr of 2^depth items."""
+    record = []
+    for _ in range(depth):
+        record = [record, record]
+    return record
+
+
+# Reads the LMDB folder with the process's address space bounded to 1 GiB above what it holds
+# once imports are done: a whole repr of the record would need terabytes and fail at once with
+# MemoryError (a traceback, exit status 1) instead of swapping the machine.
+BOUNDED_READ = """
+import resource, sys
+import data_loader
+from errors import DataError
+pages = int(open("/proc/self/statm").read().split()[0])
+limit = pages * resource.getpagesize() + 2 ** 30
+resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+try:
+    data_loader.load_caption_index(sys.argv[1])
+except DataError as error:
+    print(error)
+"""
+
+
+def test_an_lmdb_record_whose_repr_would_exhaust_memory_is_refused_in_one_short_line(sample, tmp_path):
+    payload = pickle.dumps(nested_lists(40), protocol=2)
+    assert len(payload) == 286
+    folder = write_chinese_clip_lmdb(dl.load_caption_index(sample["index"]), tmp_path,
+                                     pairs=[pickle.dumps((1000, 0, "a good record")), payload])
+    done = subprocess.run([sys.executable, "-c", BOUNDED_READ, str(folder)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    message = done.stdout.strip()
+    assert re.fullmatch(r".*pairs, key 1: expected a pickled \(image_id, text_id, text\), found \[\[\[.*", message)
+    assert len(message) < len(str(folder)) + 150
+
+
+@pytest.mark.parametrize("record", [[1000, 0, "a list"], (True, 0, "a boolean id"), (10 ** 5000, 0, "4300 digits"),
+                                    (1000, 0, b"bytes"), (1000, 0, "text", "a fourth item")],
+                         ids=["list", "bool", "huge int", "bytes", "four items"])
+def test_only_the_exact_shape_of_chinese_clips_records_is_accepted(sample, tmp_path, record):
+    folder = write_chinese_clip_lmdb(dl.load_caption_index(sample["index"]), tmp_path,
+                                     pairs=[pickle.dumps(record)])
+    with pytest.raises(dl.DataError, match=r"pairs, key 0: expected a pickled \(image_id, text_id, text\)"):
+        dl.load_caption_index(folder)

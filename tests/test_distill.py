@@ -27,7 +27,7 @@ import sample_data
 import settings
 import train
 import train_step
-from errors import ModelError, SettingsError
+from errors import CheckpointError, ModelError, SettingsError
 
 ROOT = Path(__file__).resolve().parent.parent
 # A teacher unlike the student (tiny-vit-64: 128 wide, 64 px, 32 tokens, OpenAI's normalisation)
@@ -307,6 +307,68 @@ def test_a_model_folder_without_weights_is_refused(tmp_path):
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": TEACHER_CONFIG}))
     with pytest.raises(ModelError, match="no weights"):
         cm.model_from_folder(tmp_path)
+
+
+class _Pickled:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def _truncated_weights(folder, state):
+    safetensors.torch.save_file(state, folder / "open_clip_model.safetensors")
+    data = (folder / "open_clip_model.safetensors").read_bytes()
+    (folder / "open_clip_model.safetensors").write_bytes(data[:len(data) // 2])
+
+
+HOSTILE_TEACHERS = {   # (open_clip_config.json, how the weights are written, the error and its message)
+    ".bin pickle": ({"model_cfg": TEACHER_CONFIG},
+                    lambda folder, state: torch.save({"x": _Pickled()}, folder / "open_clip_pytorch_model.bin"),
+                    "CheckpointError", "NOT loaded: besides tensors it holds Python objects"),
+    "list as config": ([TEACHER_CONFIG], None, "ModelError", "not an open_clip model folder"),
+    "list as model_cfg": ({"model_cfg": [TEACHER_CONFIG]}, None, "CheckpointError",
+                          "open_clip_config.json: its model_config is not an open_clip model config"),
+    "unknown config key": ({"model_cfg": {**TEACHER_CONFIG, "evil": 1}}, None, "CheckpointError",
+                           "open_clip cannot load this model folder .*unexpected keyword argument 'evil'"),
+    "truncated safetensors": ({"model_cfg": TEACHER_CONFIG}, _truncated_weights, "CheckpointError",
+                              "open_clip cannot load this model folder .*SafetensorError"),
+    "embed_dim 2^40": ({"model_cfg": {**TEACHER_CONFIG, "embed_dim": 2 ** 40}}, None, "CheckpointError",
+                       "'model_config.embed_dim' is 1099511627776, beyond any real model"),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE_TEACHERS)
+def test_a_hostile_teacher_folder_is_refused_in_one_line_naming_the_teacher(name, teacher, tmp_path, capfd):
+    config, write_weights, error, message = HOSTILE_TEACHERS[name]
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    state = teacher["setup"].model.state_dict()
+    (write_weights or (lambda folder, state: safetensors.torch.save_file(
+        state, folder / "open_clip_model.safetensors")))(tmp_path, state)
+    cfg = train.parse_config(["--distill_from", str(tmp_path)])
+    with pytest.raises((CheckpointError, ModelError), match=message) as refused:
+        distillation.load_teacher(cfg, "cpu")
+    assert type(refused.value).__name__ == error
+    assert str(refused.value).startswith(f"teacher (distill_from {tmp_path}): ") and "\n" not in str(refused.value)
+    assert "pwned" not in capfd.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["folder", "checkpoint"])
+def test_a_nan_teacher_is_refused_when_it_is_loaded_naming_it(kind, teacher, tmp_path):
+    # Loaded, it would make every distillation step non-finite, and the run would stop after
+    # --max_bad_steps advising a lower learning rate: the wrong cause.
+    setup = cm.build_model("teacher", model_config=TEACHER_CONFIG, preprocess_cfg=TEACHER_PREPROCESS)
+    setup.model.load_state_dict(teacher["setup"].model.state_dict())
+    with torch.no_grad():
+        setup.model.visual.proj[0, 0] = float("nan")
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": TEACHER_CONFIG,
+                                                                "preprocess_cfg": TEACHER_PREPROCESS}))
+    safetensors.torch.save_file(setup.model.state_dict(), tmp_path / "open_clip_model.safetensors")
+    cm.save_checkpoint(tmp_path / "teacher.pt", setup)
+    source = tmp_path if kind == "folder" else tmp_path / "teacher.pt"
+    cfg = train.parse_config(["--distill_from", str(source)])
+    with pytest.raises(CheckpointError, match=rf"teacher \(distill_from {source}\): 1 of its [0-9]+ weight "
+                                              r"tensors hold NaN or infinite values \(the first: 'visual.proj'\)"):
+        distillation.load_teacher(cfg, "cpu")
+    assert distillation.load_teacher(train.parse_config(["--distill_from", str(teacher["checkpoint"])]), "cpu")
 
 
 @pytest.mark.parametrize("flags,message", [

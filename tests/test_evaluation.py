@@ -11,7 +11,7 @@ import torch
 
 import evaluation as ev
 import sample_data
-from errors import MissingInputError
+from errors import DataError, MissingInputError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -194,6 +194,35 @@ def test_inputs_that_do_not_fit_together_are_rejected_with_the_reason():
         ev.retrieval_metrics(images, texts, [0, 1, 2, 3])
     with pytest.raises(ValueError, match=r"image features \(3, 4\), text features \(4, 5\)"):
         ev.retrieval_metrics(images, torch.randn(4, 5), [0, 1, 2, 2])
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_features_that_are_not_finite_are_refused_naming_the_first_row(value):
+    # No comparison with NaN is true: unchecked, all-NaN features would rank every right answer first.
+    g = torch.Generator().manual_seed(3)
+    images, texts, owner = torch.randn(5, 8, generator=g), torch.randn(6, 8, generator=g), [0, 1, 2, 3, 4, 4]
+    broken = images.clone()
+    broken[3, 0] = broken[4, 1] = value
+    with pytest.raises(DataError, match=r"image features: 2 of 5 rows hold NaN or infinite values "
+                                        r"\(the first: row 3\)"):
+        ev.retrieval_metrics(broken, texts, owner)
+    broken = texts.clone()
+    broken[0, 7] = value
+    with pytest.raises(DataError, match=r"text features: 1 of 6 rows .* \(the first: row 0\)"):
+        ev.similarity_stats(images, broken, owner)
+    classifier = torch.eye(3, 8)
+    classifier[2, 2] = value
+    with pytest.raises(DataError, match=r"class vectors: 1 of 3 rows .* \(the first: row 2\)"):
+        ev.zeroshot_metrics(images, [0, 1, 2, 0, 1], classifier, ["a", "b", "c"])
+
+
+def test_all_nan_features_would_otherwise_score_a_perfect_rsum():
+    # The reason for the check: the rank counts scores greater than the right one's, and none is.
+    nan = torch.full((4, 8), math.nan)
+    ahead = ev._count_ahead(nan @ nan.T, torch.full((4,), math.nan), torch.arange(4), torch.arange(4), dim=0)
+    assert ahead.tolist() == [0, 0, 0, 0]
+    with pytest.raises(DataError, match="image features: 4 of 4 rows"):
+        ev.retrieval_metrics(nan, nan, torch.arange(4))
 
 
 # ---- similarity ----------------------------------------------------------------------------------
@@ -384,6 +413,72 @@ def test_saved_embeddings_load_back_unchanged(tmp_path):
 def test_missing_embeddings_are_named_with_the_way_to_make_them(tmp_path):
     with pytest.raises(MissingInputError, match="image_features.npy.*--save_embeddings"):
         ev.main(["--embeddings", str(tmp_path)])
+
+
+def saved_set(folder, **replace):
+    """6 images and 8 captions as save_embeddings writes them, with some files' bytes replaced."""
+    g = torch.Generator().manual_seed(1)
+    images, texts, owner = torch.randn(6, 16, generator=g), torch.randn(8, 16, generator=g), [0, 1, 2, 3, 4, 5, 0, 1]
+    ev.save_embeddings(folder, images, texts, owner, {"image_names": [], "captions": [], "skipped": []})
+    for name, content in replace.items():
+        (folder / name).write_bytes(content)
+    return folder
+
+
+def npy_bytes(array, allow_pickle=False):
+    import io
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=allow_pickle)
+    return buffer.getvalue()
+
+
+def huge_header():
+    """An .npy header promising 10^12 x 512 floats (2 PB) before a few bytes of data."""
+    import io
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f4", "fortran_order": False,
+                                                  "shape": (10 ** 12, 512)})
+    return buffer.getvalue() + bytes(64)
+
+
+HOSTILE_EMBEDDINGS = {
+    "object array": ({"text_features.npy": npy_bytes(np.array([[1, "x"]], dtype=object), allow_pickle=True)},
+                     r"text_features.npy: not an array of numbers .*Python objects"),
+    "strings": ({"image_features.npy": npy_bytes(np.array([["a", "b"]]))},
+                r"image_features.npy: holds <U1 values, not numbers"),
+    "huge header": ({"image_features.npy": huge_header()}, r"image_features.npy: not an array of numbers"),
+    "float indices": ({"caption_image.npy": npy_bytes(np.zeros(1, np.float32))},
+                      r"caption_image.npy: holds float32 values, not integers"),
+    "index out of range": ({"caption_image.npy": npy_bytes(np.array([0, 1, 2, 3, 4, 99, 0, 1]))},
+                           r"caption_image.npy: caption 5 belongs to image 99, but image_features.npy "
+                           r"holds images 0..5"),
+    "negative index": ({"caption_image.npy": npy_bytes(np.array([-1, 1, 2, 3, 4, 5, 0, 1]))},
+                       r"caption_image.npy: caption 0 belongs to image -1"),
+    "nan": ({"image_features.npy": npy_bytes(np.full((6, 16), np.nan, np.float32))},
+            r"image_features.npy: 6 of 6 rows hold NaN"),
+    "meta not json": ({"meta.json": b"{not json"}, r"meta.json: not JSON"),
+    "meta a list": ({"meta.json": b"[1, 2]"}, r"meta.json: expected a JSON object"),
+    "skipped not a list": ({"meta.json": b'{"skipped": {"a": 1}}'}, r"meta.json: expected a JSON object"),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE_EMBEDDINGS)
+def test_embeddings_not_as_save_embeddings_writes_them_are_refused_naming_the_file(tmp_path, name):
+    replace, message = HOSTILE_EMBEDDINGS[name]
+    folder = saved_set(tmp_path, **replace)
+    with pytest.raises(DataError, match=message) as refused:
+        ev.load_embeddings(folder)
+    assert "\n" not in str(refused.value)
+
+
+def test_nan_embeddings_stop_the_command_in_one_line_instead_of_scoring_rsum_600(tmp_path):
+    folder = saved_set(tmp_path, **HOSTILE_EMBEDDINGS["nan"][0])
+    done = subprocess.run([sys.executable, "evaluation.py", "--embeddings", str(folder)], cwd=REPO,
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and "rsum" not in done.stdout, done.stdout
+    assert done.stderr.startswith("evaluation.py: error: ") and len(done.stderr.strip().splitlines()) == 1, \
+        done.stderr
+    assert "image_features.npy: 6 of 6 rows hold NaN or infinite values" in done.stderr
 
 
 # ---- the command line ---------------------------------------------------------------------------

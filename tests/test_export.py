@@ -252,3 +252,52 @@ def test_a_model_fine_tuned_from_quickgelu_weights_exports_with_quickgelu_and_it
 def test_bad_input_is_one_line(tmp_path):
     with pytest.raises(cm.CheckpointError, match="checkpoint .*missing.pt not found"):
         export.main(["--checkpoint", str(tmp_path / "missing.pt"), "--output", str(tmp_path)])
+
+
+# ----------------------------------------------------------------------------- what export refuses
+
+def test_nan_features_fail_the_comparison_that_nan_would_otherwise_pass():
+    # NaN < MIN_COSINE is false: the check is written so that a NaN figure fails.
+    reference = features_at_angles([0.0], [1.2, 2.0])
+    candidate = export.Features(reference.images * float("nan"), reference.texts, reference.recall)
+    failures = export.compare(reference, candidate, [])["failures"]
+    assert any(f.startswith("image features: 1 - cosine up to nan") for f in failures), failures
+    assert any(f.startswith("image features are not unit vectors") for f in failures), failures
+
+
+def test_a_nan_model_is_refused_in_one_line_before_the_output_folder_is_touched(check_data, tmp_path):
+    setup = cm.build_model("tiny-vit-64")
+    with torch.no_grad():
+        setup.model.visual.proj.fill_(float("nan"))
+    cm.save_checkpoint(tmp_path / "nan.pt", setup)
+    with pytest.raises(data_loader.DataError) as refused:
+        export.main(["--checkpoint", str(tmp_path / "nan.pt"), "--output", str(tmp_path / "out"),
+                     "--check_data", str(check_data), "--check_images", "5"])
+    assert str(refused.value).startswith(f"checkpoint {tmp_path / 'nan.pt'}: image features of the check "
+                                         f"data: 5 of 5 rows hold NaN or infinite values")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_holding_files_export_did_not_write_is_refused_and_left_as_it_was(trained, check_data, tmp_path):
+    # `--output .` in the repository replaced its README.md with the model card.
+    own = {"README.md": "# my project\n", "export_report.json": "{\"mine\": true}", "notes.txt": "x"}
+    for name, text in own.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(export.ExportError, match=r"--output .* holds files that export.py did not write "
+                                                 r"\(README.md, export_report.json, notes.txt\).*new or empty"):
+        export.main(["--checkpoint", str(trained), "--output", str(tmp_path), "--check_data", str(check_data),
+                     "--check_images", "5"])
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == own
+
+
+def test_an_earlier_exports_folder_is_exported_into_again_keeping_files_that_are_not_the_exports(
+        trained, check_data, tmp_path):
+    flags = ["--checkpoint", str(trained), "--output", str(tmp_path / "out"), "--check_data", str(check_data),
+             "--check_images", "5"]
+    export.main(flags)
+    (tmp_path / "out/notes.txt").write_text("mine")
+    (tmp_path / "out/README.md").write_text("stale card")
+    report = export.main(flags)
+    assert report["open_clip_folder"]["passed"] and (tmp_path / "out" / export.MARKER_FILE).is_file()
+    assert (tmp_path / "out/README.md").read_text().startswith("---\nlibrary_name: open_clip")
+    assert (tmp_path / "out/notes.txt").read_text() == "mine"

@@ -1,6 +1,7 @@
 """Specification of shards.py: our converter's shards and img2dataset's train as they are, an epoch
 is shared out among ranks and workers, sources mix by weight, and train.py runs on all of them."""
 import io
+import itertools
 import json
 import math
 import os
@@ -379,3 +380,32 @@ def test_train_runs_on_mixed_resampled_sources(two_sources, shard_set, val_set, 
                       "--data_resampled", "--data_weights", "2,1,1", "--train_num_samples", "16")
     assert result["step"] == 3  # two steps per epoch: 16 samples, batches of 8
     assert [e["epoch"] for e in result["history"]["train"]] == [0, 0, 1]
+
+
+# ----------------------------------------------------------------------------- damaged shards
+
+def member_offsets(path):
+    """(header offset, data offset) of every member of a tar file."""
+    import tarfile
+    with tarfile.open(path) as tar:
+        return [(member.offset, member.offset_data) for member in tar]
+
+
+@pytest.mark.parametrize("cut", ["between two samples", "inside a header", "inside an image", "before the end"])
+@pytest.mark.parametrize("options", [{}, {"num_samples": 200}, {"resampled": True}], ids=["counted", "num_samples",
+                                                                                       "resampled"])
+def test_a_truncated_shard_is_named_and_said_to_be_truncated(shard_set, tmp_path, cut, options):
+    # Cut short between samples or inside a header, a shard used to lose its samples silently:
+    # the tar reader took the cut for the end (and a count short of _info.json's blamed the counts).
+    folder = tmp_path / "set"
+    shutil.copytree(shard_set["folder"], folder)
+    shard = folder / "00007.tar"
+    members = member_offsets(shard)
+    header, data = members[6]                    # the 4th sample's image (.json and .png each)
+    at = {"between two samples": header, "inside a header": header + 100, "inside an image": data + 10,
+          "before the end": members[-1][1] + 512}[cut]
+    shard.write_bytes(shard.read_bytes()[:at])
+    dataset = shards.WebDatasetTrain(str(folder), no_pixels, byte_tokens, **options)
+    with pytest.raises(dl.DataError, match=rf"^{shard}: the shard is truncated .* copy or download it again"):
+        for _ in itertools.islice(dataset, 2000):
+            pass

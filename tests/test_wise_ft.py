@@ -74,3 +74,38 @@ def test_two_architectures_and_bad_alphas_are_refused_in_one_line(endpoints, tmp
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert done.stderr.startswith("wise_ft.py: error:")
+
+
+def test_a_pretrained_file_that_is_not_weights_is_refused_in_one_line(endpoints, tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    torch.save({"x": Evil()}, tmp_path / "pickle.pt")
+    data = (endpoints["folder"] / "pretrained.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[:len(data) // 2])
+    finetuned = endpoints["folder"] / "finetuned.pt"
+    for pretrained, message in [(tmp_path / "pickle.pt", "pickle.pt was NOT loaded"),
+                                (tmp_path / "truncated.pt", "truncated.pt cannot be read.*truncated"),
+                                (Path("/etc/passwd"), "/etc/passwd cannot be read.*not a weights file")]:
+        with pytest.raises(CheckpointError, match=message) as refused:
+            wise_ft.load_endpoints(str(pretrained), finetuned, "cpu")
+        assert "\n" not in str(refused.value)
+    done = subprocess.run([sys.executable, "wise_ft.py", "/etc/passwd", str(finetuned), "--save", "0.5",
+                           str(tmp_path / "x.pt")], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.startswith("wise_ft.py: error: /etc/passwd cannot be read")
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_a_nan_checkpoint_is_refused_in_one_line_instead_of_scoring_rsum_600(endpoints, tmp_path):
+    nan = cm.build_model("tiny-vit-64")
+    with torch.no_grad():
+        nan.model.visual.proj.fill_(float("nan"))
+    cm.save_checkpoint(tmp_path / "nan.pt", nan)
+    done = subprocess.run([sys.executable, "wise_ft.py", str(tmp_path / "nan.pt"),
+                           str(endpoints["folder"] / "finetuned.pt"), "--alpha", "0",
+                           "--data", endpoints["data"]["index"], "--num_workers", "0"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 1 and "600" not in done.stdout, done.stdout
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(f"wise_ft.py: error: the mix of alpha 0.0 of {tmp_path / 'nan.pt'} and ")
+    assert "image features: 24 of 24 rows hold NaN or infinite values" in done.stderr
