@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import files
 from errors import (
     CheckpointError,
     ModelError,
@@ -39,7 +40,6 @@ from errors import (
     SettingsError,
     UserError,
     disk_full_message,
-    is_disk_full,
     short_repr,
 )
 
@@ -730,35 +730,26 @@ def set_rng_state(state):
 
 
 def save_checkpoint(path, setup, **training_state):
-    """Write a checkpoint atomically: a temporary file in the same folder, then a rename.
-
-    A run killed mid-save leaves the previous checkpoint intact, because os.replace is atomic on
-    POSIX and Windows; a save that fails (a full disk) removes its temporary file and raises
-    OutputError naming the folder. The weights sit under "state_dict", the key open_clip reads,
-    so open_clip.create_model(name, pretrained=path) loads our checkpoints.
+    """Write a checkpoint whole or not at all (files.atomic_write): a run killed mid-save leaves
+    the previous checkpoint intact, and a save that fails (a full disk) raises OutputError naming
+    the folder. The weights sit under "state_dict", the key open_clip reads, so
+    open_clip.create_model(name, pretrained=path) loads our checkpoints.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": CHECKPOINT_FORMAT, "state_dict": unwrap(setup.model).state_dict(),
                "model_name": setup.model_name, "model_config": setup.model_config,
                "preprocess_cfg": {k: list(v) if isinstance(v, tuple) else v
                                   for k, v in setup.preprocess_cfg.items()},
                **training_state}
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with files.atomic_write(path) as f:
             torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as error:
-        tmp.unlink(missing_ok=True)
+    except RuntimeError as error:
         # torch.save reports a failed write as a RuntimeError of its zip writer, without the
         # errno; a disk with less room than the checkpoint needs tells what happened.
         needed = sum(t.numel() * t.element_size() for t in payload["state_dict"].values())
-        if is_disk_full(error) or isinstance(error, RuntimeError) and \
-                shutil.disk_usage(path.parent).free < needed:
-            raise OutputError(f"{path.name} not written: {disk_full_message(error, path.parent)}") from None
+        if shutil.disk_usage(path.parent).free < needed:
+            raise OutputError(f"{path} not written: {disk_full_message(error, path.parent)}") from None
         raise
 
 

@@ -13,7 +13,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from errors import SettingsError
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import clip_model
+import data_loader
+import shards
+from augmentation import TeacherView, TrainAugmentation
+from errors import SettingsError, UserError
 
 
 @dataclass
@@ -31,16 +39,14 @@ class Distillation:
     def teacher_outputs(self, micro_batches, device, precision):
         """The teacher's output for a step's micro-batches, concatenated: features computed once,
         without gradient, at the run's precision (or read from the cache), and its scale and bias."""
-        import torch
 
-        from clip_model import autocast
         if self.cache is not None:
             ids = torch.cat([b["image_ids"] for b in micro_batches])
             choices = torch.cat([b["caption_choices"] for b in micro_batches])
             return {"image_features": self.cache["images"][ids],
                     "text_features": self.cache["texts"][self.cache["first_caption"][ids] + choices],
                     "logit_scale": self.cache["logit_scale"], "logit_bias": self.cache["logit_bias"]}
-        with torch.no_grad(), autocast(device, precision):
+        with torch.no_grad(), clip_model.autocast(device, precision):
             outs = [self.teacher.model(b["teacher_images"], b["teacher_texts"]) for b in micro_batches]
         return {"image_features": torch.cat([out["image_features"] for out in outs]),
                 "text_features": torch.cat([out["text_features"] for out in outs]),
@@ -55,7 +61,6 @@ def teacher_temperature(model):
 
 def check_distillation(cfg):
     """The distillation settings fit together; checked before anything is loaded."""
-    import shards
     if not cfg.distill_from:
         given = [name for name in ("distill_pretrained", "distill_cache") if getattr(cfg, name)]
         if given:
@@ -86,8 +91,6 @@ def build_distillation(cfg, run, setup):
     a checkpoint (last.pt keeps only the feature map the term learns). It may differ from the
     student in everything: architecture, width, image size, normalisation, tokenizer; each model
     reads its own inputs of the same samples (augmentation.TeacherView)."""
-    import clip_model
-    from augmentation import TeacherView, TrainAugmentation
     if not cfg.distill_from or cfg.distill_weight == 0:
         if cfg.distill_from:
             run.log.warning("distill_weight 0: the teacher is not loaded, the run trains alone")
@@ -103,7 +106,6 @@ def build_distillation(cfg, run, setup):
                                           local_loss=cfg.local_loss,
                                           feature_dims=widths if cfg.distill_features else None).to(run.device)
     if run.distributed and loss_fn.map is not None:
-        import torch.distributed as dist
         dist.broadcast(loss_fn.map.data, src=0)   # DDP does this for the model's parameters only
     teacher_augmentation = TrainAugmentation(teacher.preprocess_cfg, augment=cfg.augment,
                                              crop_min_scale=cfg.crop_min_scale)
@@ -129,8 +131,6 @@ def teacher_kind(distill_from):
 def load_teacher(cfg, device):
     """The model --distill_from names (teacher_kind), with --distill_pretrained TAG|FILE for a name;
     its weights checked to be finite (clip_model.check_finite_weights)."""
-    import clip_model
-    from errors import UserError
     kind = teacher_kind(cfg.distill_from)
     try:
         if kind == "folder":
@@ -152,11 +152,7 @@ def cache_teacher_features(cfg, run, distill, dataset):
     sample per epoch, and the teacher itself is released. What it costs: no augmentation, one pass
     up front, and the tables (N images + M captions, rows of the teacher's width) on the device;
     each process computes all of it."""
-    import numpy as np
-    import torch
 
-    import clip_model
-    import data_loader
     started, index, view = time.perf_counter(), dataset.index, distill.view
     images = data_loader.TrainDataset(index, view.augmentation, view.tokenizer, seed=cfg.seed,
                                       cache=dataset.cache)

@@ -36,8 +36,13 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
-from errors import DataError, MissingInputError
+import clip_model
+import data_loader
+import files
+from errors import DataError, MissingInputError, report_skipped, run_script, skipped_summary
 
 RECALL_AT = (1, 5, 10)
 EMBEDDING_FILES = ("image_features.npy", "text_features.npy", "caption_image.npy", "meta.json")
@@ -76,7 +81,6 @@ def require_finite(features, what):
     and the first row that is not. Wherever features are scored or compared, NaN would pass
     unseen: every comparison with it is false, so it ranks ahead of nothing (perfect recall) and
     passes a check such as `cosine < minimum` (export.py)."""
-    import torch
     x = torch.as_tensor(features)
     finite = torch.isfinite(x).flatten(1).all(dim=1) if x.ndim > 1 else torch.isfinite(x).reshape(-1)
     if not bool(finite.all()):
@@ -90,7 +94,6 @@ def require_finite(features, what):
 
 def _unit_rows(features, what):
     """Rows normalised and rounded to the exact grid, float64 [n, D] (a new tensor)."""
-    import torch
     x = require_finite(features, what)
     if x.device.type == "mps":  # MPS has no float64
         x = x.cpu()
@@ -101,7 +104,6 @@ def _unit_rows(features, what):
 
 def _caption_owner(image_features, text_features, caption_image):
     """caption_image as a LongTensor [M], after checking that the inputs describe one data set."""
-    import torch
     image_shape, text_shape = tuple(image_features.shape), tuple(text_features.shape)
     owner = torch.as_tensor(caption_image, dtype=torch.long)
     n, m = image_shape[0], text_shape[0]
@@ -122,7 +124,6 @@ def _caption_owner(image_features, text_features, caption_image):
 
 def _positive_scores(images, texts, owner, chunk_size):
     """Score of every caption with its own image, [M], a chunk of captions at a time."""
-    import torch
     # Written into one preallocated tensor: small results kept between the chunk's large
     # temporaries would fragment the heap and grow the process by a chunk's size per chunk.
     positive = torch.empty(len(texts), dtype=texts.dtype, device=texts.device)
@@ -150,7 +151,6 @@ def retrieval_metrics(image_features, text_features, caption_image, chunk_size=1
     image_features [N, D] and text_features [M, D] (numpy or torch; normalised here, so any scale
     will do); caption j describes image caption_image[j]. Captions need not be grouped by image.
     """
-    import torch
     owner = _caption_owner(image_features, text_features, caption_image)
     images, texts = _unit_rows(image_features, "image features"), _unit_rows(text_features, "text features")
     owner = owner.to(images.device)
@@ -222,7 +222,6 @@ def nearest_neighbours(features, k, chunk_size=1024, pool_size=65536, seed=0):
     and each looks for neighbours in its own (an approximation that keeps a million items
     tractable; below pool_size the search is exact).
     """
-    import torch
     x = torch.nn.functional.normalize(torch.as_tensor(features, dtype=torch.float32), dim=1)
     n = len(x)
     if n <= k:
@@ -270,8 +269,6 @@ def zeroshot_classifier(prompt_features):
     of a linear classifier from class names, and an image goes to the class whose vector is most
     similar to it.
     """
-    import torch
-    import torch.nn.functional as F
     prompts = F.normalize(torch.as_tensor(prompt_features), dim=-1)
     return F.normalize(prompts.mean(dim=1), dim=-1)
 
@@ -286,7 +283,6 @@ def zeroshot_metrics(image_features, labels, classifier, classnames, chunk_size=
     prediction is the best-scoring class, and the true class's rank (ties: lower index first, as
     in retrieval) decides the top-k hits.
     """
-    import torch
     images, weights = _unit_rows(image_features, "image features"), _unit_rows(classifier, "class vectors")
     labels = torch.as_tensor(labels, dtype=torch.long, device=images.device)
     num_classes = len(weights)
@@ -345,7 +341,6 @@ def choose_templates(classnames, language="auto", templates=None) -> list[str]:
         # open_clip keeps each template as a function of the class name: given "{}", it writes it
         return [template("{}") for template in _open_clip_metadata(OPEN_CLIP_TEMPLATES, templates)]
     if templates:
-        from data_loader import DataError
         if not os.path.isfile(templates):
             raise DataError(f"--templates {templates}: neither a file nor one of open_clip's template "
                             f"sets ({', '.join(OPEN_CLIP_TEMPLATES)})")
@@ -371,7 +366,6 @@ def load_zeroshot_folder(directory, classnames=None) -> tuple[list[str], list[st
     validation set, n01440764 ..., sort into the order of its class index), or the lines of the
     file `classnames`, or of DIRECTORY/classnames.txt when it exists, else the folder names.
     """
-    from data_loader import IMAGE_EXTENSIONS, DataError
     if not os.path.isdir(directory):
         raise DataError(f"--zeroshot_dir {directory}: no such folder")
     folders = sorted(entry.name for entry in os.scandir(directory)
@@ -401,11 +395,11 @@ def load_zeroshot_folder(directory, classnames=None) -> tuple[list[str], list[st
     paths, labels = [], []
     for label, folder in enumerate(folders):
         files = sorted(f for f in os.listdir(os.path.join(directory, folder))
-                       if f.lower().endswith(IMAGE_EXTENSIONS))
+                       if f.lower().endswith(data_loader.IMAGE_EXTENSIONS))
         paths += [os.path.join(directory, folder, f) for f in files]
         labels += [label] * len(files)
     if not paths:
-        raise DataError(f"{directory}: the class folders hold no images ({', '.join(IMAGE_EXTENSIONS)})")
+        raise DataError(f"{directory}: the class folders hold no images ({', '.join(data_loader.IMAGE_EXTENSIONS)})")
     return classnames, paths, labels
 
 
@@ -417,10 +411,7 @@ def encode_image_files(setup, source, batch_size=64, num_workers=0, device="cpu"
     Unreadable images are treated as training treats them: skipped and reported, or, with
     strict, a DataError naming the first one (raised here, in the main process, in one line).
     """
-    import torch
 
-    import clip_model
-    import data_loader
     transform = data_loader.image_transform(setup.preprocess_cfg)
     loader = data_loader.build_dataloader(data_loader.ImageDataset(source, transform), batch_size,
                                           num_workers=num_workers, train=False)
@@ -440,18 +431,12 @@ def encode_image_files(setup, source, batch_size=64, num_workers=0, device="cpu"
     return features, torch.cat(kept), failed
 
 
-def skipped_summary(messages, shown=5) -> dict:
-    """How results record unreadable images: their number and the first few messages."""
-    return {"count": len(messages), "first": list(messages[:shown])}
-
-
 def evaluate_zeroshot(setup, directory, batch_size=64, num_workers=0, device="cpu",
                       precision="fp32", templates=None, language="auto",
                       chunk_size=1024, classnames=None, strict=False) -> dict:
     """Zero-shot classification of the images of `directory` (see load_zeroshot_folder and
     choose_templates for `classnames` and `templates`). Unreadable images are left out and
     counted, as in retrieval."""
-    import clip_model
     classnames, paths, labels = load_zeroshot_folder(directory, classnames)
     templates = choose_templates(classnames, language, templates)
     prompts = [template.replace("{}", name) for name in classnames for template in templates]
@@ -481,7 +466,6 @@ def encode_index(setup, index, batch_size=64, num_workers=0, device="cpu", preci
     """L2-normalised float32 embeddings of every readable image [N, D] and of its captions
     [M, D], with the index they belong to: `index` itself, or the part of it without the
     unreadable images (listed in its `skipped`)."""
-    import clip_model
     image_features, kept, failed = encode_image_files(setup, index, batch_size, num_workers, device,
                                                       precision, strict)
     if failed:
@@ -676,46 +660,32 @@ def main(argv=None) -> dict:
              "--classnames, --dataset_name and --benchmark_output need --zeroshot_dir")]:
         if wrong:
             parser.error(message)
-    results = run(args)
+    results = run_evaluation(args)
     print(format_results(results))
     for path, content in ((args.output, results),
                           (args.benchmark_output, results.get("zeroshot", {}).get("clip_benchmark"))):
         if path:
-            write_json(path, content)
+            files.write_json(path, content)
             print(f"results written to {path}")
     return results
 
 
-def write_json(path, data):
-    """Write JSON whole or not at all: a temporary file, then a rename. A full disk leaves the
-    previous file as it was and raises OutputError naming the folder."""
-    from errors import OutputError, disk_full_message, is_disk_full
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
-        if is_disk_full(error):
-            raise OutputError(f"{path} not written: {disk_full_message(error, path.parent)}") from None
-        raise OutputError(f"{path} cannot be written ({error.strerror})") from None
-
-
 def _load_model(args, device):
     """The ClipSetup of --checkpoint or of --model_name/--pretrained."""
-    import clip_model
     if args.checkpoint:
         return clip_model.model_from_checkpoint(args.checkpoint, device)[0]
     return clip_model.build_model(args.model_name, args.pretrained, device)
 
 
-def run(args) -> dict:
+def warn(message):
+    """The command line's warnings (skipped images) go to stderr, its results to stdout."""
+    print(message, file=sys.stderr)
+
+
+def run_evaluation(args) -> dict:
     """Everything the command line asks for; the model is loaded only when something needs it."""
     results = {}
     if args.data or args.zeroshot_dir:
-        import clip_model
         device = clip_model.pick_device(args.device)
         precision = clip_model.pick_precision(args.precision, device)
         setup = _load_model(args, device)
@@ -731,12 +701,11 @@ def run(args) -> dict:
                        model=saved["meta"].get("model"),
                        skipped_images=skipped_summary(saved["meta"].get("skipped", [])))
     elif args.data:
-        from data_loader import load_caption_index
-        index = load_caption_index(args.data, args.image_column, args.caption_column, args.split,
+        index = data_loader.load_caption_index(args.data, args.image_column, args.caption_column, args.split,
                                     strict=args.strict_data)
         image_features, text_features, index = encode_index(
             setup, index, args.batch_size, args.num_workers, device, precision, args.strict_data)
-        report_skipped(index.skipped)
+        report_skipped(warn, "unreadable image", index.skipped, total=len(index.skipped))
         data = os.path.abspath(args.data)
         if args.save_embeddings:
             meta = {"image_names": [index.image_name(i) for i in range(index.num_images)],
@@ -752,7 +721,8 @@ def run(args) -> dict:
         zeroshot = evaluate_zeroshot(setup, args.zeroshot_dir, args.batch_size, args.num_workers,
                                      device, precision, args.templates, args.language,
                                      args.chunk_size, args.classnames, args.strict_data)
-        report_skipped(zeroshot["skipped_images"]["first"], zeroshot["skipped_images"]["count"])
+        skipped = zeroshot["skipped_images"]
+        report_skipped(warn, "unreadable image", skipped["first"], total=skipped["count"])
         dataset = args.dataset_name or Path(args.zeroshot_dir).resolve().name
         zeroshot["clip_benchmark"] = clip_benchmark_record(zeroshot, dataset, setup.model_name,
                                                            args.pretrained or args.checkpoint or "")
@@ -762,15 +732,5 @@ def run(args) -> dict:
     return results
 
 
-def report_skipped(messages, count=None, shown=5):
-    """Warn about skipped unreadable images on stderr: their number and the first few."""
-    count = len(messages) if count is None else count
-    if count:
-        print(f"skipped {count} unreadable images (--strict_data stops instead):", file=sys.stderr)
-        for message in messages[:shown]:
-            print(f"  {message}", file=sys.stderr)
-
-
 if __name__ == "__main__":
-    from errors import run_script
     run_script(main, "evaluation.py")

@@ -22,6 +22,7 @@ import clip_model
 import data_loader
 import distillation
 import evaluation
+import files
 import runtime
 import sample_data
 import shards
@@ -682,7 +683,7 @@ def write_results(job, state):
                "final": state.history["val"][-1] if state.history["val"] else None,
                "best": state.best, "checkpoint": str(job.run.checkpoint_dir / "best.pt"),
                "unreadable_images": skipped_summary(state.unreadable)}
-    evaluation.write_json(job.run.results_dir / "training_results.json", results)
+    files.write_json(job.run.results_dir / "training_results.json", results)
     return results
 
 

@@ -19,6 +19,14 @@ is drawn beside the JSON, and --save writes the chosen mix as a checkpoint.
 import argparse
 from pathlib import Path
 
+import torch
+
+import clip_model
+import evaluation
+import files
+import visualization
+from errors import CheckpointError, DataError, SettingsError, run_script
+
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -40,7 +48,6 @@ def build_parser():
 
 
 def parse_alphas(text):
-    from errors import SettingsError
     try:
         alphas = [float(a) for a in text.split(",")]
     except ValueError:
@@ -53,8 +60,6 @@ def parse_alphas(text):
 def load_endpoints(pretrained, finetuned, device):
     """(ClipSetup of the fine-tuned model, pretrained state dict, fine-tuned state dict), after
     checking that both hold the same tensors: one architecture."""
-    import clip_model
-    from errors import CheckpointError
     setup, checkpoint = clip_model.model_from_checkpoint(finetuned, device)
     end = checkpoint["state_dict"]
     if Path(pretrained).is_file():
@@ -71,7 +76,6 @@ def load_endpoints(pretrained, finetuned, device):
 def interpolate(start, end, alpha):
     """theta(alpha): floating-point tensors on the straight line (torch.lerp is exact at both
     ends); integer buffers (BatchNorm's step counter) from the nearer end."""
-    import torch
     return {k: torch.lerp(start[k].to(end[k].dtype), end[k], alpha) if end[k].is_floating_point()
             else (end[k] if alpha >= 0.5 else start[k]) for k in end}
 
@@ -80,8 +84,6 @@ def evaluate_mix(setup, args, device, alpha):
     """Retrieval on --data and zero-shot on --zeroshot of the model as it is now, the mix of alpha.
     Features that are not finite (a NaN in either input's weights) are refused by evaluation, in
     one line that names the mix."""
-    import evaluation
-    from errors import DataError
     options = dict(batch_size=args.batch_size, num_workers=args.num_workers, device=device)
     result = {}
     try:
@@ -113,7 +115,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not (args.data or args.zeroshot or args.save):
         parser.error("nothing to do: give --data and/or --zeroshot to evaluate, or --save ALPHA PATH")
-    import clip_model
     alphas = parse_alphas(args.alpha)
     device = clip_model.pick_device(args.device)
     setup, start, end = load_endpoints(args.pretrained, args.finetuned, device)
@@ -136,9 +137,7 @@ def main(argv=None):
 
 
 def write_outputs(args, results):
-    import evaluation
-    import visualization
-    evaluation.write_json(args.output, {"pretrained": args.pretrained, "finetuned": args.finetuned,
+    files.write_json(args.output, {"pretrained": args.pretrained, "finetuned": args.finetuned,
                                         "data": args.data, "zeroshot": args.zeroshot, "results": results})
     print(f"results written to {args.output}")
     if args.data and args.zeroshot:
@@ -147,5 +146,4 @@ def write_outputs(args, results):
 
 
 if __name__ == "__main__":
-    from errors import run_script
     run_script(main, "wise_ft.py")

@@ -483,10 +483,7 @@ def test_nan_embeddings_stop_the_command_in_one_line_instead_of_scoring_rsum_600
 
 # ---- the command line ---------------------------------------------------------------------------
 
-def test_help_is_fast_because_torch_is_imported_lazily():
-    code = "import sys, evaluation; evaluation.build_parser(); print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+def test_help_lists_the_flags():
     shown = subprocess.run([sys.executable, "evaluation.py", "--help"], cwd=REPO, capture_output=True,
                            text=True, check=True)
     assert "--zeroshot_dir" in shown.stdout
