@@ -420,14 +420,14 @@ def encode_image_files(setup, source, batch_size=64, num_workers=0, device="cpu"
     def readable_batches():
         for batch in loader:
             if batch["failed"] and strict:
-                raise data_loader.DataError(batch["failed"][0][1])
+                raise DataError(batch["failed"][0][1])
             failed.extend(batch["failed"])
             if len(batch["indices"]):
                 kept.append(batch["indices"])
                 yield batch["images"]
     features = clip_model.encode_images(setup.model, readable_batches(), device, precision)
     if not kept:
-        raise data_loader.DataError(f"no readable image among {len(failed)}; first: {failed[0][1]}")
+        raise DataError(f"no readable image among {len(failed)}; first: {failed[0][1]}")
     return features, torch.cat(kept), failed
 
 

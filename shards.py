@@ -38,7 +38,8 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 import data_loader
-from data_loader import DataError, decode_image
+from data_loader import decode_image
+from errors import DataError
 
 SHARD_INFO = "_info.json"          # our converter's counts, beside the shards
 STATS_SUFFIX = "_stats.json"       # img2dataset's, one per shard: NNNNN.tar -> NNNNN_stats.json

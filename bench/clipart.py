@@ -119,6 +119,7 @@ def convert(job) -> str:
     from PIL import Image
 
     import data_loader
+    from errors import DataError
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # checked below
     source, target, size = job
     try:
@@ -129,7 +130,7 @@ def convert(job) -> str:
         return f"{type(error).__name__}: {error}"
     try:
         image = data_loader.decode_image(Path(source).read_bytes(), source)
-    except data_loader.DataError as error:
+    except DataError as error:
         return str(error)
     scale = size / min(image.size)
     if scale < 1:

@@ -23,6 +23,7 @@ import augmentation
 import data_loader as dl
 import sample_data
 import train
+from errors import DataError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -153,14 +154,14 @@ def test_split_is_per_image_seeded_and_keeps_every_caption_with_its_image(sample
 
 def test_invalid_json_names_the_file_and_line(tmp_path):
     (tmp_path / "data.json").write_text('[{"image_path": "a.png",\n "caption": }]')
-    with pytest.raises(dl.DataError, match=r"data\.json: not valid JSON \(line 2"):
+    with pytest.raises(DataError, match=r"data\.json: not valid JSON \(line 2"):
         dl.load_caption_index(tmp_path)
 
 
 def test_entry_without_image_path_is_named_by_number(tmp_path):
     write_png(tmp_path / "a.png")
     path = write_json(tmp_path / "train.json", [{"image_path": "a.png", "caption": "x"}, {"caption": "y"}])
-    with pytest.raises(dl.DataError, match=re.escape(f"{path}, entry 1: missing 'image_path'")):
+    with pytest.raises(DataError, match=re.escape(f"{path}, entry 1: missing 'image_path'")):
         dl.load_caption_index(path)
 
 
@@ -168,7 +169,7 @@ def test_empty_caption_names_the_entry_and_image(tmp_path):
     write_png(tmp_path / "a.png"), write_png(tmp_path / "b.png")
     path = write_json(tmp_path / "train.json", [{"image_path": "a.png", "caption": "x"},
                                                 {"image_path": "b.png", "captions": ["ok", "  "]}])
-    with pytest.raises(dl.DataError, match=re.escape(f"{path}, entry 1: empty caption for image 'b.png'")):
+    with pytest.raises(DataError, match=re.escape(f"{path}, entry 1: empty caption for image 'b.png'")):
         dl.load_caption_index(path)
 
 
@@ -183,13 +184,13 @@ def test_missing_images_are_skipped_and_named_at_load_time_or_stop_a_strict_load
     assert [index.image_name(i) for i in range(2)] == [str(tmp_path / "img/0.png"), str(tmp_path / "img/3.png")]
     assert index.captions() == ["caption 0", "other 0", "caption 3", "other 3"]
     assert index.caption_image.tolist() == [0, 0, 1, 1]
-    with pytest.raises(dl.DataError, match=re.escape(message + "; 2 more images are missing")):
+    with pytest.raises(DataError, match=re.escape(message + "; 2 more images are missing")):
         dl.load_caption_index(path, strict=True)
 
 
 def test_an_index_whose_images_are_all_missing_is_an_error(tmp_path):
     path = write_json(tmp_path / "train.json", [{"image_path": "nowhere.png", "caption": "x"}])
-    with pytest.raises(dl.DataError, match="entry 0: image 'nowhere.png' not found"):
+    with pytest.raises(DataError, match="entry 0: image 'nowhere.png' not found"):
         dl.load_caption_index(path)
 
 
@@ -197,7 +198,7 @@ def test_a_symlink_loop_in_a_captions_folder_is_named_in_one_line(tmp_path):
     write_png(tmp_path / "images" / "cat.png")
     (tmp_path / "captions").mkdir()
     os.symlink(tmp_path / "captions" / "cat.txt", tmp_path / "captions" / "cat.txt")
-    with pytest.raises(dl.DataError, match="cat.txt: cannot be read \\(Too many levels of symbolic links"):
+    with pytest.raises(DataError, match="cat.txt: cannot be read \\(Too many levels of symbolic links"):
         dl.load_caption_index(tmp_path)
 
 
@@ -205,14 +206,14 @@ def test_caption_file_that_is_not_utf8_is_named(tmp_path):
     write_png(tmp_path / "images" / "cat.png")
     (tmp_path / "captions").mkdir()
     (tmp_path / "captions" / "cat.txt").write_bytes(b"a cat\n\xff\xfe caf\xe9\n")
-    with pytest.raises(dl.DataError, match=re.escape(f"{tmp_path / 'captions' / 'cat.txt'}, entry 0: caption "
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'captions' / 'cat.txt'}, entry 0: caption "
                                                      f"file of image 'images/cat.png' is not UTF-8")):
         dl.load_caption_index(tmp_path)
 
 
 def test_table_without_the_columns_shows_its_header(tmp_path):
     (tmp_path / "pairs.csv").write_text("path,text\na.png,x\n")
-    with pytest.raises(dl.DataError, match="header 'path,text' lacks the columns 'filepath' and 'title'"):
+    with pytest.raises(DataError, match="header 'path,text' lacks the columns 'filepath' and 'title'"):
         dl.load_caption_index(tmp_path / "pairs.csv")
 
 
@@ -220,7 +221,7 @@ def test_chinese_clip_text_pointing_to_an_unknown_image_is_named(tmp_path):
     (tmp_path / "train_imgs.tsv").write_text("1\tAAAA\n")
     (tmp_path / "train_texts.jsonl").write_text('{"text_id": 1, "text": "x", "image_ids": [1]}\n'
                                                 '{"text_id": 2, "text": "y", "image_ids": [5]}\n')
-    with pytest.raises(dl.DataError, match=r"train_texts\.jsonl, entry 1: image id 5 is not in .*train_imgs"):
+    with pytest.raises(DataError, match=r"train_texts\.jsonl, entry 1: image id 5 is not in .*train_imgs"):
         dl.load_caption_index(tmp_path)
 
 
@@ -243,7 +244,7 @@ def test_undecodable_image_raises_data_error_naming_it(kind, tmp_path):
     (tmp_path / "x.png").write_bytes(BROKEN_IMAGES[kind])
     index = dl.load_caption_index(write_json(tmp_path / "data.json", [{"image_path": "x.png", "caption": "c"}]))
     message = f"image '{tmp_path / 'x.png'}' {BROKEN_MESSAGES[kind]}"
-    with pytest.raises(dl.DataError, match=re.escape(message)):
+    with pytest.raises(DataError, match=re.escape(message)):
         index.load_image(0)
 
 
@@ -322,7 +323,7 @@ def test_cached_images_give_the_samples_of_uncached_ones_and_leave_out_broken_on
     decoded = dl.TrainDataset(index, augment, tokenizer, seed=3)
     for i in range(2):
         assert all(torch.equal(a, b) for a, b in zip(cached[i][:2], decoded[i][:2]))
-    with pytest.raises(dl.DataError, match="broken.png"):
+    with pytest.raises(DataError, match="broken.png"):
         dl.cache_images(index_with_broken_image, augment, strict=True)
 
 
@@ -496,7 +497,7 @@ def test_chinese_clip_lmdb_reads_like_the_files_it_was_made_from(sample, tmp_pat
 def test_an_image_id_missing_from_the_lmdb_images_is_named(sample, tmp_path):
     reference = dl.load_caption_index(sample["index"])
     folder = write_chinese_clip_lmdb(reference, tmp_path, pairs=[pickle.dumps((7, 0, "一只猫"))])
-    with pytest.raises(dl.DataError, match=r"pairs: image id '7' is not in .*imgs"):
+    with pytest.raises(DataError, match=r"pairs: image id '7' is not in .*imgs"):
         dl.load_caption_index(folder)
 
 
@@ -518,7 +519,7 @@ def test_a_malicious_pickle_in_the_lmdb_is_refused_and_runs_nothing(sample, tmp_
     marker.unlink()
     folder = write_chinese_clip_lmdb(dl.load_caption_index(sample["index"]), tmp_path,
                                      pairs=[pickle.dumps((1000, 0, "a good record")), payload])
-    with pytest.raises(dl.DataError, match=r"pairs, key 1: refused to unpickle the record: it names "
+    with pytest.raises(DataError, match=r"pairs, key 1: refused to unpickle the record: it names "
                                            r"(io|builtins)\.open; only plain data"):
         dl.load_caption_index(folder)
     assert not marker.exists()  # ... our reader does not
@@ -527,7 +528,7 @@ def test_a_malicious_pickle_in_the_lmdb_is_refused_and_runs_nothing(sample, tmp_
 def test_an_lmdb_record_that_is_not_image_text_id_and_text_is_named(sample, tmp_path):
     folder = write_chinese_clip_lmdb(dl.load_caption_index(sample["index"]), tmp_path,
                                      pairs=[pickle.dumps({"image_id": 1000, "text": "a dict"})])
-    with pytest.raises(dl.DataError, match=r"pairs, key 0: expected a pickled \(image_id, text_id, text\)"):
+    with pytest.raises(DataError, match=r"pairs, key 0: expected a pickled \(image_id, text_id, text\)"):
         dl.load_caption_index(folder)
 
 
@@ -623,5 +624,5 @@ def test_an_lmdb_record_whose_repr_would_exhaust_memory_is_refused_in_one_short_
 def test_only_the_exact_shape_of_chinese_clips_records_is_accepted(sample, tmp_path, record):
     folder = write_chinese_clip_lmdb(dl.load_caption_index(sample["index"]), tmp_path,
                                      pairs=[pickle.dumps(record)])
-    with pytest.raises(dl.DataError, match=r"pairs, key 0: expected a pickled \(image_id, text_id, text\)"):
+    with pytest.raises(DataError, match=r"pairs, key 0: expected a pickled \(image_id, text_id, text\)"):
         dl.load_caption_index(folder)

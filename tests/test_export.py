@@ -17,6 +17,7 @@ import clip_model as cm
 import data_loader
 import export
 import train
+from errors import DataError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -270,7 +271,7 @@ def test_a_nan_model_is_refused_in_one_line_before_the_output_folder_is_touched(
     with torch.no_grad():
         setup.model.visual.proj.fill_(float("nan"))
     cm.save_checkpoint(tmp_path / "nan.pt", setup)
-    with pytest.raises(data_loader.DataError) as refused:
+    with pytest.raises(DataError) as refused:
         export.main(["--checkpoint", str(tmp_path / "nan.pt"), "--output", str(tmp_path / "out"),
                      "--check_data", str(check_data), "--check_images", "5"])
     assert str(refused.value).startswith(f"checkpoint {tmp_path / 'nan.pt'}: image features of the check "

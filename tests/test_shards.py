@@ -17,6 +17,7 @@ import data_loader as dl
 import sample_data
 import shards
 import train
+from errors import DataError
 
 
 def byte_tokens(captions):
@@ -276,7 +277,7 @@ def test_shards_without_counts_need_train_num_samples_and_then_give_every_rank_a
     for shard in ("00000.tar", "00001.tar", "00002.tar"):
         shutil.copy(web_set["folder"] / shard, tmp_path / shard)
     pattern = str(tmp_path / "{00000..00002}.tar")
-    with pytest.raises(dl.DataError, match=r"00000.tar: .*unknown.*00000_stats.json.*--train_num_samples"):
+    with pytest.raises(DataError, match=r"00000.tar: .*unknown.*00000_stats.json.*--train_num_samples"):
         shards.WebDatasetTrain(pattern, no_pixels, byte_tokens)
     ranks = epoch_ids(pattern, 0, world_size=2, num_workers=0, batch_size=3, num_samples=30)
     assert [len(batches) for batches in ranks] == [5, 5]  # 15 samples a rank: its shards start over
@@ -285,7 +286,7 @@ def test_shards_without_counts_need_train_num_samples_and_then_give_every_rank_a
 
 def test_our_shards_without_their_info_file_count_with_train_num_samples(shard_set, tmp_path):
     shutil.copy(shard_set["folder"] / "00000.tar", tmp_path / "00000.tar")
-    with pytest.raises(dl.DataError, match="_stats.json.*--train_num_samples"):
+    with pytest.raises(DataError, match="_stats.json.*--train_num_samples"):
         shards.WebDatasetTrain(tmp_path / "00000.tar", no_pixels, byte_tokens)
     dataset = shards.WebDatasetTrain(tmp_path / "00000.tar", no_pixels, byte_tokens, num_samples=10)
     ids = [i for _, _, i, _ in dataset]
@@ -335,12 +336,12 @@ def test_without_resampling_sources_are_one_pool_read_once(two_sources):
     ({"weights": "1,x", "resampled": True}, "numbers separated by commas"),
 ])
 def test_wrong_weights_are_refused_with_the_way_out(two_sources, options, message):
-    with pytest.raises(dl.DataError, match=message):
+    with pytest.raises(DataError, match=message):
         shards.WebDatasetTrain(two_sources, no_pixels, byte_tokens, **options)
 
 
 def test_a_source_that_is_not_shards_is_refused(two_sources, sample_set):
-    with pytest.raises(dl.DataError, match="data.json: not WebDataset shards"):
+    with pytest.raises(DataError, match="data.json: not WebDataset shards"):
         shards.WebDatasetTrain(f"{two_sources}::{sample_set['index']}", no_pixels, byte_tokens)
 
 
@@ -406,6 +407,6 @@ def test_a_truncated_shard_is_named_and_said_to_be_truncated(shard_set, tmp_path
           "before the end": members[-1][1] + 512}[cut]
     shard.write_bytes(shard.read_bytes()[:at])
     dataset = shards.WebDatasetTrain(str(folder), no_pixels, byte_tokens, **options)
-    with pytest.raises(dl.DataError, match=rf"^{shard}: the shard is truncated .* copy or download it again"):
+    with pytest.raises(DataError, match=rf"^{shard}: the shard is truncated .* copy or download it again"):
         for _ in itertools.islice(dataset, 2000):
             pass
