@@ -14,8 +14,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import open_clip
 import torch
 from PIL import Image
+from torchvision.transforms.v2 import functional as TF
 
 # Mild augmentation: crops keep most of the picture (captions say "on the left"), colour jitter
 # keeps the hue (captions name colours), and no flips (they would swap left and right). How much
@@ -55,7 +57,6 @@ class TrainAugmentation:
 
     def __init__(self, preprocess_cfg: dict, augment: bool = True, min_side: int = 0,
                  crop_min_scale: float = 0.9, colour_jitter: float = 0.0):
-        import open_clip
         size = preprocess_cfg["size"]
         self.size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         self.augment = augment
@@ -104,7 +105,6 @@ class TrainAugmentation:
     def apply(self, pixels: np.ndarray, draw: AugmentationDraw) -> torch.Tensor:
         """The prepared image cropped, resized to this model's size and jittered as `draw` says
         (a draw made by another TrainAugmentation of the same image works too), uint8."""
-        from torchvision.transforms.v2 import functional as TF
         mode = TF.InterpolationMode.BILINEAR if self.bilinear else TF.InterpolationMode.BICUBIC
         if draw.box is not None:
             # RandomResizedCrop as one interpolate call on the uint8 crop in [H, W, 3] layout (a

@@ -20,6 +20,8 @@ import pickle
 import random
 import shutil
 import tempfile
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -30,6 +32,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from huggingface_hub import try_to_load_from_cache
+from safetensors.torch import load_file
+from torch.distributed.nn.functional import all_gather
 
 import files
 from errors import (
@@ -177,8 +182,6 @@ def resolve_model_name(model_name):
 def _host_reachable(url, timeout=3.0):
     """True if an HTTP server answers at url within timeout seconds, through the proxy of
     HTTPS_PROXY / HTTP_PROXY when one is set (urllib honours them, and NO_PROXY)."""
-    import urllib.error
-    import urllib.request
     try:
         urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
         return True
@@ -195,7 +198,6 @@ def _hub_offline():
 
 def _cached_hf_file(hf_hub_entry):
     """The local copy of a Hugging Face hub file ('org/repo/' or 'org/repo/file'), if cached."""
-    from huggingface_hub import try_to_load_from_cache
     repo_id, filename = os.path.split(hf_hub_entry)
     for name in [filename] if filename else ["open_clip_model.safetensors",
                                              "open_clip_pytorch_model.bin"]:
@@ -345,7 +347,6 @@ def read_weights(path):
     the file when it is unsafe, truncated, not a weights file, or holds anything but tensors."""
     try:
         if str(path).endswith(".safetensors"):
-            from safetensors.torch import load_file
             stored = load_file(path)
         else:
             stored = torch.load(path, map_location="cpu", weights_only=True)
@@ -503,7 +504,6 @@ def gather_features(features):
     rank, world_size = world_info()
     if world_size == 1:
         return features
-    from torch.distributed.nn.functional import all_gather
     return torch.cat(all_gather(features))
 
 

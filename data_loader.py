@@ -33,7 +33,9 @@ import signal
 import sys
 from dataclasses import dataclass
 
+import lmdb
 import numpy as np
+import open_clip
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
@@ -395,7 +397,6 @@ _LMDB_ENVIRONMENTS = {}  # path -> this process's read-only environment
 
 def _open_lmdb(path: str):
     """A read-only LMDB environment, opened once per process and kept."""
-    import lmdb
     if path not in _LMDB_ENVIRONMENTS:
         try:
             _LMDB_ENVIRONMENTS[path] = lmdb.open(path, readonly=True, lock=False, readahead=False,
@@ -809,7 +810,6 @@ def tokenize_captions(captions: list[str], tokenizer, chunk: int = 4096) -> torc
 def image_transform(preprocess_cfg: dict):
     """The model's own evaluation preprocessing (size, mean, std, resizing) from its
     `preprocess_cfg`: PIL image -> normalised tensor, exactly as open_clip prepares images."""
-    import open_clip
     options = {k: preprocess_cfg.get(k) for k in ("mean", "std", "interpolation", "resize_mode")}
     return open_clip.image_transform(preprocess_cfg["size"], is_train=False,
                                      fill_color=preprocess_cfg.get("fill_color", 0), **options)

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from open_clip import zero_shot_metadata
 
 import clip_model
 import data_loader
@@ -329,7 +330,6 @@ def _has_cjk(text: str) -> bool:
 
 
 def _open_clip_metadata(table: dict, name: str) -> list:
-    from open_clip import zero_shot_metadata
     return list(getattr(zero_shot_metadata, table[name]))
 
 

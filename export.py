@@ -42,10 +42,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import open_clip
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from onnxruntime.quantization import QuantType, quantize_dynamic
+from safetensors.torch import save_file
 
 import clip_model
 import data_loader
@@ -129,7 +132,6 @@ def open_clip_config(setup) -> dict:
 def write_open_clip_folder(setup, folder) -> list:
     """The config and the weights (safetensors: a file of tensors that, unlike a pickle, cannot
     run code when loaded). Returns the files written."""
-    from safetensors.torch import save_file
     (folder / CONFIG_FILE).write_text(json.dumps(open_clip_config(setup), indent=2))
     weights = {name: tensor.contiguous() for name, tensor in setup.model.state_dict().items()}
     save_file(weights, folder / WEIGHTS_FILE, metadata={"format": "pt"})
@@ -319,7 +321,6 @@ class OnnxModel:
     interface: the graphs normalise already."""
 
     def __init__(self, image_file, text_file):
-        import onnxruntime
         self.sessions = {tower: onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
                          for tower, path in (("image", image_file), ("text", text_file))}
 
@@ -350,7 +351,6 @@ def quantize_int8(folder, files) -> dict:
     quantised on the fly, batch by batch. Convolutions stay float32: dynamically quantised, they
     gave features unrelated to the fp32 ones (cosine near 0) on the ResNet preset; they need
     static quantisation with calibration data."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
     quantized = {tower: folder / name for tower, name in INT8_FILES.items()}
     root = logging.getLogger()
     level = root.level

@@ -34,8 +34,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
+from tqdm import tqdm
+from webdataset.shardlists import expand_urls
 
 import data_loader
 from data_loader import decode_image
@@ -110,7 +113,6 @@ def _stats_count(url: str) -> int:
 
 def read_shard_set(pattern: str) -> ShardSet:
     """The shard files of a brace pattern, a .tar file or a folder, with their sample counts."""
-    from webdataset.shardlists import expand_urls
     if os.path.isdir(pattern):
         urls = sorted(os.path.join(pattern, f) for f in os.listdir(pattern) if f.endswith(".tar"))
     elif pattern.endswith(".tar"):
@@ -180,7 +182,6 @@ def _deal_shards(counts: np.ndarray, seed: int, epoch: int, start: int, readers:
 
 def _shuffled(samples, seed: str):
     """The samples through a shuffle buffer of SHUFFLE_BUFFER, seeded."""
-    import webdataset as wds
     return wds.shuffle(SHUFFLE_BUFFER, SHUFFLE_BUFFER, seed=seed)(samples)
 
 
@@ -388,7 +389,6 @@ def shard_samples(url: str):
     the file is a whole number of blocks and ends with the two blocks of zeros (a cut just
     between two members, after a member ending in 1 KiB of zeros, would pass: no image, caption
     or JSON ends so). One seek per shard, not a walk over every header of the shard."""
-    import webdataset as wds
     try:
         yield from wds.tarfile_samples([{"url": url}])
         truncated = not _ends_like_a_tar(url)
@@ -459,8 +459,6 @@ def convert_to_webdataset(src, out_dir, shard_size: int = 10000, resize: int = 0
     keeping the aspect ratio. Unreadable images are left out and listed in _info.json, which
     also records every shard's sample count. Returns that info.
     """
-    import webdataset as wds
-    from tqdm import tqdm
     out_dir = str(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise FileExistsError(f"{out_dir}: folder exists and is not empty; choose a new folder or delete it")
@@ -497,7 +495,6 @@ def convert_to_webdataset(src, out_dir, shard_size: int = 10000, resize: int = 0
 
 def inspect(data_dir, shown: int = 3) -> str:
     """What `--inspect` prints: each source's shards and how they are counted, and a few samples."""
-    import webdataset as wds
     lines = []
     for k, pattern in enumerate(split_sources(data_dir)):
         source = read_shard_set(pattern)

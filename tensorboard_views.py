@@ -22,6 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tensorboard.compat.proto import summary_pb2
+from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+from tensorboard.plugins.hparams.summary_v2 import hparams_pb
 
 import clip_model
 import evaluation
@@ -206,8 +209,6 @@ def data_markdown(job, train_index):
 def write_hparams(writer, run_name, values):
     """The HParams plugin's experiment (the settings as hyperparameters, typed, with the
     choices of those that have them; the best/* metrics as columns) and this run's session."""
-    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
-    from tensorboard.plugins.hparams.summary_v2 import hparams_pb
     kinds = {bool: api_pb2.DATA_TYPE_BOOL, str: api_pb2.DATA_TYPE_STRING,
              int: api_pb2.DATA_TYPE_FLOAT64, float: api_pb2.DATA_TYPE_FLOAT64}
     infos = []
@@ -227,7 +228,6 @@ def write_hparams(writer, run_name, values):
 
 
 def hparams_session_end():
-    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
     end = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS, end_time_secs=time.time())
     return _hparams_summary(metadata.SESSION_END_INFO_TAG,
                             plugin_data_pb2.HParamsPluginData(session_end_info=end))
@@ -235,8 +235,6 @@ def hparams_session_end():
 
 def _hparams_summary(tag, plugin_data):
     """A Summary that carries HParams plugin data, as the plugin's own summary_v2 builds one."""
-    from tensorboard.compat.proto import summary_pb2
-    from tensorboard.plugins.hparams import metadata
     summary = summary_pb2.Summary()
     summary.value.add(tag=tag, metadata=metadata.create_summary_metadata(plugin_data),
                       tensor=metadata.NULL_TENSOR)

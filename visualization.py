@@ -25,7 +25,15 @@ import unicodedata
 import warnings
 from pathlib import Path
 
+import matplotlib
 import numpy as np
+from matplotlib import font_manager
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import LineCollection
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from PIL import ImageOps
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import clip_model
 import data_loader
@@ -55,7 +63,6 @@ def find_cjk_font() -> str | None:
     boxes. We keep DejaVu Sans first and add this family as a per-glyph fallback.
     On Debian/Ubuntu: `apt-get install fonts-noto-cjk` (or fonts-wqy-zenhei).
     """
-    from matplotlib import font_manager
 
     def installed():
         return {font.name for font in font_manager.fontManager.ttflist}
@@ -90,8 +97,6 @@ def _figure(figsize, texts=()):
     Text objects take their font family when they are created, so the fallback set while a
     plot function builds its figure stays with the figure wherever it is later drawn or saved.
     """
-    import matplotlib
-    from matplotlib.figure import Figure
 
     cjk = find_cjk_font()
     if cjk is None and any(_is_wide(char) for text in texts for char in text):
@@ -112,7 +117,6 @@ def save_figure(figure, path) -> Path:
 def figure_pixels(figure) -> np.ndarray:
     """The figure drawn as an RGB array [H, W, 3] of uint8 at its own size and dpi, as save_figure
     draws it: what TensorBoard's add_image takes (train.py's pictures, tensorboard_views.py)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     figure.set_facecolor("white")
     canvas = FigureCanvasAgg(figure)
     canvas.draw()
@@ -133,7 +137,6 @@ def _wrap(text: str, width: int = 30, max_lines: int = 3) -> str:
 def thumbnail(image, size: int = 128) -> np.ndarray:
     """The image letterboxed on white into a size x size RGB array (aspect ratio kept): what the
     plots draw, and TensorBoard's projector shows as sprites."""
-    from PIL import ImageOps
     return np.asarray(ImageOps.pad(image.convert("RGB"), (size, size), color="white"))
 
 
@@ -152,7 +155,6 @@ def read_tensorboard_history(logs_dir) -> dict:
     each val entry's `similarity`, and every other `val/...` tag (`val/image_to_text/R@1`,
     `val/rsum`, ...) into its `retrieval`, nested at each "/".
     """
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     accumulator = EventAccumulator(str(logs_dir), size_guidance={"scalars": 0})  # 0 = keep all
     accumulator.Reload()
@@ -400,7 +402,6 @@ def plot_similarity_heatmap(images, captions, image_features, text_features):
         raise ValueError(f"need one caption and one feature row per image; got {n} images, "
                          f"{len(captions)} captions, {len(image_features)} image and "
                          f"{len(text_features)} text features")
-    from matplotlib.patches import Rectangle
 
     similarity = _normalise(text_features) @ _normalise(image_features).T  # (captions, images)
     with _figure((3.8 + 1.05 * n, 1.8 + 0.95 * n), texts=captions) as figure:
@@ -543,7 +544,6 @@ def plot_embedding_space(image_features, text_features, caption_image, method: s
     pair = np.searchsorted(chosen, caption_image[keep])  # row in image_xy of each caption's image
     colors = np.array([f"C{i % 10}" for i in range(len(chosen))])
     with _figure((9, 8)) as figure:
-        from matplotlib.collections import LineCollection
 
         ax = figure.subplots()
         segments = np.stack([image_xy[pair], text_xy], axis=1)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import clip_model
+import data_loader
 import evaluation
 import files
 import visualization
@@ -88,8 +89,7 @@ def evaluate_mix(setup, args, device, alpha):
     result = {}
     try:
         if args.data:
-            from data_loader import load_caption_index
-            metrics = evaluation.evaluate_model(setup, load_caption_index(args.data), **options)
+            metrics = evaluation.evaluate_model(setup, data_loader.load_caption_index(args.data), **options)
             result["retrieval"] = metrics["retrieval"]
         if args.zeroshot:
             zeroshot = evaluation.evaluate_zeroshot(setup, args.zeroshot, **options)
