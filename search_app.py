@@ -264,7 +264,7 @@ def index_meta(arrays, path):
         raise bad_index(path, "no format number in its meta")
     if isinstance(meta["format"], int) and meta["format"] > INDEX_FORMAT:
         raise bad_index(path, f"format {meta['format']}, newer than this code reads (format "
-                              f"{INDEX_FORMAT}): update search_app.py, or")
+                              f"{INDEX_FORMAT}; update search_app.py)")
     if meta["format"] != INDEX_FORMAT:
         raise bad_index(path, f"format {meta['format']!r} is not one this code knows (format "
                               f"{INDEX_FORMAT})")
@@ -286,7 +286,7 @@ def index_paths(arrays, path):
     that climbs out of the folder ('../x.png', '/etc/passwd') would have its file served."""
     names = arrays["paths"]
     if names.dtype != np.uint8 or names.ndim != 1:
-        raise bad_index(path, f"its paths are {names.dtype} [{names.shape}], not utf-8 bytes")
+        raise bad_index(path, f"its paths are {names.dtype} {list(names.shape)}, not utf-8 bytes")
     try:
         paths = names.tobytes().decode("utf-8").split("\0") if len(names) else []
     except UnicodeDecodeError as error:
@@ -326,9 +326,12 @@ def check_index_arrays(arrays, num_paths, path):
 def scan_folder(root):
     """{path relative to root: (size, mtime_ns)} of every image file under root, and the
     messages of files that cannot be indexed. Hidden files and folders (a name starting with
-    '.', such as the thumbnail cache) are left out; symbolic links to folders are not followed."""
+    '.', such as the thumbnail cache) are left out; symbolic links to folders are not followed.
+    Only regular files inside the folder are indexed, the files `serve` shows (see read_photo):
+    a FIFO would block the reader for good, and a link to a file elsewhere is not shown."""
     import data_loader
     found, problems, folders = {}, [], [Path(root)]
+    real_root = os.path.realpath(root)
     while folders:
         folder = folders.pop()
         try:
@@ -344,7 +347,7 @@ def scan_folder(root):
             elif entry.name.lower().endswith(data_loader.IMAGE_EXTENSIONS):
                 relative = os.path.relpath(entry.path, root).replace(os.sep, "/")
                 try:
-                    stat = entry.stat()
+                    info = entry.stat()
                     relative.encode("utf-8")
                 except OSError as error:
                     problems.append(f"image '{entry.path}' cannot be read: {error.strerror}")
@@ -353,7 +356,15 @@ def scan_folder(root):
                     problems.append(f"image '{entry.path}': the file name is not valid UTF-8; "
                                     f"rename it")
                     continue
-                found[relative] = (stat.st_size, stat.st_mtime_ns)
+                if not stat.S_ISREG(info.st_mode):
+                    problems.append(f"image '{entry.path}' is not a regular file (a FIFO, a device "
+                                    f"or a folder)")
+                    continue
+                if entry.is_symlink() and not inside_folder(real_root, entry.path):
+                    problems.append(f"image '{entry.path}' is a link to a file outside the "
+                                    f"folder; copy the file into the folder to index it")
+                    continue
+                found[relative] = (info.st_size, info.st_mtime_ns)
     return dict(sorted(found.items())), problems
 
 
@@ -740,9 +751,8 @@ def read_photo(root, path):
     an open() for good, a link to /dev/zero would be read without end, a link to a file outside
     the folder would be served. So the file is opened without following a last link and without
     blocking, and its fstat decides (the file opened, not a name looked up again)."""
-    folder = os.path.realpath(root)
-    resolved = os.path.realpath(os.path.join(folder, path))
-    if os.path.commonpath([folder, resolved]) != folder:
+    resolved = os.path.realpath(os.path.join(root, path))
+    if not inside_folder(root, resolved):
         raise QueryError(f"{path!r} now leads outside the indexed folder; it is not served", 403)
     try:
         handle = os.open(resolved, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -765,6 +775,12 @@ def read_photo(root, path):
     if len(data) > MAX_PHOTO_BYTES:
         raise photo_too_large(path)
     return data
+
+
+def inside_folder(folder, path):
+    """Whether a path, its links followed, lies inside a folder (its links followed too)."""
+    folder = os.path.realpath(folder)
+    return os.path.commonpath([folder, os.path.realpath(path)]) == folder
 
 
 def photo_too_large(path):
@@ -801,8 +817,8 @@ def allowed_hosts(host, extra=()):
         return ["*"]
     if host in ("0.0.0.0", "::", ""):      # every address of this machine
         names = [*LOOPBACK_HOSTS, socket.gethostname(), socket.getfqdn()]
-    elif host in LOOPBACK_HOSTS or host == "::1" or host.startswith("127."):
-        names = [*LOOPBACK_HOSTS, host]
+    elif host in ("localhost", "::1") or host.startswith("127."):
+        names = [*LOOPBACK_HOSTS, *([host] if host.startswith("127.") else [])]
     else:
         names = [f"[{host}]" if ":" in host else host]
     return list(dict.fromkeys(name.lower() for name in [*names, *extra]))
