@@ -188,16 +188,47 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...: Pillow's own conversions are right
 
 
-def decode_image(data: bytes, name: str) -> Image.Image:
+def decode_image(data: bytes, name: str, min_side: int = 0, max_pixels: int = 0) -> Image.Image:
     """Decode image bytes to RGB with the EXIF orientation applied (phone photos are often stored
-    sideways with a flag saying so). DataError naming the image if the bytes are not an image."""
+    sideways with a flag saying so). DataError naming the image if the bytes are not an image.
+
+    A caller that needs a small image only (a search query, a thumbnail) passes min_side, the
+    shorter side it needs, and the memory follows that instead of the file: a JPEG is decoded at
+    1/2 to 1/8 scale (Pillow's draft, done in the DCT), then any image is shrunk by a whole factor
+    (a box average) that keeps its shorter side at least 2 * min_side, room for the caller's own
+    resize. max_pixels refuses an image that would decode to more pixels (after the JPEG scaling)
+    before any pixel is decoded."""
     if not data:
         raise DataError(f"image '{name}' is empty (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as image:  # Pillow decodes lazily: convert inside the try
+            if min_side:
+                image.draft("RGB", (2 * min_side, 2 * min_side))
+            width, height = image.size
+            if max_pixels and width * height > max_pixels:
+                raise DataError(f"image '{name}' is {width} x {height} pixels ({width * height / 1e6:.0f} "
+                                f"megapixels); the limit is {max_pixels / 1e6:.0f} megapixels")
+            if min_side:
+                image = _shrink(image, 2 * min_side)
             return _to_rgb(ImageOps.exif_transpose(image))
+    except DataError:
+        raise
     except Exception as e:  # Pillow raises many types for corrupt data (OSError, SyntaxError, ...)
         raise DataError(f"image '{name}' cannot be decoded ({type(e).__name__}: {e})") from e
+
+
+def _shrink(image: Image.Image, min_side: int) -> Image.Image:
+    """The image reduced by the largest whole factor that keeps its shorter side >= min_side."""
+    factor = min(image.size) // min_side
+    if factor < 2:
+        return image
+    # A box average of palette indices, of 1-bit pixels or around a transparent colour key means
+    # nothing, and Pillow's 16-bit grey has no reduce: convert those first (convert keeps EXIF).
+    if image.mode.startswith("I;16"):
+        image = image.convert("I")
+    elif image.mode in ("1", "P", "PA") or "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.reduce(factor)
 
 
 # ----------------------------------------------------------------------------- readers

@@ -24,11 +24,18 @@ photos, faiss (when installed) answers from an inverted-file index: the photos a
 when the server starts, and a query scans only the --nprobe clusters nearest to it, which is
 approximate.
 
-Safety. The server listens on 127.0.0.1 (this machine only) unless --host says otherwise. A
-thumbnail is served only for a path found in the index, by lookup, never by joining user input
-to a folder. Uploads are limited in bytes and in pixels: a decompression bomb (a small file that
-claims gigapixels) is refused from its header, before anything is decoded. Queries are cut to
-MAX_QUERY_CHARS characters before they reach the tokenizer.
+Safety. The server listens on 127.0.0.1 (this machine only) unless --host says otherwise, and
+answers only requests addressed to a name of that address or one given with --allowed_hosts: a
+page of another site that points its own name at 127.0.0.1 (DNS rebinding) is refused. A
+thumbnail is served only for a path found in the index, by lookup, never by joining user input to
+a folder, and only if the file there now is a regular file inside the indexed folder (links
+resolved) of at most MAX_PHOTO_BYTES, opened without blocking (read_photo). Every image decoded
+(an upload, a photo for its thumbnail) is decoded on one of DECODE_SLOTS threads, no larger than
+needed (a JPEG at reduced scale), and refused before decoding if it would decode to more than
+MAX_DECODED_PIXELS: a decompression bomb, or many large uploads at once, cannot exhaust the
+memory. Uploads are limited in bytes, and queries cut to MAX_QUERY_CHARS characters before they
+reach the tokenizer. An index file is checked whole when it is opened (load_index), and `index`
+locks it while it writes it. The page is told paths as the user typed them, never absolute ones.
 """
 import argparse
 import hashlib
@@ -36,24 +43,32 @@ import io
 import json
 import math
 import os
+import socket
+import stat
 import sys
 import tempfile
 import threading
 import time
-import warnings
-from dataclasses import asdict, dataclass, field, replace
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 
-from errors import DataError, MissingInputError, SettingsError
+from errors import DataError, MissingInputError, OutputError, SettingsError
 
 INDEX_FORMAT = 1
 EXACT_LIMIT = 1_000_000         # photos searched exactly even when faiss is installed
 RESCORE_MARGIN = 2e-3           # > the error of a float16 product's score (rounding + query)
 MAX_RESCORED = 100_000
 MAX_QUERY_CHARS = 1000          # a query is cut here; the text tower reads 77 tokens at most anyway
-MAX_UPLOAD_PIXELS = 50_000_000  # 50 megapixels: a big phone photo decodes to 150 MB of RGB
+# Decoding an image is what can take a server's memory: a 250 KB PNG can hold 49 megapixels.
+MAX_DECODED_PIXELS = 50_000_000  # an upload or a photo decodes to at most this (a big phone photo)
+DECODE_SLOTS = 2                # images decoded at once; the rest wait: the peak is at most
+                                # 2 x 50 MP x 4 bytes x 2 copies (RGBA and its reduce) = 800 MB
+MAX_PHOTO_BYTES = 200 * 2**20   # a larger file at an indexed path gets no thumbnail
 THUMBNAIL_SIDE = 256
 SAVE_EVERY = 50_000             # photos encoded between two saves of the index while indexing
 DEFAULT_K, MAX_K = 24, 500
@@ -79,9 +94,12 @@ class ModelSpec:
     pretrained: str = ""   # a pretrained tag or a weights file (absolute path)
     sha256: str = ""       # of the weights file: the model's identity, whatever its path
 
-    def describe(self):
-        return f"checkpoint {self.checkpoint}" if self.checkpoint else \
-            f"{self.model_name} with weights {self.pretrained}"
+    def describe(self, show=str):
+        """The model in words; `show` writes a file's path (shown_path: never absolute)."""
+        if self.checkpoint:
+            return f"checkpoint {show(self.checkpoint)}"
+        weights = show(self.pretrained) if os.path.isabs(self.pretrained) else self.pretrained
+        return f"{self.model_name} with weights {weights}"
 
 
 def file_sha256(path):
@@ -149,39 +167,157 @@ class PhotoIndex:
 
 
 def save_index(index, path):
-    """Write the index whole or not at all: a temporary file beside it, then a rename."""
+    """Write the index whole or not at all: a temporary file beside it, then a rename. The
+    temporary name is unique, so that two writers never write or rename each other's file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     names = "\0".join(index.paths).encode("utf-8")   # NUL: the one character no file name holds
     meta = {"format": INDEX_FORMAT, "root": index.root, "model": asdict(index.model),
             "unreadable": index.unreadable}
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, paths=np.frombuffer(names, dtype=np.uint8), sizes=index.sizes,
-                 mtimes=index.mtimes, features=index.features, meta=np.array(json.dumps(meta)))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            np.savez(f, paths=np.frombuffer(names, dtype=np.uint8), sizes=index.sizes,
+                     mtimes=index.mtimes, features=index.features, meta=np.array(json.dumps(meta)))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def index_lock(index_path):
+    """Hold an exclusive lock on an index while `index` reads and writes it, as train.py locks a
+    run folder: a second run on the same index is refused at once instead of racing the first
+    (each would save only the photos it encoded). The lock is taken on a hidden file beside the
+    index, left in place: deleting it would let a third run lock a new file while the second
+    still holds the old one. The kernel releases it however the process ends."""
+    import fcntl
+    path = Path(index_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(handle)
+        raise OutputError(f"index {index_path} is being written by another running `search_app.py "
+                          f"index`; wait for it to end, or choose another --index") from None
+    try:
+        yield
+    finally:
+        os.close(handle)                                 # releases the lock
+
+
+INDEX_ARRAYS = ("paths", "sizes", "mtimes", "features", "meta")
 
 
 def load_index(path):
+    """The PhotoIndex in an index file, checked whole before anything is served from it: a file
+    that is not an index, or one whose parts disagree, is one DataError naming the file and what
+    is wrong, never a traceback or an HTTP 500 later."""
     path = Path(path)
     if not path.is_file():
         raise MissingInputError(f"index {path} not found; build it with: python search_app.py "
                                 f"index --images DIR --checkpoint CHECKPOINT --index {path}")
+    arrays = read_index_arrays(path)
+    meta = index_meta(arrays, path)
+    paths = index_paths(arrays, path)
+    check_index_arrays(arrays, len(paths), path)
+    return PhotoIndex(meta["root"], paths, arrays["sizes"], arrays["mtimes"], arrays["features"],
+                      ModelSpec(**meta["model"]), meta.get("unreadable", []))
+
+
+def bad_index(path, problem):
+    return DataError(f"index {path}: {problem}; build it again with: python search_app.py index "
+                     f"--images DIR --checkpoint CHECKPOINT --index {path}")
+
+
+def read_index_arrays(path):
+    """{name: array} of an index file, read without pickle."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04":
+        raise bad_index(path, "not an index: an index is a numpy .npz archive (a zip file), and "
+                              "this file " + (f"starts with {head!r}" if head else "is empty"))
     try:
         with np.load(path, allow_pickle=False) as saved:
-            meta = json.loads(str(saved["meta"]))
-            names = saved["paths"].tobytes().decode("utf-8")
-            index = PhotoIndex(meta["root"], names.split("\0") if names else [], saved["sizes"],
-                               saved["mtimes"], saved["features"], ModelSpec(**meta["model"]),
-                               meta.get("unreadable", []))
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise DataError(f"index {path} cannot be read ({type(error).__name__}: {error}); build it "
-                        f"again with python search_app.py index ... --index {path}") from None
-    if meta["format"] > INDEX_FORMAT:
-        raise DataError(f"index {path} has format {meta['format']}, newer than this code reads")
-    return index
+            missing = [name for name in INDEX_ARRAYS if name not in saved.files]
+            if missing:
+                raise bad_index(path, f"no {', '.join(missing)} in it (an index holds "
+                                      f"{', '.join(INDEX_ARRAYS)})")
+            return {name: saved[name] for name in INDEX_ARRAYS}
+    except DataError:
+        raise
+    except Exception as error:   # zipfile and numpy raise many types for a damaged or pickled archive
+        raise bad_index(path, f"it cannot be read ({type(error).__name__}: {error})") from None
+
+
+def index_meta(arrays, path):
+    """The index's JSON header: its format, the folder (absolute) and the model that made it."""
+    try:
+        meta = json.loads(str(arrays["meta"]))
+    except ValueError as error:
+        raise bad_index(path, f"its meta is not JSON ({error})") from None
+    if not isinstance(meta, dict) or "format" not in meta:
+        raise bad_index(path, "no format number in its meta")
+    if isinstance(meta["format"], int) and meta["format"] > INDEX_FORMAT:
+        raise bad_index(path, f"format {meta['format']}, newer than this code reads (format "
+                              f"{INDEX_FORMAT}; update search_app.py)")
+    if meta["format"] != INDEX_FORMAT:
+        raise bad_index(path, f"format {meta['format']!r} is not one this code knows (format "
+                              f"{INDEX_FORMAT})")
+    if not (isinstance(meta.get("root"), str) and os.path.isabs(meta["root"])):
+        raise bad_index(path, f"its folder {meta.get('root')!r} is not an absolute path")
+    model, known = meta.get("model"), {spec.name for spec in fields(ModelSpec)}
+    if not (isinstance(model, dict) and set(model) <= known and model.get("sha256")
+            and all(isinstance(value, str) for value in model.values())
+            and (model.get("checkpoint") or model.get("model_name") and model.get("pretrained"))):
+        raise bad_index(path, f"its model {model!r} is not a model description ({', '.join(sorted(known))})")
+    unreadable = meta.get("unreadable", [])
+    if not (isinstance(unreadable, list) and all(isinstance(m, str) for m in unreadable)):
+        raise bad_index(path, "its list of unreadable files is not a list of messages")
+    return meta
+
+
+def index_paths(arrays, path):
+    """The photos' paths: relative to the folder, '/'-separated, inside it, each once. A path
+    that climbs out of the folder ('../x.png', '/etc/passwd') would have its file served."""
+    names = arrays["paths"]
+    if names.dtype != np.uint8 or names.ndim != 1:
+        raise bad_index(path, f"its paths are {names.dtype} {list(names.shape)}, not utf-8 bytes")
+    try:
+        paths = names.tobytes().decode("utf-8").split("\0") if len(names) else []
+    except UnicodeDecodeError as error:
+        raise bad_index(path, f"its paths are not utf-8 ({error})") from None
+    for photo in paths:
+        if photo.startswith("/") or any(part in ("", ".", "..") for part in photo.split("/")):
+            raise bad_index(path, f"photo path {photo!r} is not a plain path inside the folder")
+    if len(set(paths)) != len(paths):
+        raise bad_index(path, "a photo path is listed twice")
+    return paths
+
+
+def check_index_arrays(arrays, num_paths, path):
+    """One row per photo in every array, of the types save_index writes; finite features."""
+    if num_paths == 0:
+        raise bad_index(path, "it holds no photo")
+    features = arrays["features"]
+    if features.dtype != np.float16 or features.ndim != 2 or features.shape[1] == 0:
+        raise bad_index(path, f"its features are {features.dtype} {list(features.shape)}, not "
+                              f"float16 [photos, dimension]")
+    for name in ("sizes", "mtimes"):
+        if arrays[name].dtype != np.int64 or arrays[name].ndim != 1:
+            raise bad_index(path, f"its {name} are {arrays[name].dtype} {list(arrays[name].shape)}, "
+                                  f"not int64 [photos]")
+    lengths = {name: len(arrays[name]) for name in ("sizes", "mtimes", "features")}
+    if set(lengths.values()) != {num_paths}:
+        raise bad_index(path, f"{num_paths} photo paths but " +
+                        ", ".join(f"{n} {name}" for name, n in lengths.items()))
+    for start in range(0, num_paths, 65536):        # in parts: a boolean copy of a million rows is 0.5 GB
+        if not np.isfinite(features[start:start + 65536]).all():
+            raise bad_index(path, "its features hold NaN or infinite values")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,9 +326,12 @@ def load_index(path):
 def scan_folder(root):
     """{path relative to root: (size, mtime_ns)} of every image file under root, and the
     messages of files that cannot be indexed. Hidden files and folders (a name starting with
-    '.', such as the thumbnail cache) are left out; symbolic links to folders are not followed."""
+    '.', such as the thumbnail cache) are left out; symbolic links to folders are not followed.
+    Only regular files inside the folder are indexed, the files `serve` shows (see read_photo):
+    a FIFO would block the reader for good, and a link to a file elsewhere is not shown."""
     import data_loader
     found, problems, folders = {}, [], [Path(root)]
+    real_root = os.path.realpath(root)
     while folders:
         folder = folders.pop()
         try:
@@ -208,7 +347,7 @@ def scan_folder(root):
             elif entry.name.lower().endswith(data_loader.IMAGE_EXTENSIONS):
                 relative = os.path.relpath(entry.path, root).replace(os.sep, "/")
                 try:
-                    stat = entry.stat()
+                    info = entry.stat()
                     relative.encode("utf-8")
                 except OSError as error:
                     problems.append(f"image '{entry.path}' cannot be read: {error.strerror}")
@@ -217,7 +356,15 @@ def scan_folder(root):
                     problems.append(f"image '{entry.path}': the file name is not valid UTF-8; "
                                     f"rename it")
                     continue
-                found[relative] = (stat.st_size, stat.st_mtime_ns)
+                if not stat.S_ISREG(info.st_mode):
+                    problems.append(f"image '{entry.path}' is not a regular file (a FIFO, a device "
+                                    f"or a folder)")
+                    continue
+                if entry.is_symlink() and not inside_folder(real_root, entry.path):
+                    problems.append(f"image '{entry.path}' is a link to a file outside the "
+                                    f"folder; copy the file into the folder to index it")
+                    continue
+                found[relative] = (info.st_size, info.st_mtime_ns)
     return dict(sorted(found.items())), problems
 
 
@@ -299,11 +446,20 @@ def build_index(images, index_path, spec, device="cpu", precision="fp32", batch_
     """Index the photos under `images` into index_path, encoding only what an existing index
     there lacks; the model is loaded only if something must be encoded. The index is saved
     every SAVE_EVERY photos, so an interrupted run keeps its work: run it again to go on.
-    Returns an IndexReport."""
+    Returns an IndexReport. The index is locked meanwhile: a second run on it is refused."""
+    root = os.path.abspath(images)
+    if not os.path.isdir(root):
+        raise MissingInputError(f"--images {root}: no such folder")
+    with index_lock(index_path):
+        return update_index(images, root, index_path, spec, device, precision, batch_size,
+                            num_workers)
+
+
+def update_index(images, root, index_path, spec, device, precision, batch_size, num_workers):
+    """build_index's work, done while it holds the index's lock."""
     from tqdm import tqdm
 
     import data_loader
-    root = os.path.abspath(images)
     old = previous_index(index_path, root)
     report = IndexReport(model_changed=old is not None and old.model.sha256 != spec.sha256)
     if report.model_changed:   # features of two models cannot be compared: encode everything
@@ -341,8 +497,6 @@ def build_index(images, index_path, spec, device="cpu", precision="fp32", batch_
 
 def previous_index(index_path, root):
     """The index already at index_path (None if there is none); it must be of the same folder."""
-    if not os.path.isdir(root):
-        raise MissingInputError(f"--images {root}: no such folder")
     if not Path(index_path).is_file():
         return None
     old = load_index(index_path)
@@ -489,18 +643,29 @@ class SearchService:
     thumbnails: Path           # cache folder of the thumbnails
     max_upload_bytes: int
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Every decode (an upload, a thumbnail) runs on one of DECODE_SLOTS threads of its own, however
+    # many requests come at once; the others wait their turn. Threads, not a semaphore: glibc gives
+    # each thread a memory arena and keeps what it frees there, so eight request threads decoding
+    # one after another still kept 8 x 150 MB (1.5 GB measured, 0.4 GB with two decode threads).
+    decoder: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(DECODE_SLOTS, thread_name_prefix="decode"))
     row_of: dict = field(init=False)
 
     def __post_init__(self):
         import data_loader
         self.row_of = {path: row for row, path in enumerate(self.index.paths)}
         self.transform = data_loader.image_transform(self.setup.preprocess_cfg)
+        size = self.setup.preprocess_cfg["size"]
+        self.image_side = min(size) if isinstance(size, (list, tuple)) else size
 
     def info(self):
-        return {"images": len(self.index), "root": self.index.root,
-                "model": self.index.model.describe(), "dim": int(self.index.features.shape[1]),
-                "search": self.searcher.method, "max_query_chars": MAX_QUERY_CHARS,
-                "max_upload_bytes": self.max_upload_bytes, "max_k": MAX_K}
+        """What the page shows of the index. Paths are shown as the user gave them, never
+        absolute: a visitor need not learn the user's name and folders."""
+        return {"images": len(self.index), "root": shown_path(self.index.root),
+                "model": self.index.model.describe(shown_path),
+                "dim": int(self.index.features.shape[1]), "search": self.searcher.method,
+                "max_query_chars": MAX_QUERY_CHARS, "max_upload_bytes": self.max_upload_bytes,
+                "max_k": MAX_K}
 
     def search_text(self, text, k):
         import clip_model
@@ -512,9 +677,11 @@ class SearchService:
                                             self.device)[0]
             return self._results(query, k)
 
-    def search_image(self, data, k, name="upload"):
+    def search_image(self, upload, k, name="upload"):
+        """Photos like an uploaded image; `upload` is a binary file, read by the decode thread (so
+        that the bytes of the uploads waiting for one stay in the server's temporary files)."""
         import clip_model
-        image = decode_upload(data, name)
+        image = self.decoder.submit(lambda: decode_upload(upload.read(), name, self.image_side)).result()
         with self.lock:
             query = clip_model.encode_images(self.setup.model, [self.transform(image)[None]],
                                              self.device)[0]
@@ -542,43 +709,92 @@ class SearchService:
         key = f"{path}\0{self.index.sizes[row]}\0{self.index.mtimes[row]}".encode("utf-8")
         cached = self.thumbnails / f"{hashlib.sha1(key).hexdigest()}.jpg"
         if not cached.is_file():
-            make_thumbnail(os.path.join(self.index.root, path), cached)
+            self.decoder.submit(lambda: make_thumbnail(read_photo(self.index.root, path), path,
+                                                       cached)).result()
         return cached
 
 
-def decode_upload(data, name):
-    """An uploaded image in RGB. Its size is read from the header first, so that a
-    decompression bomb is refused before any pixel is decoded; QueryError (400) otherwise."""
+def shown_path(path):
+    """A path as a visitor is shown it: relative to the folder the server was started in when it
+    lies inside it (data/shapes, as the user typed it), else its last name only."""
+    relative = os.path.relpath(path)
+    return Path(path).name if relative == ".." or relative.startswith(".." + os.sep) else relative
+
+
+def decode_upload(data, name, side):
+    """An uploaded image in RGB, decoded no larger than a model that reads side x side pixels
+    needs (data_loader.decode_image: a JPEG at reduced scale, any image shrunk once decoded), and
+    refused (QueryError, 400) if it is not an image or would decode to more than
+    MAX_DECODED_PIXELS: a decompression bomb (a small file that claims gigapixels) is refused
+    from its header, before anything is decoded."""
     from PIL import Image
 
     import data_loader
     if not data:
         raise QueryError("the upload is empty: choose an image file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as header:   # reads the header only
-                width, height = header.size
+        Image.open(io.BytesIO(data)).close()        # reads the header only: is it an image?
     except Image.DecompressionBombError as error:
         raise QueryError(f"{name}: {error}") from None
     except Exception as error:   # Pillow raises many types for what is not an image
         raise QueryError(f"{name} is not an image ({type(error).__name__}: {error})") from None
-    if width * height > MAX_UPLOAD_PIXELS:
-        raise QueryError(f"{name} is {width} x {height} pixels ({width * height / 1e6:.0f} "
-                         f"megapixels); the limit is {MAX_UPLOAD_PIXELS / 1e6:.0f} megapixels")
     try:
-        return data_loader.decode_image(data, name)
+        return data_loader.decode_image(data, name, side, MAX_DECODED_PIXELS)
     except DataError as error:
         raise QueryError(str(error)) from None
 
 
-def make_thumbnail(source, target):
-    """A JPEG at most THUMBNAIL_SIDE pixels on a side; the original file is only read."""
+def read_photo(root, path):
+    """The bytes of the file at an indexed path as it is now, read only if it is a regular file
+    inside the indexed folder (resolved: a link may point elsewhere) of at most MAX_PHOTO_BYTES;
+    QueryError otherwise. What the index recorded may have been replaced since: a FIFO would block
+    an open() for good, a link to /dev/zero would be read without end, a link to a file outside
+    the folder would be served. So the file is opened without following a last link and without
+    blocking, and its fstat decides (the file opened, not a name looked up again)."""
+    resolved = os.path.realpath(os.path.join(root, path))
+    if not inside_folder(root, resolved):
+        raise QueryError(f"{path!r} now leads outside the indexed folder; it is not served", 403)
+    try:
+        handle = os.open(resolved, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as error:
+        raise QueryError(f"{path!r} cannot be read ({error.strerror}); index the folder "
+                         f"again", 410) from None
+    try:
+        found = os.fstat(handle)
+        if not stat.S_ISREG(found.st_mode):
+            raise QueryError(f"{path!r} is no longer a regular file; index the folder again", 410)
+        if found.st_size > MAX_PHOTO_BYTES:
+            raise photo_too_large(path)
+        with os.fdopen(handle, "rb", closefd=False) as photo:
+            data = photo.read(MAX_PHOTO_BYTES + 1)  # + 1: a file that grew since fstat is seen
+    except OSError as error:
+        raise QueryError(f"{path!r} cannot be read ({error.strerror}); index the folder "
+                         f"again", 410) from None
+    finally:
+        os.close(handle)
+    if len(data) > MAX_PHOTO_BYTES:
+        raise photo_too_large(path)
+    return data
+
+
+def inside_folder(folder, path):
+    """Whether a path, its links followed, lies inside a folder (its links followed too)."""
+    folder = os.path.realpath(folder)
+    return os.path.commonpath([folder, os.path.realpath(path)]) == folder
+
+
+def photo_too_large(path):
+    return QueryError(f"{path!r} is larger than {MAX_PHOTO_BYTES:,} bytes; no thumbnail is made "
+                      f"of it", 403)
+
+
+def make_thumbnail(data, name, target):
+    """A JPEG at most THUMBNAIL_SIDE pixels on a side, of an image file's bytes."""
     import data_loader
     try:
-        image = data_loader.load_image_file(source)
+        image = data_loader.decode_image(data, name, THUMBNAIL_SIDE, MAX_DECODED_PIXELS)
     except DataError as error:
-        raise QueryError(f"{error}; index the folder again", 410) from None
+        raise QueryError(f"no thumbnail: {error}", 410) from None
     image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".tmp", delete=False) as tmp:
@@ -589,15 +805,37 @@ def make_thumbnail(source, target):
 # ----------------------------------------------------------------------------------------------
 # The web application: the page and its JSON API
 
-def create_app(service):
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")   # as a Host header names them
+
+
+def allowed_hosts(host, extra=()):
+    """The names a request may be addressed to (its Host header): those of the address the
+    server listens on, and `extra` (--allowed_hosts; '*' accepts any). Why: a web page of another
+    site can point its own name at 127.0.0.1 (DNS rebinding) and then call this API as if it were
+    the same site; its requests still carry that site's name, and are refused."""
+    if "*" in extra:
+        return ["*"]
+    if host in ("0.0.0.0", "::", ""):      # every address of this machine
+        names = [*LOOPBACK_HOSTS, socket.gethostname(), socket.getfqdn()]
+    elif host in ("localhost", "::1") or host.startswith("127."):
+        names = [*LOOPBACK_HOSTS, *([host] if host.startswith("127.") else [])]
+    else:
+        names = [f"[{host}]" if ":" in host else host]
+    return list(dict.fromkeys(name.lower() for name in [*names, *extra]))
+
+
+def create_app(service, hosts=LOOPBACK_HOSTS):
     """FastAPI app: GET / (the page), /api/info, /api/search?q=&k=, POST /api/search_image
-    (multipart, field `file`), /api/search_like?path=&k= and /api/thumbnail?path=."""
+    (multipart, field `file`), /api/search_like?path=&k= and /api/thumbnail?path=. A request
+    addressed to a host not in `hosts` (see allowed_hosts) gets 400."""
     from fastapi import FastAPI, File, HTTPException, Query, UploadFile
     from fastapi.responses import FileResponse, HTMLResponse
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     # The body limit makes FastAPI answer 413 as soon as an upload passes it, before it is read.
     app = FastAPI(title="Photo search", docs_url=None, redoc_url=None,
                   max_body_size=service.max_upload_bytes)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(hosts), www_redirect=False)
 
     def answer(search, *args):
         started = time.perf_counter()
@@ -621,7 +859,7 @@ def create_app(service):
 
     @app.post("/api/search_image")
     def search_image(file: UploadFile = File(...), k: int = Query(DEFAULT_K, ge=1, le=MAX_K)):
-        return answer(service.search_image, file.file.read(), k, file.filename or "upload")
+        return answer(service.search_image, file.file, k, file.filename or "upload")
 
     @app.get("/api/search_like")
     def search_like(path: str, k: int = Query(DEFAULT_K, ge=1, le=MAX_K)):
@@ -656,10 +894,20 @@ def open_service(index_path, model_args, device="cpu", search="auto", nprobe=32,
                         f"built with; run `python search_app.py index` again to encode the photos "
                         f"with them")
     device = clip_model.pick_device(device)
+    setup = load_model(spec, device)
+    check_feature_dimension(index, setup, index_path, device)
     thumbnails = Path(index_path).with_name(f".{Path(index_path).name}.thumbnails")
-    return SearchService(index, load_model(spec, device), device,
-                         Searcher(index.features, search, nprobe), thumbnails,
-                         int(max_upload_mb * 2**20))
+    return SearchService(index, setup, device, Searcher(index.features, search, nprobe),
+                         thumbnails, int(max_upload_mb * 2**20))
+
+
+def check_feature_dimension(index, setup, index_path, device):
+    """The model's features and the index's must have one dimension, or every query fails."""
+    import clip_model
+    dim = clip_model.encode_texts(setup.model, setup.tokenizer, ["a photo"], device).shape[-1]
+    if dim != index.features.shape[1]:
+        raise bad_index(index_path, f"its features have {index.features.shape[1]} dimensions, and "
+                                    f"those of its model ({index.model.describe()}) {dim}")
 
 
 def demo_index(language, device, batch_size, num_workers):
@@ -719,6 +967,9 @@ def build_parser():
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on; 127.0.0.1 "
                                                            "serves this machine only")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--allowed_hosts", nargs="+", default=[], metavar="HOST",
+                       help="more names (or addresses) requests may be addressed to than those of "
+                            "--host, e.g. the machine's name on the network; '*' accepts any")
     serve.add_argument("--search", default="auto", choices=("auto", "exact", "faiss"),
                        help=f"auto: exact up to {EXACT_LIMIT:,} photos, faiss above if installed")
     serve.add_argument("--nprobe", type=int, default=32, help="clusters faiss scans per query "
@@ -738,8 +989,9 @@ def check_args(parser, args):
             parser.error("index needs a model: --checkpoint PATH, or --model_name NAME --pretrained TAG")
         if args.batch_size < 1 or args.num_workers < 0:
             parser.error("--batch_size must be > 0 and --num_workers >= 0")
-    if args.command == "serve" and not (args.nprobe > 0 and args.max_upload_mb > 0):
-        parser.error("--nprobe and --max_upload_mb must be > 0")
+    if args.command == "serve" and not (args.nprobe > 0 and 0 < args.max_upload_mb < math.inf):
+        parser.error(f"--nprobe must be > 0 (it is {args.nprobe}) and --max_upload_mb a number of "
+                     f"MiB > 0 (it is {args.max_upload_mb})")
 
 
 def index_command(args):
@@ -755,18 +1007,23 @@ def index_command(args):
 
 def serve_command(args):
     import uvicorn
-    index_path = demo_index(args.demo, args.device, 64, 2) if args.demo else args.index
+
+    import clip_model
+    device = clip_model.pick_device(args.device)    # once: --demo indexes with it, then serves
+    index_path = demo_index(args.demo, device, 64, 2) if args.demo else args.index
     model_args = {"checkpoint": args.checkpoint, "model_name": args.model_name,
                   "pretrained": args.pretrained}
-    service = open_service(index_path, model_args, args.device, args.search, args.nprobe,
+    service = open_service(index_path, model_args, device, args.search, args.nprobe,
                            args.max_upload_mb)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host}: anyone who can reach this machine can search "
               f"the photos and see their thumbnails", file=sys.stderr)
+    hosts = allowed_hosts(args.host, args.allowed_hosts)
     print(f"searching {len(service.index)} photos of {service.index.root} "
-          f"({service.searcher.method} search) at http://{args.host}:{args.port}  (Ctrl-C stops)",
+          f"({service.searcher.method} search) at http://{args.host}:{args.port}  (Ctrl-C stops)\n"
+          f"answering requests addressed to {', '.join(hosts)} (--allowed_hosts adds names)",
           flush=True)
-    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(create_app(service, hosts), host=args.host, port=args.port, log_level="warning")
 
 
 def main(argv=None):

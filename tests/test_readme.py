@@ -44,8 +44,12 @@ NOT_RUN_HERE = {"setup.sh": "installs the environment the tests already run in",
                 "my-finetune": "needs your own fine-tuned run; tests/test_wise_ft.py runs wise_ft.py",
                 "MUGE/lmdb": "Chinese-CLIP's download of MUGE; tests/test_data_loader.py trains on an "
                              "LMDB folder written as Chinese-CLIP's preprocessing writes it",
-                "search_app.py serve": "serves until stopped; tests/test_search_app.py drives it in a browser",
                 "trtexec": "TensorRT needs an NVIDIA GPU; tests/test_export.py checks the ONNX files"}
+
+# Commands that run until stopped (a server), so not in the sequence below: another test runs each
+# as the README writes it, and is named here so that it cannot go without this test noticing.
+RUN_BY = {"search_app.py serve": ("tests/test_search_app.py",
+                                  "test_every_serve_command_of_the_readme_answers_a_request")}
 
 
 def snippets(language):
@@ -116,6 +120,13 @@ def test_every_command_in_the_readme_parses_with_its_script():
             PARSERS[script]().parse_args(args)     # SystemExit on an unknown or malformed flag
 
 
+def test_the_commands_run_by_another_test_are_run_there():
+    for marker, (test_file, test_name) in RUN_BY.items():
+        assert any(marker in command for command in commands()), f"no README command has {marker!r}"
+        assert f"def {test_name}(" in (ROOT / test_file).read_text(), \
+            f"{test_file} has no {test_name}, which runs the README's {marker!r} commands"
+
+
 # Runs the README's commands in order (each script's main() with the command's arguments), then
 # its Python snippets (each with its own globals, as pasted into one session), in ONE interpreter:
 # a fresh Python per command would import torch and open_clip a dozen times (~5 s each here).
@@ -138,7 +149,7 @@ print("--- every command and snippet ran")
 def test_the_readme_snippets_run(tmp_path):
     """Run the README's commands in order in an empty folder, then its Python snippets."""
     run = [script_and_args(command) for command in commands()
-           if not any(marker in command for marker in NOT_RUN_HERE)]
+           if not any(marker in command for marker in [*NOT_RUN_HERE, *RUN_BY])]
     run = [(script, args) for script, args in run if script is not None]
     assert len(run) >= 6
     result = subprocess.run([sys.executable, "-c", RUNNER, json.dumps([run, snippets("python")])], cwd=tmp_path,

@@ -9,6 +9,7 @@ whether it is right. Two tiny models learn the shapes for a few dozen steps, one
 """
 import hashlib
 import io
+import json
 import os
 import shutil
 import socket
@@ -16,11 +17,13 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,7 +34,7 @@ from PIL import Image
 import sample_data
 import search_app
 import train
-from errors import DataError, MissingInputError
+from errors import DataError, MissingInputError, run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -83,10 +86,15 @@ def service(english):
     return search_app.open_service(english["index"], {}, device="cpu")
 
 
+def api_client(service, **app_options):
+    """A client of the app, its requests addressed to 127.0.0.1:8000 as a browser's would be."""
+    from fastapi.testclient import TestClient
+    return TestClient(search_app.create_app(service, **app_options), base_url="http://127.0.0.1:8000")
+
+
 @pytest.fixture(scope="module")
 def client(service):
-    from fastapi.testclient import TestClient
-    return TestClient(search_app.create_app(service))
+    return api_client(service)
 
 
 def top_paths(client, query, k):
@@ -207,18 +215,23 @@ def test_the_index_command_skips_and_lists_unreadable_files(english, tmp_path):
     (photos / "empty.png").write_bytes(b"")
     (photos / "notes.txt").write_text("not an image")                     # ignored: not an image
     (photos / ".hidden.png").write_bytes((photos / "good.PNG").read_bytes())  # ignored: hidden
+    os.mkfifo(photos / "album/pipe.png")                  # would block the reader for good
+    (photos / "elsewhere.png").symlink_to(english["photos"] / "blue star/000.png")  # not served
+    (photos / "album/again.png").symlink_to("../good.PNG")  # a link inside the folder: indexed
     index_path = tmp_path / "index.npz"
     result = subprocess.run([sys.executable, str(ROOT / "search_app.py"), "index", "--images",
                              str(photos), "--checkpoint", str(english["checkpoint"]), "--index",
                              str(index_path), "--num_workers", "1"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "indexed 2 images" in result.stdout and "2 new" in result.stdout
-    assert "skipped 2 unreadable files" in result.stdout
+    assert "indexed 3 images" in result.stdout and "3 new" in result.stdout
+    assert "skipped 4 unreadable files" in result.stdout
     assert "broken.jpg" in result.stdout and "empty.png" in result.stdout
+    assert "pipe.png' is not a regular file" in result.stdout
+    assert "elsewhere.png' is a link to a file outside the folder" in result.stdout
     index = search_app.load_index(index_path)
-    assert index.paths == ["album/good.png", "good.PNG"]
-    assert len(index.unreadable) == 2
+    assert index.paths == ["album/again.png", "album/good.png", "good.PNG"]
+    assert len(index.unreadable) == 4
 
 
 def test_a_different_model_encodes_everything_again_and_a_different_folder_is_refused(english, tmp_path):
@@ -282,8 +295,7 @@ def test_thumbnails_are_served_for_indexed_photos_only(client, service, english)
 
 
 def test_uploads_above_the_limit_are_refused_with_413(service, english):
-    from fastapi.testclient import TestClient
-    small = TestClient(search_app.create_app(replace(service, max_upload_bytes=20_000)))
+    small = api_client(replace(service, max_upload_bytes=20_000))
     photo = (english["photos"] / "red circle/000.png").read_bytes()
     assert len(photo) < 10_000
     assert small.post("/api/search_image", files={"file": ("a.png", photo)}).status_code == 200
@@ -398,8 +410,6 @@ def test_exact_search_orders_near_duplicates_that_float16_scores_would_tie():
 
 
 def test_command_line_mistakes_are_one_line_errors(english, tmp_path, capsys):
-    from errors import run_script
-
     def run(*argv):
         with pytest.raises(SystemExit) as stop:
             run_script(lambda: search_app.main(list(argv)), "search_app.py")
@@ -438,15 +448,15 @@ def free_port():
 
 
 class Server:
-    """`search_app.py serve` in a subprocess on a free port of 127.0.0.1."""
+    """`search_app.py ARGUMENTS --port PORT` (ARGUMENTS: serve ...) in a subprocess, on a free
+    port of 127.0.0.1."""
 
-    def __init__(self, index, *flags):
+    def __init__(self, arguments, cwd=ROOT):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "search_app.py"), "serve", "--index", str(index), "--port",
-             str(self.port), *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True)
+            [sys.executable, str(ROOT / "search_app.py"), *arguments, "--port", str(self.port)],
+            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def wait(self, timeout=180):
         deadline = time.time() + timeout
@@ -460,7 +470,6 @@ class Server:
         pytest.fail("the server did not answer in time")
 
     def get(self, path, **params):
-        import json
         url = self.url + path + ("?" + urllib.parse.urlencode(params) if params else "")
         with urllib.request.urlopen(url, timeout=30) as response:
             return json.load(response)
@@ -498,7 +507,8 @@ def browser():
 @pytest.fixture(scope="module")
 def servers(browser, english, chinese):
     """Both servers start at once (each takes seconds to import torch and load its model)."""
-    started = {"en": Server(english["index"], "--max_upload_mb", "1"), "zh": Server(chinese["index"])}
+    started = {"en": Server(["serve", "--index", str(english["index"]), "--max_upload_mb", "1"]),
+               "zh": Server(["serve", "--index", str(chinese["index"])])}
     try:
         for server in started.values():
             server.wait()
@@ -597,3 +607,355 @@ def test_in_the_browser_a_chinese_query_finds_photos_with_a_chinese_trained_mode
     assert "一个红色圆形" in page.text_content("#status")
     page.screenshot(path=str(SCREENSHOTS / "search_app_zh.png"))
     page.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Red-team report, issue 36: memory, thumbnails, hosts, hostile indexes, concurrent indexing
+
+def large_png(side=7000):
+    """A PNG of side x side pixels (49 megapixels at 7000) that compresses to about 250 KB:
+    small to send, 147 MB once decoded."""
+    from PIL import ImageDraw
+    image = Image.new("RGB", (side, side), (40, 90, 200))
+    draw = ImageDraw.Draw(image)
+    for k in range(20):
+        draw.ellipse((300 * k, 200 * k, 300 * k + 1500, 200 * k + 1500), fill=(255, 12 * k, 0))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def process_memory_mib(pid, field):
+    """VmRSS (resident now) or VmHWM (peak resident) of a process, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def reset_peak_memory(pid):
+    """Linux: writing 5 to clear_refs sets a process's peak resident memory to what it holds now."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def test_many_large_uploads_at_once_raise_the_servers_memory_by_a_bounded_amount(english):
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("measures the server's peak memory through Linux's /proc")
+    import httpx
+    data, uploads = large_png(), 8
+    server = Server(["serve", "--index", str(english["index"])])
+    try:
+        server.wait()
+        small = (english["photos"] / "red circle/000.png").read_bytes()
+        httpx.post(server.url + "/api/search_image", files={"file": ("a.png", small)}, timeout=60)
+        pid = server.process.pid
+        reset_peak_memory(pid)
+        before = process_memory_mib(pid, "VmRSS")
+
+        def upload(_):
+            return httpx.post(server.url + "/api/search_image", files={"file": ("big.png", data)},
+                              params={"k": 3}, timeout=120)
+        with ThreadPoolExecutor(uploads) as pool:
+            responses = list(pool.map(upload, range(uploads)))
+        growth = process_memory_mib(pid, "VmHWM") - before
+    finally:
+        server.stop()
+    assert [r.status_code for r in responses] == [200] * uploads, responses[0].text
+    print(f"{uploads} uploads of 7000 x 7000 PNGs at once: peak memory +{growth:.0f} MiB")
+    # Each decode holds 147 MB of pixels, DECODE_SLOTS of them at a time however many uploads wait.
+    # Before the limit, the eight decoded at once took 4.4 GiB; with a semaphore instead of decode
+    # threads, 1.5 GiB (memory freed by one request thread is kept for that thread).
+    pixels_mib = 7000 * 7000 * 3 / 2**20                # 140 MiB of RGB per image being decoded
+    assert growth < 1.15 * pixels_mib * search_app.DECODE_SLOTS + 250, f"peak memory grew by {growth:.0f} MiB"
+
+
+def image_in_mode(mode, fmt):
+    """A 1200 x 900 image with gradients and a disc, in a Pillow mode, saved as fmt; a JPEG says
+    in its EXIF that it is to be turned (orientation 6), as a phone photo held upright does."""
+    from PIL import ImageDraw
+    x, y = np.meshgrid(np.linspace(0, 1, 1200), np.linspace(0, 1, 900))
+    pixels = np.stack([255 * x, 255 * y, 255 * (1 - x) * y], axis=-1).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    ImageDraw.Draw(image).ellipse((300, 200, 800, 700), fill=(250, 240, 20))
+    options = {}
+    if mode == "P":
+        image, options["transparency"] = image.quantize(64), 0   # a palette with a colour key
+    elif mode == "I;16":
+        image = Image.fromarray((np.asarray(image.convert("L"), np.uint16) * 257))
+    elif mode in ("RGBA", "LA"):
+        image = image.convert(mode)
+        image.putalpha(Image.fromarray((255 * x).astype(np.uint8)))
+    else:
+        image = image.convert(mode)
+    if fmt == "JPEG":
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        options["exif"] = exif.tobytes()
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode, fmt", [("RGB", "JPEG"), ("L", "JPEG"), ("CMYK", "JPEG"), ("RGB", "PNG"),
+                                       ("P", "PNG"), ("RGBA", "PNG"), ("LA", "PNG"), ("I;16", "PNG"),
+                                       ("1", "PNG"), ("RGB", "WEBP")])
+def test_an_image_decoded_small_is_the_full_decode_made_small(mode, fmt):
+    import data_loader
+    data = image_in_mode(mode, fmt)
+    full = data_loader.decode_image(data, "x")
+    small = data_loader.decode_image(data, "x", min_side=64)
+    assert full.size == ((900, 1200) if fmt == "JPEG" else (1200, 900))     # turned by its EXIF
+    assert small.mode == "RGB" and 128 <= min(small.size) < 256           # >= 2 x 64, not more
+    assert small.size[0] / small.size[1] == pytest.approx(full.size[0] / full.size[1], rel=0.02)
+    # compared at a quarter of the small size: box edges and dithered 1-bit pixels fall apart
+    # differently, but a wrong colour (a palette index averaged) shows at any scale
+    coarse = (small.size[0] // 4, small.size[1] // 4)
+    expected = np.asarray(full.resize(coarse, Image.Resampling.BOX), np.float32)
+    assert np.abs(np.asarray(small.resize(coarse, Image.Resampling.BOX), np.float32) - expected).mean() < 3
+
+
+def test_an_image_that_would_decode_to_more_pixels_than_the_limit_is_refused_before_decoding():
+    import data_loader
+    big_jpeg = io.BytesIO()
+    Image.new("RGB", (8000, 8000), (200, 30, 30)).save(big_jpeg, format="JPEG")
+    with pytest.raises(DataError, match="is 8000 x 8000 pixels .64 megapixels.; the limit is 50"):
+        data_loader.decode_image(big_jpeg.getvalue(), "big.jpg", max_pixels=50_000_000)
+    # decoded at 1/8 scale by the JPEG decoder itself, it is 1 megapixel: accepted (1000 x 1000,
+    # then boxes of 7 x 7 keep a side of 128 or more)
+    assert data_loader.decode_image(big_jpeg.getvalue(), "big.jpg", 64, 50_000_000).size == (143, 143)
+
+
+def answer_within(seconds, request):
+    """request() run in a thread; fails the test if it gives no answer in time (an open() that
+    blocks for good would otherwise hang the whole test run)."""
+    answers = []
+    thread = threading.Thread(target=lambda: answers.append(request()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert answers, f"no answer in {seconds} s"
+    return answers[0]
+
+
+def test_a_thumbnail_is_made_only_of_a_regular_file_inside_the_indexed_folder(service, english, tmp_path,
+                                                                             monkeypatch):
+    photos, outside = tmp_path / "photos", tmp_path / "outside.png"
+    shutil.copytree(english["photos"], photos)
+    shutil.copy(photos / "blue star/000.png", outside)
+    # the files at indexed paths, replaced after indexing
+    (photos / "red circle/000.png").unlink()
+    os.mkfifo(photos / "red circle/000.png")                      # an open() would wait for a writer
+    (photos / "red circle/001.png").unlink()
+    (photos / "red circle/001.png").symlink_to("/dev/zero")        # a read would never end
+    (photos / "blue star/000.png").unlink()
+    (photos / "blue star/000.png").symlink_to(outside)             # a file outside the folder
+    (photos / "blue star/001.png").unlink()
+    (photos / "blue star/001.png").mkdir()
+    (photos / "green star/000.png").unlink()
+    (photos / "green star/000.png").symlink_to("../blue circle/000.png")   # inside: fine
+    hostile = [path if path != "yellow star/000.png" else "../outside.png" for path in service.index.paths]
+    index = replace(service.index, root=str(photos), paths=hostile)
+    client = api_client(replace(service, index=index, thumbnails=tmp_path / "thumbnails"))
+
+    def thumbnail(path):
+        return answer_within(10, lambda: client.get("/api/thumbnail", params={"path": path}))
+    try:
+        for _ in range(50):            # each would hold one of the server's threads for good
+            response = thumbnail("red circle/000.png")
+            assert response.status_code == 410 and "no longer a regular file" in response.json()["detail"]
+        assert answer_within(10, lambda: client.get("/api/info")).status_code == 200
+        for path, status, message in [("red circle/001.png", 403, "leads outside the indexed folder"),
+                                      ("blue star/000.png", 403, "leads outside the indexed folder"),
+                                      ("../outside.png", 403, "leads outside the indexed folder"),
+                                      ("blue star/001.png", 410, "no longer a regular file")]:
+            response = thumbnail(path)
+            assert response.status_code == status and message in response.json()["detail"], path
+            assert str(tmp_path) not in response.text        # the page never sees absolute paths
+        assert thumbnail("green star/000.png").status_code == 200
+        monkeypatch.setattr(search_app, "MAX_PHOTO_BYTES", 100)
+        assert (photos / "green circle/000.png").stat().st_size > 100
+        response = thumbnail("green circle/000.png")
+        assert response.status_code == 403 and "larger than 100 bytes" in response.json()["detail"]
+    finally:   # lets an open() that blocked on the FIFO go on, so that its thread ends
+        try:
+            os.close(os.open(photos / "red circle/000.png", os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass                 # nobody was waiting on it
+
+
+def test_requests_addressed_to_another_host_are_refused(service):
+    client = api_client(service, hosts=search_app.allowed_hosts("127.0.0.1"))
+    for host in ["127.0.0.1:8000", "localhost:8000", "[::1]:8000", "LOCALHOST", "127.0.0.1"]:
+        assert client.get("/api/info", headers={"host": host}).status_code == 200, host
+    # DNS rebinding: a page of attacker.example, its name resolved to 127.0.0.1, calls the API
+    for host in ["attacker.example:8000", "127.0.0.1.attacker.example", "www.localhost", ""]:
+        response = client.get("/api/search", params={"q": "red"}, headers={"host": host})
+        assert response.status_code == 400 and "Invalid host header" in response.text, host
+
+
+def test_the_server_answers_the_names_of_the_address_it_listens_on_and_those_it_is_given():
+    hosts = search_app.allowed_hosts
+    assert sorted(hosts("127.0.0.1")) == ["127.0.0.1", "[::1]", "localhost"]
+    assert sorted(hosts("localhost")) == ["127.0.0.1", "[::1]", "localhost"]
+    assert hosts("192.168.1.5") == ["192.168.1.5"]
+    assert hosts("fe80::1") == ["[fe80::1]"]
+    assert hosts("192.168.1.5", ["Photos.lan", "10.0.0.2"]) == ["192.168.1.5", "photos.lan", "10.0.0.2"]
+    assert socket.gethostname().lower() in hosts("0.0.0.0") and "localhost" in hosts("0.0.0.0")
+    assert hosts("0.0.0.0", ["*"]) == ["*"]
+    args = search_app.build_parser().parse_args(["serve", "--index", "i.npz", "--allowed_hosts", "a.lan", "b"])
+    assert args.allowed_hosts == ["a.lan", "b"]
+
+
+def test_info_shows_the_folder_and_model_as_the_user_gave_them_never_absolute(client, english, monkeypatch):
+    info = client.get("/api/info").json()
+    folder = english["photos"].parent.parent          # <tmp>/generated/zeroshot, <tmp>/model/...
+    assert str(folder) not in json.dumps(info) and "/tmp" not in json.dumps(info)
+    # started elsewhere: the names alone
+    assert info["root"] == "zeroshot" and info["model"] == "checkpoint last.pt"
+    monkeypatch.chdir(folder)                          # started where the user typed the paths
+    info = client.get("/api/info").json()
+    assert info["root"] == "generated/zeroshot" and info["model"] == "checkpoint model/ckpt/tiny/last.pt"
+
+
+def rewritten_index(source, path, change):
+    """A copy of an index file with change(arrays, meta) applied: a corrupt or hostile index."""
+    with np.load(source) as saved:
+        arrays = dict(saved)
+    meta = json.loads(str(arrays["meta"]))
+    change(arrays, meta)
+    np.savez(path, **{**arrays, "meta": np.array(json.dumps(meta))})
+    return path
+
+
+def set_path(arrays, row, path):
+    paths = bytes(arrays["paths"]).decode().split("\0")
+    paths[row] = path
+    arrays["paths"] = np.frombuffer("\0".join(paths).encode(), np.uint8)
+
+
+def nan_feature(arrays, meta):
+    arrays["features"] = arrays["features"].copy()
+    arrays["features"][3, 5] = np.nan
+
+
+CORRUPTIONS = {
+    "no format": (lambda a, m: m.pop("format"), "no format number"),
+    "unknown format": (lambda a, m: m.update(format="one"), "format 'one' is not one this code knows"),
+    "newer format": (lambda a, m: m.update(format=2), "format 2, newer than this code reads"),
+    "no features": (lambda a, m: a.pop("features"), "no features in it"),
+    "a size short": (lambda a, m: a.update(sizes=a["sizes"][:-1]), "41 photo paths but 40 sizes"),
+    "too few rows": (lambda a, m: a.update(features=a["features"][:10]), "41 photo paths but 41 sizes, "
+                                                                         "41 mtimes, 10 features"),
+    "NaN feature": (nan_feature, "features hold NaN"),
+    "1-D features": (lambda a, m: a.update(features=a["features"][0]), "not float16 [photos, dimension]"),
+    "float64 features": (lambda a, m: a.update(features=a["features"].astype(np.float64)), "float64"),
+    "no photo": (lambda a, m: a.update(paths=a["paths"][:0], sizes=a["sizes"][:0], mtimes=a["mtimes"][:0],
+                                       features=a["features"][:0]), "it holds no photo"),
+    "a path out": (lambda a, m: set_path(a, 0, "../outside/x.png"), "'../outside/x.png' is not a plain path"),
+    "an absolute path": (lambda a, m: set_path(a, 0, "/etc/passwd"), "'/etc/passwd' is not a plain path"),
+    "a path twice": (lambda a, m: set_path(a, 0, "red circle/001.png"), "listed twice"),
+    "relative folder": (lambda a, m: m.update(root="photos"), "its folder 'photos' is not an absolute path"),
+    "no model": (lambda a, m: m.update(model={"sha256": "00"}), "is not a model description"),
+    "pickled paths": (lambda a, m: a.update(paths=np.array([{"x": 1}], dtype=object)), "cannot be read"),
+}
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_a_corrupt_or_hostile_index_is_refused_when_opened_naming_the_file_and_the_problem(english, tmp_path,
+                                                                                         corruption):
+    change, message = CORRUPTIONS[corruption]
+    path = rewritten_index(english["index"], tmp_path / "index.npz", change)
+    with pytest.raises(DataError) as error:
+        search_app.load_index(path)
+    assert str(error.value).startswith(f"index {path}: ") and message in str(error.value)
+    assert "build it again with: python search_app.py index" in str(error.value)
+
+
+@pytest.mark.parametrize("content, message", [(b"", "this file is empty"),
+                                              (b"hello, not an index", "starts with b'hell'"),
+                                              (b"PK\x03\x04 a zip cut short", "cannot be read")])
+def test_a_file_that_is_no_index_is_refused_in_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "index.npz"
+    path.write_bytes(content)
+    with pytest.raises(SystemExit) as stop:
+        run_script(lambda: search_app.main(["serve", "--index", str(path)]), "search_app.py")
+    assert str(stop.value.code).startswith(f"search_app.py: error: index {path}: ")
+    assert message in str(stop.value.code) and "\n" not in str(stop.value.code)
+
+
+def test_an_index_whose_features_the_model_cannot_match_is_refused(english, tmp_path):
+    def shorter_features(arrays, meta):
+        arrays["features"] = np.ascontiguousarray(arrays["features"][:, :16])
+    path = rewritten_index(english["index"], tmp_path / "index.npz", shorter_features)
+    with pytest.raises(DataError, match="its features have 16 dimensions, and those of its model .* 128;"):
+        search_app.open_service(path, {})
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "0", "-1"])
+def test_an_upload_limit_that_is_not_a_positive_number_is_a_one_line_error(capsys, value):
+    with pytest.raises(SystemExit) as stop:
+        search_app.main(["serve", "--index", "photos.npz", "--max_upload_mb", value])
+    assert stop.value.code == 2
+    assert f"--max_upload_mb a number of MiB > 0 (it is {float(value)})" in capsys.readouterr().err
+
+
+def test_a_second_index_run_on_one_index_is_refused_in_one_line_while_the_first_runs(english, tmp_path):
+    index_path = tmp_path / "index.npz"
+    command = ["index", "--images", str(english["photos"] / "red circle"), "--checkpoint",
+               str(english["checkpoint"]), "--index", str(index_path), "--num_workers", "0"]
+    with search_app.index_lock(index_path):           # the first run, holding the index
+        with pytest.raises(SystemExit) as stop:
+            run_script(lambda: search_app.main(command), "search_app.py")
+    assert str(stop.value.code) == (f"search_app.py: error: index {index_path} is being written by another "
+                                    f"running `search_app.py index`; wait for it to end, or choose another --index")
+    assert not index_path.exists()
+    assert search_app.main(command).images == 3       # once the first has ended
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".index.npz.lock", "index.npz"]
+
+
+def test_saves_of_one_index_at_once_never_collide(english, tmp_path):
+    index, path, failures = search_app.load_index(english["index"]), tmp_path / "index.npz", []
+
+    def save_again_and_again():
+        for _ in range(25):
+            try:
+                search_app.save_index(index, path)
+            except Exception as error:     # with one temporary name: FileNotFoundError
+                failures.append(error)
+    writers = [threading.Thread(target=save_again_and_again) for _ in range(4)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join()
+    assert failures == []
+    assert search_app.load_index(path).paths == index.paths
+    assert [p.name for p in tmp_path.iterdir()] == ["index.npz"]       # no temporary file left
+
+
+def readme_serve_commands():
+    """The arguments of every `search_app.py serve` command in the README."""
+    from test_readme import commands, script_and_args  # (imports every script: once, here)
+    return [script_and_args(command)[1] for command in commands() if "search_app.py serve" in command]
+
+
+def test_every_serve_command_of_the_readme_answers_a_request(english, tmp_path):
+    """As a new user types them, after the README's steps (demo.py's run; an index of a trained
+    model), each on a free port, with the default --device auto."""
+    (tmp_path / "results/shapes").mkdir(parents=True)
+    shutil.copy(english["index"], tmp_path / "results/shapes/photos.npz")
+    (tmp_path / "model-checkpoint/demo-en").mkdir(parents=True)
+    shutil.copy(english["checkpoint"], tmp_path / "model-checkpoint/demo-en/best.pt")
+    commands = readme_serve_commands()
+    assert len(commands) >= 2 and any("--demo" in command for command in commands)
+    servers = [Server(command, cwd=tmp_path) for command in commands]
+    try:
+        for server, command in zip(servers, commands):
+            server.wait()
+            results = server.get("/api/search", q="a red circle", k=3)["results"]
+            assert len(results) == 3, command
+            request = urllib.request.Request(server.url + "/api/info", headers={"Host": "attacker.example"})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=30)
+            assert refused.value.code == 400, command
+    finally:
+        for server in servers:
+            server.stop()
