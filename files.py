@@ -1,6 +1,7 @@
-"""Writing a file whole or not at all: the one way every script saves what it must not lose
-(checkpoints, results, search indexes)."""
+"""Files that must not be lost or mixed up: writing a file whole or not at all (checkpoints,
+results, search indexes), and the lock a process holds on what it writes."""
 import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -10,14 +11,15 @@ from errors import OutputError, disk_full_message, is_disk_full
 
 
 @contextlib.contextmanager
-def atomic_write(path, mode="wb"):
+def atomic_write(path, mode="wb", sync=True):
     """Write `path` through a temporary file beside it, renamed over it once it is complete and
     on the disk (fsync). os.replace is atomic on POSIX and Windows: a reader, or a process killed
     mid-write (even by kill -9), finds the old file or the new one, never a part of either.
 
     The temporary name (`.NAME.<random>.tmp`) is new for every write, so two writers of one path
     never share it. On any failure it is removed and `path` is left as it was; an OSError becomes
-    OutputError naming the file and, for a full disk, the folder to free.
+    OutputError naming the file and, for a full disk, the folder to free. sync=False skips the
+    fsync, for a cache that can be made again (thumbnails).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
@@ -28,7 +30,8 @@ def atomic_write(path, mode="wb"):
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as error:
         with contextlib.suppress(OSError):
@@ -45,3 +48,18 @@ def write_json(path, data):
     with atomic_write(path, "w") as f:
         json.dump(data, f, indent=1, ensure_ascii=False)
 
+
+
+def lock(path):
+    """An exclusive lock on `path` (a folder, or a file made if it is absent): the descriptor
+    that holds it, or None when another process holds it. The lock lasts until the descriptor is
+    closed, which the kernel does however the process ends, so a killed process leaves none."""
+    path = Path(path)
+    flags = os.O_RDONLY if path.is_dir() else os.O_RDWR | os.O_CREAT
+    handle = os.open(path, flags | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(handle)
+        return None
+    return handle

@@ -4,7 +4,6 @@ and close_run last; what is in between is training.
 """
 import ctypes
 import datetime
-import fcntl
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import clip_model
 import distillation
+import files
 import shards
 from errors import OutputError, SettingsError, disk_full_message, is_disk_full
 from settings import DEFAULT_DATA_DIR
@@ -201,15 +201,11 @@ def prepare_folders(cfg, folders):
 
 def lock_run_folder(folder):
     """Hold an exclusive lock on the run's checkpoint folder while the run lives, so that a second
-    run with the same name is refused instead of mixing its files with this one's. The kernel
-    releases the lock when the process ends, however it ends: a killed run leaves no stale lock."""
-    handle = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(handle)
+    run with the same name is refused instead of mixing its files with this one's."""
+    handle = files.lock(folder)
+    if handle is None:
         raise OutputError(f"run folder {folder} is in use by another running train.py; wait for it "
-                          f"to end, or choose another --run_name") from None
+                          f"to end, or choose another --run_name")
     return handle
 
 

@@ -46,18 +46,28 @@ import os
 import socket
 import stat
 import sys
-import tempfile
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
+import torch
+import uvicorn
+from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi.responses import FileResponse, HTMLResponse
+from PIL import Image
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from tqdm import tqdm
 
-from errors import DataError, MissingInputError, OutputError, SettingsError
+import clip_model
+import data_loader
+import demo
+import files
+import settings
+from errors import DataError, MissingInputError, OutputError, SettingsError, run_script
 
 INDEX_FORMAT = 1
 EXACT_LIMIT = 1_000_000         # photos searched exactly even when faiss is installed
@@ -112,7 +122,6 @@ def file_sha256(path):
 
 def weights_file(spec):
     """The file holding the weights of a ModelSpec (a pretrained tag resolves to the cache)."""
-    import clip_model
     if spec.checkpoint:
         return spec.checkpoint
     if os.path.isfile(spec.pretrained):
@@ -142,7 +151,6 @@ def model_spec(checkpoint="", model_name="", pretrained=""):
 
 def load_model(spec, device):
     """The ClipSetup of a ModelSpec."""
-    import clip_model
     if spec.checkpoint:
         return clip_model.model_from_checkpoint(spec.checkpoint, device)[0]
     return clip_model.build_model(spec.model_name, spec.pretrained, device)
@@ -167,24 +175,14 @@ class PhotoIndex:
 
 
 def save_index(index, path):
-    """Write the index whole or not at all: a temporary file beside it, then a rename. The
-    temporary name is unique, so that two writers never write or rename each other's file."""
+    """Write the index whole or not at all (files.atomic_write)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     names = "\0".join(index.paths).encode("utf-8")   # NUL: the one character no file name holds
     meta = {"format": INDEX_FORMAT, "root": index.root, "model": asdict(index.model),
             "unreadable": index.unreadable}
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            np.savez(f, paths=np.frombuffer(names, dtype=np.uint8), sizes=index.sizes,
-                     mtimes=index.mtimes, features=index.features, meta=np.array(json.dumps(meta)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with files.atomic_write(path) as f:
+        np.savez(f, paths=np.frombuffer(names, dtype=np.uint8), sizes=index.sizes,
+                 mtimes=index.mtimes, features=index.features, meta=np.array(json.dumps(meta)))
 
 
 @contextmanager
@@ -194,14 +192,10 @@ def index_lock(index_path):
     (each would save only the photos it encoded). The lock is taken on a hidden file beside the
     index, left in place: deleting it would let a third run lock a new file while the second
     still holds the old one. The kernel releases it however the process ends."""
-    import fcntl
     path = Path(index_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(handle)
+    handle = files.lock(path.with_name(f".{path.name}.lock"))
+    if handle is None:
         raise OutputError(f"index {index_path} is being written by another running `search_app.py "
                           f"index`; wait for it to end, or choose another --index") from None
     try:
@@ -329,7 +323,6 @@ def scan_folder(root):
     '.', such as the thumbnail cache) are left out; symbolic links to folders are not followed.
     Only regular files inside the folder are indexed, the files `serve` shows (see read_photo):
     a FIFO would block the reader for good, and a link to a file elsewhere is not shown."""
-    import data_loader
     found, problems, folders = {}, [], [Path(root)]
     real_root = os.path.realpath(root)
     while folders:
@@ -402,10 +395,7 @@ def encode_photos(setup, files, batch_size=64, num_workers=2, device="cpu", prec
     """Features [n, D] (float16) of the readable files, their positions in `files`, and the
     message of every unreadable one. DataLoader workers decode while the model encodes;
     `progress` (a tqdm bar) counts the files."""
-    import torch
 
-    import clip_model
-    import data_loader
     dataset = data_loader.ImageDataset(files, data_loader.image_transform(setup.preprocess_cfg))
     loader = data_loader.build_dataloader(dataset, batch_size, num_workers=num_workers, train=False)
     kept, failed = [], []
@@ -457,9 +447,7 @@ def build_index(images, index_path, spec, device="cpu", precision="fp32", batch_
 
 def update_index(images, root, index_path, spec, device, precision, batch_size, num_workers):
     """build_index's work, done while it holds the index's lock."""
-    from tqdm import tqdm
 
-    import data_loader
     old = previous_index(index_path, root)
     report = IndexReport(model_changed=old is not None and old.model.sha256 != spec.sha256)
     if report.model_changed:   # features of two models cannot be compared: encode everything
@@ -578,7 +566,6 @@ class Searcher:
     """
 
     def __init__(self, features, method="auto", nprobe=32):
-        import torch
         if method == "auto":
             method = "faiss" if len(features) > EXACT_LIMIT and _has_faiss() else "exact"
         if method == "faiss" and not _has_faiss():
@@ -589,7 +576,6 @@ class Searcher:
 
     def search(self, query, k):
         """(rows, scores) of the k best rows, best first; query is a float32 vector [D]."""
-        import torch
         k = min(k, self.num_rows)
         if self.faiss is not None:
             scores, rows = self.faiss.search(np.asarray(query, np.float32)[None], k)
@@ -652,7 +638,6 @@ class SearchService:
     row_of: dict = field(init=False)
 
     def __post_init__(self):
-        import data_loader
         self.row_of = {path: row for row, path in enumerate(self.index.paths)}
         self.transform = data_loader.image_transform(self.setup.preprocess_cfg)
         size = self.setup.preprocess_cfg["size"]
@@ -668,7 +653,6 @@ class SearchService:
                 "max_k": MAX_K}
 
     def search_text(self, text, k):
-        import clip_model
         text = " ".join(text[:MAX_QUERY_CHARS].split())
         if not text:
             raise QueryError("empty query: type what you are looking for")
@@ -680,7 +664,6 @@ class SearchService:
     def search_image(self, upload, k, name="upload"):
         """Photos like an uploaded image; `upload` is a binary file, read by the decode thread (so
         that the bytes of the uploads waiting for one stay in the server's temporary files)."""
-        import clip_model
         image = self.decoder.submit(lambda: decode_upload(upload.read(), name, self.image_side)).result()
         with self.lock:
             query = clip_model.encode_images(self.setup.model, [self.transform(image)[None]],
@@ -727,9 +710,7 @@ def decode_upload(data, name, side):
     refused (QueryError, 400) if it is not an image or would decode to more than
     MAX_DECODED_PIXELS: a decompression bomb (a small file that claims gigapixels) is refused
     from its header, before anything is decoded."""
-    from PIL import Image
 
-    import data_loader
     if not data:
         raise QueryError("the upload is empty: choose an image file")
     try:
@@ -790,16 +771,13 @@ def photo_too_large(path):
 
 def make_thumbnail(data, name, target):
     """A JPEG at most THUMBNAIL_SIDE pixels on a side, of an image file's bytes."""
-    import data_loader
     try:
         image = data_loader.decode_image(data, name, THUMBNAIL_SIDE, MAX_DECODED_PIXELS)
     except DataError as error:
         raise QueryError(f"no thumbnail: {error}", 410) from None
     image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".tmp", delete=False) as tmp:
-        image.save(tmp, format="JPEG", quality=88)
-    os.replace(tmp.name, target)
+    with files.atomic_write(target, sync=False) as f:    # a cache: a lost one is made again
+        image.save(f, format="JPEG", quality=88)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -828,9 +806,6 @@ def create_app(service, hosts=LOOPBACK_HOSTS):
     """FastAPI app: GET / (the page), /api/info, /api/search?q=&k=, POST /api/search_image
     (multipart, field `file`), /api/search_like?path=&k= and /api/thumbnail?path=. A request
     addressed to a host not in `hosts` (see allowed_hosts) gets 400."""
-    from fastapi import FastAPI, File, HTTPException, Query, UploadFile
-    from fastapi.responses import FileResponse, HTMLResponse
-    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     # The body limit makes FastAPI answer 413 as soon as an upload passes it, before it is read.
     app = FastAPI(title="Photo search", docs_url=None, redoc_url=None,
@@ -879,7 +854,6 @@ def create_app(service, hosts=LOOPBACK_HOSTS):
 def open_service(index_path, model_args, device="cpu", search="auto", nprobe=32,
                  max_upload_mb=20.0):
     """Everything `serve` needs: the index, the model that made it, the searcher."""
-    import clip_model
     index = load_index(index_path)
     if model_args.get("checkpoint") or model_args.get("model_name"):
         spec = model_spec(**model_args)     # the same weights at another path, checked below
@@ -903,7 +877,6 @@ def open_service(index_path, model_args, device="cpu", search="auto", nprobe=32,
 
 def check_feature_dimension(index, setup, index_path, device):
     """The model's features and the index's must have one dimension, or every query fails."""
-    import clip_model
     dim = clip_model.encode_texts(setup.model, setup.tokenizer, ["a photo"], device).shape[-1]
     if dim != index.features.shape[1]:
         raise bad_index(index_path, f"its features have {index.features.shape[1]} dimensions, and "
@@ -913,8 +886,6 @@ def check_feature_dimension(index, setup, index_path, device):
 def demo_index(language, device, batch_size, num_workers):
     """Index the validation images of demo.py's run (in its results folder) and return the
     index's path. The run must exist: `python demo.py [--language zh]` makes it."""
-    import demo
-    import settings
     cfg = settings.parse_config(["--run_name", f"demo-{language}"])
     checkpoint = Path(cfg.checkpoint_dir) / cfg.run_name / "best.pt"
     if not checkpoint.is_file():
@@ -995,7 +966,6 @@ def check_args(parser, args):
 
 
 def index_command(args):
-    import clip_model
     spec = model_spec(args.checkpoint, args.model_name, args.pretrained)
     device = clip_model.pick_device(args.device)
     precision = clip_model.pick_precision(args.precision, device)
@@ -1006,9 +976,7 @@ def index_command(args):
 
 
 def serve_command(args):
-    import uvicorn
 
-    import clip_model
     device = clip_model.pick_device(args.device)    # once: --demo indexes with it, then serves
     index_path = demo_index(args.demo, device, 64, 2) if args.demo else args.index
     model_args = {"checkpoint": args.checkpoint, "model_name": args.model_name,
@@ -1034,5 +1002,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from errors import run_script
     run_script(main, "search_app.py")

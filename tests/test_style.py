@@ -16,19 +16,29 @@ def test_ruff_finds_nothing_to_fix():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def imported_names(node):
+    if isinstance(node, ast.Import):
+        return [alias.name.split(".")[0] for alias in node.names]
+    if isinstance(node, ast.ImportFrom) and node.level == 0:
+        return [node.module.split(".")[0]]
+    return []
+
+
+def imports_inside_functions(module):
+    """The project's modules that `module` imports below its top level: [(name, line)]."""
+    tree = ast.parse((ROOT / f"{module}.py").read_text(encoding="utf-8"))
+    at_top = {id(node) for node in tree.body}
+    return [(name, node.lineno) for node in ast.walk(tree) if id(node) not in at_top
+            for name in imported_names(node) if name in MODULES]
+
+
 def project_imports(module):
-    """The project's modules that `module` imports, anywhere in it: {name: line}."""
+    """The project's modules that `module` imports, anywhere in it: {name: first line}."""
     found = {}
     for node in ast.walk(ast.parse((ROOT / f"{module}.py").read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            names = [node.module]
-        else:
-            continue
-        for name in names:
-            if name.split(".")[0] in MODULES:
-                found.setdefault(name.split(".")[0], node.lineno)
+        for name in imported_names(node):
+            if name in MODULES:
+                found.setdefault(name, node.lineno)
     return found
 
 
@@ -40,6 +50,13 @@ def readme_layers():
 
 def test_every_module_is_in_the_readme_table():
     assert sorted(readme_layers()) == MODULES
+
+
+def test_the_projects_modules_are_imported_at_the_top_of_each_module():
+    # verify.py imports inside its checks on purpose: it reports a broken installation in a row.
+    inside = [f"{module}.py line {line}: import {name}" for module in MODULES if module != "verify"
+              for name, line in imports_inside_functions(module)]
+    assert not inside, "\n".join(inside)
 
 
 def upward_imports(layers):
@@ -60,3 +77,4 @@ def test_the_layering_check_sees_an_import_of_a_module_below(tmp_path, monkeypat
     monkeypatch.setattr(sys.modules[__name__], "MODULES", ["high", "low"])
     assert upward_imports(["low", "high"]) == ["low.py line 2 imports high, which sits below it in "
                                                "the README's table"]
+    assert imports_inside_functions("low") == [("high", 2)] and imports_inside_functions("high") == []
