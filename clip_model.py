@@ -749,7 +749,7 @@ def save_checkpoint(path, setup, **training_state):
         # errno; a disk with less room than the checkpoint needs tells what happened.
         needed = sum(t.numel() * t.element_size() for t in payload["state_dict"].values())
         if shutil.disk_usage(path.parent).free < needed:
-            raise OutputError(f"{path} not written: {disk_full_message(error, path.parent)}") from None
+            raise OutputError(f"{path.name} not written: {disk_full_message(error, path.parent)}") from None
         raise
 
 

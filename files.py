@@ -37,7 +37,7 @@ def atomic_write(path, mode="wb", sync=True):
         with contextlib.suppress(OSError):
             tmp.unlink()
         if is_disk_full(error):
-            raise OutputError(f"{path} not written: {disk_full_message(error, path.parent)}") from None
+            raise OutputError(f"{path.name} not written: {disk_full_message(error, path.parent)}") from None
         if isinstance(error, OSError):
             raise OutputError(f"{path} cannot be written ({error.strerror or error})") from None
         raise

@@ -198,16 +198,23 @@ def build_ema(cfg, model):
     or in fine-tuning. After n updates the decay is min(ema_decay, (1 + n) / (10 + n)): early on
     the average follows the weights closely instead of remembering the random initial ones (as
     TensorFlow's ExponentialMovingAverage with num_updates does). torch's AveragedModel keeps
-    the copy on the model's device.
+    the copy on the model's device. Buffers that are not saved with the weights (the text
+    tower's causal mask, of -inf and 0) are constants, copied, not averaged: the average of -inf
+    and -inf is NaN.
     """
     if not cfg.ema_decay:
         return None
+    saved = model.state_dict(keep_vars=True)
+    constants = {buffer.data_ptr() for name, buffer in model.named_buffers() if name not in saved}
 
     @torch.no_grad()
     def update(averages, weights, updates):
         decay = min(cfg.ema_decay, (1 + int(updates)) / (10 + int(updates)))
-        if averages[0].is_floating_point():
-            torch._foreach_lerp_(averages, weights, 1 - decay)
-        else:                             # integer buffers (BatchNorm's step counter): the latest
-            torch._foreach_copy_(averages, weights)
+        averaged = [a.is_floating_point() and w.data_ptr() not in constants for a, w in zip(averages, weights)]
+        if any(averaged):
+            torch._foreach_lerp_([a for a, m in zip(averages, averaged) if m],
+                                 [w for w, m in zip(weights, averaged) if m], 1 - decay)
+        if not all(averaged):         # integer buffers (BatchNorm's step counter) and constants
+            torch._foreach_copy_([a for a, m in zip(averages, averaged) if not m],
+                                 [w for w, m in zip(weights, averaged) if not m])
     return AveragedModel(model, multi_avg_fn=update, use_buffers=True)

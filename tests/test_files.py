@@ -34,7 +34,7 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_keeps_the_previous_file(t
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(OutputError, match=f"{path} not written: no space left on the disk of {tmp_path}"):
+    with pytest.raises(OutputError, match=f"best.pt not written: no space left on the disk of {tmp_path}"):
         with files.atomic_write(path) as f:
             f.write(b"new")
     assert path.read_bytes() == b"previous" and os.listdir(tmp_path) == ["best.pt"]

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -396,6 +397,19 @@ def test_zero_shot_on_the_generated_shape_classes_is_far_above_chance(learned_ru
 
 
 # ---- fine-tuning: the moving average of the weights, zero-shot during training -------------------
+
+def test_the_moving_average_copies_constant_buffers_such_as_the_causal_mask():
+    # The average of -inf and -inf is NaN: a mask averaged like a weight made every text feature
+    # of the average NaN (found when evaluation began to refuse NaN features).
+    model = cm.build_model("tiny-vit-64").model
+    ema = train_step.build_ema(SimpleNamespace(ema_decay=0.9), model)
+    for _ in range(3):
+        ema.update_parameters(model)
+    assert torch.equal(ema.module.attn_mask, model.attn_mask)
+    with torch.no_grad():
+        features = ema.module.encode_text(torch.randint(1, 49000, (2, 32)))
+    assert torch.isfinite(features).all()
+
 
 def test_the_moving_average_follows_its_formula_with_a_warming_decay():
     model = torch.nn.Linear(3, 2)
