@@ -233,9 +233,9 @@ def image_tensor(image, size):
 
 def load_pairs(folder, cfg, tokenizer):
     """All images of a generated set as one tensor, every caption tokenised, and the image of
-    each caption (owner).
-    The set is small, so it is read once into memory; images are not augmented, because the
-    captions name colours and positions that a flip or a colour change would make false."""
+    each caption (owner). The set is small, so it is read once into memory. Images are not
+    augmented: the captions name colours and positions that a flip or a colour change would
+    make false."""
     entries = json.loads((Path(folder) / "data.json").read_text())
     images = torch.stack([image_tensor(Image.open(Path(folder) / e["image_path"]), cfg.image_size)
                           for e in entries])                      # (N, 3, H, W)

@@ -522,6 +522,7 @@ def test_a_longer_context_is_kept_in_the_checkpoint_without_changing_the_preset(
     assert cm.build_model("tiny-vit-64").model.positional_embedding.shape[0] == 32
 
 
+@pytest.mark.slow
 def test_a_pretrained_tag_uses_the_cached_download_with_the_tags_settings(tmp_path, monkeypatch):
     # The OpenAI RN50 weights need QuickGELU; a cached file must be found without any network.
     reference = cm.build_model("RN50").model

@@ -532,6 +532,7 @@ def test_an_lmdb_record_that_is_not_image_text_id_and_text_is_named(sample, tmp_
         dl.load_caption_index(folder)
 
 
+@pytest.mark.slow
 def test_train_runs_on_a_chinese_clip_lmdb_folder(tmp_path):
     root = tmp_path / "muge"
     for split, seed in (("train", 0), ("valid", 1)):
@@ -605,6 +606,7 @@ except DataError as error:
 """
 
 
+@pytest.mark.slow
 def test_an_lmdb_record_whose_repr_would_exhaust_memory_is_refused_in_one_short_line(sample, tmp_path):
     payload = pickle.dumps(nested_lists(40), protocol=2)
     assert len(payload) == 286

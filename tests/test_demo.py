@@ -4,11 +4,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 PLOTS = ["training_curves.png", "model_metrics.png", "similarity_heatmap.png", "relevance_maps.png",
          "retrieval_examples.png", "embedding_space.png", "zeroshot_confusion.png"]
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end_and_writes_every_output(tmp_path):
     # Unknown flags go to train.py: a short run keeps the test quick.
     result = subprocess.run(

@@ -424,6 +424,7 @@ def single_thread_main(argv):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_a_student_equal_to_its_teacher_learns_nothing_from_distillation_alone(data, tmp_path):
     torch.manual_seed(0)
     cm.save_checkpoint(tmp_path / "same.pt", cm.build_model("tiny-vit-64"))
@@ -450,6 +451,7 @@ def accumulated_run(data, teacher, tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_distillation_with_accumulated_micro_batches_trains_the_student_towards_its_teacher(accumulated_run):
     out, result = accumulated_run
     history = result["history"]["train"]
@@ -494,6 +496,7 @@ def test_the_teacher_is_never_in_a_checkpoint_and_the_map_only_in_last(accumulat
     assert "distillation" not in cm.load_checkpoint(out / "ckpt/whole/best.pt")
 
 
+@pytest.mark.slow
 def test_a_resumed_distilled_run_ends_where_an_uninterrupted_one_does(accumulated_run, data, teacher, tmp_path):
     out, _ = accumulated_run
     flags = ("--run_name", "split", "--distill_from", str(teacher["checkpoint"]), *ACCUMULATED)
@@ -509,6 +512,7 @@ def test_a_resumed_distilled_run_ends_where_an_uninterrupted_one_does(accumulate
                                      "--distill_from", str(teacher["checkpoint"]), "--no-distill_features"))
 
 
+@pytest.mark.slow
 def test_the_cached_teacher_gives_the_live_teachers_loss(data, teacher, tmp_path):
     flags = ("--distill_from", str(teacher["folder"]), "--no-augment", "--max_steps", "2")
     live = single_thread_main(run_flags(data, tmp_path, "--run_name", "live", *flags))
@@ -519,6 +523,7 @@ def test_the_cached_teacher_gives_the_live_teachers_loss(data, teacher, tmp_path
     assert "distill_cache: the teacher's features of 180 images" in (tmp_path / "logs/cached/train.log").read_text()
 
 
+@pytest.mark.slow
 def test_torchrun_distils_on_two_processes_as_one_process_does_on_the_same_global_batch(accumulated_run, data,
                                                                                        teacher, tmp_path):
     out, single = accumulated_run

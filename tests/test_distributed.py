@@ -180,6 +180,7 @@ def messages(log_text):
     return [line.split(" ", 1)[1] for line in log_text.splitlines()]  # without the time stamp
 
 
+@pytest.mark.slow
 def test_torchrun_trains_on_two_processes_logging_and_checkpointing_once(torchrun_runs):
     out, first, first_log, _ = torchrun_runs
     assert "2 process(es)" in first_log and "global batch of 32" in first_log
@@ -191,6 +192,7 @@ def test_torchrun_trains_on_two_processes_logging_and_checkpointing_once(torchru
     assert cm.load_checkpoint(out / "step3.pt")["step"] == 3
 
 
+@pytest.mark.slow
 def test_resume_auto_under_torchrun_continues_the_run(torchrun_runs):
     out, _, first_log, second = torchrun_runs
     log = (out / "logs/dist/train.log").read_text()[len(first_log):]
@@ -203,6 +205,7 @@ def test_resume_auto_under_torchrun_continues_the_run(torchrun_runs):
     assert sorted(os.listdir(out / "ckpt/dist")) == ["best.pt", "config.json", "last.pt"]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_two_processes_resumes_on_one_with_the_same_global_batch(torchrun_runs, sample_set,
                                                                                  tmp_path):
     out, *_ = torchrun_runs

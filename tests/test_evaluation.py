@@ -358,6 +358,7 @@ def test_clip_benchmark_record_has_its_keys_and_fractions():
     assert record["metrics"]["acc5"] == 1.0 and record["language"] == "zh"
 
 
+@pytest.mark.slow
 def test_imagenet_zeroshot_with_the_openai_templates_runs_offline(tmp_path, monkeypatch):
     """The protocol as published: 1000 ImageNet classes x the 80 prompts, all from open_clip's
     package, on a folder per class named by WordNet id. A model small enough for 80,000 prompts."""
@@ -471,6 +472,7 @@ def test_embeddings_not_as_save_embeddings_writes_them_are_refused_naming_the_fi
     assert "\n" not in str(refused.value)
 
 
+@pytest.mark.slow
 def test_nan_embeddings_stop_the_command_in_one_line_instead_of_scoring_rsum_600(tmp_path):
     folder = saved_set(tmp_path, **HOSTILE_EMBEDDINGS["nan"][0])
     done = subprocess.run([sys.executable, "evaluation.py", "--embeddings", str(folder)], cwd=REPO,
@@ -483,6 +485,7 @@ def test_nan_embeddings_stop_the_command_in_one_line_instead_of_scoring_rsum_600
 
 # ---- the command line ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_help_lists_the_flags():
     shown = subprocess.run([sys.executable, "evaluation.py", "--help"], cwd=REPO, capture_output=True,
                            text=True, check=True)
@@ -614,6 +617,7 @@ def test_unreadable_images_are_left_out_with_their_captions_and_named(sample, da
     assert results["similarity"] == pytest.approx(reference["similarity"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_strict_data_stops_at_the_first_unreadable_image_in_one_line(sample, damaged):
     result = subprocess.run([sys.executable, "evaluation.py", "--checkpoint", sample["checkpoint"],
                              "--data", str(damaged["index"]), "--strict_data", "--num_workers", "2"],

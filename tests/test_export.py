@@ -57,6 +57,7 @@ def reference_features(checkpoint, entries, root):
     return cm.encode_images(setup.model, loader, "cpu").numpy(), texts.numpy()
 
 
+@pytest.mark.slow
 def test_an_export_writes_every_file_and_passes_its_check(exported):
     folder, report = exported
     for name in ["open_clip_config.json", "open_clip_model.safetensors", "README.md", "image_encoder.onnx",
@@ -72,6 +73,7 @@ def test_an_export_writes_every_file_and_passes_its_check(exported):
     assert report["images"] == 40 and report["onnx"]["opset"] == export.DEFAULT_OPSET
 
 
+@pytest.mark.slow
 def test_the_open_clip_folder_loads_where_this_repository_is_unknown(exported, trained, check_data,
                                                                       tmp_path):
     folder, _ = exported
@@ -207,6 +209,7 @@ def test_a_broken_onnx_export_fails_its_check_and_is_deleted(breaking, failure, 
     assert "int8" not in report and (tmp_path / "open_clip_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_the_resnet_preset_exports_and_passes_its_check(check_data, tmp_path):
     torch.manual_seed(0)
     cm.save_checkpoint(tmp_path / "rn.pt", cm.build_model("simple-rn18"), step=0)

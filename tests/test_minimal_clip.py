@@ -45,6 +45,7 @@ def features(name, quick_gelu, written_out_config=None):
 
 @pytest.mark.parametrize("name,quick_gelu", [("tiny-vit-64", False), ("tiny-vit-64", True),
                                              ("ViT-B-32", True)])
+@pytest.mark.slow
 def test_features_equal_open_clip_to_float32_round_off(name, quick_gelu):
     (image_theirs, text_theirs), (image_mine, text_mine) = features(name, quick_gelu)
     assert (image_mine - image_theirs).abs().max() < TOLERANCE

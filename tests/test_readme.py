@@ -146,6 +146,7 @@ print("--- every command and snippet ran")
 """
 
 
+@pytest.mark.slow
 def test_the_readme_snippets_run(tmp_path):
     """Run the README's commands in order in an empty folder, then its Python snippets."""
     run = [script_and_args(command) for command in commands()

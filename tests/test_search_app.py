@@ -106,6 +106,7 @@ def top_paths(client, query, k):
 # ----------------------------------------------------------------------------------------------
 # Searching
 
+@pytest.mark.slow
 def test_a_text_query_finds_the_photos_of_the_colour_and_shape_it_names(client):
     hits, right_colour = 0, 0
     for colour in sample_data.SAMPLE_COLOURS:
@@ -119,6 +120,7 @@ def test_a_text_query_finds_the_photos_of_the_colour_and_shape_it_names(client):
     assert right_colour / 100 >= 0.7
 
 
+@pytest.mark.slow
 def test_an_uploaded_photo_finds_itself_first(client, english):
     path = "blue star/001.png"
     data = (english["photos"] / path).read_bytes()
@@ -206,6 +208,7 @@ def test_an_interrupted_index_run_keeps_its_work_and_the_next_run_goes_on(englis
     assert (report.unchanged, report.new, report.images) == (32, 9, 41)
 
 
+@pytest.mark.slow
 def test_the_index_command_skips_and_lists_unreadable_files(english, tmp_path):
     photos = tmp_path / "photos"
     (photos / "album").mkdir(parents=True)
@@ -537,6 +540,7 @@ def type_query(page, text):
     page.wait_for_function("document.querySelector('#status').textContent.includes('results')")
 
 
+@pytest.mark.slow
 def test_in_the_browser_a_typed_query_shows_the_photos_it_names(browser, servers):
     page = open_page(browser, servers["en"].url)
     type_query(page, "a red circle")
@@ -553,6 +557,7 @@ def test_in_the_browser_a_typed_query_shows_the_photos_it_names(browser, servers
     page.close()
 
 
+@pytest.mark.slow
 def test_in_the_browser_an_uploaded_photo_comes_first_and_a_click_searches_by_a_result(browser, servers, english):
     page = open_page(browser, servers["en"].url)
     page.set_input_files("#file", str(english["photos"] / "yellow triangle/000.png"))
@@ -638,6 +643,7 @@ def reset_peak_memory(pid):
     Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
+@pytest.mark.slow
 def test_many_large_uploads_at_once_raise_the_servers_memory_by_a_bounded_amount(english):
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("measures the server's peak memory through Linux's /proc")
@@ -937,6 +943,7 @@ def readme_serve_commands():
     return [script_and_args(command)[1] for command in commands() if "search_app.py serve" in command]
 
 
+@pytest.mark.slow
 def test_every_serve_command_of_the_readme_answers_a_request(english, tmp_path):
     """As a new user types them, after the README's steps (demo.py's run; an index of a trained
     model), each on a free port, with the default --device auto."""

@@ -308,6 +308,7 @@ def source_share(ids, source=1):
     return sum(i >> shards.SOURCE_SHIFT == source for i in ids) / len(ids)
 
 
+@pytest.mark.slow
 def test_resampling_draws_each_source_by_its_weight(two_sources):
     weighted = flat(epoch_ids(two_sources, 0, 1, 0, num_samples=800, weights="1,3", resampled=True))
     assert len(weighted) == 800
@@ -316,6 +317,7 @@ def test_resampling_draws_each_source_by_its_weight(two_sources):
     assert abs(source_share(by_size) - 2 / 3) < 0.07
 
 
+@pytest.mark.slow
 def test_resampling_serves_more_readers_than_shards_and_differs_by_epoch(two_sources):
     a_only = two_sources.split("::")[0]  # 2 shards, 2 ranks x 2 workers
     epochs = [epoch_ids(a_only, epoch, 2, 2, num_samples=40, resampled=True) for epoch in range(2)]
@@ -376,6 +378,7 @@ def test_train_runs_on_img2dataset_shards_naming_the_skipped_samples(web_set, va
     assert "sample 000000005" in log and "sample 000010004" in log and "2 unreadable images" in log
 
 
+@pytest.mark.slow
 def test_train_runs_on_mixed_resampled_sources(two_sources, shard_set, val_set, tmp_path):
     result = train_on(f"{shard_set['pattern']}::{two_sources}", val_set, tmp_path,
                       "--data_resampled", "--data_weights", "2,1,1", "--train_num_samples", "16")

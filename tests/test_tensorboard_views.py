@@ -62,6 +62,7 @@ def events(run):
 # ----------------------------------------------------------------------------------------------
 # What the event files hold
 
+@pytest.mark.slow
 def test_both_pictures_are_written_at_every_validation(run, events):
     for tag in ("val/similarity_heatmap", "val/retrieval_examples"):
         pictures = events.Images(tag)
@@ -75,6 +76,7 @@ def test_both_pictures_are_written_at_every_validation(run, events):
     assert first != last
 
 
+@pytest.mark.slow
 def test_the_pictures_show_the_first_readable_pairs_of_the_seeded_order(run):
     index, order = run["val_index"], run["order"]
     pairs = tensorboard_views.load_pairs(index, order, PAIRS)
@@ -245,6 +247,7 @@ def browser():
         browser.close()
 
 
+@pytest.mark.slow
 def test_tensorboard_serves_the_pictures_of_the_run(tensorboard, browser):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(f"{tensorboard}/#images")
@@ -260,6 +263,7 @@ def test_tensorboard_serves_the_pictures_of_the_run(tensorboard, browser):
     page.screenshot(path=str(SCREENSHOTS / "tensorboard_images.png"))
 
 
+@pytest.mark.slow
 def test_tensorboard_serves_the_projector_of_the_run(tensorboard, browser):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(f"{tensorboard}/#projector")

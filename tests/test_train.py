@@ -36,6 +36,7 @@ def test_config_json_holds_exactly_the_schema_defaults():
     assert json.loads((ROOT / "config.json").read_text()) == settings.default_config()
 
 
+@pytest.mark.slow
 def test_every_setting_is_a_flag_of_train_py_with_its_help_and_default():
     # What `python train.py --help` prints, compared without the line breaks argparse adds.
     shown = "".join(subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, check=True,
@@ -117,6 +118,7 @@ def test_a_default_run_name_from_a_config_file_path_is_a_plain_folder_name():
     assert settings.FOLDER_NAME.fullmatch(name) and name.startswith("odd-model-")
 
 
+@pytest.mark.slow
 def test_run_name_dot_dot_leaves_the_projects_config_json_alone(tmp_path):
     # The red team's case: every output of `--run_name ..` landed in the project folder itself.
     project = tmp_path / "project"
@@ -272,6 +274,7 @@ def learned_run(data, tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_a_short_run_learns_far_above_chance(learned_run):
     out, result = learned_run
     final = result["history"]["val"][-1]["retrieval"]
@@ -282,6 +285,7 @@ def test_a_short_run_learns_far_above_chance(learned_run):
     assert losses[-1] < losses[0] - 0.5
 
 
+@pytest.mark.slow
 def test_a_run_writes_checkpoints_results_and_curves(learned_run):
     out, result = learned_run
     assert (out / "ckpt/learn/last.pt").is_file() and (out / "ckpt/learn/best.pt").is_file()
@@ -309,6 +313,7 @@ def test_tensorboard_events_are_readable_by_tensorboard(learned_run):
     assert (out / "logs/learn/train.log").read_text().count("validation") >= 2
 
 
+@pytest.mark.slow
 def test_the_checkpoint_is_consumed_by_evaluation(learned_run, data, tmp_path):
     out, _ = learned_run
     output = tmp_path / "eval.json"
@@ -320,6 +325,7 @@ def test_the_checkpoint_is_consumed_by_evaluation(learned_run, data, tmp_path):
     assert metrics["retrieval"]["text_to_image"]["R@10"] > 40
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(data, tmp_path):
     common = ("--max_steps", "14", "--eval_every", "6", "--save_every", "1000")
     whole = train.main(run_args(data, tmp_path, "--run_name", "whole", *common))
@@ -336,6 +342,7 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(data, tm
     assert [e["step"] for e in a["history"]["val"]] == [e["step"] for e in b["history"]["val"]]
 
 
+@pytest.mark.slow
 def test_the_image_and_caption_caches_and_workers_change_nothing_a_run_learns(data, tmp_path):
     common = ("--max_steps", "2", "--eval_every", "2", "--num_workers", "1")
     train.main(run_args(data, tmp_path, "--run_name", "cached", *common))
@@ -366,6 +373,7 @@ def test_an_existing_run_is_not_overwritten_without_resume(data, tmp_path):
         train.main(run_args(data, tmp_path, "--run_name", "once", "--max_steps", "2"))
 
 
+@pytest.mark.slow
 def test_nan_losses_are_skipped_and_a_run_of_them_stops_cleanly(data, tmp_path, monkeypatch):
     real_forward = cm.ContrastiveLoss.forward
     calls = {"n": 0}
@@ -429,6 +437,7 @@ def test_the_moving_average_follows_its_formula_with_a_warming_decay():
         torch.testing.assert_close(p, expected[name], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_ema_is_validated_beside_the_weights_and_resumes_exactly(data, tmp_path):
     common = ("--max_steps", "6", "--eval_every", "3", "--ema_decay", "0.9", "--save_every", "1000")
     whole = train.main(run_args(data, tmp_path, "--run_name", "whole", *common))
@@ -451,6 +460,7 @@ def test_ema_is_validated_beside_the_weights_and_resumes_exactly(data, tmp_path)
         assert all(torch.equal(best["state_dict"][k], averaged[k]) for k in best["state_dict"])
 
 
+@pytest.mark.slow
 def test_zero_shot_is_tracked_at_every_validation_and_can_pick_best_pt(data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     result = train.main(run_args(data, tmp_path, "--run_name", "zs", "--max_steps", "4", "--eval_every", "2",
@@ -466,6 +476,7 @@ def test_zero_shot_is_tracked_at_every_validation_and_can_pick_best_pt(data, tmp
         train.main(run_args(data, tmp_path, "--run_name", "zs2", "--best_metric", "zeroshot/top1"))
 
 
+@pytest.mark.slow
 def test_hard_negative_batches_resume_exactly_mid_epoch(data, tmp_path):
     # epochs of images (15 steps), so that 18 steps cross one; groups of captions of one image
     # (sample_by caption) are left out by data_loader.neighbourhood_order, tested on its own
@@ -483,6 +494,7 @@ def test_hard_negative_batches_resume_exactly_mid_epoch(data, tmp_path):
     assert "epoch 0: hard-negative batches mined from 480 captions" in log and "epoch 1: hard-negative" in log
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("users_setting", [None, "131072"])
 def test_a_steps_freed_buffers_are_reused_without_page_faults_unless_the_user_set_malloc(users_setting):
     """A step allocates and frees buffers of 4-24 MiB (76 MiB, 19,456 pages), as a training step
@@ -510,6 +522,7 @@ def test_a_steps_freed_buffers_are_reused_without_page_faults_unless_the_user_se
 @pytest.mark.parametrize("cache,users_value,seen", [("--cache_images", None, ["None"]),
                                                      ("--no-cache_images", None, ["None", "1000"]),
                                                      ("--no-cache_images", "250000", ["250000"])])
+@pytest.mark.slow
 def test_openmp_threads_spin_briefly_beside_workers_unless_the_user_chose(cache, users_value, seen, tmp_path):
     """GOMP_SPINCOUNT must be in the environment when torch loads OpenMP, which is before
     train.main runs: when workers will decode beside the model (uncached images), the train.py

@@ -61,6 +61,7 @@ def error_lines(done):
 
 @pytest.mark.parametrize("signum,group", [(signal.SIGTERM, True), (signal.SIGINT, True), (signal.SIGTERM, False)],
                          ids=["SIGTERM to the group", "SIGINT to the group", "SIGTERM to the process"])
+@pytest.mark.slow
 def test_a_stop_signal_saves_a_run_that_resumes_exactly(data, tmp_path, signum, group):
     # To the group, as schedulers, `timeout` and Ctrl-C send it: DataLoader workers get it too and
     # must leave it to the main process. To the process alone, as `kill PID` sends it.
@@ -89,6 +90,7 @@ def test_a_stop_signal_saves_a_run_that_resumes_exactly(data, tmp_path, signum, 
         assert torch.equal(tensor, b[name]), name
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_aborts_at_once_and_nothing_hangs(data, tmp_path):
     # Abort mid-step with busy DataLoader workers: the exit must not wait on them forever.
     args = run_args(data, tmp_path, "--run_name", "abort", "--num_workers", "2", "--max_steps", "2000",
@@ -152,6 +154,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_saving_loses_nothing_already_saved_and_says_so_in_one_line(data, tmp_path,
                                                                                        small_disk):
     args = run_args(data, tmp_path, "--run_name", "full", "--max_steps", "6", "--eval_every", "3",
@@ -180,6 +183,7 @@ def test_a_full_results_disk_costs_no_weights(data, tmp_path, small_disk):
     assert not [p for p in (small_disk / "res").iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_evaluation_output_on_a_full_disk_is_one_line(data, tmp_path, small_disk):
     setup = cm.build_model("tiny-vit-64")
     cm.save_checkpoint(tmp_path / "m.pt", setup)
@@ -201,6 +205,7 @@ def test_output_folders_that_cannot_be_made_are_refused_before_anything_is_built
 
 # ---- two runs, one name --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_second_run_with_a_taken_name_is_refused_and_a_killed_runs_lock_is_gone(data, tmp_path):
     args = run_args(data, tmp_path, "--run_name", "twice", "--max_steps", "2000", "--save_every", "2",
                     "--eval_every", "1000")
@@ -276,6 +281,7 @@ def test_a_wrong_setting_is_refused_before_the_model_is_built_naming_it(flags, d
         train.main(run_args(data, tmp_path, "--run_name", "bad", *flags.split()))
 
 
+@pytest.mark.slow
 def test_a_wrong_setting_is_one_line_on_the_command_line_and_help_shows_every_range():
     done = subprocess.run([sys.executable, "train.py", "--batch_size", "0"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
@@ -297,6 +303,7 @@ def test_a_one_image_index_without_validation_data_is_one_line(data, tmp_path):
         train.main(run_args(data, tmp_path, "--run_name", "one", "--data_dir", str(index), "--val_data", ""))
 
 
+@pytest.mark.slow
 def test_resuming_with_changed_settings_says_which_and_refuses_another_model(data, tmp_path):
     train.main(run_args(data, tmp_path, "--run_name", "r", "--max_steps", "2"))
     result = train.main(run_args(data, tmp_path, "--run_name", "r", "--max_steps", "3",
@@ -309,6 +316,7 @@ def test_resuming_with_changed_settings_says_which_and_refuses_another_model(dat
                             "--model_name", "simple-rn18"))
 
 
+@pytest.mark.slow
 def test_a_warmup_longer_than_half_the_run_is_shortened_and_the_rate_decays(data, tmp_path):
     result = train.main(run_args(data, tmp_path, "--run_name", "w", "--max_steps", "8",
                                  "--warmup_steps", "100", "--log_every", "1", "--learning_rate", "1e-3"))

@@ -282,6 +282,7 @@ def test_chinese_without_a_cjk_font_warns_once_and_still_draws(monkeypatch):
 
 # --- command line ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_draws_every_plot_of_a_run_into_its_results_folder(results_dir, tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "visualization.py"), "--run_name", "run"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -331,6 +332,7 @@ def test_missing_data_set_skips_thumbnail_plots_but_draws_the_embedding_space(re
     assert_picture(results_dir / "embedding_space.png")
 
 
+@pytest.mark.slow
 def test_a_broken_input_fails_its_plots_and_the_others_are_still_drawn(results_dir, capsys):
     (results_dir / "eval_results.json").write_text("{not json")
     assert viz.main(["--results_dir", str(results_dir)]) == 1
@@ -352,6 +354,7 @@ def test_cli_reads_the_runs_tensorboard_events_when_training_results_json_is_abs
     assert_picture(results_dir / "training_curves.png")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(HAS_SKLEARN, reason="scikit-learn is installed, so t-SNE is available")
 def test_tsne_without_scikit_learn_falls_back_to_pca_and_says_so(results_dir, capsys):
     assert viz.main(["--results_dir", str(results_dir), "--tsne"]) == 0
@@ -368,6 +371,7 @@ def save_random_checkpoint(path, model_name):
     return str(path)
 
 
+@pytest.mark.slow
 def test_relevance_maps_of_a_vit_checkpoint_are_drawn(results_dir, capsys):
     checkpoint = save_random_checkpoint(results_dir / "vit.pt", "tiny-vit-64")
     assert viz.main(["--results_dir", str(results_dir), "--checkpoint", checkpoint,
@@ -380,6 +384,7 @@ def test_relevance_maps_of_a_vit_checkpoint_are_drawn(results_dir, capsys):
     assert all(abs(m.sum() - 1) < 1e-5 and (m >= 0).all() for m in maps)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_is_not_a_plain_vit_skips_only_the_relevance_maps(results_dir, capsys):
     checkpoint = save_random_checkpoint(results_dir / "rn18.pt", "simple-rn18")
     assert viz.main(["--results_dir", str(results_dir), "--checkpoint", checkpoint]) == 0

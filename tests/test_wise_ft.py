@@ -63,6 +63,7 @@ def test_each_mix_is_evaluated_drawn_and_a_chosen_one_saved(endpoints, tmp_path)
                                + 0.5 * endpoints["end"].model.text_projection.detach())
 
 
+@pytest.mark.slow
 def test_two_architectures_and_bad_alphas_are_refused_in_one_line(endpoints, tmp_path):
     cm.save_checkpoint(tmp_path / "other.pt", cm.build_model("simple-rn18"))
     with pytest.raises(CheckpointError, match="not two states of one architecture"):
@@ -76,6 +77,7 @@ def test_two_architectures_and_bad_alphas_are_refused_in_one_line(endpoints, tmp
     assert done.stderr.startswith("wise_ft.py: error:")
 
 
+@pytest.mark.slow
 def test_a_pretrained_file_that_is_not_weights_is_refused_in_one_line(endpoints, tmp_path):
     class Evil:
         def __reduce__(self):
@@ -96,6 +98,7 @@ def test_a_pretrained_file_that_is_not_weights_is_refused_in_one_line(endpoints,
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
+@pytest.mark.slow
 def test_a_nan_checkpoint_is_refused_in_one_line_instead_of_scoring_rsum_600(endpoints, tmp_path):
     nan = cm.build_model("tiny-vit-64")
     with torch.no_grad():
