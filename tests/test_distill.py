@@ -343,7 +343,7 @@ def test_a_hostile_teacher_folder_is_refused_in_one_line_naming_the_teacher(name
     state = teacher["setup"].model.state_dict()
     (write_weights or (lambda folder, state: safetensors.torch.save_file(
         state, folder / "open_clip_model.safetensors")))(tmp_path, state)
-    cfg = train.parse_config(["--distill_from", str(tmp_path)])
+    cfg = settings.parse_config(["--distill_from", str(tmp_path)])
     with pytest.raises((CheckpointError, ModelError), match=message) as refused:
         distillation.load_teacher(cfg, "cpu")
     assert type(refused.value).__name__ == error
@@ -364,11 +364,11 @@ def test_a_nan_teacher_is_refused_when_it_is_loaded_naming_it(kind, teacher, tmp
     safetensors.torch.save_file(setup.model.state_dict(), tmp_path / "open_clip_model.safetensors")
     cm.save_checkpoint(tmp_path / "teacher.pt", setup)
     source = tmp_path if kind == "folder" else tmp_path / "teacher.pt"
-    cfg = train.parse_config(["--distill_from", str(source)])
+    cfg = settings.parse_config(["--distill_from", str(source)])
     with pytest.raises(CheckpointError, match=rf"teacher \(distill_from {source}\): 1 of its [0-9]+ weight "
                                               r"tensors hold NaN or infinite values \(the first: 'visual.proj'\)"):
         distillation.load_teacher(cfg, "cpu")
-    assert distillation.load_teacher(train.parse_config(["--distill_from", str(teacher["checkpoint"])]), "cpu")
+    assert distillation.load_teacher(settings.parse_config(["--distill_from", str(teacher["checkpoint"])]), "cpu")
 
 
 @pytest.mark.parametrize("flags,message", [
