@@ -461,7 +461,9 @@ def validate(job, state):
         if cfg.early_stopping_patience and state.evals_without_gain >= cfg.early_stopping_patience:
             stop = Stop(StopKind.NO_GAIN, f"no gain in {cfg.best_metric} for "
                                           f"{cfg.early_stopping_patience} validations")
-    return stop if runtime.agree(run, stop is not None) else None
+    if runtime.agree(run, stop is not None):     # every rank stops, not only the one that decided
+        return stop or Stop(StopKind.NO_GAIN, "rank 0 stopped early: no gain in the best metric")
+    return None
 
 
 def evaluate_weights(job, setup):

@@ -204,7 +204,7 @@ def build_ema(cfg, model):
     """
     if not cfg.ema_decay:
         return None
-    saved = model.state_dict(keep_vars=True)
+    saved = set(model.state_dict())
     constants = {buffer.data_ptr() for name, buffer in model.named_buffers() if name not in saved}
 
     @torch.no_grad()
