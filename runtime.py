@@ -257,13 +257,18 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+def share(run, value):
+    """Every process takes rank 0's integer (a planned step, for instance)."""
+    if not run.distributed:
+        return value
+    decision = torch.tensor([int(value)], device=run.device if run.device.type == "cuda" else "cpu")
+    dist.broadcast(decision, src=0)
+    return int(decision.item())
+
+
 def agree(run, flag):
     """Every process takes rank 0's decision (to stop, for instance)."""
-    if not run.distributed:
-        return flag
-    decision = torch.tensor([int(flag)], device=run.device if run.device.type == "cuda" else "cpu")
-    dist.broadcast(decision, src=0)
-    return bool(decision.item())
+    return bool(share(run, int(flag)))
 
 
 def available_memory():

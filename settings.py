@@ -27,7 +27,8 @@ class Setting:
     default: object
     help: str
     choices: tuple = None
-    valid: str = None        # range of a number (">= 1", "> 0", "[0, 1)", "[0, cores]") or "folder name"
+    valid: str = None        # range of a number (">= 1", "> 0", "[0, 1)", "[0, cores]"), "folder name"
+                             # or "duration"
 
 
 SCHEMA = [
@@ -48,6 +49,8 @@ SCHEMA = [
     Setting("model", "grad_checkpointing", False, "recompute activations in backward to save memory"),
     Setting("model", "patch_dropout", 0.0, "fraction of image patches dropped in training (FLIP); "
             "ViT towers only", valid="[0, 1)"),
+    Setting("model", "patch_dropout_tail", 0.0, "share of the run's last steps trained with every "
+            "patch (FLIP's unmasked tuning, after training with patch_dropout)", valid="[0, 1)"),
     Setting("model", "context_length", 0, "tokens the text tower reads; 0 = the model's own "
             "(Chinese needs about 3 tokens per character)", valid=">= 0"),
     Setting("model", "compile", False, "torch.compile the model"),
@@ -113,6 +116,10 @@ SCHEMA = [
     Setting("training", "num_epochs", 10, "passes over the training data", valid=">= 1"),
     Setting("training", "max_steps", 0, "optimiser steps to train for; 0 = num_epochs decides",
             valid=">= 0"),
+    Setting("training", "time_budget", "", "train for this wall time instead of num_epochs: 90m, "
+            "2h, 1h30m, 45s or seconds; the steps are planned, and planned again as the run measures "
+            "itself, so that warm-up and decay end inside it, start-up, validations and checkpoints "
+            "included ('' = off; not with max_steps)", valid="duration"),
     Setting("training", "learning_rate", 5e-4, "peak learning rate of AdamW", valid="> 0"),
     Setting("training", "weight_decay", 0.1, "AdamW weight decay (not on 1-D tensors)", valid=">= 0"),
     Setting("training", "beta1", 0.9, "AdamW beta1", valid="[0, 1)"),
@@ -238,12 +245,30 @@ def check_value(name, value, where):
         raise SettingsError(f"{where}: {name} must be one of {', '.join(setting.choices)}, got {value!r}")
     if setting.valid == "folder name":
         return check_folder_name(value, where)
+    if setting.valid == "duration":
+        if value and parse_duration(value, where) <= 0:
+            raise SettingsError(f"{where}: {name} must be more than 0 seconds, got {value!r}")
+        return value
     if expected is float and not math.isfinite(value):
         raise SettingsError(f"{where}: {name} must be a finite number, got {value!r}")
     if setting.valid and not in_range(value, setting.valid):
         bound = f" (this machine: {usable_cores()} cores)" if "cores" in setting.valid else ""
         raise SettingsError(f"{where}: {name} must be {setting.valid}{bound}, got {value!r}")
     return value
+
+
+DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?")
+
+
+def parse_duration(text, where="time_budget"):
+    """Seconds of '90m', '2h', '1h30m', '45s' or '3600'; '' is 0 (none)."""
+    match = DURATION.fullmatch(text.strip().lower())
+    if not text:
+        return 0.0
+    if not match or not any(match.groups()):
+        raise SettingsError(f"{where}: {text!r} is not a duration; write e.g. 90m, 2h, 1h30m, 45s or 3600")
+    hours, minutes, seconds = (float(group) if group else 0.0 for group in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
 
 
 def read_config_file(path):
@@ -302,6 +327,9 @@ def parse_config(argv=None):
         if name in SETTINGS and value is not None:
             config[name] = check_value(name, value, f"--{name}")
     check_best_metric(config["best_metric"])
+    if config["time_budget"] and config["max_steps"]:
+        raise SettingsError(f"time_budget {config['time_budget']!r} and max_steps {config['max_steps']}: "
+                            f"both decide where the run ends; give one (max_steps 0 with a time budget)")
     if args.print_config:
         print(json.dumps(config, indent=2))
         raise SystemExit(0)

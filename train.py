@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import budget
 import clip_model
 import data_loader
 import distillation
@@ -33,6 +34,7 @@ from settings import (
     ZEROSHOT_METRICS,
     metric_value,
     parse_config,
+    parse_duration,
 )
 from train_step import build_ema, build_optimizer, optimizer_step
 from visualization import plot_training_curves, save_figure
@@ -53,6 +55,7 @@ class TrainState:
     bad_steps: int = 0                # non-finite losses in a row
     unreadable: list = field(default_factory=list)   # messages of the images skipped, once each
     epoch_order: tuple = None         # (epoch, order) of hard-negative batches (hard_negatives)
+    budget: dict = None               # time_budget: {"budget_s", "used_s", "plans"}
 
     @classmethod
     def from_checkpoint(cls, checkpoint):
@@ -88,6 +91,8 @@ class Timing:
     mining_s: float = 0.0         # hard-negative mining
     tensorboard_s: float = 0.0    # TensorBoard's pictures at validations (a part of validation_s)
     tensorboard_end_s: float = 0.0  # TensorBoard's projector and HParams at the end
+    validations: int = 0
+    checkpoints: int = 0          # last.pt writes
     samples: int = 0              # trained, by all processes together
 
     @property
@@ -115,10 +120,15 @@ class Job:
     views: object = None               # tensorboard_views.Views, rank 0 only
     timing: Timing = field(default_factory=Timing)
     distill: object = None             # Distillation: the teacher and its term; None without
+    budget: object = None              # budget.Budget of a time_budget run; None without
 
     @property
     def raw_model(self):
         return self.setup.model
+
+    @property
+    def schedule(self):
+        return self.scheduler.lr_lambdas[0]          # train_step.WarmupCosine
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,12 +150,13 @@ def main(argv=None):
             cfg, run, setup, train_index, distill)
         if distill and cfg.distill_cache:
             distillation.cache_teacher_features(cfg, run, distill, loader.dataset)
-        total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
+        total_steps = cfg.max_steps or (UNPLANNED if cfg.time_budget else cfg.num_epochs * steps_per_epoch)
         optimizer, scheduler, scaler = build_optimizer(cfg, run, model, total_steps, distill)
         job = Job(cfg, run, setup, model, loss_fn, optimizer, scheduler, scaler, loader, val_index,
                   steps_per_epoch, total_steps, global_batch, ema=build_ema(cfg, setup.model),
                   distill=distill)
         state = resume(job, train_index)
+        job.budget = start_budget(job, state, budget.run_clock(started, count_imports=argv is None))
         job.views = start_views(job, train_index, state)
         job.timing.startup_s = time.perf_counter() - started
         stop_reason = train(job, state)
@@ -155,7 +166,9 @@ def main(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Before the loop: the model, resume, TensorBoard's views
+# Before the loop: the model, resume, the time budget, TensorBoard's views
+
+UNPLANNED = 10 ** 9     # the last step of a time-budget run before its first plan
 
 
 def prepare_model(cfg, run):
@@ -190,7 +203,11 @@ def resume(job, train_index):
     clip_model.load_weights(job.raw_model, checkpoint["state_dict"], path, job.setup.model_name)
     distillation.restore_distillation(job, checkpoint, path)
     job.optimizer.load_state_dict(checkpoint["optimizer"])
-    job.scheduler.load_state_dict(checkpoint["scheduler"])
+    job.scheduler.load_state_dict(checkpoint["scheduler"])     # with the schedule's plan
+    if cfg.time_budget:
+        job.total_steps = job.schedule.total
+    elif job.schedule.total != job.total_steps:                 # max_steps or epochs changed
+        job.schedule.replan(checkpoint["step"], job.total_steps)
     job.scaler.load_state_dict(checkpoint["scaler"])
     if job.ema is not None:
         if checkpoint.get("ema") is None:
@@ -218,6 +235,20 @@ def check_resumed_settings(cfg, saved, path, log):
                     ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changed.items()))
 
 
+def start_budget(job, state, clock):
+    """The budget of a time_budget run, or None; a resumed run goes on with the budget its earlier
+    parts left (the time they used up to their last save)."""
+    cfg = job.cfg
+    if not cfg.time_budget:
+        return None
+    budget_s = parse_duration(cfg.time_budget)
+    state.budget = {**(state.budget or {"used_s": 0.0, "plans": []}), "budget_s": budget_s}
+    return budget.Budget(budget_s, state.budget["used_s"],
+                         val_items=job.val_index.num_images + job.val_index.num_captions,
+                         batch_size=cfg.batch_size,
+                         projector_items=2 * min(cfg.projector_pairs, job.val_index.num_images), clock=clock)
+
+
 def start_views(job, train_index, state):
     """TensorBoard's views beyond the scalars (rank 0): the settings, data and HParams now,
     pictures at each validation, the projector at the end."""
@@ -236,8 +267,13 @@ def train(job, state):
     reported: no error loses the steps already trained.
     """
     run, cfg = job.run, job.cfg
-    run.log.info(f"training {job.total_steps} steps ({job.steps_per_epoch} per epoch) with a global "
-                 f"batch of {job.global_batch}")
+    if job.budget:
+        run.log.info(f"training for a time budget of {cfg.time_budget} ({budget.format_duration(job.budget.elapsed())} "
+                     f"used), {job.steps_per_epoch} steps per epoch with a global batch of {job.global_batch}; "
+                     f"the last step is planned after {budget.PLAN_AFTER + 1} steps")
+    else:
+        run.log.info(f"training {job.total_steps} steps ({job.steps_per_epoch} per epoch) with a global "
+                     f"batch of {job.global_batch}")
     started, stop_reason = time.perf_counter(), None
     stop = runtime.StopRequest()
     try:
@@ -279,6 +315,7 @@ def train_one_epoch(job, state, stop):
             job.timing.data_wait_s += waited
             if micro_batches is None:
                 return None                                        # the end of the epoch
+            unmask_tail(job, state)
             result = optimizer_step(job, micro_batches)
             count_step(job, state, result, window)
             job.timing.samples += job.global_batch
@@ -420,6 +457,7 @@ def after_step(job, state, result, stop):
     cfg = job.cfg
     if state.bad_steps >= cfg.max_bad_steps:
         return Stop(StopKind.NON_FINITE, f"{state.bad_steps} non-finite losses in a row")
+    follow_budget(job, state)
     reason = None
     if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < job.total_steps:
         reason = validate(job, state)
@@ -430,6 +468,50 @@ def after_step(job, state, result, stop):
     elif cfg.stop_at_step and state.step >= cfg.stop_at_step:
         reason = reason or Stop(StopKind.STOP_AT_STEP, f"stop_at_step {cfg.stop_at_step} reached")
     return reason
+
+
+def follow_budget(job, state):
+    """A time-budget run times each step and plans its last step again: rank 0 decides, every
+    rank follows, so that all stop at the same step."""
+    if job.budget is None or not job.budget.measure(state.step, job.timing):
+        return
+    plan = None
+    if job.run.is_main:
+        plan = job.budget.plan(state.step, job.timing,
+                               lambda total: budget.validations_left(state.step, total, job.cfg.eval_every,
+                                                                     job.steps_per_epoch),
+                               lambda total: budget.checkpoints_left(state.step, total, job.cfg.save_every))
+    total = max(state.step, runtime.share(job.run, plan.total_steps if plan else 0))
+    job.schedule.replan(state.step, total)
+    job.total_steps = total
+    if plan is not None:
+        record_plan(job, state, plan)
+
+
+def record_plan(job, state, plan):
+    """TensorBoard gets the plan at each log step; the log and training_results.json the plans
+    that move the end."""
+    run, plans = job.run, state.budget["plans"]
+    if run.writer and state.step % job.cfg.log_every == 0:
+        run.writer.add_scalar("budget/planned_steps", plan.total_steps, state.step)
+        run.writer.add_scalar("budget/seconds_per_step", plan.step_s, state.step)
+    if (not plans or plan.total_steps <= state.step
+            or abs(plan.total_steps - plans[-1]["total_steps"]) > budget.LOG_CHANGE * plans[-1]["total_steps"]):
+        plans.append(asdict(plan))
+        run.log.info(plan.describe(job.budget.budget_s))
+    if plan.total_steps <= state.step:
+        run.log.warning(f"time budget {job.cfg.time_budget}: no time left for another step at step "
+                        f"{state.step}; ending now, before the rate has decayed")
+
+
+def unmask_tail(job, state):
+    """FLIP's unmasked tuning: the run's last patch_dropout_tail share of steps sees every patch."""
+    dropout = getattr(job.raw_model.visual, "patch_dropout", None)
+    if (job.cfg.patch_dropout_tail and getattr(dropout, "prob", 0) > 0
+            and state.step >= (1 - job.cfg.patch_dropout_tail) * job.total_steps):
+        dropout.prob = 0.0
+        job.run.log.info(f"step {state.step}: patch dropout off for the last "
+                         f"{job.total_steps - state.step} steps (patch_dropout_tail)")
 
 
 def validate(job, state):
@@ -448,6 +530,7 @@ def validate(job, state):
         job.model.train()
         elapsed = time.perf_counter() - started
         job.timing.validation_s += elapsed
+        job.timing.validations += 1
         for name, part in (("", metrics), (" EMA", metrics.get("ema"))):
             if part is not None:
                 run.log.info(f"step {state.step} validation{name} ({elapsed:.1f}s): "
@@ -533,6 +616,8 @@ def save_last(job, state, after_error=None):
                       f"previous file is kept")
         return
     started = time.perf_counter()
+    if job.budget:
+        state.budget["used_s"] = job.budget.elapsed()
     try:
         clip_model.save_checkpoint(
             run.checkpoint_dir / "last.pt", job.setup, **asdict(state),
@@ -546,6 +631,7 @@ def save_last(job, state, after_error=None):
         run.log.error(f"last.pt could not be written after the error: {error}")
         return
     job.timing.checkpoint_s += time.perf_counter() - started
+    job.timing.checkpoints += 1
     if after_error is not None:
         run.log.error(f"error at step {state.step} ({type(after_error).__name__}: {after_error}); "
                       f"last.pt saved: continue with {resume_command(job)}")
@@ -569,10 +655,12 @@ def save_best(job, state, metrics):
 
 def write_results(job, state):
     """results/<run>/training_results.json: settings, history, best, and the unreadable images."""
+    if job.budget:
+        state.budget["used_s"] = job.budget.elapsed()
     results = {"config": vars(job.cfg), "history": state.history,
                "final": state.history["val"][-1] if state.history["val"] else None,
                "best": state.best, "checkpoint": str(job.run.checkpoint_dir / "best.pt"),
-               "unreadable_images": skipped_summary(state.unreadable)}
+               "unreadable_images": skipped_summary(state.unreadable), "time_budget": state.budget}
     files.write_json(job.run.results_dir / "training_results.json", results)
     return results
 
@@ -602,6 +690,9 @@ def finish(job, state, stop_reason):
                      f"best {job.cfg.best_metric} {state.best['value']} at step {state.best['step']}; "
                      f"checkpoints in {run.checkpoint_dir}, TensorBoard: tensorboard --logdir "
                      f"{job.cfg.log_dir}")
+        if job.budget:
+            run.log.info(f"time budget {job.cfg.time_budget}: {budget.format_duration(job.budget.elapsed())} "
+                         f"used, {state.step} steps")
         if not finished:
             run.log.info(f"continue with: {resume_command(job)}")
     return {"run_name": run.name, "step": state.step, "best": state.best, "history": state.history,

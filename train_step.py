@@ -31,20 +31,41 @@ def parameter_groups(model, weight_decay):
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def cosine_with_warmup(total_steps, warmup_steps):
-    """Learning-rate factor per step: linear warmup to 1, then cosine decay to 0.
+class WarmupCosine:
+    """Learning-rate factor per step: linear warmup to 1, then cosine decay to 0 at `total`.
 
-    A warmup longer than the run is capped at the run's length, and every denominator is at
-    least 1, so no combination of settings divides by zero.
+    The decay follows its progress p from 0 to 1, factor = (1 + cos(pi p)) / 2. p runs linearly
+    from an anchor (step, p) to 1 at the last step: first from (warmup, 0), and replan() moves the
+    end (a time budget that learns how fast the machine is) by anchoring p where it stands, so the
+    rate of the current step stays and only the slope of the rest changes: no jump. An object
+    rather than a closure, so that LambdaLR saves its plan in the checkpoint. A warmup longer than
+    the run is capped at the run's length, and every denominator is at least 1.
     """
-    warmup = min(warmup_steps, total_steps)
 
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return factor
+    def __init__(self, total_steps, warmup_steps):
+        self.warmup = min(warmup_steps, total_steps)
+        self.total = total_steps
+        self.anchor = (self.warmup, 0.0)
+
+    def progress(self, step):
+        start, done = self.anchor
+        return min(1.0, done + (step - start) / max(1, self.total - start) * (1 - done))
+
+    def __call__(self, step):
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        return 0.5 * (1 + math.cos(math.pi * self.progress(step)))
+
+    def replan(self, step, total_steps):
+        """End the decay at total_steps, continuing from the rate of `step`. Inside the warmup the
+        decay has not started: only a warmup longer than half the new run is shortened (the one
+        case where the rate rises faster than planned)."""
+        if step < self.warmup:
+            self.warmup = max(step + 1, min(self.warmup, total_steps // 2))
+            self.anchor = (self.warmup, 0.0)
+        else:
+            self.anchor = (step, self.progress(step))
+        self.total = total_steps
 
 
 def warmup_for(total_steps, warmup_steps):
@@ -69,7 +90,7 @@ def build_optimizer(cfg, run, model, total_steps, distill=None):
     optimizer = torch.optim.AdamW(parameter_groups(trained, cfg.weight_decay), lr=cfg.learning_rate,
                                   betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                   fused=run.device.type in ("cuda", "cpu"))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(total_steps, warmup))
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.precision == "amp")
     return optimizer, scheduler, scaler
 

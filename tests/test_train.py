@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import budget
 import clip_model as cm
 import evaluation
 import runtime
@@ -165,23 +166,6 @@ def test_a_config_file_with_a_wrong_shape_or_number_is_refused_in_one_line(secti
 
 # ---- schedule and optimiser ---------------------------------------------------------------------
 
-def test_schedule_warms_up_linearly_then_decays_to_zero():
-    factor = train_step.cosine_with_warmup(total_steps=110, warmup_steps=10)
-    assert [factor(s) for s in range(3)] == pytest.approx([0.1, 0.2, 0.3])
-    assert factor(9) == pytest.approx(1.0)
-    assert factor(10) == pytest.approx(1.0)
-    assert factor(60) == pytest.approx(0.5)
-    assert factor(110) == pytest.approx(0.0)
-
-
-@pytest.mark.parametrize("total,warmup", [(1, 0), (1, 1), (1, 100), (5, 5), (3, 0), (7, 1000)])
-def test_no_combination_of_steps_and_warmup_divides_by_zero(total, warmup):
-    factor = train_step.cosine_with_warmup(total, warmup)
-    values = [factor(s) for s in range(total + 1)]
-    assert all(0 <= v <= 1 for v in values)
-    assert max(values) == pytest.approx(1.0)       # a capped warmup still reaches the peak
-
-
 def test_no_weight_decay_on_biases_norms_and_the_logit_scale():
     model = cm.build_model("tiny-vit-64").model
     decay, no_decay = train_step.parameter_groups(model, 0.1)
@@ -272,6 +256,52 @@ def learned_run(data, tmp_path_factory):
     result = train.main(run_args(data, out, "--run_name", "learn", "--num_epochs", "2",
                                  "--learning_rate", "2e-3", "--eval_every", "30"))
     return out, result
+
+
+class StepClock:
+    """A run's clock on which each training step takes `step_s` (and validations and checkpoints
+    their real time): plans that do not depend on how busy the machine running the test is."""
+
+    def __init__(self, monkeypatch, step_s):
+        self.steps, self.step_s, self.job = 0, step_s, None
+        real_step = train.optimizer_step
+
+        def counted_step(job, micro_batches):
+            self.steps, self.job = self.steps + 1, job
+            return real_step(job, micro_batches)
+        monkeypatch.setattr(train, "optimizer_step", counted_step)
+        monkeypatch.setattr(budget, "run_clock", lambda started, count_imports: self)
+
+    def __call__(self):
+        timing = self.job.timing if self.job else SimpleNamespace(validation_s=0.0, checkpoint_s=0.0)
+        return self.steps * self.step_s + timing.validation_s + timing.checkpoint_s
+
+
+@pytest.mark.slow
+def test_a_run_with_a_time_budget_plans_its_steps_ends_decayed_and_resumes_with_what_is_left(
+        data, tmp_path, monkeypatch):
+    args = run_args(data, tmp_path, "--run_name", "budget", "--time_budget", "20s", "--warmup_steps", "2")
+    clock = StepClock(monkeypatch, step_s=0.25)           # at most 80 steps fit in 20 s
+    first = train.main([*args, "--stop_at_step", "30"])
+    assert first["step"] == 30 and first["stop_reason"] == "stop_at_step 30 reached"
+    results = json.loads((tmp_path / "results/budget/training_results.json").read_text())
+    assert results["time_budget"]["budget_s"] == 20
+    plan = results["time_budget"]["plans"][0]
+    assert plan["step"] == budget.PLAN_AFTER + 1 and plan["step_s"] == 0.25
+    assert 45 < plan["total_steps"] < 70
+    used_first = results["time_budget"]["used_s"]
+    assert used_first > 30 * 0.25
+
+    clock = StepClock(monkeypatch, step_s=0.5)            # the resumed part runs on a slower machine
+    result = train.main([*args, "--resume", "auto"])
+    results = json.loads((tmp_path / "results/budget/training_results.json").read_text())
+    plans = results["time_budget"]["plans"]
+    assert plans[-1]["step"] > 30 and plans[-1]["elapsed_s"] > used_first   # counts the first part's time
+    assert plans[-1]["total_steps"] < plan["total_steps"]                    # fewer steps fit now
+    assert result["stop_reason"] is None and result["step"] == plans[-1]["total_steps"]
+    last = result["history"]["train"][-1]
+    assert last["step"] == result["step"] and last["lr"] == pytest.approx(0.0, abs=1e-9)   # decayed
+    assert clock.steps * 0.5 + used_first <= 20.5
 
 
 @pytest.mark.slow
