@@ -192,6 +192,28 @@ def retrieval_metrics(image_features, text_features, caption_image, chunk_size=1
     return result
 
 
+def standard_error(metrics, name, num_images, num_captions) -> float:
+    """The sampling noise of a validation metric (settings.BEST_METRICS), in its own units, from
+    the number of queries behind it: a recall p (percent) over n queries is a binomial proportion,
+    SE = sqrt(p (100 - p) / n). The R@1/5/10 of one direction count nested events of the same
+    queries and move together, so their errors add; the two directions ask different queries
+    (images, captions) and add in quadrature. rsum sums the six recalls, mean_recall is their
+    mean. Zero-shot metrics are not counted here: 0."""
+    if name.startswith("zeroshot/"):
+        return 0.0
+    retrieval = metrics["retrieval"]
+
+    def error(direction, k):
+        p, n = retrieval[direction][f"R@{k}"], num_images if direction == "image_to_text" else num_captions
+        return math.sqrt(p * (100 - p) / max(1, n))
+    if "/" in name:
+        direction, k = name.split("/")
+        return error(direction, int(k[2:]))
+    rsum = math.sqrt(sum(sum(error(direction, k) for k in RECALL_AT) ** 2
+                         for direction in ("image_to_text", "text_to_image")))
+    return rsum if name == "rsum" else rsum / (2 * len(RECALL_AT))
+
+
 def similarity_stats(image_features, text_features, caption_image, chunk_size=1024) -> dict:
     """Mean cosine similarity of matching pairs (positive_mean, over captions), of all
     non-matching image-caption pairs (negative_mean), and the gap between them.

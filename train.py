@@ -575,6 +575,25 @@ def ema_setup(job):
                                 job.setup.model_name, job.setup.model_config)
 
 
+def is_new_best(job, state, value, metrics):
+    """Whether weights that score `value` replace best.pt. A validation set of a few hundred items
+    measures recall with a noise (one standard error, evaluation.standard_error) larger than the
+    differences between late checkpoints, so picking the highest score picks noise. A new best
+    must beat the old one by more than that noise; and at the end of a finished run, whose rate
+    has decayed to 0, the final weights win unless the best beats them by more than it."""
+    best = state.best["value"]
+    if best is None:
+        return True
+    noise = evaluation.standard_error(metrics, job.cfg.best_metric, job.val_index.num_images,
+                                      job.val_index.num_captions)
+    if state.step >= job.total_steps and value >= best - noise:
+        if value <= best + noise:
+            job.run.log.info(f"final weights kept as best.pt: {job.cfg.best_metric} {value:.2f} is within the "
+                             f"noise (+-{noise:.2f}) of the best {best:.2f} at step {state.best['step']}")
+        return True
+    return value > best + noise
+
+
 def record_validation(job, state, metrics):
     """Add a validation to the history and TensorBoard; returns whether it is a new best (of the
     weights or of their average)."""
@@ -585,11 +604,10 @@ def record_validation(job, state, metrics):
     if len(state.history["val"]) == 1:
         skipped = metrics["skipped_images"]
         report_skipped(job.run.log.warning, "unreadable validation image", skipped["first"], skipped["count"])
-    candidates = [("raw", metric_value(metrics, job.cfg.best_metric))]
-    if "ema" in metrics:
-        candidates.append(("ema", metric_value(metrics["ema"], job.cfg.best_metric)))
-    weights, value = max(candidates, key=lambda candidate: candidate[1])
-    improved = state.best["value"] is None or value > state.best["value"]
+    candidates = [("raw", metrics)] + ([("ema", metrics["ema"])] if "ema" in metrics else [])
+    weights, scored = max(candidates, key=lambda candidate: metric_value(candidate[1], job.cfg.best_metric))
+    value = metric_value(scored, job.cfg.best_metric)
+    improved = is_new_best(job, state, value, scored)
     if improved:
         state.best.update(metric=job.cfg.best_metric, value=value, step=state.step, weights=weights)
         state.evals_without_gain = 0
