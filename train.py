@@ -482,6 +482,9 @@ def follow_budget(job, state):
                                                                      job.steps_per_epoch),
                                lambda total: budget.checkpoints_left(state.step, total, job.cfg.save_every))
     total = max(state.step, runtime.share(job.run, plan.total_steps if plan else 0))
+    if total == state.step < job.total_steps:
+        job.run.log.warning(f"time budget {job.cfg.time_budget}: no time left for another step at step "
+                            f"{state.step}; ending now, before the rate has decayed")
     job.schedule.replan(state.step, total)
     job.total_steps = total
     if plan is not None:
@@ -495,13 +498,9 @@ def record_plan(job, state, plan):
     if run.writer and state.step % job.cfg.log_every == 0:
         run.writer.add_scalar("budget/planned_steps", plan.total_steps, state.step)
         run.writer.add_scalar("budget/seconds_per_step", plan.step_s, state.step)
-    if (not plans or plan.total_steps <= state.step
-            or abs(plan.total_steps - plans[-1]["total_steps"]) > budget.LOG_CHANGE * plans[-1]["total_steps"]):
+    if not plans or abs(plan.total_steps - plans[-1]["total_steps"]) > budget.LOG_CHANGE * plans[-1]["total_steps"]:
         plans.append(asdict(plan))
         run.log.info(plan.describe(job.budget.budget_s))
-    if plan.total_steps <= state.step:
-        run.log.warning(f"time budget {job.cfg.time_budget}: no time left for another step at step "
-                        f"{state.step}; ending now, before the rate has decayed")
 
 
 def unmask_tail(job, state):

@@ -1,7 +1,8 @@
-"""Held-out recall against wall time: train.py and open_clip's trainer side by side on real data,
-and which of train.py's defaults cost recall.
+"""Held-out recall at equal wall time: train.py and open_clip's trainer on real data, and which of
+train.py's defaults cost recall at equal steps.
 
-    .venv/bin/python bench/bench_quality.py                    # 2 rounds; updates bench/README.md
+    .venv/bin/python bench/bench_quality.py                    # seeds 0 and 1; updates bench/README.md
+    .venv/bin/python bench/bench_quality.py --recipes 0 2      # only these train.py recipes
     .venv/bin/python bench/bench_quality.py --quick --no_readme          # a smoke run (minutes)
     .venv/bin/python bench/bench_quality.py --ablations --seeds 0 1 2    # recall at equal steps
 
@@ -13,21 +14,19 @@ RGB pixels (clipart.py explains why the images are converted once).
 
 Shared settings (issue 13): the tiny-vit-64 preset (open_clip_train sees it because the job
 registers model_configs/ with open_clip.add_model_config), batch 128, fp32, 2 DataLoader workers,
-learning rate 1e-3, warmup 100 steps, and the same number of optimiser steps: open_clip_train
-trains EPOCHS epochs (an epoch is every caption row once), train.py gets that many steps as
---max_steps (its epoch is every image once, with one of its captions). Everything else is each
-trainer's default: its augmentation, caption sampling, weight decay, clipping, validation after
-every epoch, checkpoints.
+learning rate 1e-3, warmup 100 steps. Everything else is each trainer's default: its
+augmentation, caption sampling, weight decay, clipping, validation after every epoch, checkpoints.
 
-Recall against wall time. A run is a fresh process (common._job_snapshots) that copies the
-model's weights every `every` optimiser steps with torch's global optimizer hook, so neither
-trainer is changed; a copy records the seconds since the process started (start-up, training,
-the trainer's own validations and checkpoints; the copies' own time left out). After the runs,
-every copy of both trainers is evaluated by the same code, our evaluation.evaluate_model on the
-test split: text->image and image->text R@1/5/10. Equal budget: open_clip_train's time to its
-last step is the budget; train.py's recall at that time is read off its curve (linear between
-copies; its final recall if it finished sooner). Runs alternate (ours, theirs, theirs, ours,
-...) so that a drifting load hurts both alike; timings are only meaningful on a quiet machine.
+Equal wall time (issue 32). For each seed open_clip_train trains EPOCHS epochs (an epoch is
+every caption row once); its wall time, from the start of its process to its return, becomes
+train.py's `--time_budget` for each of BUDGET_RECIPES (train.py then plans its own steps). A run is
+a fresh process (common._job_snapshots) that copies the model's weights every `every` optimiser
+steps with torch's global optimizer hook, so neither trainer is changed; a copy records the
+seconds since the process started (the copies' own time left out). After the runs, every copy,
+and train.py's best.pt and last.pt, are evaluated by the same code, our
+evaluation.evaluate_model on the test split. The copies fall on train.py's validations, so the
+checkpoint each rule of choosing would keep can be scored on the test split too. Timings are
+only meaningful on a quiet machine.
 
 Ablations (--ablations): recall at equal steps, so the load of the machine does not matter (use
 --threads 1 on a busy machine: one torch thread per run is then faster). Each row changes
@@ -56,11 +55,8 @@ import common
 HEADING = "## bench_quality.py"
 SHARED = {"model": "tiny-vit-64", "batch": 128, "precision": "fp32", "workers": 2, "lr": 1e-3,
           "warmup": 100}
-EPOCHS = 3            # open_clip_train's epochs (of caption rows); train.py gets the same steps
-SNAPSHOTS = 9         # weight copies per run in the comparison
+EPOCHS = 3            # open_clip_train's epochs (of caption rows); ablations: train.py gets the same steps
 PLOT = common.BENCH / "bench_quality.png"
-METRICS = (("text_to_image", "R@1"), ("text_to_image", "R@5"), ("text_to_image", "R@10"),
-           ("image_to_text", "R@1"), ("image_to_text", "R@5"), ("image_to_text", "R@10"))
 
 
 @dataclass(frozen=True)
@@ -94,6 +90,20 @@ ABLATIONS = {
     "each image once per epoch, with one drawn caption (--sample_by image)": ours("--sample_by", "image"),
     "sigmoid loss (--loss siglip)": ours("--loss", "siglip"),
     "half of each batch in groups of similar items (--hard_negatives 0.5)": ours("--hard_negatives", 0.5),
+}
+
+
+# train.py's ways of spending open_clip_train's wall time (--time_budget), for the comparison.
+# FLIP (Li et al. 2023): drop a share of the image patches, so each step is cheaper and more
+# steps fit; optionally see every patch again for the last steps (its "unmasked tuning").
+BUDGET_RECIPES = {
+    "train.py defaults": OURS,
+    "patch dropout 0.25": ours("--patch_dropout", 0.25),
+    "patch dropout 0.5": ours("--patch_dropout", 0.5),
+    "patch dropout 0.25, last 10% of steps unmasked": ours("--patch_dropout", 0.25, "--patch_dropout_tail", 0.1),
+    "patch dropout 0.5, last 10% of steps unmasked": ours("--patch_dropout", 0.5, "--patch_dropout_tail", 0.1),
+    "batch 256": ours("--batch_size", 256),
+    "batch 256, patch dropout 0.5": ours("--batch_size", 256, "--patch_dropout", 0.5),
 }
 
 
@@ -149,14 +159,16 @@ def prepare_data(args) -> Data:
 # ----------------------------------------------------------------------------------------------
 # Training runs
 
-def ours_argv(data: Data, recipe: Recipe, steps: int, seed: int, validate: bool) -> list:
+def ours_argv(data: Data, recipe: Recipe, steps: int, seed: int, validate: bool, budget_s: float = None) -> list:
     """train.py's flags: the shared settings, the recipe's changes; without `validate` it
-    validates once, at the end (recall at equal steps does not need more)."""
+    validates once, at the end (recall at equal steps does not need more). With budget_s it
+    trains for that time (--time_budget) instead of `steps`."""
     train = caption_rows(data.train) if recipe.caption_rows else data.train
+    length = ("--time_budget", f"{budget_s:.2f}s") if budget_s else ("--max_steps", steps)
     return common.train_argv(
         train, "--val_data", data.val, "--model_name", SHARED["model"], "--batch_size", SHARED["batch"],
         "--precision", SHARED["precision"], "--num_workers", SHARED["workers"],
-        "--learning_rate", SHARED["lr"], "--warmup_steps", SHARED["warmup"], "--max_steps", steps,
+        "--learning_rate", SHARED["lr"], "--warmup_steps", SHARED["warmup"], *length,
         "--seed", seed, *(() if validate else ("--eval_every", steps)), *recipe.flags)
 
 
@@ -173,26 +185,43 @@ def theirs_argv(data: Data, recipe: Recipe, epochs: int, seed: int, validate: bo
 
 
 def train(recipe: Recipe, data: Data, label: str, epochs: int, every: int, seed: int = 0,
-          validate: bool = True) -> dict:
+          validate: bool = True, budget_s: float = None) -> dict:
     """One run in a fresh process, its weights copied every `every` steps (common._job_snapshots);
-    the trainer's own checkpoints and logs are deleted afterwards."""
+    the trainer's own checkpoints and logs are deleted afterwards, but for train.py's best.pt and
+    last.pt (kept as `checkpoints` to be evaluated) and its validations."""
     steps = epochs * (data.rows // SHARED["batch"])
     out = common.OUT / "quality" / label
     shutil.rmtree(out, ignore_errors=True)
     if recipe.trainer == "train.py":
-        argv = ours_argv(data, recipe, steps, seed, validate)
+        argv = ours_argv(data, recipe, steps, seed, validate, budget_s)
         leftovers = [Path(argv[argv.index(flag) + 1]) / argv[argv.index("--run_name") + 1]
                      for flag in ("--checkpoint_dir", "--log_dir", "--results_dir")]
     else:
         leftovers = [out / "open_clip_train"]
         argv = theirs_argv(data, recipe, epochs, seed, validate, leftovers[0])
     params = {"trainer": recipe.trainer, "argv": argv, "every": every, "out": str(out / "snapshots")}
-    result = common.run_job("snapshots", params, log_name=f"quality-{label}")
+    result = {**common.run_job("snapshots", params, log_name=f"quality-{label}"), "label": label, "seed": seed,
+              "budget_s": budget_s}
+    if recipe.trainer == "train.py":
+        result.update(keep_checkpoints(leftovers[0], leftovers[2], out / "snapshots"))
     for folder in leftovers:
         shutil.rmtree(folder, ignore_errors=True)
-    if result["steps"] != steps:
+    if result["steps"] != steps and not budget_s:
         sys.exit(f"{label}: {result['steps']} optimiser steps, expected {steps}; see bench/out/logs/")
-    return {**result, "label": label, "seed": seed}
+    return result
+
+
+def keep_checkpoints(checkpoints: Path, results: Path, out: Path) -> dict:
+    """train.py's best.pt and last.pt moved to `out`, with their steps, and its validations
+    (step, rsum) and time budget from training_results.json."""
+    summary = json.loads((results / "training_results.json").read_text())
+    kept = {}
+    for name, step in (("best", summary["best"]["step"]), ("final", summary["history"]["val"][-1]["step"])):
+        path = out / f"{name}.pt"
+        shutil.move(checkpoints / ("best.pt" if name == "best" else "last.pt"), path)
+        kept[name] = {"path": str(path), "step": step}
+    return {"checkpoints": kept, "time_budget": summary.get("time_budget"),
+            "validations": [{"step": v["step"], "rsum": v["retrieval"]["rsum"]} for v in summary["history"]["val"]]}
 
 
 _evaluating = threading.Lock()   # ablation runs finish in parallel threads; evaluate one at a time
@@ -210,7 +239,7 @@ def evaluate_snapshots(result: dict, test: Path, recipe: Recipe = OURS) -> dict:
     loss = flags[flags.index("--loss") + 1] if "--loss" in flags else "clip"
     with _evaluating:
         index = data_loader.load_caption_index(test)
-        for snapshot in result["snapshots"]:
+        for snapshot in result["snapshots"] + list(result.get("checkpoints", {}).values()):
             setup = clip_model.build_model(SHARED["model"], pretrained=snapshot["path"], loss=loss)
             snapshot["retrieval"] = evaluation.evaluate_model(setup, index, batch_size=SHARED["batch"])["retrieval"]
             os.remove(snapshot["path"])
@@ -227,113 +256,97 @@ def recall(snapshot: dict, metric=("text_to_image", "R@1")) -> float:
 # Side by side: recall against wall time
 
 def compare(args, data: Data) -> dict:
-    """Alternating rounds of train.py and open_clip_train; each run's snapshots evaluated."""
-    every = max(1, args.epochs * (data.rows // SHARED["batch"]) // SNAPSHOTS)
-    rounds_run = {"train.py": 0, "open_clip_train": 0}
+    """Per seed: open_clip_train with its recipe, then each chosen train.py recipe with
+    --time_budget set to open_clip_train's wall time; every run's copies and checkpoints evaluated.
+    The copies fall every quarter of an epoch of caption rows, so on every validation train.py
+    makes at an epoch's end (its default)."""
+    every = max(1, data.rows // SHARED["batch"] // 4)
+    names = [name for k, name in enumerate(BUDGET_RECIPES) if not args.recipes or k in args.recipes]
+    runs = {"open_clip_train": [], **{name: [] for name in names}}
 
-    def side(name, recipe):
-        def run():
-            rounds_run[name] += 1
-            result = train(recipe, data, f"{name}-round{rounds_run[name]}", args.epochs, every)
-            return evaluate_snapshots(result, data.test)
-        return run
-    sides = {"train.py": side("train.py", OURS), "open_clip_train": side("open_clip_train", THEIRS)}
-
-    def report(name, r, result):
-        final = result["snapshots"][-1]
-        print(f"round {r + 1} {name:16}: {result['steps']} steps in {final['elapsed_s']:.0f} s, "
-              f"test R@1 t->i {recall(final):.1f}, i->t {recall(final, ('image_to_text', 'R@1')):.1f} "
-              f"(load {common.load_average():.1f})", flush=True)
-    return common.alternate(sides, args.rounds, report)
-
-
-def at_time(result: dict, seconds: float, metric) -> float:
-    """A run's recall at a given elapsed time: linear between snapshots, the final value after
-    the last one, and from 0 at time 0 before the first."""
-    import numpy as np
-    times = [0.0] + [s["elapsed_s"] for s in result["snapshots"]]
-    return float(np.interp(seconds, times, [0.0] + [recall(s, metric) for s in result["snapshots"]]))
+    def report(name, result):
+        runs[name].append(result)
+        print(f"seed {result['seed']} {name}: {result['steps']} steps in {result['total_s']:.0f} s, test mean "
+              f"recall {recall(final_weights(result), 'mean_recall'):.1f} (load {common.load_average():.1f})",
+              flush=True)
+    for seed in args.seeds:
+        theirs = train(THEIRS, data, f"open_clip_train-seed{seed}", args.epochs, every, seed)
+        report("open_clip_train", evaluate_snapshots(theirs, data.test, THEIRS))
+        for name in names:
+            recipe = BUDGET_RECIPES[name]
+            result = train(recipe, data, f"budget{list(BUDGET_RECIPES).index(name)}-seed{seed}", args.epochs,
+                           every, seed, budget_s=theirs["total_s"])
+            report(name, evaluate_snapshots(result, data.test, recipe))
+    return runs
 
 
-def curve_table(runs: dict) -> str:
-    """Per trainer and snapshot step: elapsed and validation seconds and test recalls, the
-    median over rounds."""
+def final_weights(result: dict) -> dict:
+    """The evaluated final weights of a run: train.py's last.pt, open_clip_train's last copy."""
+    return result["checkpoints"]["final"] if "checkpoints" in result else result["snapshots"][-1]
+
+
+def budget_table(runs: dict) -> str:
+    """Per train.py recipe and seed: steps, wall time against the budget, test recall of the
+    final weights and its ratio to open_clip_train's of the same seed."""
+    theirs = {r["seed"]: r for r in runs["open_clip_train"]}
     rows = []
     for name, results in runs.items():
-        for k, snapshot in enumerate(results[0]["snapshots"]):
-            same = [r["snapshots"][k] for r in results]
-
-            def median(key, same=same):
-                return statistics.median(key(s) for s in same)
-            rows.append([name, snapshot["step"], f"{snapshot['step'] * SHARED['batch']:,}",
-                         f"{median(lambda s: s['elapsed_s']):.0f}",
-                         f"{median(lambda s: s['validation_s']):.0f}",
-                         *[f"{median(lambda s, metric=metric: recall(s, metric)):.1f}" for metric in METRICS]])
-    return common.table(["trainer", "step", "samples", "elapsed (s)", "of which validating (s)",
-                         "t->i R@1", "t->i R@5", "t->i R@10", "i->t R@1", "i->t R@5", "i->t R@10"], rows)
-
-
-def summary_table(runs: dict) -> str:
-    """Ratios train.py / open_clip_train per round: recall at open_clip_train's budget and at
-    equal steps, and the wall time of the same steps."""
-    rows = []
-    for metric, label in ((("text_to_image", "R@1"), "text->image R@1"),
-                          (("image_to_text", "R@1"), "image->text R@1"), ("mean_recall", "mean recall")):
-        budget = [at_time(ours, theirs["snapshots"][-1]["elapsed_s"], metric) / recall(theirs["snapshots"][-1], metric)
-                  for ours, theirs in zip(runs["train.py"], runs["open_clip_train"])]
-        steps = [recall(ours["snapshots"][-1], metric) / recall(theirs["snapshots"][-1], metric)
-                 for ours, theirs in zip(runs["train.py"], runs["open_clip_train"])]
-        rows.append([f"{label} at open_clip_train's wall time", common.median_spread(budget), ">= 1.2",
-                     "met" if statistics.median(budget) >= 1.2 else "NOT met"])
-        rows.append([f"{label} at equal steps", common.median_spread(steps), "", ""])
-    times = [ours["snapshots"][-1]["elapsed_s"] / theirs["snapshots"][-1]["elapsed_s"]
-             for ours, theirs in zip(runs["train.py"], runs["open_clip_train"])]
-    rows.append(["wall time of the same steps", common.median_spread(times), "", ""])
-    return common.table(["train.py / open_clip_train", "median (range)", "target", "verdict"], rows)
+        for result in results:
+            final, base = final_weights(result), final_weights(theirs[result["seed"]])
+            budget_s = result["budget_s"] or result["total_s"]
+            rows.append([name, result["seed"], result["steps"], f"{result['total_s']:.0f}",
+                         f"{result['total_s'] / budget_s:.3f}",
+                         *[f"{recall(final, metric):.1f}" for metric in
+                           (("text_to_image", "R@1"), ("image_to_text", "R@1"), "mean_recall")],
+                         f"{recall(final, 'mean_recall') / recall(base, 'mean_recall'):.2f}"])
+    return common.table(["trainer, recipe", "seed", "steps", "wall time (s)", "of the budget", "t->i R@1",
+                         "i->t R@1", "mean recall", "x open_clip_train"], rows)
 
 
-def budget_note(runs: dict) -> str:
-    """Why the ratios at open_clip_train's wall time equal those at equal steps when train.py is
-    the faster, and what the target asks then (figures of these runs)."""
-    def median(values):
-        return statistics.median(list(values))
-    pairs = list(zip(runs["train.py"], runs["open_clip_train"]))
-    time = median(ours["snapshots"][-1]["elapsed_s"] / theirs["snapshots"][-1]["elapsed_s"] for ours, theirs in pairs)
-    if time >= 1:
-        return ""
-    ours_mean = median(recall(ours["snapshots"][-1], "mean_recall") for ours, _ in pairs)
-    theirs_mean = median(recall(theirs["snapshots"][-1], "mean_recall") for _, theirs in pairs)
-    return f"""
-train.py ends the shared {runs['train.py'][0]['steps']} steps at {time:.2f} of open_clip_train's wall time, so
-at that budget its recall is its final recall and each metric's two ratios are the same: with
-the number of steps shared, train.py's speed cannot show in its recall. What is left is the
-recall a step buys, and there the two trainers share the model, loss, optimiser and schedule;
-the choices each makes its own way (augmentation, caption sampling, weight decay, clipping)
-are measured one at a time in the section `bench_quality.py --ablations`. The target, 1.2 x
-open_clip_train's mean recall of {theirs_mean:.1f}, is {1.2 * theirs_mean:.1f}; train.py's is {ours_mean:.1f}.
-"""
+def old_rule_pick(result: dict) -> dict:
+    """The weights today's rule would have kept before the noise margin (the highest validation
+    rsum, the first of equals): their evaluated copy."""
+    best = max(result["validations"], key=lambda v: v["rsum"])
+    if best["step"] == result["checkpoints"]["final"]["step"]:
+        return result["checkpoints"]["final"]
+    return next(s for s in result["snapshots"] if s["step"] == best["step"])
+
+
+def best_table(runs: dict) -> str:
+    """How the checkpoint a rule keeps compares with the final weights on the test split, over
+    every train.py run: the highest validation score, and best.pt's rule (evaluation.standard_error).
+    Returns the table and, per rule, how often its pick beat and lost to the final weights."""
+    rows, counts = [], {"highest": [0, 0], "best.pt": [0, 0]}
+    for name, results in runs.items():
+        for result in results:
+            if "checkpoints" not in result:
+                continue
+            final = recall(result["checkpoints"]["final"], "mean_recall")
+            picks = {"highest": old_rule_pick(result), "best.pt": result["checkpoints"]["best"]}
+            for rule, pick in picks.items():
+                counts[rule][0] += recall(pick, "mean_recall") > final
+                counts[rule][1] += recall(pick, "mean_recall") < final
+            rows.append([name, result["seed"], f"{final:.2f}",
+                         *[f"{picks[rule]['step']}: {recall(picks[rule], 'mean_recall'):.2f}" for rule in picks]])
+    table = common.table(["recipe", "seed", "final weights", "highest validation rsum (step: test)",
+                          "best.pt (step: test)"], rows)
+    return table, counts
 
 
 def plot(runs: dict, path: Path):
-    """Test R@1 both ways and mean recall against elapsed minutes, one line per run."""
+    """Test mean recall against elapsed minutes, one line per run (seed 0 solid)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    colours = {"train.py": "tab:blue", "open_clip_train": "tab:orange"}
-    for axis, metric, title in ((axes[0], ("text_to_image", "R@1"), "text -> image R@1 (test)"),
-                                (axes[1], ("image_to_text", "R@1"), "image -> text R@1 (test)"),
-                                (axes[2], "mean_recall", "mean of R@1/5/10 both ways (test)")):
-        for name, results in runs.items():
-            for r, result in enumerate(results):
-                axis.plot([0] + [s["elapsed_s"] / 60 for s in result["snapshots"]],
-                          [0] + [recall(s, metric) for s in result["snapshots"]], marker="o",
-                          markersize=3, color=colours[name], alpha=1 if r == 0 else 0.5,
-                          label=name if r == 0 else None)
-        axis.set(title=title, xlabel="wall time since start (min)")
-        axis.grid(alpha=0.3)
-    axes[0].set_ylabel("%")
-    axes[0].legend()
+    figure, axis = plt.subplots(figsize=(9, 5))
+    for k, (name, results) in enumerate(runs.items()):
+        for r, result in enumerate(results):
+            axis.plot([0] + [s["elapsed_s"] / 60 for s in result["snapshots"]],
+                      [0] + [recall(s, "mean_recall") for s in result["snapshots"]], marker="o",
+                      markersize=3, color=f"C{k}", alpha=1 if r == 0 else 0.4, label=name if r == 0 else None)
+    axis.set(title="mean of R@1/5/10 both ways (test)", xlabel="wall time since start (min)", ylabel="%")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -341,29 +354,41 @@ def plot(runs: dict, path: Path):
 
 def comparison_section(args, data: Data, runs: dict, loads) -> str:
     info = json.loads((data.train.parent / "info.json").read_text())
-    steps = runs["train.py"][0]["steps"]
+    best, counts = best_table(runs)
+    ours = [r for name, results in runs.items() if name != "open_clip_train" for r in results]
     return f"""{HEADING}
 
-Held-out recall against wall time, train.py and open_clip's trainer (`open_clip_train.main`, run
-unchanged) side by side on real data: Debian's clip art (bench/clipart.py; {data.rows:,} caption
-rows of {info['train']['images'] if not args.train_images else args.train_images:,} training
-images, validation on {info['val']['images']} images, test on {info['test']['images']} images
-({info['test']['captions']:,} captions) of the same category folders). Shared settings:
-{SHARED['model']}, batch {SHARED['batch']}, {SHARED['precision']}, {SHARED['workers']} workers,
-learning rate {SHARED['lr']}, warmup {SHARED['warmup']}, {steps} optimiser steps
-(open_clip_train: {args.epochs} epochs of caption rows; train.py: `--max_steps {steps}`); the rest
-is each trainer's default, validation after each of its epochs included. Every
-{runs['train.py'][0]['snapshots'][0]['step']} steps the weights are copied (outside the timed
-work) and later evaluated by our evaluation.py on the test split. Elapsed: seconds from the
-process start (start-up, data, training, validation, checkpoints). Medians over {args.rounds}
-alternating rounds. Machine: {common.machine()}; load average {loads[0]:.1f} before,
-{loads[1]:.1f} after. Rerun: {common.rerun()} (open_clip_train needs
-`pip install pandas braceexpand`).
+Held-out recall at equal wall time, train.py against open_clip's trainer (`open_clip_train.main`,
+run unchanged) on real data: Debian's clip art (bench/clipart.py; {data.rows:,} caption rows of
+{info['train']['images'] if not args.train_images else args.train_images:,} training images,
+validation on {info['val']['images']} images, test on {info['test']['images']} images
+({info['test']['captions']:,} captions) of the same category folders). For each seed,
+open_clip_train runs first with its recipe: {SHARED['model']}, batch {SHARED['batch']},
+{SHARED['precision']}, {SHARED['workers']} workers, learning rate {SHARED['lr']}, warmup
+{SHARED['warmup']}, {args.epochs} epochs of caption rows, its defaults otherwise (validation after
+each epoch included). Its wall time, from the process start to the end of its last epoch's
+validation and checkpoint, is then the `--time_budget` of each train.py recipe, with the same
+shared settings and train.py's defaults otherwise. Test recall of the final weights (train.py's
+last.pt; open_clip_train's weights after its last step), evaluated by our evaluation.py.
+Machine: {common.machine()}; load average {loads[0]:.1f} before, {loads[1]:.1f} after. Rerun:
+{common.rerun()} (open_clip_train needs `pip install pandas braceexpand`).
 
-{curve_table(runs)}
+{budget_table(runs)}
 
-{summary_table(runs)}
-{budget_note(runs)}
+"of the budget": train.py's wall time over open_clip_train's (measured the same way, from the
+job's start to the trainer's return).
+
+Which checkpoint to keep (issue 32, item 3): at each validation train.py saw, the weights were
+also copied and evaluated on the test split, so each rule's pick can be scored on held-out data.
+"Highest validation rsum" is the rule best.pt followed before; best.pt now keeps a new best only
+when it beats the old by more than one standard error of the validation metric, and keeps the
+final weights of a finished run unless an earlier best beats them by more than that. Over the
+{len(ours)} train.py runs, the highest validation score beat the final weights on the test split
+{counts['highest'][0]} times and lost {counts['highest'][1]} times; best.pt's rule beat them {counts['best.pt'][0]}
+times and lost {counts['best.pt'][1]} times.
+
+{best}
+
 ![test recall against wall time]({PLOT.name})
 """
 
@@ -458,15 +483,16 @@ torch thread(s)). Rerun: `.venv/bin/python bench/bench_quality.py --ablations --
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of both trainers")
+    parser.add_argument("--recipes", type=int, nargs="+", help="train.py's recipes at the budget (numbers: "
+                        + ", ".join(f"{k} {name}" for k, name in enumerate(BUDGET_RECIPES)) + "; default: all)")
     parser.add_argument("--epochs", type=int, default=EPOCHS,
                         help="open_clip_train's epochs of caption rows; train.py gets the same steps")
     parser.add_argument("--train_images", type=int, default=0, help="train on the first N images only (0: all)")
     parser.add_argument("--image_size", type=int, default=128, help="clipart.py --size")
     parser.add_argument("--data_seed", type=int, default=0, help="clipart.py --seed")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 384 training images, 2 epochs, 1 round")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 384 training images, 2 epochs, 1 seed")
     parser.add_argument("--ablations", action="store_true", help="recall at equal steps of one-change recipes")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the ablations")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the runs")
     parser.add_argument("--only", type=int, nargs="+", help="run these ablations only (numbers: "
                         + ", ".join(f"{k} {name}" for k, name in enumerate(ABLATIONS)).replace("%", "%%") + "); 0 always runs")
     parser.add_argument("--from_json", nargs="+", metavar="FILE", help="with --ablations: no training, "
@@ -481,7 +507,7 @@ def main():
     if args.only and 0 not in args.only:   # the other rows are compared with it
         args.only.insert(0, 0)
     if args.quick:
-        args.train_images, args.epochs, args.rounds = args.train_images or 384, 2, 1
+        args.train_images, args.epochs, args.seeds = args.train_images or 384, 2, args.seeds[:1]
     data = prepare_data(args)
     raw = common.OUT / "quality" / f"{'ablations' if args.ablations else 'comparison'}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     if args.ablations:

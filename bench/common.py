@@ -337,7 +337,9 @@ def _job_snapshots(params):
 
     Neither trainer is touched: the copies come from torch's global optimizer step hook, and the
     model is the first module with a logit scale and an image tower that runs forward. A trainer
-    module is imported before torch, so its own start-up happens as on the command line."""
+    module is imported before torch, so its own start-up happens as on the command line. train.py's
+    --time_budget counts from main(); the seconds this job spent before it are taken off the budget,
+    so that the budget counts from the job's start, as the copies' times do."""
     started = time.perf_counter()
     sys.path.insert(0, params["repo"])
     marks = {"validation_s": 0.0}
@@ -371,7 +373,11 @@ def _job_snapshots(params):
 
     model_hook = register_module_forward_pre_hook(find_model)
     register_optimizer_step_post_hook(after_step)
-    trainer.main(params["argv"])
+    argv = list(params["argv"])
+    if "--time_budget" in argv:     # train.py's clock starts in main(): the time before it is spent
+        at = argv.index("--time_budget") + 1
+        argv[at] = f"{float(argv[at].rstrip('s')) - (time.perf_counter() - started):.2f}s"
+    trainer.main(argv)
     model_hook.remove()
     out = Path(params["out"])
     out.mkdir(parents=True, exist_ok=True)
