@@ -95,7 +95,7 @@ class Views:
                 self.write_pictures(job, state.step)
             except Exception as error:
                 self.failed = True
-                self.log.warning(f"TensorBoard pictures failed at step {state.step} "
+                self.log.warning(f"the validation pictures failed at step {state.step} "
                                  f"({type(error).__name__}: {error}); the run goes on without "
                                  f"them (--tensorboard_pairs 0 turns them off)")
         if job.cfg.projector_every_validation and self.writer is not None:
