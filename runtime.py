@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.tensorboard import SummaryWriter
 
 import clip_model
 import distillation
 import files
+import reporting
 import shards
 from errors import OutputError, SettingsError, disk_full_message, is_disk_full
 from settings import DEFAULT_DATA_DIR
@@ -90,7 +90,7 @@ class Run:
     log_dir: Path
     results_dir: Path
     log: logging.Logger
-    writer: object = None              # TensorBoard SummaryWriter, rank 0 only
+    reports: object = None             # reporting.Reports, rank 0 only, opened once the run has resumed
     lock: object = None                # the run folder's lock, rank 0 only
 
     @property
@@ -106,13 +106,15 @@ def start_run(cfg):
     """Processes, device and precision, the run's name, folders, lock and log.
 
     Everything that can be known to be wrong before the data and model are loaded is checked
-    here: the device, the precision, the paths given, the distillation settings, the output folders.
+    here: the device, the precision, the paths given, the distillation settings, the packages the
+    reports need, the output folders.
     """
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     device = clip_model.pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     precision = clip_model.pick_precision(cfg.precision, device)
     check_paths(cfg)
     distillation.check_distillation(cfg)
+    reporting.check_report_to(cfg)
     if distributed:
         init_distributed(device)
     rank, world_size = clip_model.world_info()
@@ -120,11 +122,8 @@ def start_run(cfg):
     folders = [Path(cfg.checkpoint_dir) / name, Path(cfg.log_dir) / name, Path(cfg.results_dir) / name]
     lock = prepare_folders(cfg, folders) if rank == 0 else None
     log = setup_logging(folders[1] / "train.log", rank == 0)
-    writer = None
-    if rank == 0:
-        writer = SummaryWriter(str(folders[1]))
     log.info(f"run {name}: device {device}, precision {precision}, {world_size} process(es)")
-    return Run(name, device, precision, rank, world_size, *folders, log=log, writer=writer, lock=lock)
+    return Run(name, device, precision, rank, world_size, *folders, log=log, lock=lock)
 
 
 def check_paths(cfg):
@@ -209,9 +208,9 @@ def lock_run_folder(folder):
     return handle
 
 
-def close_run(run):
-    if run.writer:
-        run.writer.close()
+def close_run(run, failed=False):
+    if run.reports is not None:
+        run.reports.close(failed)
     if run.lock is not None:
         os.close(run.lock)                               # releases the lock
     if run.distributed and dist.is_initialized():

@@ -27,8 +27,8 @@ class Setting:
     default: object
     help: str
     choices: tuple = None
-    valid: str = None        # range of a number (">= 1", "> 0", "[0, 1)", "[0, cores]"), "folder name"
-                             # or "duration"
+    valid: str = None        # range of a number (">= 1", "> 0", "[0, 1)", "[0, cores]"), "folder name",
+    #                          "duration", or "comma list" (any of the choices, comma-separated)
 
 
 SCHEMA = [
@@ -158,19 +158,26 @@ SCHEMA = [
             "not starting with '.'; '' = model name and time", valid="folder name"),
     Setting("logging", "save_every", 500, "write last.pt every N steps (and at the end)",
             valid=">= 1"),
-    Setting("logging", "log_every", 10, "steps between log lines and TensorBoard points",
+    Setting("logging", "log_every", 10, "steps between log lines and points of the curves",
             valid=">= 1"),
     Setting("logging", "checkpoint_dir", "model-checkpoint", "folder of the runs' checkpoints"),
-    Setting("logging", "log_dir", "logs", "folder of the runs' logs and TensorBoard events"),
+    Setting("logging", "log_dir", "logs", "folder of the runs' logs, TensorBoard events and offline "
+            "W&B runs"),
     Setting("logging", "results_dir", "results", "folder of the runs' results and plots"),
     Setting("logging", "tensorboard_pairs", 8, "validation pairs whose similarity heatmap and "
-            "retrieval examples TensorBoard shows at every validation (the same pairs each time, "
+            "retrieval examples TensorBoard (and W&B) show at every validation (the same pairs each time, "
             "chosen with the seed); 0 = no pictures", valid="[0, 16]"),
     Setting("logging", "projector_pairs", 256, "validation pairs whose image and caption features "
             "TensorBoard's Embedding Projector shows, with thumbnails, written at the end; 0 = none",
             valid="[0, 10000]"),
     Setting("logging", "projector_every_validation", False, "write the projector at every "
             "validation too (each one is about 2 x projector_pairs x the embedding width x 20 bytes of text)"),
+    Setting("logging", "report_to", "tensorboard", "where the curves, pictures, settings and best "
+            "metrics go: tensorboard, wandb (Weights & Biases) or both, comma-separated",
+            ("tensorboard", "wandb"), valid="comma list"),
+    Setting("logging", "wandb_project", "clip-training", "the W&B project of the run (report_to wandb)"),
+    Setting("logging", "wandb_entity", "", "the W&B team or user the run goes to; '' = your default entity"),
+    Setting("logging", "wandb_tags", "", "tags of the W&B run, comma-separated"),
 ]
 
 SETTINGS = {s.name: s for s in SCHEMA}
@@ -192,7 +199,8 @@ def settings_markdown():
     rows = ["| flag | section | default | valid | meaning |", "|---|---|---|---|---|"]
     for s in SCHEMA:
         flag = f"`--{s.name}` / `--no-{s.name}`" if isinstance(s.default, bool) else f"`--{s.name}`"
-        valid = f"`{s.valid}`" if s.valid else " \\| ".join(s.choices) if s.choices else ""
+        choices = " \\| ".join(s.choices or ())
+        valid = f"`{s.valid}` of {choices}" if s.valid and s.choices else f"`{s.valid}`" if s.valid else choices
         rows.append(f"| {flag} | {s.section} | `{json.dumps(s.default)}` | {valid} | {s.help} |")
     return "\n".join(rows)
 
@@ -241,6 +249,11 @@ def check_value(name, value, where):
             value = math.inf
     if type(value) is not expected:
         raise SettingsError(f"{where}: {name} must be {expected.__name__}, got {value!r}")
+    if setting.valid == "comma list":
+        if not comma_list(value) or any(item not in setting.choices for item in comma_list(value)):
+            raise SettingsError(f"{where}: {name} must be one or more of {', '.join(setting.choices)}, "
+                                f"comma-separated, got {value!r}")
+        return value
     if setting.choices and value not in setting.choices:
         raise SettingsError(f"{where}: {name} must be one of {', '.join(setting.choices)}, got {value!r}")
     if setting.valid == "folder name":
@@ -269,6 +282,11 @@ def parse_duration(text, where="time_budget"):
         raise SettingsError(f"{where}: {text!r} is not a duration; write e.g. 90m, 2h, 1h30m, 45s or 3600")
     hours, minutes, seconds = (float(group) if group else 0.0 for group in match.groups())
     return hours * 3600 + minutes * 60 + seconds
+
+
+def comma_list(value):
+    """The items of a comma-separated setting ('tensorboard, wandb' -> ['tensorboard', 'wandb'])."""
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def read_config_file(path):
@@ -305,7 +323,8 @@ def build_parser():
         for s in (s for s in SCHEMA if s.section == section):
             kind = type(s.default)
             extra = ({"action": argparse.BooleanOptionalAction} if kind is bool
-                     else {"type": kind, "choices": s.choices, "metavar": kind.__name__.upper()})
+                     else {"type": kind, "choices": s.choices if s.valid != "comma list" else None,
+                           "metavar": kind.__name__.upper()})
             valid = f", valid: {s.valid}" if s.valid else ""
             # default=None marks "not given", so the config file's value survives
             group.add_argument(f"--{s.name}", default=None,

@@ -9,11 +9,13 @@
     Text       the resolved settings and a summary of the data, when the run starts (or resumes)
 
 train.py makes these views on rank 0 only (`Views.start`), then calls `validation` at each
-validation and `end` once. They stay small and cheap whatever the data: both samples are a fixed
-number of pairs (tensorboard_pairs, projector_pairs), chosen once per run with its seed from the
-validation set, and only they are encoded (one small batch for the pictures; the validation
-metrics have encoded the whole set already, but threading all its features out of the evaluation
-for eight rows would cost more code than the batch costs time: bench/bench_tensorboard.py).
+validation and `end` once. The pictures and the best metrics go through the run's reports
+(reporting.py), so a run that reports to W&B shows them there too; the rest is TensorBoard's own.
+They stay small and cheap whatever the data: both samples are a fixed number of pairs
+(tensorboard_pairs, projector_pairs), chosen once per run with its seed from the validation set,
+and only they are encoded (one small batch for the pictures; the validation metrics have encoded
+the whole set already, but threading all its features out of the evaluation for eight rows would
+cost more code than the batch costs time: bench/bench_tensorboard.py).
 """
 import json
 import os
@@ -54,8 +56,8 @@ class Pairs:
 
 @dataclass
 class Views:
-    """The TensorBoard views of one run (rank 0): the samples and what has been written."""
-    writer: object           # the run's SummaryWriter
+    """The views of one run (rank 0): the samples and what has been written."""
+    reports: object          # reporting.Reports of the run: TensorBoard, W&B or both
     log: object
     val_index: object
     order: np.ndarray        # the validation images in the run's seeded order; samples come first
@@ -63,16 +65,22 @@ class Views:
     failed: bool = False     # drawing failed once: the run goes on without pictures
     projected_at: int = None  # the step of the last projector written
 
+    @property
+    def writer(self):
+        """TensorBoard's SummaryWriter, for what only TensorBoard shows; None without it."""
+        return self.reports.tensorboard
+
     @classmethod
     def start(cls, job, train_index, state):
         """Write the text and HParams views, choose the samples, and load the pictures' pairs."""
         cfg, run = job.cfg, job.run
         order = np.random.default_rng(cfg.seed).permutation(job.val_index.num_images)
-        views = cls(run.writer, run.log, job.val_index, order)
-        run.writer.add_text("run/settings", settings_markdown(cfg), state.step)
-        run.writer.add_text("run/data", data_markdown(job, train_index), state.step)
-        write_hparams(run.writer, run.name, {s.name: getattr(cfg, s.name) for s in SCHEMA
-                                             if s.section != "logging"})
+        views = cls(run.reports, run.log, job.val_index, order)
+        if views.writer is not None:
+            views.writer.add_text("run/settings", settings_markdown(cfg), state.step)
+            views.writer.add_text("run/data", data_markdown(job, train_index), state.step)
+            write_hparams(views.writer, run.name, {s.name: getattr(cfg, s.name) for s in SCHEMA
+                                                   if s.section != "logging"})
         if cfg.tensorboard_pairs:
             views.pictures = load_pairs(job.val_index, order, cfg.tensorboard_pairs)
         return views
@@ -81,21 +89,23 @@ class Views:
         """The pictures of this validation, the best metrics so far, and the projector when asked
         at every validation. A failure to draw is logged and turns the pictures off: they must not
         end a run."""
-        write_best(self.writer, state.history["val"], state.step)
+        write_best(self.reports, state.history["val"], state.step)
         if self.pictures is not None and not self.failed:
             try:
                 self.write_pictures(job, state.step)
             except Exception as error:
                 self.failed = True
-                self.log.warning(f"TensorBoard pictures failed at step {state.step} "
+                self.log.warning(f"the validation pictures failed at step {state.step} "
                                  f"({type(error).__name__}: {error}); the run goes on without "
                                  f"them (--tensorboard_pairs 0 turns them off)")
-        if job.cfg.projector_every_validation:
+        if job.cfg.projector_every_validation and self.writer is not None:
             self.write_projector(job, state.step)
 
     def end(self, job, state):
         """The projector of the final weights (unless the last validation wrote it at this
-        step), and the end of the HParams session."""
+        step), and the end of the HParams session: TensorBoard's only."""
+        if self.writer is None:
+            return
         if job.cfg.projector_pairs and self.projected_at != state.step:
             self.write_projector(job, state.step)
         self.writer.file_writer.add_summary(hparams_session_end(), state.step)
@@ -107,13 +117,11 @@ class Views:
         captions = self.pictures.captions
         heatmap = visualization.plot_similarity_heatmap(self.pictures.thumbnails, captions,
                                                         image_features, text_features)
-        self.writer.add_image("val/similarity_heatmap", visualization.figure_pixels(heatmap), step,
-                              dataformats="HWC")
+        self.reports.image("val/similarity_heatmap", visualization.figure_pixels(heatmap), step)
         examples = visualization.plot_retrieval_examples(
             self.pictures.thumbnails, captions, image_features, text_features,
             np.arange(len(captions)), top_k=RETRIEVAL_TOP_K)
-        self.writer.add_image("val/retrieval_examples", visualization.figure_pixels(examples), step,
-                              dataformats="HWC")
+        self.reports.image("val/retrieval_examples", visualization.figure_pixels(examples), step)
 
     def write_projector(self, job, step):
         """The image features of projector_pairs validation pairs and the features of their first
@@ -241,7 +249,7 @@ def _hparams_summary(tag, plugin_data):
     return summary
 
 
-def write_best(writer, validations, step):
+def write_best(reports, validations, step):
     """best/<name>: the best value of each BEST_SHOWN metric over the validations so far, of the
     weights or of their moving average (what the HParams table shows)."""
     best = {}
@@ -251,5 +259,4 @@ def write_best(writer, validations, step):
             values = [flat[tag] for tag in (f"val/{name}", f"val/ema/{name}") if tag in flat]
             if values:
                 best[name] = max(best.get(name, -np.inf), *values)
-    for name, value in best.items():
-        writer.add_scalar(f"best/{name}", value, step)
+    reports.scalars({f"best/{name}": value for name, value in best.items()}, step)

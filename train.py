@@ -23,6 +23,7 @@ import data_loader
 import distillation
 import evaluation
 import files
+import reporting
 import runtime
 import tensorboard_views
 import train_data
@@ -56,6 +57,7 @@ class TrainState:
     unreadable: list = field(default_factory=list)   # messages of the images skipped, once each
     epoch_order: tuple = None         # (epoch, order) of hard-negative batches (hard_negatives)
     budget: dict = None               # time_budget: {"budget_s", "used_s", "plans"}
+    wandb_id: str = None              # the W&B run reported to (report_to wandb), continued on resume
 
     @classmethod
     def from_checkpoint(cls, checkpoint):
@@ -89,7 +91,7 @@ class Timing:
     data_wait_s: float = 0.0      # waiting for the next batch
     checkpoint_s: float = 0.0
     mining_s: float = 0.0         # hard-negative mining
-    tensorboard_s: float = 0.0    # TensorBoard's pictures at validations (a part of validation_s)
+    tensorboard_s: float = 0.0    # the pictures at validations, TensorBoard's and W&B's (a part of validation_s)
     tensorboard_end_s: float = 0.0  # TensorBoard's projector and HParams at the end
     validations: int = 0
     checkpoints: int = 0          # last.pt writes
@@ -117,7 +119,7 @@ class Job:
     total_steps: int
     global_batch: int
     ema: object = None                 # AveragedModel of the weights (ema_decay > 0), else None
-    views: object = None               # tensorboard_views.Views, rank 0 only
+    views: object = None               # tensorboard_views.Views: pictures and best metrics, rank 0 only
     timing: Timing = field(default_factory=Timing)
     distill: object = None             # Distillation: the teacher and its term; None without
     budget: object = None              # budget.Budget of a time_budget run; None without
@@ -156,17 +158,21 @@ def main(argv=None):
                   steps_per_epoch, total_steps, global_batch, ema=build_ema(cfg, setup.model),
                   distill=distill)
         state = resume(job, train_index)
+        open_reports(job, state)
         job.budget = start_budget(job, state, budget.run_clock(started, count_imports=argv is None))
         job.views = start_views(job, train_index, state)
         job.timing.startup_s = time.perf_counter() - started
         stop_reason = train(job, state)
-        return finish(job, state, stop_reason)
-    finally:
-        runtime.close_run(run)
+        summary = finish(job, state, stop_reason)
+    except BaseException:
+        runtime.close_run(run, failed=True)
+        raise
+    runtime.close_run(run)
+    return summary
 
 
 # ----------------------------------------------------------------------------------------------
-# Before the loop: the model, resume, the time budget, TensorBoard's views
+# Before the loop: the model, resume, the reports, the time budget, TensorBoard's views
 
 UNPLANNED = 10 ** 9     # the last step of a time-budget run before its first plan
 
@@ -235,6 +241,16 @@ def check_resumed_settings(cfg, saved, path, log):
                     ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changed.items()))
 
 
+def open_reports(job, state):
+    """TensorBoard and W&B as report_to asks (rank 0). A resumed run reports to the W&B run its
+    checkpoint names, and every checkpoint keeps the id of the one it reports to."""
+    run = job.run
+    if run.is_main:
+        run.reports = reporting.open_reports(job.cfg, run.name, run.log_dir, run.log, state.wandb_id)
+        if run.reports.wandb is not None:
+            state.wandb_id = run.reports.wandb.id
+
+
 def start_budget(job, state, clock):
     """The budget of a time_budget run, or None; a resumed run goes on with the budget its earlier
     parts left (the time they used up to their last save)."""
@@ -250,9 +266,9 @@ def start_budget(job, state, clock):
 
 
 def start_views(job, train_index, state):
-    """TensorBoard's views beyond the scalars (rank 0): the settings, data and HParams now,
-    pictures at each validation, the projector at the end."""
-    if job.run.writer is None:
+    """What the reports show beyond the scalars (rank 0): TensorBoard's settings, data and
+    HParams now, pictures at each validation, the projector at the end."""
+    if job.run.reports is None:
         return None
     return tensorboard_views.Views.start(job, train_index, state)
 
@@ -426,12 +442,12 @@ def count_step(job, state, result, window):
         state.bad_steps += 1
         job.run.log.warning(f"step {state.step - 1}: non-finite loss or gradient, update skipped "
                             f"({state.bad_steps} in a row)")
-        if job.run.writer:
-            job.run.writer.add_scalar("train/skipped_step", 1, state.step - 1)
+        if job.run.reports:
+            job.run.reports.scalars({"train/skipped_step": 1}, state.step - 1)
 
 
 def log_train(job, state, result, window, progress):
-    """A point of the training curves: history, TensorBoard and the progress bar; resets window."""
+    """A point of the training curves: history, reports and the progress bar; resets window."""
     elapsed = time.perf_counter() - window.start
     entry = {"step": state.step, "epoch": state.epoch,
              "loss": (window.loss / max(1, window.steps)).item(),
@@ -442,10 +458,9 @@ def log_train(job, state, result, window, progress):
              "samples_per_s": window.samples / elapsed,
              "data_wait": window.wait / elapsed}
     state.history["train"].append(entry)
-    if job.run.writer:
-        for key, value in entry.items():
-            if key not in ("step", "epoch"):
-                job.run.writer.add_scalar(f"train/{key}", value, state.step)
+    if job.run.reports:
+        job.run.reports.scalars({f"train/{key}": value for key, value in entry.items()
+                                 if key not in ("step", "epoch")}, state.step)
     parts = {name: f"{entry[name]:.3f}" for name in window.terms}
     progress.set_postfix(loss=f"{entry['loss']:.3f}", **parts, lr=f"{entry['lr']:.1e}",
                          scale=f"{entry['logit_scale']:.1f}", sps=f"{entry['samples_per_s']:.0f}")
@@ -495,9 +510,9 @@ def record_plan(job, state, plan):
     """TensorBoard gets the plan at each log step; the log and training_results.json the plans
     that move the end."""
     run, plans = job.run, state.budget["plans"]
-    if run.writer and state.step % job.cfg.log_every == 0:
-        run.writer.add_scalar("budget/planned_steps", plan.total_steps, state.step)
-        run.writer.add_scalar("budget/seconds_per_step", plan.step_s, state.step)
+    if run.reports and state.step % job.cfg.log_every == 0:
+        run.reports.scalars({"budget/planned_steps": plan.total_steps, "budget/seconds_per_step": plan.step_s},
+                            state.step)
     if not plans or abs(plan.total_steps - plans[-1]["total_steps"]) > budget.LOG_CHANGE * plans[-1]["total_steps"]:
         plans.append(asdict(plan))
         run.log.info(plan.describe(job.budget.budget_s))
@@ -561,7 +576,7 @@ def evaluate_weights(job, setup):
 
 
 def show_validation(job, state):
-    """TensorBoard's pictures of this validation, timed apart (they are a part of validation_s)."""
+    """The pictures of this validation, timed apart (they are a part of validation_s)."""
     if job.views is not None:
         started = time.perf_counter()
         job.views.validation(job, state)
@@ -594,12 +609,11 @@ def is_new_best(job, state, value, metrics):
 
 
 def record_validation(job, state, metrics):
-    """Add a validation to the history and TensorBoard; returns whether it is a new best (of the
+    """Add a validation to the history and the reports; returns whether it is a new best (of the
     weights or of their average)."""
     state.history["val"].append({"step": state.step, "epoch": state.epoch, **metrics})
-    if job.run.writer:
-        for name, value in evaluation.flatten_metrics(metrics).items():
-            job.run.writer.add_scalar(name, value, state.step)
+    if job.run.reports:
+        job.run.reports.scalars(evaluation.flatten_metrics(metrics), state.step)
     if len(state.history["val"]) == 1:
         skipped = metrics["skipped_images"]
         report_skipped(job.run.log.warning, "unreadable validation image", skipped["first"], skipped["count"])
@@ -703,10 +717,11 @@ def finish(job, state, stop_reason):
             started = time.perf_counter()
             job.views.end(job, state)
             job.timing.tensorboard_end_s = time.perf_counter() - started
+        run.reports.summary(final_and_best(state))
+        tensorboard = f", TensorBoard: tensorboard --logdir {job.cfg.log_dir}" if run.reports.tensorboard else ""
         run.log.info(f"{'finished' if finished else f'stopped: {stop_reason}'} at step {state.step}; "
                      f"best {job.cfg.best_metric} {state.best['value']} at step {state.best['step']}; "
-                     f"checkpoints in {run.checkpoint_dir}, TensorBoard: tensorboard --logdir "
-                     f"{job.cfg.log_dir}")
+                     f"checkpoints in {run.checkpoint_dir}{tensorboard}")
         if job.budget:
             run.log.info(f"time budget {job.cfg.time_budget}: {budget.format_duration(job.budget.elapsed())} "
                          f"used, {state.step} steps")
@@ -716,6 +731,14 @@ def finish(job, state, stop_reason):
             "checkpoint_dir": run.checkpoint_dir, "results_dir": run.results_dir,
             "log_dir": run.log_dir, "stop_reason": str(stop_reason) if stop_reason else None,
             "timing": {**asdict(job.timing), "train_samples_per_s": job.timing.train_samples_per_s}}
+
+
+def final_and_best(state):
+    """The run's summary in the reports: the last validation's metrics, under their names in the
+    curves (val/rsum, ...), and best.pt's metric, value, step and weights (best_checkpoint/...)."""
+    final = state.history["val"][-1] if state.history["val"] else {}
+    metrics = evaluation.flatten_metrics({k: v for k, v in final.items() if k not in ("step", "epoch")})
+    return {**metrics, **{f"best_checkpoint/{key}": value for key, value in state.best.items()}}
 
 
 def plot_curves(results, path, log):

@@ -164,9 +164,9 @@ def torchrun(args, cwd):
 @pytest.fixture(scope="module")
 def torchrun_runs(sample_set, tmp_path_factory):
     """A 2-process run of 2 accumulated micro-batches of 8 stopped at step 3, then continued to
-    step 6 with --resume auto."""
+    step 6 with --resume auto; reported to TensorBoard and W&B (offline: tests/conftest.py)."""
     out = tmp_path_factory.mktemp("torchrun")
-    accumulated = ("--accum_steps", "2")
+    accumulated = ("--accum_steps", "2", "--report_to", "tensorboard,wandb")
     first = torchrun(train_flags(sample_set, out, "--run_name", "dist", "--stop_at_step", "3", *accumulated,
                                  batch_size=8), out)
     first_log = (out / "logs/dist/train.log").read_text()
@@ -203,6 +203,16 @@ def test_resume_auto_under_torchrun_continues_the_run(torchrun_runs):
     assert [e["step"] for e in last["history"]["train"]] == [1, 2, 3, 4, 5, 6]
     assert [e["step"] for e in last["history"]["val"]] == [5, 6]  # the end of epoch 0, the end
     assert sorted(os.listdir(out / "ckpt/dist")) == ["best.pt", "config.json", "last.pt"]
+
+
+@pytest.mark.slow
+def test_only_the_first_process_reports_to_wandb_and_the_resumed_job_continues_its_run(torchrun_runs):
+    out, _, first_log, _ = torchrun_runs
+    wandb_id = cm.load_checkpoint(out / "ckpt/dist/last.pt")["wandb_id"]
+    parts = list((out / "logs/dist/wandb").glob("offline-run-*"))
+    assert len(parts) == 2 and all(part.name.endswith(f"-{wandb_id}") for part in parts)   # one a job
+    assert first_log.count("W&B run written offline") == 1
+    assert (out / "logs/dist/train.log").read_text().count(f"offline-run-*-{wandb_id}") == 2
 
 
 @pytest.mark.slow

@@ -172,7 +172,7 @@ def test_the_time_of_the_pictures_is_measured_apart(run):
 
 def test_a_picture_that_fails_to_draw_is_logged_and_the_run_goes_on(run, monkeypatch):
     warnings = []
-    views = tensorboard_views.Views(writer=None, log=type("Log", (), {"warning": warnings.append}),
+    views = tensorboard_views.Views(reports=None, log=type("Log", (), {"warning": warnings.append}),
                                     val_index=run["val_index"], order=run["order"],
                                     pictures=tensorboard_views.load_pairs(run["val_index"], run["order"], 2))
     monkeypatch.setattr(tensorboard_views, "write_best", lambda *args: None)
