@@ -260,49 +260,55 @@ def learned_run(data, tmp_path_factory):
 
 
 class StepClock:
-    """A run's clock on which each training step takes `step_s` (and validations and checkpoints
-    their real time): plans that do not depend on how busy the machine running the test is."""
+    """train.py's clock, on which each training step takes `step_s` and nothing else takes time:
+    plans that do not depend on how busy the machine running the test is."""
 
     def __init__(self, monkeypatch, step_s):
-        self.steps, self.step_s, self.job = 0, step_s, None
+        self.steps, self.step_s = 0, step_s
         real_step = train.optimizer_step
 
         def counted_step(job, micro_batches):
-            self.steps, self.job = self.steps + 1, job
+            self.steps += 1
             return real_step(job, micro_batches)
         monkeypatch.setattr(train, "optimizer_step", counted_step)
+        monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=self))
         monkeypatch.setattr(budget, "run_clock", lambda started, count_imports: self)
 
     def __call__(self):
-        timing = self.job.timing if self.job else SimpleNamespace(validation_s=0.0, checkpoint_s=0.0)
-        return self.steps * self.step_s + timing.validation_s + timing.checkpoint_s
+        return self.steps * self.step_s
+
+
+def ends_at(plan):
+    """When a plan (of training_results.json) expects its run to end."""
+    return (plan["elapsed_s"] + (plan["total_steps"] - plan["step"]) * plan["step_s"] + plan["end_s"]
+            + plan["validations"] * plan["validation_s"] + plan["checkpoints"] * plan["checkpoint_s"])
 
 
 @pytest.mark.slow
 def test_a_run_with_a_time_budget_plans_its_steps_ends_decayed_and_resumes_with_what_is_left(
         data, tmp_path, monkeypatch):
     args = run_args(data, tmp_path, "--run_name", "budget", "--time_budget", "20s", "--warmup_steps", "2")
-    clock = StepClock(monkeypatch, step_s=0.25)           # at most 80 steps fit in 20 s
+    clock = StepClock(monkeypatch, step_s=0.25)           # 80 steps would fill 20 s
     first = train.main([*args, "--stop_at_step", "30"])
     assert first["step"] == 30 and first["stop_reason"] == "stop_at_step 30 reached"
     results = json.loads((tmp_path / "results/budget/training_results.json").read_text())
     assert results["time_budget"]["budget_s"] == 20
     plan = results["time_budget"]["plans"][0]
     assert plan["step"] == budget.PLAN_AFTER + 1 and plan["step_s"] == 0.25
-    assert 45 < plan["total_steps"] < 70
+    assert ends_at(plan) <= 20 < ends_at(plan) + 0.25      # the last step that fits
     used_first = results["time_budget"]["used_s"]
-    assert used_first > 30 * 0.25
+    assert used_first == 30 * 0.25                         # (the rest takes no time on this clock)
 
     clock = StepClock(monkeypatch, step_s=0.5)            # the resumed part runs on a slower machine
     result = train.main([*args, "--resume", "auto"])
     results = json.loads((tmp_path / "results/budget/training_results.json").read_text())
     plans = results["time_budget"]["plans"]
     assert plans[-1]["step"] > 30 and plans[-1]["elapsed_s"] > used_first   # counts the first part's time
-    assert plans[-1]["total_steps"] < plan["total_steps"]                    # fewer steps fit now
+    assert ends_at(plans[-1]) <= 20 < ends_at(plans[-1]) + 0.5
     assert result["stop_reason"] is None and result["step"] == plans[-1]["total_steps"]
     last = result["history"]["train"][-1]
     assert last["step"] == result["step"] and last["lr"] == pytest.approx(0.0, abs=1e-9)   # decayed
-    assert clock.steps * 0.5 + used_first <= 20.5
+    assert results["time_budget"]["used_s"] == pytest.approx(used_first + (result["step"] - 30) * 0.5)
 
 
 @pytest.mark.slow
