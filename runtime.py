@@ -19,9 +19,9 @@ import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 
 import clip_model
+import data_loader
 import distillation
 import files
-import shards
 from errors import OutputError, SettingsError, disk_full_message, is_disk_full
 from settings import DEFAULT_DATA_DIR
 
@@ -90,7 +90,7 @@ class Run:
     log_dir: Path
     results_dir: Path
     log: logging.Logger
-    writer: object = None              # TensorBoard SummaryWriter, rank 0 only
+    writer: object = None              # TensorBoard SummaryWriter, rank 0 only (open_tensorboard)
     lock: object = None                # the run folder's lock, rank 0 only
 
     @property
@@ -120,18 +120,23 @@ def start_run(cfg):
     folders = [Path(cfg.checkpoint_dir) / name, Path(cfg.log_dir) / name, Path(cfg.results_dir) / name]
     lock = prepare_folders(cfg, folders) if rank == 0 else None
     log = setup_logging(folders[1] / "train.log", rank == 0)
-    writer = None
-    if rank == 0:
-        writer = SummaryWriter(str(folders[1]))
     log.info(f"run {name}: device {device}, precision {precision}, {world_size} process(es)")
-    return Run(name, device, precision, rank, world_size, *folders, log=log, writer=writer, lock=lock)
+    return Run(name, device, precision, rank, world_size, *folders, log=log, lock=lock)
+
+
+def open_tensorboard(run):
+    """The run's TensorBoard writer (rank 0), made once the run has passed its start-up (data,
+    model, resume): a SummaryWriter writes its event file as it is made, and TensorBoard lists
+    every folder with one, so a run refused at start-up would crowd the list of runs."""
+    if run.is_main:
+        run.writer = SummaryWriter(str(run.log_dir))
 
 
 def check_paths(cfg):
     """The input paths given exist (the default data set is generated on first use)."""
     for name in ("data_dir", "val_data"):
         value = getattr(cfg, name)
-        if value and value != DEFAULT_DATA_DIR and not shards.is_webdataset(value) and not Path(value).exists():
+        if value and value != DEFAULT_DATA_DIR and not data_loader.is_webdataset(value) and not Path(value).exists():
             raise SettingsError(f"{name} {value}: no such file or folder")
     if cfg.val_zeroshot and not Path(cfg.val_zeroshot).is_dir():
         raise SettingsError(f"val_zeroshot {cfg.val_zeroshot}: no such folder (one folder of images per class)")

@@ -146,6 +146,7 @@ def main(argv=None):
                   steps_per_epoch, total_steps, global_batch, ema=build_ema(cfg, setup.model),
                   distill=distill)
         state = resume(job, train_index)
+        runtime.open_tensorboard(run)
         job.views = start_views(job, train_index, state)
         job.timing.startup_s = time.perf_counter() - started
         stop_reason = train(job, state)
