@@ -602,7 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "without a checkpoint of ours; weights from --pretrained")
     add("--pretrained", default="", help="with --model_name: an open_clip pretrained tag (e.g. "
                                          "openai) or a local weights file; empty = random weights")
-    add("--data", help="captioned images to retrieve, in any format data_loader.py reads")
+    add("--data", help="captioned images to retrieve, in any format data_loader.py reads, WebDataset "
+                       "shards too ('dir/{00000..00004}.tar', one .tar or a folder of them)")
     add("--image_column", default="filepath", help="image column of a CSV/TSV --data file")
     add("--caption_column", default="title", help="caption column of a CSV/TSV --data file")
     add("--split", default="train", help="split of a Chinese-CLIP --data folder ({split}_texts.jsonl)")

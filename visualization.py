@@ -700,8 +700,8 @@ def build_parser():
         "(default: RESULTS/eval_results.json)")
     add("--embeddings", metavar="DIR", help="folder written by evaluation.py --save_embeddings "
         "(default: RESULTS/embeddings)")
-    add("--data", metavar="PATH", help="data set of the embeddings, for thumbnails "
-        "(default: the 'data' recorded in the embeddings' meta.json)")
+    add("--data", metavar="PATH", help="data set of the embeddings (any format, shards too), for "
+        "thumbnails (default: the 'data' recorded in the embeddings' meta.json)")
     add("--num_images", type=int, default=8, metavar="N",
         help="images in the similarity heatmap (default: 8)")
     add("--top_k", type=int, default=5, metavar="K",
