@@ -707,7 +707,7 @@ def run_evaluation(args) -> dict:
         image_features, text_features, index = encode_index(
             setup, index, args.batch_size, args.num_workers, device, precision, args.strict_data)
         report_skipped(warn, "unreadable image", index.skipped, total=len(index.skipped))
-        data = os.path.abspath(args.data)
+        data = data_loader.SOURCE_SEPARATOR.join(map(os.path.abspath, data_loader.split_sources(args.data)))
         if args.save_embeddings:
             meta = {"image_names": [index.image_name(i) for i in range(index.num_images)],
                     "captions": index.captions(), "data": data, "split": args.split,
