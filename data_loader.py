@@ -12,9 +12,11 @@ to); everything after loading works on that index only. Formats, detected from t
      `image_id<TAB>base64 image` plus {split}_texts.jsonl holding {"text_id", "text", "image_ids"}.
   5. Chinese-CLIP's LMDB folders, which its preprocessing makes of those files: lmdb/{split}/imgs
      (base64 images by image id) and lmdb/{split}/pairs (pickled (image_id, text_id, text)).
+  6. WebDataset shards (img2dataset's or our converter's): a brace pattern such as
+     'shards/{00000..00009}.tar', one .tar file or a folder of them, sources joined with '::'.
 An image named more than once (COCO-style, one line per caption) is one image with several
 captions: retrieval metrics must know that five captions describe the same picture.
-For sets too large for one index, training streams WebDataset tar shards instead: shards.py.
+Training streams shards instead of indexing them (shards.py): a set too large for one index.
 What a training image goes through (crop, colour jitter) is augmentation.py's.
 CLI: `python data_loader.py --make_sample DIR` writes a generated data set, `--inspect PATH` checks
 that a data set loads.
@@ -31,6 +33,7 @@ import pickle
 import random
 import signal
 import sys
+import tarfile
 from dataclasses import dataclass
 
 import lmdb
@@ -39,6 +42,8 @@ import open_clip
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from augmentation import AugmentationDraw, TeacherView, TrainAugmentation, sample_uniforms
 from errors import DataError, short_repr
@@ -96,19 +101,21 @@ class CaptionIndex:
     need) and `captions_of(i)` (what training draws from) are array lookups.
     Images are files (names resolved against `image_root`), or base64 text inside the TSV file
     `tsv_path` (Chinese-CLIP layout), where `tsv_spans[i]` is the byte range of image i, or in the
-    LMDB database `lmdb_path` under the image's id: read and decoded on demand, so no image is
-    held in memory.
+    LMDB database `lmdb_path` under the image's id, or members of the tar files `shard_paths`
+    (WebDataset shards), where `shard_spans[i]` is (file number, start, end) of image i's bytes:
+    read and decoded on demand, so no image is held in memory.
     """
 
     def __init__(self, names: PackedStrings, captions: PackedStrings, first_caption: np.ndarray, source: str,
                  image_root: str = "", tsv_path: str | None = None, tsv_spans: np.ndarray | None = None,
-                 lmdb_path: str | None = None, skipped: tuple = ()):
+                 lmdb_path: str | None = None, shard_paths: tuple = (), shard_spans: np.ndarray | None = None,
+                 skipped: tuple = ()):
         self._names, self._captions, self._first_caption = names, captions, first_caption
         self.skipped = list(skipped)  # messages of the images of the source left out as unreadable
         self.num_images, self.num_captions = len(names), len(captions)
         self.caption_image = np.repeat(np.arange(len(names), dtype=np.int64), np.diff(first_caption))
         self.source, self.image_root, self.tsv_path, self.tsv_spans = source, image_root, tsv_path, tsv_spans
-        self.lmdb_path = lmdb_path
+        self.lmdb_path, self.shard_paths, self.shard_spans = lmdb_path, tuple(shard_paths), shard_spans
 
     def caption(self, j: int) -> str:
         return self._captions[j]
@@ -125,13 +132,17 @@ class CaptionIndex:
         return first, self._first_caption[images + 1] - first
 
     def image_name(self, i: int) -> str:
-        """The image's path (resolved), or its id inside the TSV file or LMDB database."""
-        stored = self.tsv_path or self.lmdb_path
+        """The image's path (resolved), its id inside the TSV file or LMDB database, or its
+        sample in the shards (shard_sample_text)."""
+        stored = self.tsv_path or self.lmdb_path or self.shard_paths
         return self._names[i] if stored else os.path.join(self.image_root, self._names[i])
 
     def image_bytes(self, i: int) -> bytes:
-        """The stored bytes of image i: the file's content, or the base64 text of the TSV or LMDB
-        decoded."""
+        """The stored bytes of image i: the file's content or the tar member's, or the base64
+        text of the TSV or LMDB decoded."""
+        if self.shard_paths:
+            shard, start, end = self.shard_spans[i]
+            return _read_span(self.shard_paths[shard], start, end)
         if self.lmdb_path is not None:
             encoded = _lmdb_value(self.lmdb_path, self._names[i], self._label(i))
         elif self.tsv_path is None:
@@ -141,10 +152,7 @@ class CaptionIndex:
             except OSError as e:
                 raise DataError(f"image '{self.image_name(i)}' cannot be read: {e.strerror}") from e
         else:
-            start, end = self.tsv_spans[i]
-            with open(self.tsv_path, "rb") as f:
-                f.seek(start)
-                encoded = f.read(end - start)
+            encoded = _read_span(self.tsv_path, *self.tsv_spans[i])
         try:  # Chinese-CLIP writes url-safe base64; this decodes the standard alphabet too
             return base64.urlsafe_b64decode(encoded)
         except ValueError as e:
@@ -166,7 +174,8 @@ class CaptionIndex:
         return CaptionIndex(self._names.take(images), self._captions.take(caption_ids), first_caption,
                             f"{self.source} [{len(images)} of {self.num_images} images]", self.image_root,
                             self.tsv_path, None if self.tsv_spans is None else self.tsv_spans[images],
-                            self.lmdb_path)
+                            self.lmdb_path, self.shard_paths,
+                            None if self.shard_spans is None else self.shard_spans[images])
 
     def __repr__(self) -> str:
         return f"CaptionIndex({self.source}: {self.num_images} images, {self.num_captions} captions)"
@@ -450,6 +459,16 @@ if hasattr(os, "register_at_fork"):  # POSIX; elsewhere workers are spawned, not
     os.register_at_fork(before=_close_lmdb_environments)
 
 
+def _read_span(path: str, start: int, end: int) -> bytes:
+    """Bytes start..end of a file that holds many images (a TSV file, a tar shard)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read(end - start)
+    except OSError as e:
+        raise DataError(f"'{path}' cannot be read: {e.strerror}") from e
+
+
 def _lmdb_value(path: str, key: str, label: str) -> bytes:
     with _open_lmdb(path).begin() as txn:
         value = txn.get(key.encode("utf-8"))
@@ -521,6 +540,159 @@ def _read_lmdb(folder: str) -> CaptionIndex:
     return _make_index(list(image_of_id), captions, owner, folder, lmdb_path=imgs_path)
 
 
+# WebDataset shards: tar files in which the files of one sample share a key (`KEY.jpg`,
+# `KEY.txt`, ...); shards.py says which layouts (ours, img2dataset's) and streams them for training.
+# Here they are read into an index, for validation and evaluation.
+SOURCE_SEPARATOR = "::"
+SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # a sample's image, under the first of these present
+
+
+def split_sources(data_dir) -> list[str]:
+    """The sources of a data argument: 'a/{0..9}.tar::b/' -> ['a/{0..9}.tar', 'b/']."""
+    return [part for part in str(data_dir).split(SOURCE_SEPARATOR) if part]
+
+
+def _is_shard_path(path: str) -> bool:
+    return path.endswith(".tar") or os.path.isdir(path) and any(f.endswith(".tar") for f in os.listdir(path))
+
+
+def is_webdataset(data_dir) -> bool:
+    """True for a brace pattern such as `shards/{00000..00099}.tar`, one .tar file, a folder of
+    .tar shards, or several of these joined with `::`."""
+    return any(_is_shard_path(part) for part in split_sources(data_dir))
+
+
+def shard_files(pattern: str) -> list[str]:
+    """The tar files of one source: a brace pattern, a .tar file or a folder of them, in order."""
+    if os.path.isdir(pattern):
+        urls = sorted(os.path.join(pattern, f) for f in os.listdir(pattern) if f.endswith(".tar"))
+    elif pattern.endswith(".tar"):
+        urls = expand_urls(pattern)
+    else:
+        raise DataError(f"{pattern}: not WebDataset shards (a .tar file, a brace pattern such as "
+                        f"'dir/{{00000..00099}}.tar' or a folder of .tar files); sources joined with "
+                        f"'{SOURCE_SEPARATOR}' must all be shards")
+    missing = [url for url in urls if not os.path.isfile(url)]
+    if missing:
+        more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
+        raise DataError(f"{pattern}: shard {missing[0]} not found{more}")
+    if not urls:
+        raise DataError(f"{pattern}: no .tar shards in this folder")
+    return urls
+
+
+def shard_samples(url: str, number: int | None = None):
+    """The samples of one tar shard, grouped by key as webdataset groups them: dicts of
+    `__key__`, `__url__` and the bytes of each file by its extension ("jpg", "txt", ...). With a
+    shard `number`, an image is given as where its bytes lie, (number, start, end), not read:
+    an uncompressed tar stores a member's bytes as they are, after its header.
+
+    A shard that is truncated (a copy or download that stopped) raises DataError naming it,
+    instead of losing the samples after the cut without a word. A tar file is a header block and
+    the data blocks of each member in turn, then two blocks of zeros. The tar reader raises when
+    a file ends inside a member's data, but takes a file that ends inside or just before a header
+    for one that ends there. Those are caught by the end: the file is a whole number of blocks and
+    ends with the two blocks of zeros (a cut just between two members, after a member ending in
+    1 KiB of zeros, would pass: no image, caption or JSON ends so). One seek per shard, not a walk
+    over every header of the shard."""
+    def members(tar):
+        for member in tar:
+            if member.isreg():
+                suffix = (base_plus_ext(member.name)[1] or "").lower()
+                spanned = number is not None and suffix in SHARD_IMAGE_KEYS
+                yield {"fname": member.name, "__url__": url,
+                       "data": (number, member.offset_data, member.offset_data + member.size) if spanned
+                       else tar.extractfile(member).read()}
+    try:
+        with tarfile.open(url, "r:") as tar:
+            yield from group_by_keys(members(tar))
+        truncated = not _ends_like_a_tar(url)
+    except tarfile.ReadError:
+        truncated = True
+    if truncated:
+        raise DataError(f"{url}: the shard is truncated (it ends before its end-of-archive blocks) or "
+                        f"is not an uncompressed tar file, so samples are lost; copy or download it "
+                        f"again, or convert the set again")
+
+
+def _ends_like_a_tar(path: str) -> bool:
+    size = os.path.getsize(path)
+    if size < 2 * tarfile.BLOCKSIZE or size % tarfile.BLOCKSIZE:
+        return False
+    with open(path, "rb") as f:
+        f.seek(size - 2 * tarfile.BLOCKSIZE)
+        return f.read(2 * tarfile.BLOCKSIZE) == bytes(2 * tarfile.BLOCKSIZE)
+
+
+def shard_sample_text(sample: dict) -> tuple[list[str], str, str]:
+    """A shard sample's captions (none if it has none: the .txt, img2dataset's, else the
+    "captions" of the .json, our converter's), the name that messages give its image, and what
+    its image is: the source its .json names ("url" of img2dataset's, "image" of ours), else the
+    sample itself (its name)."""
+    where = f"{sample['__url__']}, sample {sample['__key__']}"
+    try:
+        meta = json.loads(sample.get("json", b"{}"))
+        meta = meta if isinstance(meta, dict) else {}
+    except (ValueError, TypeError):
+        meta = {}
+    name = f"{meta['image']} ({where})" if isinstance(meta.get("image"), str) else where
+    image = next((meta[field] for field in ("url", "image") if isinstance(meta.get(field), str)), name)
+    if "txt" in sample:
+        try:
+            text = sample["txt"].decode("utf-8").strip()
+        except UnicodeDecodeError:
+            text = ""
+        return ([text] if text else []), name, image
+    captions = meta.get("captions", [])
+    captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()] if isinstance(captions, list) else []
+    return captions, name, image
+
+
+def shard_sample_problem(sample: dict, captions: list[str], name: str) -> str | None:
+    """Why a shard sample cannot be used (no caption, no image), or None."""
+    if not captions:
+        return f"{name}: no caption (.txt, or \"captions\" in .json)"
+    if not any(key in sample for key in SHARD_IMAGE_KEYS):
+        return f"{name}: no image (.{', .'.join(SHARD_IMAGE_KEYS)})"
+    return None
+
+
+def _read_shards(data_dir: str, strict: bool) -> CaptionIndex:
+    """WebDataset shards (sources joined with `::` too) as an index: one pass reads every
+    caption and where each image's bytes lie in its tar file, so memory holds the captions and
+    three numbers per image, as for the other formats; images are read from the tar files when
+    needed.
+
+    An image is one picture however many samples show it: samples whose .json names the same
+    source are one image with all their captions, in the order of the samples. img2dataset
+    writes a sample per caption (an image with five captions comes five times, each time with
+    the address it was downloaded from in its .json), our converter one per image. The first
+    sample's bytes are the image. Samples without a caption or an image are left out and listed
+    in `skipped` (strict: DataError)."""
+    urls = [url for source in split_sources(data_dir) for url in shard_files(source)]
+    image_of, names, spans, captions, owner, skipped = {}, [], [], [], [], []
+    for number, url in enumerate(urls):
+        for sample in shard_samples(url, number):
+            texts, name, image = shard_sample_text(sample)
+            problem = shard_sample_problem(sample, texts, name)
+            if problem and strict:
+                raise DataError(problem)
+            if problem:
+                skipped.append(problem)
+                continue
+            if image not in image_of:
+                image_of[image] = len(names)
+                names.append(name)
+                spans.append(next(sample[key] for key in SHARD_IMAGE_KEYS if key in sample))
+            captions += texts
+            owner += [image_of[image]] * len(texts)
+    if not names:
+        raise DataError(f"{data_dir}: no sample with an image and a caption"
+                        + (f" ({len(skipped)} without; first: {skipped[0]})" if skipped else ""))
+    return _make_index(names, captions, owner, data_dir, shard_paths=urls,
+                       shard_spans=np.asarray(spans, dtype=np.int64), skipped=skipped)
+
+
 def load_caption_index(path, image_column: str = "filepath", caption_column: str = "title",
                         split: str = "train", strict: bool = False) -> CaptionIndex:
     """Read a data set in any supported format (see the top of this file) into a CaptionIndex.
@@ -534,6 +706,8 @@ def load_caption_index(path, image_column: str = "filepath", caption_column: str
 
 
 def _read_any(path: str, image_column: str, caption_column: str, split: str, strict: bool) -> CaptionIndex:
+    if is_webdataset(path):
+        return _read_shards(path, strict)
     if os.path.isdir(path):
         texts = os.path.join(path, f"{split}_texts.jsonl")
         if os.path.isfile(os.path.join(path, "data.json")):
@@ -546,8 +720,8 @@ def _read_any(path: str, image_column: str, caption_column: str, split: str, str
             if _is_lmdb_folder(folder):
                 return _read_lmdb(folder)
         raise DataError(f"{path}: found no data.json, no images/ + captions/ folders, no "
-                        f"{split}_texts.jsonl + {split}_imgs.tsv and no LMDB imgs/ + pairs/ "
-                        f"(formats: the top of data_loader.py)")
+                        f"{split}_texts.jsonl + {split}_imgs.tsv, no LMDB imgs/ + pairs/ and no .tar "
+                        f"shards (formats: the top of data_loader.py)")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file or folder")
     if path.endswith("_texts.jsonl"):
@@ -559,14 +733,18 @@ def _read_any(path: str, image_column: str, caption_column: str, split: str, str
 
 def split_by_image(index: CaptionIndex, val_fraction: float, seed: int) -> tuple[CaptionIndex, CaptionIndex]:
     """Split by image, not by caption: if captions of one picture landed on both sides, validation
-    would measure memorisation of that picture instead of generalisation."""
+    would measure memorisation of that picture instead of generalisation. The images that the
+    index left out (its `skipped`: missing files) stay named, once, by the training part, which
+    is what a run reports and counts."""
     num_val = round(val_fraction * index.num_images)
     if not 0 < num_val < index.num_images:
         raise DataError(f"val_fraction {val_fraction} of {index.num_images} images leaves "
                         f"{'no validation' if num_val == 0 else 'no training'} image; give --val_data, "
                         f"or a val_fraction that splits {index.num_images} images")
     order = np.random.default_rng(seed).permutation(index.num_images)
-    return index.subset(np.sort(order[num_val:])), index.subset(np.sort(order[:num_val]))
+    train = index.subset(np.sort(order[num_val:]))
+    train.skipped = list(index.skipped)
+    return train, index.subset(np.sort(order[:num_val]))
 
 
 # ----------------------------------------------------------------------------- training samples

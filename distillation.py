@@ -19,7 +19,6 @@ import torch.distributed as dist
 
 import clip_model
 import data_loader
-import shards
 from augmentation import TeacherView, TrainAugmentation
 from errors import SettingsError, UserError
 
@@ -71,7 +70,7 @@ def check_distillation(cfg):
         raise SettingsError("distill_cache computes the teacher's features of each image once, which "
                             "holds only when every epoch shows the image the same way: add --no-augment, "
                             "or drop --distill_cache")
-    if cfg.distill_cache and shards.is_webdataset(cfg.data_dir):
+    if cfg.distill_cache and data_loader.is_webdataset(cfg.data_dir):
         raise SettingsError(f"distill_cache needs an indexed data set; {cfg.data_dir} is a set of "
                             f"WebDataset shards, streamed: drop --distill_cache")
     kind = teacher_kind(cfg.distill_from)

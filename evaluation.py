@@ -624,7 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "without a checkpoint of ours; weights from --pretrained")
     add("--pretrained", default="", help="with --model_name: an open_clip pretrained tag (e.g. "
                                          "openai) or a local weights file; empty = random weights")
-    add("--data", help="captioned images to retrieve, in any format data_loader.py reads")
+    add("--data", help="captioned images to retrieve, in any format data_loader.py reads, WebDataset "
+                       "shards too ('dir/{00000..00004}.tar', one .tar or a folder of them)")
     add("--image_column", default="filepath", help="image column of a CSV/TSV --data file")
     add("--caption_column", default="title", help="caption column of a CSV/TSV --data file")
     add("--split", default="train", help="split of a Chinese-CLIP --data folder ({split}_texts.jsonl)")
@@ -728,7 +729,7 @@ def run_evaluation(args) -> dict:
         image_features, text_features, index = encode_index(
             setup, index, args.batch_size, args.num_workers, device, precision, args.strict_data)
         report_skipped(warn, "unreadable image", index.skipped, total=len(index.skipped))
-        data = os.path.abspath(args.data)
+        data = data_loader.SOURCE_SEPARATOR.join(map(os.path.abspath, data_loader.split_sources(args.data)))
         if args.save_embeddings:
             meta = {"image_names": [index.image_name(i) for i in range(index.num_images)],
                     "captions": index.captions(), "data": data, "split": args.split,

@@ -18,10 +18,10 @@ import torch
 import torch.distributed as dist
 
 import clip_model
+import data_loader
 import distillation
 import files
 import reporting
-import shards
 from errors import OutputError, SettingsError, disk_full_message, is_disk_full
 from settings import DEFAULT_DATA_DIR
 
@@ -130,7 +130,7 @@ def check_paths(cfg):
     """The input paths given exist (the default data set is generated on first use)."""
     for name in ("data_dir", "val_data"):
         value = getattr(cfg, name)
-        if value and value != DEFAULT_DATA_DIR and not shards.is_webdataset(value) and not Path(value).exists():
+        if value and value != DEFAULT_DATA_DIR and not data_loader.is_webdataset(value) and not Path(value).exists():
             raise SettingsError(f"{name} {value}: no such file or folder")
     if cfg.val_zeroshot and not Path(cfg.val_zeroshot).is_dir():
         raise SettingsError(f"val_zeroshot {cfg.val_zeroshot}: no such folder (one folder of images per class)")

@@ -438,6 +438,8 @@ def build_index(images, index_path, spec, device="cpu", precision="fp32", batch_
     every SAVE_EVERY photos, so an interrupted run keeps its work: run it again to go on.
     Returns an IndexReport. The index is locked meanwhile: a second run on it is refused."""
     root = os.path.abspath(images)
+    if data_loader.is_webdataset(images) and not os.path.isdir(root):   # a .tar, a brace pattern
+        raise DataError(shards_are_not_photos(images))
     if not os.path.isdir(root):
         raise MissingInputError(f"--images {root}: no such folder")
     with index_lock(index_path):
@@ -474,13 +476,23 @@ def update_index(images, root, index_path, spec, device, precision, batch_size, 
             report.new += int((start + rows < plan.new).sum())  # plan.encode lists new ones first
             report.save_s += save_if_any(index, index_path, report.unreadable)
     if not len(index):
-        raise DataError(f"--images {images}: no readable image found (extensions: "
+        raise DataError(shards_are_not_photos(images) if data_loader.is_webdataset(images) else
+                        f"--images {images}: no readable image found (extensions: "
                         f"{', '.join(data_loader.IMAGE_EXTENSIONS)}; {len(report.unreadable)} "
                         f"unreadable files)")
     if not plan.encode and plan.deleted:
         report.save_s += save_if_any(index, index_path, report.unreadable)
     report.changed, report.images = report.encoded - report.new, len(index)
     return report
+
+
+def shards_are_not_photos(images):
+    """What --images of WebDataset shards gets: the app shows photos from their files, and
+    indexes again only the files that changed, so it needs the images as files."""
+    return (f"--images {images}: WebDataset shards; search_app.py searches a folder of photo files "
+            f"(it shows them, and indexes again only those that changed): unpack the shards' images "
+            f"into a folder and index that, e.g. mkdir photos && tar -xf SHARD.tar -C photos "
+            f"--wildcards '*.jpg' '*.jpeg' '*.png' '*.webp'")
 
 
 def previous_index(index_path, root):
@@ -919,7 +931,8 @@ def build_parser():
 
     index = commands.add_parser("index", parents=[model], help="encode the photos of a folder "
                                 "(again: only the new and changed ones)")
-    index.add_argument("--images", required=True, help="folder of photos, searched recursively")
+    index.add_argument("--images", required=True, help="folder of photo files, searched recursively "
+                                                        "(WebDataset shards: unpack their images first)")
     index.add_argument("--index", required=True, help="index file to write (.npz); an existing "
                                                       "one is updated")
     index.add_argument("--batch_size", type=int, default=64, help="images encoded per batch")

@@ -74,8 +74,8 @@ SCHEMA = [
     Setting("data", "data_dir", DEFAULT_DATA_DIR, "training data: JSON index, images/+captions/ "
             "folder, CSV/TSV, Chinese-CLIP folder or LMDB, or WebDataset shards "
             "('dir/{00000..00099}.tar', sources joined with '::'); the default is generated if missing"),
-    Setting("data", "val_data", "", "validation data in any of those formats; '' splits "
-            "val_fraction of the images off data_dir"),
+    Setting("data", "val_data", "", "validation data in any of those formats (shards too: a "
+            "held-out shard such as 'dir/00099.tar'); '' splits val_fraction of the images off data_dir"),
     Setting("data", "val_fraction", 0.1, "share of images held out for validation when val_data "
             "is ''", valid="(0, 1)"),
     Setting("data", "image_column", "filepath", "CSV/TSV column of image paths"),

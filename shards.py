@@ -9,7 +9,9 @@ a key, `KEY.jpg`, `KEY.txt`, ... Two layouts are read as they are:
     holding {"captions": [every caption of the image], "image": its original name}, KEY the
     image's number in SRC, and `_info.json` beside the shards with every shard's sample count.
 Train on them with `--data_dir 'DIR/{00000..00123}.tar'` (or the shards' folder); several
-sources are joined with `::` and mixed (`WebDatasetTrain` says how).
+sources are joined with `::` and mixed (`WebDatasetTrain` says how). Validation and evaluation
+read shards whole into an index instead (data_loader.py, format 6), and the reading of a shard's
+samples is data_loader's (`shard_samples`, `shard_sample_text`).
 
 Why sample counts matter: a stream cannot be counted without reading it, and training needs the
 length of an epoch and, on many processes, the same number of samples on every rank (a rank that
@@ -29,7 +31,6 @@ import itertools
 import json
 import os
 import sys
-import tarfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +39,6 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from tqdm import tqdm
-from webdataset.shardlists import expand_urls
 
 import data_loader
 from data_loader import decode_image
@@ -46,8 +46,6 @@ from errors import DataError
 
 SHARD_INFO = "_info.json"          # our converter's counts, beside the shards
 STATS_SUFFIX = "_stats.json"       # img2dataset's, one per shard: NNNNN.tar -> NNNNN_stats.json
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # a sample's image, under the first of these present
-SOURCE_SEPARATOR = "::"
 # Samples each reader mixes before yielding: shards hold a random mix of their set already (our
 # converter shuffles; img2dataset keeps the order of its URL lists, which is arbitrary), so this
 # only has to vary the batches from epoch to epoch.
@@ -65,23 +63,6 @@ class ShardSet:
     urls: tuple[str, ...]
     counts: np.ndarray   # int64 [len(urls)]
     numbered: bool       # written by our converter: a sample's key is its image's number
-
-
-def split_sources(data_dir) -> list[str]:
-    """The sources of a --data_dir: 'a/{0..9}.tar::b/' -> ['a/{0..9}.tar', 'b/']."""
-    return [part for part in str(data_dir).split(SOURCE_SEPARATOR) if part]
-
-
-def _is_shard_path(path: str) -> bool:
-    return path.endswith(".tar") or os.path.isdir(path) and (
-        os.path.isfile(os.path.join(path, SHARD_INFO)) or any(f.endswith(".tar") for f in os.listdir(path)))
-
-
-def is_webdataset(data_dir) -> bool:
-    """True for a brace pattern such as `shards/{00000..00099}.tar`, one .tar file, a folder of
-    .tar shards, or several of these joined with `::`: such data is streamed by WebDatasetTrain
-    instead of being read into a CaptionIndex."""
-    return any(_is_shard_path(part) for part in split_sources(data_dir))
 
 
 def _read_info(folder: str) -> dict[str, int] | None:
@@ -113,20 +94,7 @@ def _stats_count(url: str) -> int:
 
 def read_shard_set(pattern: str) -> ShardSet:
     """The shard files of a brace pattern, a .tar file or a folder, with their sample counts."""
-    if os.path.isdir(pattern):
-        urls = sorted(os.path.join(pattern, f) for f in os.listdir(pattern) if f.endswith(".tar"))
-    elif pattern.endswith(".tar"):
-        urls = expand_urls(pattern)
-    else:
-        raise DataError(f"{pattern}: not WebDataset shards (a .tar file, a brace pattern such as "
-                        f"'dir/{{00000..00099}}.tar' or a folder of .tar files); sources joined with "
-                        f"'{SOURCE_SEPARATOR}' must all be shards")
-    missing = [url for url in urls if not os.path.isfile(url)]
-    if missing:
-        more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
-        raise DataError(f"{pattern}: shard {missing[0]} not found{more}")
-    if not urls:
-        raise DataError(f"{pattern}: no .tar shards in this folder")
+    urls = data_loader.shard_files(pattern)
     infos = {folder: _read_info(folder) for folder in {os.path.dirname(url) for url in urls}}
     counts = []
     for url in urls:
@@ -235,7 +203,7 @@ def _source_weights(weights: str, resampled: bool, sources: list[ShardSet], shar
                         f"e.g. 1,3") from None
     if len(values) != len(sources) or not (values > 0).all() or not np.isfinite(values).all():
         raise DataError(f"--data_weights {weights!r}: expected {len(sources)} positive numbers, one per "
-                        f"source of --data_dir ({SOURCE_SEPARATOR.join(s.pattern for s in sources)})")
+                        f"source of --data_dir ({data_loader.SOURCE_SEPARATOR.join(s.pattern for s in sources)})")
     return values / values.sum()
 
 
@@ -281,7 +249,7 @@ class WebDatasetTrain(IterableDataset):
         self.teacher_view = teacher_view   # augmentation.TeacherView: the teacher's inputs too
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.resampled, self.num_samples = resampled, num_samples
-        self.sources = [read_shard_set(pattern) for pattern in split_sources(self.data_dir)]
+        self.sources = [read_shard_set(pattern) for pattern in data_loader.split_sources(self.data_dir)]
         if len(self.sources) > MAX_SOURCES:
             raise DataError(f"{len(self.sources)} sources: at most {MAX_SOURCES} can be mixed")
         # one entry per shard of every source: its file, its source's number, its count
@@ -352,7 +320,7 @@ class WebDatasetTrain(IterableDataset):
         empty = 0
         for k in shard_numbers:
             found = False
-            for sample in shard_samples(self.urls[k]):
+            for sample in data_loader.shard_samples(self.urls[k]):
                 found = True
                 yield {**sample, "__source__": int(self.shard_source[k])}
             empty = 0 if found else empty + 1
@@ -363,12 +331,11 @@ class WebDatasetTrain(IterableDataset):
     def _sample(self, sample: dict, epoch: int):
         url, key, source = sample["__url__"], sample["__key__"], sample["__source__"]
         i = sample_id(source, self.sources[source], url, key)
-        captions, image_name = _captions(sample)
-        if not captions:
-            return data_loader.FailedSample(i, f"{image_name}: no caption (.txt, or \"captions\" in .json)")
-        image = next((sample[ext] for ext in IMAGE_KEYS if ext in sample), None)
-        if image is None:
-            return data_loader.FailedSample(i, f"{image_name}: no image (.{', .'.join(IMAGE_KEYS)})")
+        captions, image_name, _ = data_loader.shard_sample_text(sample)
+        problem = data_loader.shard_sample_problem(sample, captions, image_name)
+        if problem:
+            return data_loader.FailedSample(i, problem)
+        image = next(sample[key] for key in data_loader.SHARD_IMAGE_KEYS if key in sample)
         try:
             pixels = self.augmentation.prepare(decode_image(image, image_name))
         except DataError as e:
@@ -376,55 +343,6 @@ class WebDatasetTrain(IterableDataset):
         (choice,), (draw,) = data_loader.draw_samples(self, epoch, np.array([i]), np.array([-1]),
                                                       np.array([len(captions)]), [pixels.shape[:2]])
         return data_loader.train_sample(self, i, int(choice), pixels, draw, captions[choice])
-
-
-def shard_samples(url: str):
-    """The samples of one tar shard, as webdataset groups its files; DataError naming the shard
-    when it is truncated (a copy or download that stopped), instead of losing the samples after
-    the cut without a word.
-
-    A tar file is a header block and the data blocks of each member in turn, then two blocks of
-    zeros. The tar reader raises when a file ends inside a member's data, but takes a file that
-    ends inside or just before a header for one that ends there. Those are caught by the end:
-    the file is a whole number of blocks and ends with the two blocks of zeros (a cut just
-    between two members, after a member ending in 1 KiB of zeros, would pass: no image, caption
-    or JSON ends so). One seek per shard, not a walk over every header of the shard."""
-    try:
-        yield from wds.tarfile_samples([{"url": url}])
-        truncated = not _ends_like_a_tar(url)
-    except tarfile.ReadError:
-        truncated = True
-    if truncated:
-        raise DataError(f"{url}: the shard is truncated (it ends before its end-of-archive blocks), so "
-                        f"the samples after the cut are lost; copy or download it again, or convert "
-                        f"the set again")
-
-
-def _ends_like_a_tar(path: str) -> bool:
-    size = os.path.getsize(path)
-    if size < 2 * tarfile.BLOCKSIZE or size % tarfile.BLOCKSIZE:
-        return False
-    with open(path, "rb") as f:
-        f.seek(size - 2 * tarfile.BLOCKSIZE)
-        return f.read(2 * tarfile.BLOCKSIZE) == bytes(2 * tarfile.BLOCKSIZE)
-
-
-def _captions(sample: dict) -> tuple[list[str], str]:
-    """A sample's captions (none if it has none) and the name that messages give it: the .txt
-    (img2dataset's), else the "captions" of the .json (our converter's)."""
-    where = f"{sample['__url__']}, sample {sample['__key__']}"
-    if "txt" in sample:
-        try:
-            text = sample["txt"].decode("utf-8").strip()
-        except UnicodeDecodeError:
-            text = ""
-        return ([text] if text else []), where
-    try:
-        meta = json.loads(sample.get("json", b"{}"))
-        return [c.strip() for c in meta.get("captions", []) if c.strip()], \
-            f"{meta['image']} ({where})" if "image" in meta else where
-    except (ValueError, TypeError, AttributeError):  # not JSON, or not our schema: no caption
-        return [], where
 
 
 # ----------------------------------------------------------------------------- the converter
@@ -496,15 +414,15 @@ def convert_to_webdataset(src, out_dir, shard_size: int = 10000, resize: int = 0
 def inspect(data_dir, shown: int = 3) -> str:
     """What `--inspect` prints: each source's shards and how they are counted, and a few samples."""
     lines = []
-    for k, pattern in enumerate(split_sources(data_dir)):
+    for k, pattern in enumerate(data_loader.split_sources(data_dir)):
         source = read_shard_set(pattern)
         known = source.counts[source.counts >= 0]
         how = (SHARD_INFO if source.numbered else f"*{STATS_SUFFIX}") if len(known) == len(source.counts) \
             else f"{len(source.counts) - len(known)} shards without counts: train with --train_num_samples"
         lines.append(f"source {k}: {pattern}: {len(source.urls)} shards, {int(known.sum())} samples "
                      f"counted ({how})")
-        for sample in itertools.islice(wds.tarfile_samples([{"url": source.urls[0]}]), shown):
-            captions, name = _captions(sample)
+        for sample in itertools.islice(data_loader.shard_samples(source.urls[0]), shown):
+            captions, name, _ = data_loader.shard_sample_text(sample)
             files = ", ".join(sorted(key for key in sample if not key.startswith("__")))
             lines.append(f"  {name} [{files}]: {' | '.join(captions) or '(no caption)'}")
     return "\n".join(lines)

@@ -26,12 +26,13 @@ def load_data(cfg, run):
             dist.barrier()
     read = dict(image_column=cfg.image_column, caption_column=cfg.caption_column, strict=cfg.strict_data)
     # WebDataset shards (a brace pattern, .tar or folder of shards) are streamed, not indexed,
-    # so they cannot be split into training and validation images.
-    streamed = shards.is_webdataset(cfg.data_dir)
+    # so they cannot be split into training and validation images; a held-out shard can validate.
+    streamed = data_loader.is_webdataset(cfg.data_dir)
     if streamed and not cfg.val_data:
         raise SettingsError(f"data_dir {cfg.data_dir} is a set of WebDataset shards, which are "
                             f"streamed and cannot be split: give --val_data (any format data_loader "
-                            f"reads)")
+                            f"reads; to hold out a shard, e.g. --data_dir 'shards/{{00000..00008}}.tar' "
+                            f"--val_data shards/00009.tar)")
     if streamed and cfg.hard_negatives:
         raise SettingsError("hard_negatives composes batches from an index of the whole data set; "
                             "WebDataset shards are streamed: use an index (JSON, CSV, ...) for it")

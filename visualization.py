@@ -18,6 +18,7 @@ Figures are built without pyplot, so nothing here needs a display.
 """
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import textwrap
@@ -50,6 +51,7 @@ CJK_FONT_FAMILIES = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans SC", "So
                      "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "Droid Sans Fallback",
                      "AR PL UMing CN", "Microsoft YaHei", "SimHei", "PingFang SC", "Heiti SC")
 _CJK_FILE_HINTS = ("cjk", "wqy", "droidsansfallback", "sourcehan", "msyh", "simhei", "pingfang")
+REGULAR, BOLD = 400, 700  # font weights as matplotlib numbers them: "normal" and "bold"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,7 +79,29 @@ def find_cjk_font() -> str | None:
                 except (OSError, RuntimeError):
                     pass  # an unreadable font file is just not a candidate
     names = installed()
-    return next((family for family in CJK_FONT_FAMILIES if family in names), None)
+    family = next((family for family in CJK_FONT_FAMILIES if family in names), None)
+    if family:
+        _let_regular_stand_in_for_bold(family)
+    return family
+
+
+def _let_regular_stand_in_for_bold(family: str) -> None:
+    """Register the regular face of `family` as its bold face too, if it has no bold one.
+
+    Titles are bold. With a fallback family, matplotlib looks up every family of the list in the
+    text's weight, for every text, Latin ones too; a family without a bold face (Droid Sans
+    Fallback, the CJK font of many Debian machines, has a regular face only) then logs "findfont:
+    Failed to find font weight bold for Droid Sans Fallback" at each figure, and draws the
+    regular face anyway. Registering that face for bold says so once, without the warnings."""
+    faces = [font for font in font_manager.fontManager.ttflist if font.name == family]
+    if faces and not any(_weight(font) == BOLD for font in faces):
+        regular = min(faces, key=lambda font: abs(_weight(font) - REGULAR))
+        font_manager.fontManager.ttflist.append(dataclasses.replace(regular, weight=BOLD))
+
+
+def _weight(font) -> int:
+    """A font's weight as a number (the font list holds numbers, or names such as "bold")."""
+    return font_manager.weight_dict.get(font.weight, font.weight)
 
 
 @functools.cache
@@ -676,8 +700,8 @@ def build_parser():
         "(default: RESULTS/eval_results.json)")
     add("--embeddings", metavar="DIR", help="folder written by evaluation.py --save_embeddings "
         "(default: RESULTS/embeddings)")
-    add("--data", metavar="PATH", help="data set of the embeddings, for thumbnails "
-        "(default: the 'data' recorded in the embeddings' meta.json)")
+    add("--data", metavar="PATH", help="data set of the embeddings (any format, shards too), for "
+        "thumbnails (default: the 'data' recorded in the embeddings' meta.json)")
     add("--num_images", type=int, default=8, metavar="N",
         help="images in the similarity heatmap (default: 8)")
     add("--top_k", type=int, default=5, metavar="K",

@@ -37,7 +37,8 @@ def build_parser():
     add("finetuned", help="the fine-tuned checkpoint (train.py's best.pt or last.pt)")
     add("--alpha", default="0,0.25,0.5,0.75,1", help="mixes to evaluate, comma-separated: 0 = "
                                                      "pretrained, 1 = fine-tuned (default: %(default)s)")
-    add("--data", help="captioned images of the fine-tuning task, for retrieval (any format data_loader reads)")
+    add("--data", help="captioned images of the fine-tuning task, for retrieval (any format data_loader "
+                       "reads, WebDataset shards too)")
     add("--zeroshot", metavar="DIR", help="zero-shot classification folder (one folder of images "
                                           "per class): what fine-tuning should not forget")
     add("--output", metavar="FILE", help="the results as JSON; the curve is drawn into FILE with .png")

@@ -428,6 +428,18 @@ def test_command_line_mistakes_are_one_line_errors(english, tmp_path, capsys):
     assert "not both" in run("serve", "--index", "a.npz", "--checkpoint", "a.pt", "--model_name", "b")
 
 
+def test_indexing_shards_says_to_unpack_their_images(tmp_path):
+    import clip_model
+    import shards
+    data = sample_data.create_sample_dataset(tmp_path / "data", num_samples=4, seed=0)["index"]
+    shards.convert_to_webdataset(data, tmp_path / "shards", shard_size=2)
+    clip_model.save_checkpoint(tmp_path / "random.pt", clip_model.build_model("tiny-vit-64"))
+    for images in (tmp_path / "shards", tmp_path / "shards/00000.tar", tmp_path / "shards/{00000..00001}.tar"):
+        with pytest.raises(DataError, match=r"WebDataset shards; .* unpack the shards' images .* tar -xf"):
+            search_app.main(["index", "--images", str(images), "--checkpoint", str(tmp_path / "random.pt"),
+                             "--index", str(tmp_path / "photos.npz")])
+
+
 def test_serve_demo_indexes_the_validation_images_of_the_demo_run(english, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(MissingInputError, match="run `python demo.py` first"):

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,12 +62,13 @@ def image_bytes(image: Image.Image, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def write_img2dataset(folder, samples, per_shard=10, stats=True):
+def write_img2dataset(folder, samples, per_shard=10, stats=True, urls=None):
     """Shards as img2dataset writes them (read in its writer.py, downloader.py and logger.py):
     NNNNN.tar holding KEY.<image format>, KEY.txt (the caption, '' when there is none) and
-    KEY.json (metadata, indented), KEY = shard id * 10^4 + position in the shard, in 9 digits; and
-    beside each shard NNNNN_stats.json, whose "successes" counts the samples written to the tar.
-    `samples` are (extension, image bytes, caption or None)."""
+    KEY.json (metadata, indented, with the address the image was downloaded from), KEY = shard id
+    * 10^4 + position in the shard, in 9 digits; and beside each shard NNNNN_stats.json, whose
+    "successes" counts the samples written to the tar. `samples` are (extension, image bytes,
+    caption or None); `urls` their addresses (default: one of its own for each)."""
     import webdataset as wds
     folder.mkdir(parents=True)
     for shard_id in range(math.ceil(len(samples) / per_shard)):
@@ -74,7 +76,8 @@ def write_img2dataset(folder, samples, per_shard=10, stats=True):
         with wds.TarWriter(str(folder / f"{shard_id:05d}.tar")) as tar:
             for position, (extension, data, caption) in enumerate(chunk):
                 key = f"{shard_id * 10**4 + position:09d}"
-                meta = {"url": f"https://example.com/{key}.{extension}", "caption": caption, "key": key,
+                url = urls[shard_id * per_shard + position] if urls else f"https://example.com/{key}.{extension}"
+                meta = {"url": url, "caption": caption, "key": key,
                         "status": "success", "error_message": None, "width": 64, "height": 64,
                         "original_width": 64, "original_height": 64}
                 tar.write({"__key__": key, extension: data, "txt": caption or "",
@@ -85,6 +88,21 @@ def write_img2dataset(folder, samples, per_shard=10, stats=True):
                 "failed_to_resize": 0, "duration": 1.5, "start_time": 1700000000.0,
                 "end_time": 1700000001.5, "status_dict": {"success": len(chunk), "404": 1}}, indent=4))
     return str(folder / ("{00000..%05d}.tar" % shard_id))
+
+
+def write_img2dataset_of(index_path, folder, per_shard=10):
+    """The shards img2dataset downloads from a URL list of one row per caption (COCO's and
+    Flickr30K's captions come so) made of a JSON index, the images served at their paths: a sample
+    per caption in the index's order, each with its image's bytes and address. As img2dataset
+    does when it keeps the bytes (disable_all_reencoding), a PNG is stored as KEY.jpg."""
+    entries, root = json.loads(Path(index_path).read_text()), Path(index_path).parent
+    samples, urls = [], []
+    for entry in entries:
+        data = (root / entry["image_path"]).read_bytes()
+        for caption in entry.get("captions", [entry.get("caption")]):
+            samples.append(("jpg", data, caption))
+            urls.append(f"http://127.0.0.1:8000/{entry['image_path']}")
+    return write_img2dataset(Path(folder), samples, per_shard, urls=urls)
 
 
 def img2dataset_samples(index, prefix, count, broken=()):
@@ -233,9 +251,9 @@ def test_to_webdataset_resizes_skips_unreadable_images_and_prints_the_pattern(tm
     files = {int(key): files for samples in read_shards(out).values() for key, files in samples}
     assert Image.open(io.BytesIO(files[0]["jpg"])).size == (45, 30)       # shorter side 60 -> 30
     assert files[1]["png"] == (tmp_path / "small.png").read_bytes()     # small enough: bytes kept
-    assert shards.is_webdataset(f"{out}/{{00000..00001}}.tar") and shards.is_webdataset(out)
-    assert shards.is_webdataset(f"{index}::{out}")  # a mixture: its non-shard part is refused later
-    assert not shards.is_webdataset(index) and not shards.is_webdataset(tmp_path)
+    assert dl.is_webdataset(f"{out}/{{00000..00001}}.tar") and dl.is_webdataset(out)
+    assert dl.is_webdataset(f"{index}::{out}")  # a mixture: its non-shard part is refused later
+    assert not dl.is_webdataset(index) and not dl.is_webdataset(tmp_path)
 
 
 # ----------------------------------------------------------------------------- img2dataset's shards
@@ -356,6 +374,142 @@ def test_inspect_shows_how_each_source_is_counted(two_sources, shard_set, capsys
     assert "sample 000000000 [jpg, json, txt]: a0: " in printed
 
 
+# ----------------------------------------------------------------------------- shards read into an index
+
+def test_our_shards_read_into_an_index_from_a_pattern_a_folder_or_one_tar(shard_set):
+    source = shard_set["index"]
+    captions_of = {source.image_name(i): [source.caption(j) for j in source.captions_of(i)]
+                   for i in range(source.num_images)}
+    folder = shard_set["folder"]
+    for data, count in ((shard_set["pattern"], 200), (str(folder), 200), (str(folder / "00003.tar"), 10)):
+        index = dl.load_caption_index(data)
+        assert index.num_images == count and not index.skipped, data
+        for i in range(index.num_images):
+            original, where = index.image_name(i).split(" (")         # "ORIGINAL (SHARD, sample KEY)"
+            assert where.startswith(str(folder)) and [index.caption(j) for j in index.captions_of(i)] == \
+                captions_of[original]
+            assert index.image_bytes(i) == Path(original).read_bytes()  # kept as they were
+
+
+def test_img2dataset_samples_of_one_address_are_one_image_with_all_its_captions(sample_set, tmp_path):
+    source = dl.load_caption_index(sample_set["index"]).subset(np.arange(12))
+    index_file = tmp_path / "data.json"
+    index_file.write_text(json.dumps([{"image_path": source.image_name(i),
+                                       "captions": [source.caption(j) for j in source.captions_of(i)]}
+                                      for i in range(12)]))
+    pattern = write_img2dataset_of(index_file, tmp_path / "web", per_shard=5)  # images straddle shards
+    index = dl.load_caption_index(pattern)
+    assert index.num_images == 12 and index.num_captions == source.num_captions > 12
+    assert index.captions() == source.captions() and np.array_equal(index.caption_image, source.caption_image)
+    assert all(index.image_bytes(i) == source.image_bytes(i) for i in range(12))
+    assert index.image_name(0) == f"{tmp_path}/web/00000.tar, sample 000000000"
+
+
+def test_img2dataset_samples_without_a_caption_are_left_out_and_named(web_set):
+    index = dl.load_caption_index(web_set["pattern"])
+    assert index.num_images == 23 and index.skipped == [        # 24 samples; sample 14 has no caption
+        f"{web_set['folder']}/00001.tar, sample 000010004: no caption (.txt, or \"captions\" in .json)"]
+    with pytest.raises(DataError, match="sample 000010004: no caption"):
+        dl.load_caption_index(web_set["pattern"], strict=True)
+    with pytest.raises(DataError, match=r"shard .*/00003.tar not found \(2 more missing\)"):
+        dl.load_caption_index(f"{web_set['folder']}/{{00000..00005}}.tar")
+
+
+def test_a_truncated_shard_read_into_an_index_is_named(shard_set, tmp_path):
+    shard = tmp_path / "00000.tar"
+    data = (shard_set["folder"] / "00000.tar").read_bytes()
+    shard.write_bytes(data[:member_offsets(shard_set["folder"] / "00000.tar")[6][1] + 10])
+    with pytest.raises(DataError, match=rf"^{shard}: the shard is truncated"):
+        dl.load_caption_index(shard)
+
+
+@pytest.fixture(scope="module")
+def random_checkpoint(tmp_path_factory):
+    import clip_model
+    path = tmp_path_factory.mktemp("model") / "random.pt"
+    torch.manual_seed(0)
+    clip_model.save_checkpoint(path, clip_model.build_model("tiny-vit-64"))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory):
+    """24 images with 2 or 3 captions each, and img2dataset's shards of them (7 samples a shard)."""
+    folder = tmp_path_factory.mktemp("small")
+    paths = sample_data.create_sample_dataset(folder / "set", num_samples=24, seed=2)
+    return {"index": paths["index"], "pattern": write_img2dataset_of(paths["index"], folder / "web", 7),
+            "folder": folder / "web"}
+
+
+EVALUATE = ["--device", "cpu", "--num_workers", "0", "--batch_size", "16"]
+
+
+def evaluated(results):
+    return {key: results[key] for key in ("retrieval", "similarity", "num_images", "num_texts")}
+
+
+@pytest.mark.slow
+def test_evaluation_of_img2dataset_shards_equals_evaluation_of_the_json_they_come_from(
+        small_set, random_checkpoint, tmp_path):
+    import evaluation
+    import visualization
+    on_json = evaluation.main(["--checkpoint", random_checkpoint, "--data", small_set["index"], *EVALUATE])
+    on_shards = evaluation.main(["--checkpoint", random_checkpoint, "--data", small_set["pattern"],
+                                 "--save_embeddings", str(tmp_path / "embeddings"), *EVALUATE])
+    assert evaluated(on_shards) == evaluated(on_json) and on_json["num_texts"] > on_json["num_images"] == 24
+    # visualization.py finds the images of the embeddings in the shards their meta.json names
+    assert visualization.main(["--results_dir", str(tmp_path), "--num_images", "4"]) == 0
+    assert (tmp_path / "similarity_heatmap.png").is_file() and (tmp_path / "retrieval_examples.png").is_file()
+
+
+@pytest.mark.slow
+def test_shards_downloaded_by_img2dataset_evaluate_as_the_json_they_come_from(small_set, random_checkpoint,
+                                                                             tmp_path):
+    """img2dataset itself, where it is installed (it is no requirement of ours: it would hold
+    webdataset below 0.3 and pandas below 3), downloads the images of the JSON index from a local
+    HTTP server, from a URL list of one row per caption; evaluation of its shards (a folder of
+    them) equals evaluation of the JSON."""
+    pytest.importorskip("img2dataset")
+    import functools
+    import http.server
+    import subprocess
+    import sys
+    import threading
+
+    import evaluation
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+    root = Path(small_set["index"]).parent
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=root))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    rows = [{"url": f"http://127.0.0.1:{server.server_address[1]}/{entry['image_path']}", "caption": caption}
+            for entry in json.loads(Path(small_set["index"]).read_text()) for caption in entry["captions"]]
+    (tmp_path / "urls.json").write_text(json.dumps(rows))
+    # one download thread: img2dataset writes the samples in the order their downloads end
+    download = (f"from img2dataset import download; download(url_list={str(tmp_path / 'urls.json')!r}, "
+                f"input_format='json', url_col='url', caption_col='caption', output_format='webdataset', "
+                f"output_folder={str(tmp_path / 'shards')!r}, processes_count=1, thread_count=1, "
+                f"number_sample_per_shard=20, disable_all_reencoding=True, enable_wandb=False)")
+    try:
+        done = subprocess.run([sys.executable, "-c", download], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
+    finally:
+        server.shutdown()
+    assert done.returncode == 0, done.stderr[-2000:]
+    on_json = evaluation.main(["--checkpoint", random_checkpoint, "--data", small_set["index"], *EVALUATE])
+    on_shards = evaluation.main(["--checkpoint", random_checkpoint, "--data", str(tmp_path / "shards"), *EVALUATE])
+    assert evaluated(on_shards) == evaluated(on_json) and on_json["num_texts"] > on_json["num_images"] == 24
+
+
+def test_the_export_check_reads_its_data_from_a_folder_of_shards(small_set, tmp_path):
+    import export
+    index, label = export.check_data(str(small_set["folder"]), 6, tmp_path)
+    assert index.num_images == 6 and label == str(small_set["folder"])
+    assert index.captions()[:2] == dl.load_caption_index(small_set["index"]).captions()[:2]
+
+
 # ----------------------------------------------------------------------------- train.py on shards
 
 @pytest.fixture(scope="module")
@@ -376,6 +530,13 @@ def test_train_runs_on_img2dataset_shards_naming_the_skipped_samples(web_set, va
     assert result["step"] == 3 and all(math.isfinite(e["loss"]) for e in result["history"]["train"])
     log = (tmp_path / "logs/run/train.log").read_text()
     assert "sample 000000005" in log and "sample 000010004" in log and "2 unreadable images" in log
+
+
+@pytest.mark.slow
+def test_train_validates_on_a_held_out_shard(web_set, tmp_path):
+    folder = web_set["folder"]
+    result = train_on(f"{folder}/{{00000..00001}}.tar", f"{folder}/00002.tar", tmp_path)
+    assert result["step"] == 3 and [v["num_images"] for v in result["history"]["val"]][-1] == 4
 
 
 @pytest.mark.slow

@@ -288,7 +288,7 @@ def ends_at(plan):
 def test_a_run_with_a_time_budget_plans_its_steps_ends_decayed_and_resumes_with_what_is_left(
         data, tmp_path, monkeypatch):
     args = run_args(data, tmp_path, "--run_name", "budget", "--time_budget", "20s", "--warmup_steps", "2")
-    clock = StepClock(monkeypatch, step_s=0.25)           # 80 steps would fill 20 s
+    StepClock(monkeypatch, step_s=0.25)                   # 80 steps would fill 20 s
     first = train.main([*args, "--stop_at_step", "30"])
     assert first["step"] == 30 and first["stop_reason"] == "stop_at_step 30 reached"
     results = json.loads((tmp_path / "results/budget/training_results.json").read_text())
@@ -299,7 +299,7 @@ def test_a_run_with_a_time_budget_plans_its_steps_ends_decayed_and_resumes_with_
     used_first = results["time_budget"]["used_s"]
     assert used_first == 30 * 0.25                         # (the rest takes no time on this clock)
 
-    clock = StepClock(monkeypatch, step_s=0.5)            # the resumed part runs on a slower machine
+    StepClock(monkeypatch, step_s=0.5)                    # the resumed part runs on a slower machine
     result = train.main([*args, "--resume", "auto"])
     results = json.loads((tmp_path / "results/budget/training_results.json").read_text())
     plans = results["time_budget"]["plans"]

@@ -254,6 +254,22 @@ def test_a_run_with_a_missing_training_image_and_a_corrupt_validation_image_fini
         train.main([*args, "--run_name", "strict", "--strict_data"])
 
 
+@pytest.mark.slow
+def test_a_missing_training_image_is_named_when_validation_is_split_off_the_training_data(data, tmp_path):
+    import shutil
+    train_dir = tmp_path / "train"
+    shutil.copytree(Path(data["train"]["index"]).parent, train_dir)
+    entries = json.loads((train_dir / "data.json").read_text())
+    (train_dir / entries[5]["image_path"]).unlink()
+    train.main(run_args(data, tmp_path, "--run_name", "split", "--max_steps", "1", "--data_dir",
+                        str(train_dir / "data.json"), "--val_data", "", "--val_fraction", "0.25"))
+    results = json.loads((tmp_path / "results/split/training_results.json").read_text())
+    assert results["unreadable_images"]["count"] == 1
+    assert f"entry 5: image '{entries[5]['image_path']}' not found" in results["unreadable_images"]["first"][0]
+    assert f"skipped missing image: {train_dir / 'data.json'}, entry 5" in \
+        (tmp_path / "logs/split/train.log").read_text()
+
+
 # ---- settings checked at start-up ------------------------------------------------------------------
 
 BAD_SETTINGS = {
@@ -301,6 +317,18 @@ def test_a_one_image_index_without_validation_data_is_one_line(data, tmp_path):
     index.write_text(json.dumps([entry]))
     with pytest.raises(DataError, match="val_fraction 0.1 of 1 images leaves"):
         train.main(run_args(data, tmp_path, "--run_name", "one", "--data_dir", str(index), "--val_data", ""))
+
+
+@pytest.mark.parametrize("refusal", ["data", "batch"])
+def test_a_run_refused_at_start_up_leaves_no_tensorboard_event_file(data, tmp_path, refusal):
+    # TensorBoard lists every folder with an event file: failed runs would crowd its list
+    bad = tmp_path / "bad.json"
+    bad.write_text("[{")
+    flags = {"data": ["--data_dir", str(bad)], "batch": ["--batch_size", "1000"]}[refusal]
+    with pytest.raises((DataError, SettingsError)):
+        train.main(run_args(data, tmp_path, "--run_name", "refused", *flags))
+    assert (tmp_path / "logs/refused/train.log").is_file()
+    assert not list((tmp_path / "logs").rglob("events.out.tfevents.*"))
 
 
 @pytest.mark.slow

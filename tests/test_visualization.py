@@ -280,6 +280,56 @@ def test_chinese_without_a_cjk_font_warns_once_and_still_draws(monkeypatch):
     viz._warn_no_cjk_font.cache_clear()
 
 
+@pytest.fixture
+def cjk_family_without_bold(monkeypatch):
+    """The CJK family found, with its bold faces taken out of matplotlib's font list: a machine
+    whose CJK font has a regular face only, as Droid Sans Fallback (fonts-droid-fallback) has."""
+    from matplotlib import font_manager
+    family = viz.find_cjk_font()
+    if family is None:
+        pytest.skip("no CJK font installed (apt-get install fonts-noto-cjk)")
+    manager = font_manager.fontManager
+    monkeypatch.setattr(manager, "ttflist", without_bold_faces(family))
+    # the caches of the family found and of matplotlib's font lookups, before and after
+    for clear in (viz.find_cjk_font.cache_clear, manager._findfont_cached.cache_clear):
+        clear()
+    yield family
+    monkeypatch.undo()
+    for clear in (viz.find_cjk_font.cache_clear, manager._findfont_cached.cache_clear):
+        clear()
+
+
+def without_bold_faces(family):
+    from matplotlib import font_manager
+    return [font for font in font_manager.fontManager.ttflist
+            if font.name != family or viz._weight(font) < viz.BOLD]
+
+
+def draw_validation_pictures():
+    """The pictures of a validation (tensorboard_views.Views.write_pictures), drawn."""
+    captions = ["a red circle", "a green square", "a blue triangle", "an orange star"]
+    image_features, text_features, _ = paired_features(4, captions_per_image=1)
+    for figure in (viz.plot_similarity_heatmap(shape_images(4), captions, image_features, text_features),
+                   viz.plot_retrieval_examples(shape_images(4), captions, image_features, text_features,
+                                               np.arange(4), top_k=3)):
+        viz.figure_pixels(figure)
+
+
+def test_validation_pictures_draw_without_findfont_warnings_when_the_cjk_font_has_no_bold(
+        cjk_family_without_bold, caplog, monkeypatch):
+    with caplog.at_level("WARNING", logger="matplotlib.font_manager"):
+        draw_validation_pictures()
+    assert [r.getMessage() for r in caplog.records if r.name == "matplotlib.font_manager"] == []
+    # the check can see the warnings: without the regular face standing in for bold, they come
+    from matplotlib import font_manager
+    monkeypatch.setattr(font_manager.fontManager, "ttflist", without_bold_faces(cjk_family_without_bold))
+    font_manager.fontManager._findfont_cached.cache_clear()
+    with caplog.at_level("WARNING", logger="matplotlib.font_manager"):
+        draw_validation_pictures()
+    assert any(f"Failed to find font weight bold for {cjk_family_without_bold}" in r.getMessage()
+               for r in caplog.records)
+
+
 # --- command line ------------------------------------------------------------------------------
 
 @pytest.mark.slow

@@ -64,6 +64,16 @@ def test_each_mix_is_evaluated_drawn_and_a_chosen_one_saved(endpoints, tmp_path)
 
 
 @pytest.mark.slow
+def test_the_mixes_are_evaluated_on_shards_as_on_the_json_they_come_from(endpoints, tmp_path):
+    from test_shards import write_img2dataset_of
+    data, folder = endpoints["data"], endpoints["folder"]
+    pattern = write_img2dataset_of(data["index"], tmp_path / "shards", per_shard=10)
+    mixes = [wise_ft.main([str(folder / "pretrained.pt"), str(folder / "finetuned.pt"), "--alpha", "0.5",
+                           "--data", source, "--num_workers", "0"]) for source in (data["index"], pattern)]
+    assert mixes[0] == mixes[1] and mixes[0][0]["retrieval"]["rsum"] > 0
+
+
+@pytest.mark.slow
 def test_two_architectures_and_bad_alphas_are_refused_in_one_line(endpoints, tmp_path):
     cm.save_checkpoint(tmp_path / "other.pt", cm.build_model("simple-rn18"))
     with pytest.raises(CheckpointError, match="not two states of one architecture"):
