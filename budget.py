@@ -124,10 +124,15 @@ class Budget:
         checkpoint_s = timing.checkpoint_s / timing.checkpoints if timing.checkpoints else 0.2
         elapsed = self.elapsed()
         left = self.budget_s - elapsed - end_s
+        # The overheads depend on the end and the end on the overheads: from the end without them,
+        # each round can only move it earlier, and it settles when the count of validations does.
         total = step + max(0, math.floor(left / step_s))
-        for _ in range(4):          # the overheads depend on the end, the end on the overheads
+        for _ in range(8):
             overhead = validations_left(total) * validation_s + checkpoints_left(total) * checkpoint_s
-            total = step + max(0, math.floor((left - overhead) / step_s))
+            earlier = min(total, step + max(0, math.floor((left - overhead) / step_s)))
+            if earlier == total:
+                break
+            total = earlier
         return Plan(step, elapsed, total, step_s, validations_left(total), validation_s,
                     checkpoints_left(total), checkpoint_s, end_s)
 
