@@ -40,11 +40,12 @@ import lmdb
 import numpy as np
 import open_clip
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext, group_by_keys
 
+import prepare_image
 from augmentation import AugmentationDraw, TeacherView, TrainAugmentation, sample_uniforms
 from errors import DataError, short_repr
 from sample_data import create_sample_dataset
@@ -183,23 +184,10 @@ class CaptionIndex:
 
 # ----------------------------------------------------------------------------- images
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode.startswith("I"):
-        # 16-bit (and 32-bit integer) grey: Pillow's convert("L") clips at 255, so almost every
-        # pixel would turn white. Integer images are taken as 16-bit, 0..65535.
-        values = np.asarray(image, dtype=np.float64) / 257.0
-        image = Image.fromarray(np.clip(values, 0, 255).round().astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-        # Transparent pixels keep arbitrary colours that dropping alpha would reveal (often black).
-        # Composite on white, as a viewer shows them.
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...: Pillow's own conversions are right
-
-
 def decode_image(data: bytes, name: str, min_side: int = 0, max_pixels: int = 0) -> Image.Image:
-    """Decode image bytes to RGB with the EXIF orientation applied (phone photos are often stored
-    sideways with a flag saying so). DataError naming the image if the bytes are not an image.
+    """Decode image bytes to RGB as prepare_image.rgb converts them (EXIF orientation: phone photos
+    are often stored sideways with a flag saying so; transparency on white), the conversion every
+    export ships to its users. DataError naming the image if the bytes are not an image.
 
     A caller that needs a small image only (a search query, a thumbnail) passes min_side, the
     shorter side it needs, and the memory follows that instead of the file: a JPEG is decoded at
@@ -219,7 +207,7 @@ def decode_image(data: bytes, name: str, min_side: int = 0, max_pixels: int = 0)
                                 f"megapixels); the limit is {max_pixels / 1e6:.0f} megapixels")
             if min_side:
                 image = _shrink(image, 2 * min_side)
-            return _to_rgb(ImageOps.exif_transpose(image))
+            return prepare_image.rgb(image)
     except DataError:
         raise
     except Exception as e:  # Pillow raises many types for corrupt data (OSError, SyntaxError, ...)

@@ -7,6 +7,8 @@ import os
 import secrets
 from pathlib import Path
 
+import safetensors.torch
+
 from errors import OutputError, disk_full_message, is_disk_full
 
 
@@ -48,6 +50,12 @@ def write_json(path, data):
     with atomic_write(path, "w") as f:
         json.dump(data, f, indent=1, ensure_ascii=False)
 
+
+def write_safetensors(path, tensors: dict, metadata=None):
+    """Tensors as a safetensors file, written whole or not at all, and readable like every other
+    file we write: safetensors' own save_file creates its file with mode 0600 (its owner only)."""
+    with atomic_write(path) as f:
+        f.write(safetensors.torch.save(tensors, metadata))
 
 
 def lock(path):

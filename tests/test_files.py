@@ -2,8 +2,11 @@
 import errno
 import json
 import os
+import stat
 
 import pytest
+import safetensors.torch
+import torch
 
 import files
 from errors import OutputError
@@ -63,3 +66,14 @@ def test_a_folder_that_cannot_be_written_is_one_line(tmp_path):
     finally:
         if folder.is_dir():
             folder.chmod(0o700)
+
+
+def test_safetensors_are_written_whole_with_the_mode_of_any_new_file(tmp_path):
+    # safetensors' own save_file made open_clip_model.safetensors 0600, unlike the export's other files
+    umask = os.umask(0)
+    os.umask(umask)
+    weights = {"w": torch.arange(6.0).reshape(2, 3)}
+    files.write_safetensors(tmp_path / "w.safetensors", weights, metadata={"format": "pt"})
+    assert stat.S_IMODE((tmp_path / "w.safetensors").stat().st_mode) == 0o666 & ~umask
+    assert torch.equal(safetensors.torch.load_file(tmp_path / "w.safetensors")["w"], weights["w"])
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
