@@ -255,7 +255,7 @@ def recall(snapshot: dict, metric=("text_to_image", "R@1")) -> float:
 # ----------------------------------------------------------------------------------------------
 # Side by side: recall against wall time
 
-def compare(args, data: Data) -> dict:
+def compare(args, data: Data, raw: Path) -> dict:
     """Per seed: open_clip_train with its recipe, then each chosen train.py recipe with
     --time_budget set to open_clip_train's wall time; every run's copies and checkpoints evaluated.
     The copies fall every quarter of an epoch of caption rows, so on every validation train.py
@@ -266,6 +266,7 @@ def compare(args, data: Data) -> dict:
 
     def report(name, result):
         runs[name].append(result)
+        raw.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))   # kept if interrupted
         print(f"seed {result['seed']} {name}: {result['steps']} steps in {result['total_s']:.0f} s, test mean "
               f"recall {recall(final_weights(result), 'mean_recall'):.1f} (load {common.load_average():.1f})",
               flush=True)
@@ -516,7 +517,7 @@ def main():
         section = ablation_section(args, data, runs)
     else:
         loads = [common.load_average()]
-        runs = compare(args, data)
+        runs = compare(args, data, raw)
         loads.append(common.load_average())
         plot(runs, PLOT if not args.no_readme else common.OUT / PLOT.name)
         section = comparison_section(args, data, runs, loads)
