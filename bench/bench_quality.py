@@ -104,6 +104,7 @@ BUDGET_RECIPES = {
     "patch dropout 0.5, last 10% of steps unmasked": ours("--patch_dropout", 0.5, "--patch_dropout_tail", 0.1),
     "batch 256": ours("--batch_size", 256),
     "batch 256, patch dropout 0.5": ours("--batch_size", 256, "--patch_dropout", 0.5),
+    "patch dropout 0.75": ours("--patch_dropout", 0.75),
 }
 
 
@@ -255,30 +256,36 @@ def recall(snapshot: dict, metric=("text_to_image", "R@1")) -> float:
 # ----------------------------------------------------------------------------------------------
 # Side by side: recall against wall time
 
-def compare(args, data: Data, raw: Path) -> dict:
+def compare(args, data: Data, raw: Path, earlier: dict) -> dict:
     """Per seed: open_clip_train with its recipe, then each chosen train.py recipe with
     --time_budget set to open_clip_train's wall time; every run's copies and checkpoints evaluated.
     The copies fall every quarter of an epoch of caption rows, so on every validation train.py
-    makes at an epoch's end (its default)."""
+    makes at an epoch's end (its default). `earlier` (merge_runs of --from_json files): runs kept,
+    and an open_clip_train run of a seed there is not repeated (its wall time is the budget)."""
     every = max(1, data.rows // SHARED["batch"] // 4)
     names = [name for k, name in enumerate(BUDGET_RECIPES) if not args.recipes or k in args.recipes]
     runs = {"open_clip_train": [], **{name: [] for name in names}}
+    for name, results in earlier.items():
+        runs.setdefault(name, []).extend(r for r in results if name == "open_clip_train" or name not in names)
 
     def report(name, result):
         runs[name].append(result)
+        runs[name].sort(key=lambda r: r["seed"])
         raw.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))   # kept if interrupted
         print(f"seed {result['seed']} {name}: {result['steps']} steps in {result['total_s']:.0f} s, test mean "
               f"recall {recall(final_weights(result), 'mean_recall'):.1f} (load {common.load_average():.1f})",
               flush=True)
     for seed in args.seeds:
-        theirs = train(THEIRS, data, f"open_clip_train-seed{seed}", args.epochs, every, seed)
-        report("open_clip_train", evaluate_snapshots(theirs, data.test, THEIRS))
+        theirs = next((r for r in runs["open_clip_train"] if r["seed"] == seed), None)
+        if theirs is None:
+            theirs = train(THEIRS, data, f"open_clip_train-seed{seed}", args.epochs, every, seed)
+            report("open_clip_train", evaluate_snapshots(theirs, data.test, THEIRS))
         for name in names:
             recipe = BUDGET_RECIPES[name]
             result = train(recipe, data, f"budget{list(BUDGET_RECIPES).index(name)}-seed{seed}", args.epochs,
                            every, seed, budget_s=theirs["total_s"])
             report(name, evaluate_snapshots(result, data.test, recipe))
-    return runs
+    return {name: runs[name] for name in ["open_clip_train", *BUDGET_RECIPES] if runs.get(name)}
 
 
 def final_weights(result: dict) -> dict:
@@ -496,8 +503,9 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the runs")
     parser.add_argument("--only", type=int, nargs="+", help="run these ablations only (numbers: "
                         + ", ".join(f"{k} {name}" for k, name in enumerate(ABLATIONS)).replace("%", "%%") + "); 0 always runs")
-    parser.add_argument("--from_json", nargs="+", metavar="FILE", help="with --ablations: no training, "
-                        "the table of the runs saved in these raw files (bench/out/quality/ablations-*.json)")
+    parser.add_argument("--from_json", nargs="+", metavar="FILE", help="runs saved in these raw files "
+                        "(bench/out/quality/*.json) are kept: with --ablations, no training, their table; "
+                        "otherwise the chosen --recipes run beside them, budgeted by their open_clip_train runs")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default); "
                         "for --ablations on a busy machine")
     parser.add_argument("--parallel", type=int, default=1, help="ablation runs at a time")
@@ -517,12 +525,12 @@ def main():
         section = ablation_section(args, data, runs)
     else:
         loads = [common.load_average()]
-        runs = compare(args, data, raw)
+        runs = compare(args, data, raw, merge_runs(args.from_json) if args.from_json else {})
         loads.append(common.load_average())
         plot(runs, PLOT if not args.no_readme else common.OUT / PLOT.name)
         section = comparison_section(args, data, runs, loads)
     print(section)
-    if not args.from_json:
+    if not (args.ablations and args.from_json):
         raw.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
         print(f"every run's snapshots and metrics: {raw}")
     if not args.no_readme:

@@ -1,6 +1,7 @@
 """Specification of training on many processes (CPU, gloo): the gathered losses give the gradient
 of one big batch, and train.py runs under torchrun. (How WebDataset shards share an epoch out
 among ranks: tests/test_shards.py.)"""
+import json
 import math
 import os
 import shutil
@@ -233,3 +234,14 @@ def test_a_checkpoint_of_two_processes_resumes_on_one_with_the_same_global_batch
     # end ~1e-7 apart, while three steps move them by ~1e-3)
     for name, tensor in two.items():
         torch.testing.assert_close(one[name], tensor, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.slow
+def test_a_time_budget_under_torchrun_ends_every_process_at_the_step_rank_0_planned(sample_set, tmp_path):
+    done = torchrun(train_flags(sample_set, tmp_path, "--run_name", "budget", "--max_steps", "0",
+                                "--time_budget", "20s"), tmp_path)   # a rank that went on would hang
+    results = json.loads((tmp_path / "results/budget/training_results.json").read_text())
+    plans = results["time_budget"]["plans"]
+    last = cm.load_checkpoint(tmp_path / "ckpt/budget/last.pt")
+    assert plans and last["step"] == results["history"]["train"][-1]["step"] > plans[0]["step"]
+    assert done.stdout.count(f"finished at step {last['step']}") == 1
