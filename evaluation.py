@@ -490,15 +490,19 @@ def _distinct(classnames: list[str]) -> list[str]:
 # ----------------------------------------------------------------------------- captioning
 
 # Generated captions are scored as the COCO caption evaluation (pycocoevalcap) scores them, written
-# out here from the papers and checked against that code's numbers (tests/test_caption_metrics.py):
-# its Python scorers are short, while its package is 104 MB of Java (METEOR, SPICE, the tokenizer).
+# out here from the papers and checked against that code's numbers (tests/test_caption_metrics.py).
+# Not imported: its package is 104 MB, nearly all Java (METEOR, SPICE, the tokenizer) that these two
+# scores do not use. Not copied: its BLEU file's licence forbids redistribution.
 CAPTION_SCORES = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr-D")
 
 # COCO's tokenizer is Stanford's PTBTokenizer (Java), lower-casing, followed by dropping punctuation
 # tokens. These rules give its tokens on ordinary captions: clitics split off ("isn't" -> is n't,
 # "dog's" -> dog 's), acronyms keep their dots (u.s.), words keep inner hyphens, dots, slashes and
 # colons (t-shirt, 3.5, black/white, 5:30), any other character is a token of its own ($ 200,
-# 50 %), and . , ? ! : ; - ' ` " are dropped. COCO keeps brackets, as PTB spells them.
+# 50 %), and . , ? ! : ; - ' ` " are dropped. Brackets stay, as PTB spells them (-lrb-): COCO's
+# list of what to drop spells them in upper case, after the tokenizer has lower-cased them. Rare
+# in captions, where PTB differs: abbreviations keep their dot (mr., etc.), gonna splits (gon na),
+# 1,000 stays one number.
 _CLITIC = re.compile(r"(?<=\w)(n't|'s|'m|'d|'re|'ve|'ll)\b")
 _TOKEN = re.compile(r"n't|'(?:s|m|d|re|ve|ll)\b|(?:[a-z]\.){2,}|[^\W_]+(?:[-./:&'][^\W_]+)*|\S")
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
@@ -585,16 +589,18 @@ def cider_d(candidates: list[list[str]], references: list[list[list[str]]], max_
     """CIDEr-D of each tokenized candidate (Vedantam et al. 2015), 0..10, as COCO computes it.
 
     CIDEr asks whether a caption says what most of the image's references say. Each caption
-    becomes, for each n, a vector over n-grams: count in the caption * idf, where
+    becomes, for each n, a TF-IDF vector over n-grams: count in the caption * idf, where
         idf(g) = log(number of images / number of images whose references contain g)
     An n-gram that every image's references use ("a", "in the") weighs 0; one that only this
     image's references use weighs most. The candidate c is compared with each reference s:
-        CIDEr-D = 10 / (#refs) * sum_s exp(-(len c - len s)^2 / (2 sigma^2))
+        CIDEr-D = 10 / #refs * sum_s exp(-(len c - len s)^2 / (2 sigma^2))
                   * 1/max_n * sum_n sum_g min(c_g, s_g) s_g / (|c_n| |s_n|)
-    a cosine of the n-gram vectors whose candidate side is clipped by the reference (the "-D",
-    for "defended": "dog dog dog" points the same way as "dog", but scores less), times a
-    Gaussian penalty on the difference in length (sigma = 6 tokens), averaged over the
-    references, times 10 (COCO's factor, to bring it near the scale of other metrics).
+    the mean over n of a cosine of the n-gram vectors, times a Gaussian penalty on the difference
+    in length (sigma = 6 tokens), averaged over the references, times 10 (COCO's factor, to bring
+    it near the scale of other metrics). CIDEr-D is CIDEr made hard to game: the length penalty,
+    and the clipping of the candidate's side by the reference ("dog dog" points where "dog" does,
+    a cosine of 1, but earns one "dog"). The count is the raw one, as in COCO's code; the paper
+    divides it by the caption's number of n-grams, which the cosine ignores but the clipping not.
 
     The idf comes from the references of the captions scored here, so a score depends on the
     rest of the set: with one image every idf is log(1/1) = 0 and CIDEr-D is 0. Compare CIDEr-D

@@ -5,7 +5,7 @@ import pytest
 
 import evaluation as ev
 
-E = math.exp(-1 / 72)  # CIDEr-D's length penalty for a difference of one token: exp(-1^2 / (2 * 6^2))
+ONE_TOKEN_APART = math.exp(-1 / 72)  # CIDEr-D's length penalty for lengths one token apart (sigma 6)
 
 
 def scores(generated, references):
@@ -69,10 +69,10 @@ def test_cider_d_of_a_tiny_corpus_computed_by_hand():
     # Image 0, "a dog" (unigram vector [a 0, dog L], bigram [a-dog L]):
     #   against "a dog": cosine 1 for n = 1 and 2; no 3- or 4-grams, 0 -> mean (1 + 1 + 0 + 0) / 4
     #   against "a black dog" [a 0, black L, dog L]: n=1 cosine L^2 / (L * L sqrt 2) = 1/sqrt 2, no
-    #   bigram in common -> mean (1/sqrt 2) / 4, times the length penalty E (3 words, not 2).
-    image0 = 10 * (2 / 4 + E / (4 * math.sqrt(2))) / 2
+    #   bigram in common -> mean (1/sqrt 2) / 4, times the length penalty (3 words, not 2).
+    image0 = 10 * (2 / 4 + ONE_TOKEN_APART / (4 * math.sqrt(2))) / 2
     # Image 1, "a black cat" [a 0, black L, cat L] against "a cat" [a 0, cat L]: the same 1/sqrt 2.
-    image1 = 10 * E / (4 * math.sqrt(2))
+    image1 = 10 * ONE_TOKEN_APART / (4 * math.sqrt(2))
     assert ev.cider_d(words(*generated), [words(*refs) for refs in references]) == pytest.approx([image0, image1])
     assert scores(generated, references)["CIDEr-D"] == pytest.approx(100 * (image0 + image1) / 2)
 
