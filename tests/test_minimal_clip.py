@@ -107,9 +107,10 @@ def test_schedule_warms_up_then_decays_to_zero():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """python minimal_clip.py with fewer epochs: about a minute on two cores."""
+    """python minimal_clip.py with fewer epochs: under a minute on two cores (its recall is
+    ~50x chance after two epochs; the thresholds below leave room for other seeds and machines)."""
     data = tmp_path_factory.mktemp("minimal")
-    return mc.main(["--data", str(data), "--epochs", "3"]), data
+    return mc.main(["--data", str(data), "--epochs", "2"]), data
 
 
 @pytest.mark.slow
