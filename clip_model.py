@@ -301,6 +301,7 @@ def build_model(model_name, pretrained="", device="cpu", loss="clip", patch_drop
     """
     options = _model_options(loss, patch_dropout, context_length)
     if model_config is not None:
+        weights = None                   # the checkpoint's, which the caller loads
         model, tokenizer = _create_from_config(model_config, preprocess_cfg, options, model_name)
         config = json.loads(json.dumps(model_config))
     else:
@@ -319,6 +320,8 @@ def build_model(model_name, pretrained="", device="cpu", loss="clip", patch_drop
         config = open_clip.get_model_config(model_name)
         if tag_cfg.get("quick_gelu"):
             config["quick_gelu"] = True
+    if is_captioner(model) and weights is None:     # random weights, which open_clip half-makes there
+        init_text_decoder(model.text_decoder)
     if context_length:
         config["text_cfg"]["context_length"] = context_length
         # CoCa's decoder reads the caption but its last token, through a causal mask of its own size
@@ -331,6 +334,28 @@ def build_model(model_name, pretrained="", device="cpu", loss="clip", patch_drop
         model.set_grad_checkpointing(True)
     return ClipSetup(model=model, preprocess_cfg=dict(model.visual.preprocess_cfg),
                      tokenizer=CaptionTokenizer(tokenizer), model_name=model_name, model_config=config)
+
+
+def init_text_decoder(decoder):
+    """Initialise a CoCa's text decoder as CLIP initialises its text tower (OpenAI's scheme: the
+    std of each matrix shrinks with the width, and with the depth for the matrices that write
+    into the residual stream).
+
+    open_clip builds the decoder without this: its init_parameters is never called, so its
+    projection to the vocabulary is torch.empty, whatever the memory held. Zeros, most often:
+    then every logit is 0 and no gradient reaches anything behind the projection (the decoder's
+    blocks, the image's tokens) until the projection has grown, and a tiny CoCa spent its first
+    hundred steps writing "a a a a". Other memory makes two runs of one seed differ.
+    """
+    width, layers = decoder.width, decoder.layers
+    attn_std, fc_std, proj_std = width ** -0.5, (2 * width) ** -0.5, width ** -0.5 * (2 * layers) ** -0.5
+    with torch.no_grad():
+        for block in [*decoder.resblocks, *decoder.cross_attn]:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(decoder.text_projection, std=width ** -0.5)
 
 
 @contextlib.contextmanager
@@ -1120,16 +1145,15 @@ def check_model_config(model_config, preprocess_cfg, source):
     are beyond any real model (MAX_CONFIG_NUMBER, MAX_LAYERS), before anything is built."""
     if not isinstance(model_config, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(model_config) \
             or not all(isinstance(model_config[tower], dict) for tower in ("vision_cfg", "text_cfg")) \
+            or not isinstance(model_config.get("multimodal_cfg", {}), dict) \
             or not isinstance(preprocess_cfg, (dict, type(None))):
         raise CheckpointError(f"{source}: its model_config is not an open_clip model config "
-                              f"(needs embed_dim, vision_cfg and text_cfg, and a preprocess_cfg dict)")
+                              f"(needs embed_dim, vision_cfg and text_cfg, a CoCa's multimodal_cfg too, and a "
+                              f"preprocess_cfg dict)")
     for where, number in _numbers({"model_config": model_config, "preprocess_cfg": preprocess_cfg or {}}):
         if not abs(number) <= MAX_CONFIG_NUMBER:
             raise CheckpointError(f"{source}: its {short_repr(where)} is {short_repr(number)}, beyond "
                                   f"any real model (at most {MAX_CONFIG_NUMBER}); not building it")
-    if not isinstance(model_config.get("multimodal_cfg", {}), dict):
-        raise CheckpointError(f"{source}: its model_config's multimodal_cfg (a CoCa's text decoder) is not a "
-                              f"dictionary; not an open_clip model config")
     for tower in ("vision_cfg", "text_cfg", "multimodal_cfg"):
         layers = sum(number for _, number in _numbers(model_config.get(tower, {}).get("layers")))
         if layers > MAX_LAYERS:
