@@ -269,12 +269,17 @@ def plot_training_curves(results: dict):
 
 
 def _plot_loss_terms(ax, train):
-    """A distilled run's loss has two terms (train.loss_terms): drawn thin beside their total."""
-    terms = [(name, *_series(train, name)) for name in ("contrastive", "distillation")]
-    if not any(len(steps) for _, steps, _ in terms):
+    """The terms of a loss that has several (train_step.loss_terms: a teacher's, a captioner's),
+    drawn thin beside their total."""
+    terms = [(name, *_series(train, name), color) for name, color in
+             (("contrastive", "C3"), ("distillation", "C4"), ("caption", "C5"))]
+    terms = [term for term in terms if len(term[1])]
+    if not terms:
         return
-    ax.get_lines()[0].set_label("(1 - w) x contrastive + w x distillation")
-    for (name, steps, values), color in zip(terms, ("C3", "C4")):
+    names = {term[0] for term in terms}
+    total = "(1 - w) x contrastive + w x distillation" if "distillation" in names else "contrastive"
+    ax.get_lines()[0].set_label(total + (" + w_c x caption" if "caption" in names else ""))
+    for name, steps, values, color in terms:
         ax.plot(steps, values, color=color, linewidth=0.8, label=f"{name} term")
     ax.set_ylabel("loss")
     ax.legend(loc="upper right", fontsize=8)
