@@ -1,4 +1,5 @@
-"""Evaluate a CLIP model: image-text retrieval, similarity analysis, zero-shot classification.
+"""Evaluate a CLIP model: image-text retrieval, similarity analysis, zero-shot classification, and
+the captions a captioning model writes (BLEU, CIDEr-D: caption_metrics).
 
     python evaluation.py --checkpoint model-checkpoint/<run>/best.pt --data data/sample
     python evaluation.py --model_name ViT-B-32 --pretrained openai --data captions.csv
@@ -31,7 +32,9 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
@@ -346,9 +349,12 @@ def clip_benchmark_record(zeroshot: dict, dataset: str, model: str, pretrained: 
             "language": language}
 
 
+# CJK ideographs (Chinese characters): the unified block, extension A, compatibility ideographs.
+CJK = "\u4e00-\u9fff\u3400-\u4dbf\uf900-\ufaff"
+
+
 def _has_cjk(text: str) -> bool:
-    return any("\u4e00" <= ch <= "\u9fff" or "\u3400" <= ch <= "\u4dbf" or "\uf900" <= ch <= "\ufaff"
-               for ch in text)
+    return re.search(f"[{CJK}]", text) is not None
 
 
 def _open_clip_metadata(table: dict, name: str) -> list:
@@ -481,6 +487,163 @@ def _distinct(classnames: list[str]) -> list[str]:
     return [f"{name} ({c})" if counts[name] > 1 else name for c, name in enumerate(classnames)]
 
 
+# ----------------------------------------------------------------------------- captioning
+
+# Generated captions are scored as the COCO caption evaluation (pycocoevalcap) scores them, written
+# out here from the papers and checked against that code's numbers (tests/test_caption_metrics.py).
+# Not imported: its package is 104 MB, nearly all Java (METEOR, SPICE, the tokenizer) that these two
+# scores do not use. Not copied: its BLEU file's licence forbids redistribution.
+CAPTION_SCORES = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr-D")
+
+# COCO's tokenizer is Stanford's PTBTokenizer (Java), lower-casing, followed by dropping punctuation
+# tokens. These rules give its tokens on ordinary captions: clitics split off ("isn't" -> is n't,
+# "dog's" -> dog 's), acronyms keep their dots (u.s.), words keep inner hyphens, dots, slashes and
+# colons (t-shirt, 3.5, black/white, 5:30), any other character is a token of its own ($ 200,
+# 50 %), and . , ? ! : ; - ' ` " are dropped. Brackets stay, as PTB spells them (-lrb-): COCO's
+# list of what to drop spells them in upper case, after the tokenizer has lower-cased them. Rare
+# in captions, where PTB differs: abbreviations keep their dot (mr., etc.), gonna splits (gon na),
+# 1,000 stays one number.
+_CLITIC = re.compile(r"(?<=\w)(n't|'s|'m|'d|'re|'ve|'ll)\b")
+_TOKEN = re.compile(r"n't|'(?:s|m|d|re|ve|ll)\b|(?:[a-z]\.){2,}|[^\W_]+(?:[-./:&'][^\W_]+)*|\S")
+_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+_DROPPED = set(".,?!:;-'`\"")
+
+
+def caption_tokens(caption: str) -> list[str]:
+    """The words BLEU and CIDEr-D count: COCO's tokenization (see _TOKEN above), and Chinese
+    character by character.
+
+    Chinese has no spaces between words. Each CJK character is a token, as sacreBLEU's "zh"
+    tokenizer does for translation: exact and needs no word segmenter (AI Challenger's caption
+    benchmark segments words with jieba instead, so its scores are not comparable with these).
+    Non-ASCII punctuation (，。“” — …) is dropped, as PTB drops what it turns these into in English.
+    """
+    text = re.sub(f"([{CJK}])", r" \1 ", caption.lower().replace("\u2019", "'"))
+    text = _CLITIC.sub(r" \1", re.sub(r"\bcannot\b", "can not", text))
+    tokens = [_BRACKETS.get(token, token) for token in _TOKEN.findall(text)]
+    return [token for token in tokens if token not in _DROPPED
+            and not (len(token) == 1 and not token.isascii() and unicodedata.category(token).startswith("P"))]
+
+
+def _ngram_counts(tokens: list[str], max_n: int = 4) -> Counter:
+    """Every n-gram of a caption for n = 1..max_n (a tuple of n tokens) with its count."""
+    return Counter(tuple(tokens[i:i + n]) for n in range(1, max_n + 1) for i in range(len(tokens) - n + 1))
+
+
+def bleu(candidates: list[list[str]], references: list[list[list[str]]], max_n: int = 4) -> list[float]:
+    """Corpus BLEU-1..max_n of tokenized captions (Papineni et al. 2002), each in 0..1.
+
+    p_n, the modified n-gram precision: of all the n-grams of all candidates, the fraction found in
+    the references, each counted at most as often as it occurs in one reference (clipping: "the the
+    the" earns one "the" from "the cat"). Counts are summed over the corpus before dividing, so
+    BLEU is not a mean of per-caption scores.
+        BLEU-N = BP * exp((log p_1 + ... + log p_N) / N)     (the geometric mean of p_1..p_N)
+        BP = min(1, exp(1 - r / c))
+    c is the number of candidate tokens, r the sum over images of the reference length closest to
+    the candidate's (the shorter on a tie). Precision rewards a caption that says only what it is
+    sure of; the brevity penalty BP charges for saying too little.
+    """
+    matched, total = [0] * max_n, [0] * max_n
+    c = r = 0
+    for candidate, refs in zip(candidates, references):
+        counts, most = _ngram_counts(candidate, max_n), Counter()
+        for ref in refs:
+            most |= _ngram_counts(ref, max_n)  # | keeps the larger count: the most any one reference has
+        for gram, count in (counts & most).items():  # & keeps the smaller count: the clipping
+            matched[len(gram) - 1] += count
+        for n in range(1, max_n + 1):
+            total[n - 1] += max(0, len(candidate) - n + 1)
+        c += len(candidate)
+        r += min((abs(len(ref) - len(candidate)), len(ref)) for ref in refs)[1]
+    if c == 0:
+        return [0.0] * max_n
+    brevity = min(1.0, math.exp(1 - r / c))
+    scores, log_precisions = [], 0.0
+    for n in range(1, max_n + 1):
+        if matched[n - 1] == 0:  # log 0: this and every longer BLEU are 0
+            return scores + [0.0] * (max_n - n + 1)
+        log_precisions += math.log(matched[n - 1] / total[n - 1])
+        scores.append(brevity * math.exp(log_precisions / n))
+    return scores
+
+
+def _tf_idf(counts: Counter, idf, max_n: int) -> list[dict]:
+    """The caption's vector of each n: n-gram -> count in the caption * idf."""
+    vectors = [{} for _ in range(max_n)]
+    for gram, count in counts.items():
+        vectors[len(gram) - 1][gram] = count * idf(gram)
+    return vectors
+
+
+def _clipped_cosine(candidate: dict, reference: dict) -> float:
+    """sum_g min(c_g, r_g) * r_g / (|c| |r|); 0 where either vector is 0."""
+    norms = math.sqrt(sum(v * v for v in candidate.values()) * sum(v * v for v in reference.values()))
+    if norms == 0:
+        return 0.0
+    return sum(min(v, reference.get(gram, 0.0)) * reference.get(gram, 0.0)
+               for gram, v in candidate.items()) / norms
+
+
+def cider_d(candidates: list[list[str]], references: list[list[list[str]]], max_n: int = 4,
+            sigma: float = 6.0) -> list[float]:
+    """CIDEr-D of each tokenized candidate (Vedantam et al. 2015), 0..10, as COCO computes it.
+
+    CIDEr asks whether a caption says what most of the image's references say. Each caption
+    becomes, for each n, a TF-IDF vector over n-grams: count in the caption * idf, where
+        idf(g) = log(number of images / number of images whose references contain g)
+    An n-gram that every image's references use ("a", "in the") weighs 0; one that only this
+    image's references use weighs most. The candidate c is compared with each reference s:
+        CIDEr-D = 10 / #refs * sum_s exp(-(len c - len s)^2 / (2 sigma^2))
+                  * 1/max_n * sum_n sum_g min(c_g, s_g) s_g / (|c_n| |s_n|)
+    the mean over n of a cosine of the n-gram vectors, times a Gaussian penalty on the difference
+    in length (sigma = 6 tokens), averaged over the references, times 10 (COCO's factor, to bring
+    it near the scale of other metrics). CIDEr-D is CIDEr made hard to game: the length penalty,
+    and the clipping of the candidate's side by the reference ("dog dog" points where "dog" does,
+    a cosine of 1, but earns one "dog"). The count is the raw one, as in COCO's code; the paper
+    divides it by the caption's number of n-grams, which the cosine ignores but the clipping not.
+
+    The idf comes from the references of the captions scored here, so a score depends on the
+    rest of the set: with one image every idf is log(1/1) = 0 and CIDEr-D is 0. Compare CIDEr-D
+    only between runs on the same references.
+    """
+    reference_counts = [[_ngram_counts(ref, max_n) for ref in refs] for refs in references]
+    images_with = Counter(gram for counts in reference_counts for gram in set().union(*counts))
+    log_images = math.log(len(references))
+    idf = lambda gram: log_images - math.log(max(1, images_with[gram]))  # an unseen n-gram: as if seen once
+    scores = []
+    for candidate, refs, counts in zip(candidates, references, reference_counts):
+        candidate_vectors = _tf_idf(_ngram_counts(candidate, max_n), idf, max_n)
+        total = 0.0
+        for ref, ref_counts in zip(refs, counts):
+            similarity = sum(_clipped_cosine(c, s) for c, s in
+                             zip(candidate_vectors, _tf_idf(ref_counts, idf, max_n))) / max_n
+            total += similarity * math.exp(-(len(candidate) - len(ref)) ** 2 / (2 * sigma ** 2))
+        scores.append(10 * total / len(refs))
+    return scores
+
+
+def caption_metrics(generated: list[str], references: list[list[str]]) -> dict:
+    """BLEU-1..4 and CIDEr-D of generated captions, generated[i] against the references of the
+    same image, references[i]; all x100, as captioning papers print them (COCO's code returns
+    BLEU-4 0.403 and CIDEr-D 1.367 for what papers print as 40.3 and 136.7): the keys say so,
+    BLEU-4_x100. Captions are tokenized by caption_tokens; an empty generated caption scores 0."""
+    if len(generated) != len(references):
+        raise ValueError(f"{len(generated)} generated captions and {len(references)} lists of "
+                         f"references: give one list of reference captions per generated caption")
+    if not generated:
+        raise ValueError("no captions to score")
+    for i, refs in enumerate(references):
+        if isinstance(refs, str) or not refs:
+            raise ValueError(f"references[{i}] is {refs!r}: give each image a list of one or more "
+                             "reference captions, e.g. ['a dog runs on the beach']")
+    candidates = [caption_tokens(caption) for caption in generated]
+    refs = [[caption_tokens(caption) for caption in captions] for captions in references]
+    cider = cider_d(candidates, refs)
+    values = [*bleu(candidates, refs), sum(cider) / len(cider)]
+    return {**{f"{name}_x100": 100 * value for name, value in zip(CAPTION_SCORES, values)},
+            "num_images": len(generated)}
+
+
 # ----------------------------------------------------------------------------- embeddings
 
 def encode_index(setup, index, batch_size=64, num_workers=0, device="cpu", precision="fp32",
@@ -611,6 +774,11 @@ def format_results(results: dict) -> str:
             lines.append(f"  {name:30} {'no images' if accuracy is None else f'{accuracy:6.2f}'}")
         if len(shown) > 20:
             lines.append(f"  ... the 20 worst classes of {len(shown)}; all are in the --output JSON")
+    if "captioning" in results:
+        c = results["captioning"]
+        lines += [f"Captioning: {c['num_images']} generated captions against their references (x100, as "
+                  f"papers print them)",
+                  "  " + "  ".join(f"{name} {c[f'{name}_x100']:.2f}" for name in CAPTION_SCORES)]
     return "\n".join(lines)
 
 

@@ -320,6 +320,11 @@ def old_rule_pick(result: dict) -> dict:
     return next(s for s in result["snapshots"] if s["step"] == best["step"])
 
 
+def rising(results: list) -> int:
+    """How many runs' validation scores rose at every validation."""
+    return sum(all(a["rsum"] < b["rsum"] for a, b in zip(r["validations"], r["validations"][1:])) for r in results)
+
+
 def best_table(runs: dict) -> str:
     """How the checkpoint a rule keeps compares with the final weights on the test split, over
     every train.py run: the highest validation score, and best.pt's rule (evaluation.standard_error).
@@ -391,9 +396,12 @@ also copied and evaluated on the test split, so each rule's pick can be scored o
 "Highest validation rsum" is the rule best.pt followed before; best.pt now keeps a new best only
 when it beats the old by more than one standard error of the validation metric, and keeps the
 final weights of a finished run unless an earlier best beats them by more than that. Over the
-{len(ours)} train.py runs, the highest validation score beat the final weights on the test split
-{counts['highest'][0]} times and lost {counts['highest'][1]} times; best.pt's rule beat them {counts['best.pt'][0]}
-times and lost {counts['best.pt'][1]} times.
+{len(ours)} train.py runs, the pick of the highest validation score scored above the final weights
+on the test split in {counts['highest'][0]} and below them in {counts['highest'][1]}; best.pt's pick in
+{counts['best.pt'][0]} and {counts['best.pt'][1]}. In {rising(ours)} of the {len(ours)} runs the validation score
+rose at every validation, so there the rules could only keep the final weights: a run cut off by
+a budget with its rate decaying to the end is still improving when it ends, unlike a long run
+that plateaus, where the rule matters (tests/test_train.py checks it on such a history).
 
 {best}
 

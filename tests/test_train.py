@@ -288,27 +288,27 @@ def ends_at(plan):
 def test_a_run_with_a_time_budget_plans_its_steps_ends_decayed_and_resumes_with_what_is_left(
         data, tmp_path, monkeypatch):
     args = run_args(data, tmp_path, "--run_name", "budget", "--time_budget", "20s", "--warmup_steps", "2")
-    StepClock(monkeypatch, step_s=0.25)                   # 80 steps would fill 20 s
-    first = train.main([*args, "--stop_at_step", "30"])
-    assert first["step"] == 30 and first["stop_reason"] == "stop_at_step 30 reached"
+    StepClock(monkeypatch, step_s=0.5)                    # 40 steps would fill 20 s
+    first = train.main([*args, "--stop_at_step", "12"])
+    assert first["step"] == 12 and first["stop_reason"] == "stop_at_step 12 reached"
     results = json.loads((tmp_path / "results/budget/training_results.json").read_text())
     assert results["time_budget"]["budget_s"] == 20
     plan = results["time_budget"]["plans"][0]
-    assert plan["step"] == budget.PLAN_AFTER + 1 and plan["step_s"] == 0.25
-    assert ends_at(plan) <= 20 < ends_at(plan) + 0.25      # the last step that fits
+    assert plan["step"] == budget.PLAN_AFTER + 1 and plan["step_s"] == 0.5
+    assert ends_at(plan) <= 20 < ends_at(plan) + 0.5      # the last step that fits
     used_first = results["time_budget"]["used_s"]
-    assert used_first == 30 * 0.25                         # (the rest takes no time on this clock)
+    assert used_first == 12 * 0.5                         # (the rest takes no time on this clock)
 
-    StepClock(monkeypatch, step_s=0.5)                    # the resumed part runs on a slower machine
+    StepClock(monkeypatch, step_s=1.0)                    # the resumed part runs on a slower machine
     result = train.main([*args, "--resume", "auto"])
     results = json.loads((tmp_path / "results/budget/training_results.json").read_text())
     plans = results["time_budget"]["plans"]
-    assert plans[-1]["step"] > 30 and plans[-1]["elapsed_s"] > used_first   # counts the first part's time
-    assert ends_at(plans[-1]) <= 20 < ends_at(plans[-1]) + 0.5
+    assert plans[-1]["step"] > 12 and plans[-1]["elapsed_s"] > used_first   # counts the first part's time
+    assert ends_at(plans[-1]) <= 20 < ends_at(plans[-1]) + 1.0
     assert result["stop_reason"] is None and result["step"] == plans[-1]["total_steps"]
     last = result["history"]["train"][-1]
     assert last["step"] == result["step"] and last["lr"] == pytest.approx(0.0, abs=1e-9)   # decayed
-    assert results["time_budget"]["used_s"] == pytest.approx(used_first + (result["step"] - 30) * 0.5)
+    assert results["time_budget"]["used_s"] == pytest.approx(used_first + (result["step"] - 12) * 1.0)
 
 
 @pytest.mark.slow
