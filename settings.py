@@ -108,6 +108,10 @@ SCHEMA = [
             "a quarter of the free memory)"),
     Setting("data", "val_zeroshot", "", "a folder of one image folder per class: zero-shot top-1/top-5 "
             "at every validation, so that forgetting shows while it happens; '' = off"),
+    Setting("data", "val_captions", 100, "captioners (CoCa): the validation at the end of the run also "
+            "writes a caption of each of the first N validation images and scores them against the images' "
+            "captions (BLEU, CIDEr-D); not at every validation (beam search costs many times what retrieval "
+            "does), nor in a time_budget run (its plan cannot foresee their time); 0 = off", valid=">= 0"),
     Setting("data", "strict_data", False, "stop at the first unreadable image (missing or "
             "corrupt) instead of skipping it and counting it"),
     Setting("data", "num_workers", 2, "DataLoader worker processes per training process, which "

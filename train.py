@@ -543,7 +543,7 @@ def validate(job, state):
     stop = None
     if run.is_main:
         started = time.perf_counter()
-        metrics = evaluate_weights(job, job.setup)
+        metrics = evaluate_weights(job, job.setup, captions=state.step >= job.total_steps)
         if job.ema is not None:
             metrics["ema"] = evaluate_weights(job, ema_setup(job))
         improved = record_validation(job, state, metrics)
@@ -570,8 +570,9 @@ def validate(job, state):
     return None
 
 
-def evaluate_weights(job, setup):
-    """The validation metrics of one set of weights: retrieval, and zero-shot with val_zeroshot."""
+def evaluate_weights(job, setup, captions=False):
+    """The validation metrics of one set of weights: retrieval, zero-shot with val_zeroshot, and
+    with `captions` (the run's last validation) a captioner's captions (val_captions)."""
     cfg, run = job.cfg, job.run
     options = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=run.device,
                    precision=run.precision, strict=cfg.strict_data)
@@ -579,6 +580,16 @@ def evaluate_weights(job, setup):
     if cfg.val_zeroshot:
         zeroshot = evaluation.evaluate_zeroshot(setup, cfg.val_zeroshot, **options)
         metrics["zeroshot"] = {key: zeroshot[key] for key in ZEROSHOT_METRICS}
+    if captions and cfg.val_captions and not cfg.time_budget and clip_model.is_captioner(setup.model):
+        scored = evaluation.evaluate_captions(setup, job.val_index, num_images=cfg.val_captions,
+                                              batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                              precision=run.precision)
+        scores = {f"{name}_x100": scored[f"{name}_x100"] for name in evaluation.CAPTION_SCORES}
+        metrics["captioning"] = {**scores, "num_images": scored["num_images"]}
+        first = scored["captions"][0]
+        run.log.info(f"captions of {scored['num_images']} validation images: " +
+                     ", ".join(f"{name} {value:.2f}" for name, value in scores.items()) +
+                     f"; the first: '{first['generated']}' (given: '{first['references'][0]}')")
     return metrics
 
 
