@@ -662,7 +662,8 @@ def evaluate_captions(setup, index, settings=None, num_images=None, batch_size=6
     The model runs where its weights are.
     """
     settings = settings or clip_model.CaptionSettings()
-    part = index.subset(np.arange(index.num_images if num_images is None else min(num_images, index.num_images)))
+    count = index.num_images if num_images is None else min(num_images, index.num_images)
+    part = index.subset(np.arange(count))
     dataset = data_loader.ImageDataset(part, data_loader.image_transform(setup.preprocess_cfg))
     loader = data_loader.build_dataloader(dataset, batch_size, num_workers=num_workers, train=False)
     rows = []
