@@ -571,8 +571,10 @@ def test_a_captioners_last_validation_scores_its_captions_and_the_earlier_ones_d
         asked.append(options["num_images"])
         return evaluate_captions(setup, index, cm.CaptionSettings(max_length=4, num_beams=2), **options)
     monkeypatch.setattr(evaluation, "evaluate_captions", short_captions)
+    few = sample_data.create_sample_dataset(tmp_path / "few", num_samples=4, seed=2)["index"]
     result = train.main(run_args(data, tmp_path, "--run_name", "coca", "--model_name", "tiny-coca-64",
-                                 "--max_steps", "2", "--eval_every", "1", "--batch_size", "8", "--val_captions", "3"))
+                                 "--val_data", few, "--max_steps", "2", "--eval_every", "1", "--batch_size", "8",
+                                 "--val_captions", "3"))
     first, last = result["history"]["val"]
     assert asked == [3] and "captioning" not in first
     assert set(last["captioning"]) == {"BLEU-1_x100", "BLEU-2_x100", "BLEU-3_x100", "BLEU-4_x100",
