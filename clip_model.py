@@ -12,6 +12,7 @@ The towers come from open_clip, so every open_clip architecture and pretrained t
 `model_configs/` adds small presets of our own for CPUs and small GPUs.
 """
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -47,6 +48,7 @@ from errors import (
     disk_full_message,
     short_repr,
 )
+from settings import in_range
 
 PRESET_DIR = Path(__file__).resolve().parent / "model_configs"
 open_clip.add_model_config(PRESET_DIR)
@@ -67,6 +69,8 @@ SIGLIP_INIT_LOGIT_BIAS = -10.0
 PROJECTION_PARAMETERS = ("visual.proj", "visual.head.proj", "visual.attnpool.c_proj",
                          "text_projection", "text.text_projection", "text.proj")
 TEMPERATURE_PARAMETERS = ("logit_scale", "logit_bias")
+# A captioner's text decoder (CoCa): a third tower, from the image's tokens to words.
+DECODER_PARAMETERS = ("text_decoder",)
 
 # Version of the checkpoint layout written by save_checkpoint; load_checkpoint refuses newer ones.
 CHECKPOINT_FORMAT = 1
@@ -297,6 +301,7 @@ def build_model(model_name, pretrained="", device="cpu", loss="clip", patch_drop
     """
     options = _model_options(loss, patch_dropout, context_length)
     if model_config is not None:
+        weights = None                   # the checkpoint's, which the caller loads
         model, tokenizer = _create_from_config(model_config, preprocess_cfg, options, model_name)
         config = json.loads(json.dumps(model_config))
     else:
@@ -315,13 +320,42 @@ def build_model(model_name, pretrained="", device="cpu", loss="clip", patch_drop
         config = open_clip.get_model_config(model_name)
         if tag_cfg.get("quick_gelu"):
             config["quick_gelu"] = True
+    if is_captioner(model) and weights is None:     # random weights, which open_clip half-makes there
+        init_text_decoder(model.text_decoder)
     if context_length:
         config["text_cfg"]["context_length"] = context_length
+        # CoCa's decoder reads the caption but its last token, through a causal mask of its own size
+        if is_captioner(model) and context_length - 1 > model.text_decoder.context_length:
+            raise SettingsError(f"--context_length {context_length}: the text decoder of {model_name} reads "
+                                f"at most {model.text_decoder.context_length + 1} tokens "
+                                f"(multimodal_cfg.context_length + 1)")
     model.to(device)
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     return ClipSetup(model=model, preprocess_cfg=dict(model.visual.preprocess_cfg),
                      tokenizer=CaptionTokenizer(tokenizer), model_name=model_name, model_config=config)
+
+
+def init_text_decoder(decoder):
+    """Initialise a CoCa's text decoder as CLIP initialises its text tower (OpenAI's scheme: the
+    std of each matrix shrinks with the width, and with the depth for the matrices that write
+    into the residual stream).
+
+    open_clip builds the decoder without this: its init_parameters is never called, so its
+    projection to the vocabulary is torch.empty, whatever the memory held. Zeros, most often:
+    then every logit is 0 and no gradient reaches anything behind the projection (the decoder's
+    blocks, the image's tokens) until the projection has grown, and a tiny CoCa spent its first
+    hundred steps writing "a a a a". Other memory makes two runs of one seed differ.
+    """
+    width, layers = decoder.width, decoder.layers
+    attn_std, fc_std, proj_std = width ** -0.5, (2 * width) ** -0.5, width ** -0.5 * (2 * layers) ** -0.5
+    with torch.no_grad():
+        for block in [*decoder.resblocks, *decoder.cross_attn]:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(decoder.text_projection, std=width ** -0.5)
 
 
 @contextlib.contextmanager
@@ -389,7 +423,7 @@ def _matches(name, prefixes):
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def freeze_for_finetuning(model, freeze_backbone=False, lock_image=-1, lock_text=-1):
+def freeze_for_finetuning(model, freeze_backbone=False, lock_image=-1, lock_text=-1, lock_decoder=False):
     """Choose which parameters train.
 
     freeze_backbone: only the two projections into the shared space and the temperature train,
@@ -400,16 +434,25 @@ def freeze_for_finetuning(model, freeze_backbone=False, lock_image=-1, lock_text
         image tower ("Locked-image Tuning", Zhai et al. 2022); -1 leaves it trainable.
     A frozen ResNet tower also freezes its BatchNorm statistics: updating running means with a
     frozen trunk would silently change the features the projection was trained on.
+
+    A captioner's text decoder (CoCa) is a third tower, the head that turns an image into words
+    as the projections are the heads into the shared space: freeze_backbone and the lock flags
+    leave it trainable (a captioner fine-tuned on a locked image tower is LiT's idea applied to
+    captions). lock_decoder freezes it.
     """
     if freeze_backbone:
-        model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
+        # visual.lock is what CLIP.lock_image_tower calls; CoCa has no lock_image_tower
+        model.visual.lock(unlocked_groups=0, freeze_bn_stats=True)
         for name, param in model.named_parameters():
-            param.requires_grad = _matches(name, PROJECTION_PARAMETERS + TEMPERATURE_PARAMETERS)
-        return
-    if lock_image >= 0:
-        _lock_image_tower(model, lock_image)
-    if lock_text >= 0:
-        _lock_text_tower(model, lock_text)
+            param.requires_grad = _matches(name, PROJECTION_PARAMETERS + TEMPERATURE_PARAMETERS + DECODER_PARAMETERS)
+    else:
+        if lock_image >= 0:
+            _lock_image_tower(model, lock_image)
+        if lock_text >= 0:
+            _lock_text_tower(model, lock_text)
+    if lock_decoder:
+        for param in model.text_decoder.parameters():
+            param.requires_grad = False
 
 
 def _lock_image_tower(model, keep):
@@ -417,7 +460,7 @@ def _lock_image_tower(model, keep):
     # block, for a timm trunk the head is never locked; we count blocks in both.
     visual = model.visual
     if keep == 0:
-        model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
+        visual.lock(unlocked_groups=0, freeze_bn_stats=True)
         for param in visual.parameters():
             param.requires_grad = False
     elif isinstance(visual, open_clip.timm_model.TimmModel):
@@ -432,10 +475,12 @@ def _lock_image_tower(model, keep):
 def _lock_text_tower(model, keep):
     if keep == 0:
         for name, param in model.named_parameters():
-            if not name.startswith("visual.") and not _matches(name, TEMPERATURE_PARAMETERS):
+            if not name.startswith("visual.") and not _matches(name, TEMPERATURE_PARAMETERS + DECODER_PARAMETERS):
                 param.requires_grad = False
     elif isinstance(getattr(model, "text", None), open_clip.hf_model.HFTextEncoder):
         model.lock_text_tower(unlocked_layers=keep)    # counts the encoder's layers already
+    elif is_captioner(model):
+        model.text.lock(unlocked_layers=keep + 1)      # what lock_text_tower calls; CoCa has none
     else:
         model.lock_text_tower(unlocked_layers=keep + 1)  # + the projection, its own "layer" there
 
@@ -483,6 +528,213 @@ def encode_texts(model, tokenizer, texts, device, batch_size=256, precision="fp3
         with autocast(device, precision):
             features.append(model.encode_text(tokens, normalize=True).float().cpu())
     return torch.cat(features)
+
+
+# ----------------------------------------------------------------------------------------------
+# Captioning (CoCa: a CLIP with a text decoder)
+
+def is_captioner(model):
+    """Whether the model writes captions: a CoCa, whose text decoder turns an image into words."""
+    return isinstance(unwrap(model), open_clip.CoCa)
+
+
+GENERATION_TYPES = ("beam_search", "top_p", "top_k")
+
+
+@dataclass(frozen=True)
+class CaptionSettings:
+    """How generate_captions chooses each next token; the defaults are open_clip's
+    (CoCa.generate). The one home of these settings for every script that writes captions:
+    `add_arguments(parser)` adds them as --caption_<name> flags, `from_args(args)` reads them
+    back, and every value is checked here (its `valid` range, settings.in_range)."""
+    generation_type: str = field(default="beam_search", metadata={
+        "choices": GENERATION_TYPES, "help": "beam_search: the most likely caption among num_beams kept "
+        "at each step; top_p or top_k: each token drawn at random among the most likely ones"})
+    max_length: int = field(default=30, metadata={
+        "valid": ">= 2", "help": "tokens of a caption at most, its start and end tokens included (and at "
+        "most the model's context length)"})
+    min_length: int = field(default=5, metadata={
+        "valid": ">= 0", "help": "the caption cannot end before it has this many tokens, its start token "
+        "included"})
+    num_beams: int = field(default=6, metadata={
+        "valid": ">= 1", "help": "beam_search: the most likely unfinished captions kept at each step"})
+    top_p: float = field(default=0.1, metadata={
+        "valid": "(0, 1]", "help": "top_p: draw among the most likely tokens whose probabilities add up to "
+        "top_p"})
+    top_k: int = field(default=1, metadata={
+        "valid": ">= 1", "help": "top_k: draw among the k most likely tokens (1: always the most likely)"})
+    repetition_penalty: float = field(default=1.0, metadata={
+        "valid": "> 0", "help": "the logit of a token already in the caption is divided by this when "
+        "positive and multiplied when negative; 1 = no penalty"})
+    temperature: float = field(default=1.0, metadata={
+        "valid": "> 0", "help": "top_p and top_k: the logits are divided by this before drawing"})
+    seed: int = field(default=0, metadata={"valid": ">= 0", "help": "top_p and top_k: seed of the draws"})
+
+    def __post_init__(self):
+        for f in fields(self):
+            value, valid, choices = getattr(self, f.name), f.metadata.get("valid"), f.metadata.get("choices")
+            if type(value) is not f.type and not (f.type is float and type(value) is int):
+                raise SettingsError(f"--caption_{f.name} must be {f.type.__name__}, got {value!r}")
+            if choices and value not in choices or valid and not in_range(value, valid):
+                raise SettingsError(f"--caption_{f.name} must be {valid or 'one of ' + ', '.join(choices)}, "
+                                    f"got {value!r}")
+
+    @classmethod
+    def add_arguments(cls, parser):
+        """The settings as flags of a script's parser: --caption_max_length 20, ..."""
+        group = parser.add_argument_group("captions (CoCa models)")
+        for f in fields(cls):
+            valid = f", valid: {f.metadata['valid']}" if "valid" in f.metadata else ""
+            group.add_argument(f"--caption_{f.name}", type=f.type, default=f.default,
+                               choices=f.metadata.get("choices"), metavar=f.type.__name__.upper(),
+                               help=f"{f.metadata['help']} (default: {f.default!r}{valid})")
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(**{f.name: getattr(args, f"caption_{f.name}") for f in fields(cls)})
+
+
+@torch.inference_mode()
+def generate_captions(setup_or_model, tokenizer, images, settings=None, precision="fp32", **overrides):
+    """A caption for each image of a batch, as text: list[str], one per image.
+
+    setup_or_model: a ClipSetup (its tokenizer is used when `tokenizer` is None) or a captioner
+        (a CoCa, also inside DDP or torch.compile); ModelError for a model without a decoder.
+    tokenizer: CLIP's tokenizer (ours, CaptionTokenizer, or open_clip's SimpleTokenizer): its
+        start and end tokens frame the caption, and it turns the ids back into words.
+    images: a tensor [N, 3, H, W] prepared as for encode_images (the setup's preprocess_cfg).
+    settings: CaptionSettings (default: open_clip's); `overrides` change some of them
+        (generate_captions(setup, None, images, num_beams=3)).
+
+    The image tower runs once; then the decoder extends each caption by one token at a time
+    (its text tower and decoder read the whole caption so far: open_clip keeps no cache). The
+    returned text is the tokens between the start and the end token, decoded and stripped. The
+    model is put in eval mode, without gradients, with `precision`'s autocast, as encode_images
+    does; an untrained model writes strings too (of random words). Captions are at most
+    max_length tokens and at most the model's context length. The padding token is never
+    written: it is CLIP's "!", which no CoCa is trained to write (CaptionLoss).
+    """
+    settings = dataclasses.replace(settings or CaptionSettings(), **overrides)
+    model = unwrap(getattr(setup_or_model, "model", setup_or_model))
+    vocabulary = _clip_vocabulary(tokenizer or setup_or_model.tokenizer)
+    if not is_captioner(model):
+        raise ModelError(f"{type(model).__name__} has no text decoder to write captions: captions need a "
+                         f"captioner (CoCa: --model_name tiny-coca-64, coca_ViT-B-32)")
+    device = next(model.parameters()).device
+    max_length = min(settings.max_length, model.text.context_length, model.text_decoder.context_length + 1)
+    model.eval()
+    with autocast(device, precision):
+        decode = _beam_search if settings.generation_type == "beam_search" else _sample
+        sequences = decode(NextTokenScorer(model, images.to(device), vocabulary, settings), max_length)
+    return [vocabulary.decode(ids).strip() for ids in sequences]
+
+
+def _clip_vocabulary(tokenizer):
+    inner = tokenizer.tokenizer if isinstance(tokenizer, CaptionTokenizer) else tokenizer
+    if not isinstance(inner, open_clip.tokenizer.SimpleTokenizer):
+        raise ModelError(f"captions are written with CLIP's tokenizer (open_clip's SimpleTokenizer), not "
+                         f"{type(inner).__name__}")
+    return inner
+
+
+class NextTokenScorer:
+    """The next-token scores of a captioner for a batch of images, the image tower run once;
+    the rules of CaptionSettings that forbid or penalise tokens are applied here."""
+
+    def __init__(self, model, images, vocabulary, settings):
+        self.model, self.settings = model, settings
+        self.start, self.end, self.pad = vocabulary.sot_token_id, vocabulary.eot_token_id, model.pad_id
+        self.latent, self.embs = model._encode_image(images)        # [N, D], [N, queries - 1, D]
+
+    def repeat(self, k):
+        """Each image k times over, for k beams."""
+        self.latent, self.embs = (t.repeat_interleave(k, dim=0) for t in (self.latent, self.embs))
+
+    def logits(self, tokens):
+        """float32 logits [N, V] of the token after `tokens` [N, T] (start token first)."""
+        out = self.model(None, tokens, image_latent=self.latent, image_embs=self.embs, output_labels=False)
+        logits = out["logits"][:, -1].float()
+        logits[:, self.pad] = -math.inf
+        if tokens.shape[1] < self.settings.min_length:
+            logits[:, self.end] = -math.inf
+        penalty = self.settings.repetition_penalty
+        if penalty != 1.0:
+            seen = logits.gather(1, tokens)
+            logits.scatter_(1, tokens, torch.where(seen > 0, seen / penalty, seen * penalty))
+        return logits
+
+
+def _beam_search(scorer, max_length):
+    """The caption of highest mean log-probability per token among those that beam search finds.
+
+    Each step extends every kept caption by every token and keeps the num_beams most likely
+    (sum of log-probabilities); a caption whose best extension is the end token is finished, and
+    an image is done when it has num_beams finished captions (or at max_length, where the
+    unfinished ones count as finished). The finished caption of highest mean log-probability
+    wins: the sum alone would favour short captions. (open_clip splits its 6 beams into 3 groups
+    that, without a diversity penalty, search alike, and adds raw logits instead of
+    log-probabilities; here the 6 beams search together.)
+    """
+    k = scorer.settings.num_beams
+    n = scorer.latent.shape[0]
+    scorer.repeat(k)
+    tokens = torch.full((n * k, 1), scorer.start, device=scorer.latent.device)
+    scores = torch.full((n, k), -math.inf, device=tokens.device)
+    scores[:, 0] = 0.0               # one caption to start from: k copies would fill the beams alike
+    finished = [[] for _ in range(n)]   # (mean log-probability, token ids) of each image
+    for length in range(2, max_length + 1):
+        log_probs = scorer.logits(tokens).log_softmax(dim=-1)                     # [n k, V]
+        vocabulary = log_probs.shape[1]
+        candidates = (scores.reshape(-1, 1) + log_probs).reshape(n, k * vocabulary)
+        best, where = candidates.topk(2 * k, dim=1)     # 2k: k survive even if k of them end
+        keep, kept_scores = [], []
+        for i in range(n):
+            row = []
+            for score, index in zip(best[i].tolist(), where[i].tolist()):
+                beam, token = i * k + index // vocabulary, index % vocabulary
+                ids = tokens[beam, 1:].tolist() + [token]
+                if token == scorer.end or length == max_length:
+                    if len(finished[i]) < k and score > -math.inf:
+                        finished[i].append((score / len(ids), ids[:-1] if token == scorer.end else ids))
+                elif len(row) < k:
+                    row.append((score, beam, token))
+            row += [(-math.inf, i * k, scorer.end)] * (k - len(row))    # a done image's places
+            keep += [(beam, token) for _, beam, token in row]
+            kept_scores.append([score for score, _, _ in row])
+        if all(len(f) >= k for f in finished):
+            break
+        beams, next_tokens = (torch.tensor(column, device=tokens.device) for column in zip(*keep))
+        tokens = torch.cat([tokens[beams], next_tokens[:, None]], dim=1)
+        scores = torch.tensor(kept_scores, device=tokens.device)
+    return [max(f)[1] for f in finished]
+
+
+def _sample(scorer, max_length):
+    """Each token drawn at random among the most likely: the top_k of them, or the fewest whose
+    probabilities add up to top_p (nucleus sampling, Holtzman et al. 2020), from the softmax of
+    the logits divided by the temperature. top_k 1 is greedy decoding. A caption ends at the end
+    token, or at max_length."""
+    s = scorer.settings
+    tokens = torch.full((scorer.latent.shape[0], 1), scorer.start, device=scorer.latent.device)
+    done = torch.zeros(len(tokens), dtype=torch.bool, device=tokens.device)
+    generator = torch.Generator(tokens.device).manual_seed(s.seed)
+    while tokens.shape[1] < max_length and not done.all():
+        logits = scorer.logits(tokens)
+        order = logits.argsort(dim=1, descending=True)
+        if s.generation_type == "top_k":
+            drop = torch.arange(logits.shape[1], device=tokens.device) >= s.top_k
+        else:   # the mass of the more likely tokens before each one; the most likely always stays
+            sorted_probs = logits.gather(1, order).softmax(dim=1)
+            drop = sorted_probs.cumsum(dim=1) - sorted_probs >= s.top_p
+        logits.scatter_(1, order, logits.gather(1, order).masked_fill(drop, -math.inf))
+        drawn = torch.multinomial((logits / s.temperature).softmax(dim=1), 1, generator=generator)[:, 0]
+        tokens = torch.cat([tokens, torch.where(done, scorer.end, drawn)[:, None]], dim=1)
+        done |= drawn == scorer.end
+    return [_until_end(row[1:], scorer.end) for row in tokens.tolist()]
+
+
+def _until_end(ids, end):
+    return ids[:ids.index(end)] if end in ids else ids
 
 
 # ----------------------------------------------------------------------------------------------
@@ -689,6 +941,49 @@ def _binary_kl(teacher_logits, student_logits):
     return kl.sum() / a.shape[0]
 
 
+class CaptionLoss(nn.Module):
+    r"""The captioning loss of CoCa (Contrastive Captioners, Yu et al. 2022).
+
+    A text decoder reads the image (the tokens of its attention pooler) and the caption's tokens
+    before position t, and predicts token t. It always reads the true tokens, never its own
+    guesses ("teacher forcing"), so every position of every caption trains in one pass:
+
+        loss = -1/N sum_{b, t: y_bt != pad} log p(y_bt | image_b, y_b<t)
+
+    y are the caption's tokens after the start token (open_clip's `labels`, text[:, 1:]) and N
+    the number of them that are not padding. Padding is token 0, which is also "!" in CLIP's
+    vocabulary: open_clip never uses it as a label, so a CoCa never learns to write "!".
+
+    N is counted over the whole step before any pass (`label_tokens`) and the cross-entropies
+    are summed, so the micro-batches of an accumulated step, each divided by the same N, add up
+    to the mean of the big batch: their gradients too, exactly (train_step.cached_backward).
+    Across processes N is the mean count per process, N_global / R: DDP averages the gradients of
+    the R processes, which turns their sums into the mean over all N_global tokens. (Each
+    process's own mean, as open_clip's CoCaLoss takes, weighs a token more where a process has
+    fewer; the count costs one all-reduce of a number per step.)
+
+    The model's loss is contrastive + weight x caption (open_clip's default weight: 2).
+    """
+
+    def __init__(self, weight, pad_id=0):
+        super().__init__()
+        self.weight, self.pad_id = weight, pad_id
+
+    def label_tokens(self, texts):
+        """N of a step whose micro-batches hold these token tensors, averaged over processes."""
+        count = sum((tokens[:, 1:] != self.pad_id).sum() for tokens in texts)
+        rank, world_size = world_info()
+        if world_size > 1:
+            dist.all_reduce(count)
+        return count / world_size
+
+    def forward(self, logits, labels, tokens):
+        """logits [B, T, V] of the decoder, labels [B, T], tokens: N (label_tokens)."""
+        kept = labels != self.pad_id
+        # float32: a bfloat16 softmax over 49,408 tokens rounds the small probabilities away
+        return F.cross_entropy(logits[kept].float(), labels[kept], reduction="sum") / tokens
+
+
 def create_loss(name, local_loss=False):
     if name == "clip":
         return ContrastiveLoss(local_loss=local_loss)
@@ -850,15 +1145,17 @@ def check_model_config(model_config, preprocess_cfg, source):
     are beyond any real model (MAX_CONFIG_NUMBER, MAX_LAYERS), before anything is built."""
     if not isinstance(model_config, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(model_config) \
             or not all(isinstance(model_config[tower], dict) for tower in ("vision_cfg", "text_cfg")) \
+            or not isinstance(model_config.get("multimodal_cfg", {}), dict) \
             or not isinstance(preprocess_cfg, (dict, type(None))):
         raise CheckpointError(f"{source}: its model_config is not an open_clip model config "
-                              f"(needs embed_dim, vision_cfg and text_cfg, and a preprocess_cfg dict)")
+                              f"(needs embed_dim, vision_cfg and text_cfg, a CoCa's multimodal_cfg too, and a "
+                              f"preprocess_cfg dict)")
     for where, number in _numbers({"model_config": model_config, "preprocess_cfg": preprocess_cfg or {}}):
         if not abs(number) <= MAX_CONFIG_NUMBER:
             raise CheckpointError(f"{source}: its {short_repr(where)} is {short_repr(number)}, beyond "
                                   f"any real model (at most {MAX_CONFIG_NUMBER}); not building it")
-    for tower in ("vision_cfg", "text_cfg"):
-        layers = sum(number for _, number in _numbers(model_config[tower].get("layers")))
+    for tower in ("vision_cfg", "text_cfg", "multimodal_cfg"):
+        layers = sum(number for _, number in _numbers(model_config.get(tower, {}).get("layers")))
         if layers > MAX_LAYERS:
             raise CheckpointError(f"{source}: its {tower} has {layers} layers, beyond any real model "
                                   f"(at most {MAX_LAYERS}); not building it")

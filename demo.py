@@ -3,6 +3,8 @@
 Generates a small data set of coloured shapes with captions, trains a tiny CLIP on it, evaluates
 retrieval and zero-shot classification, draws every plot, and answers a few text queries.
 Any flag demo.py does not know goes to train.py (e.g. `--num_epochs 20 --model_name simple-rn18`).
+With a captioner (`--model_name tiny-coca-64`, a CoCa) it also writes captions of validation
+images, scores them (BLEU, CIDEr-D), prints a few and draws them (captions.png).
 """
 import argparse
 import shutil
@@ -25,6 +27,8 @@ QUERIES = {"en": ["a large red circle on the left", "a small blue square at the 
 # A budget that trains the tiny preset to clearly useful recall in about two minutes on 2 CPU cores.
 TRAIN_DEFAULTS = ["--model_name", "tiny-vit-64", "--batch_size", "64", "--num_epochs", "3",
                   "--learning_rate", "1e-3", "--warmup_steps", "30", "--eval_every", "0"]
+# A captioner captions this many validation images: beam search is slow on a CPU (evaluation.py).
+CAPTIONED_IMAGES = 50
 
 
 def build_parser():
@@ -81,30 +85,51 @@ def main(argv=None):
     remove_earlier_run(settings.parse_config(flags))
     run = train.main(flags)
 
-    print("\n== 2/4 evaluating the best checkpoint: retrieval and zero-shot")
+    print("\n== 2/4 evaluating the best checkpoint: retrieval, zero-shot (and a captioner's captions)")
     checkpoint, results_dir = run["checkpoint_dir"] / "best.pt", run["results_dir"]
     results = evaluation.main(["--checkpoint", str(checkpoint), "--data", str(data["val"]),
                                "--zeroshot_dir", str(data["val"] / "zeroshot"),
                                "--language", args.language,
                                "--save_embeddings", str(results_dir / "embeddings"),
-                               "--output", str(results_dir / "eval_results.json")])
+                               "--output", str(results_dir / "eval_results.json"),
+                               "--caption_images", str(CAPTIONED_IMAGES)])
 
     print("\n== 3/4 plots")
     visualization.main(["--results_dir", str(results_dir), "--logs_dir", str(run["log_dir"])])
 
     print("\n== 4/4 text queries against the validation images")
     answer_queries(checkpoint, results_dir / "embeddings", QUERIES[args.language])
+    if "captioning" in results:
+        print("\n== captions the model wrote for validation images (all of them: eval_results.json, "
+              "a few: captions.png)")
+        show_captions(results["captioning"]["captions"])
 
     classes = len(results["zeroshot"]["classnames"])
     print(f"\n== summary ({time.time() - started:.0f} s)\n"
           f"{evaluation.recall_summary(results)} (chance R@1 {100 / results['num_images']:.1f})\n"
           f"zero-shot top-1 {results['zeroshot']['top1']:.1f} over {classes} classes "
-          f"(chance {100 / classes:.1f})\n"
+          f"(chance {100 / classes:.1f})\n{caption_summary(results)}"
           f"written:\n  {checkpoint}\n  {run['log_dir']}  (tensorboard --logdir "
           f"{run['log_dir'].parent})\n  {results_dir}:")
     for path in sorted(results_dir.glob("*.*")):
         print(f"    {path.name}")
     return results
+
+
+def show_captions(captions, count=5):
+    """The first few captions written, each with the image's first reference caption."""
+    for row in captions[:count]:
+        print(f"  {Path(row['image']).name}  wrote: {row['generated']}\n"
+              f"  {'':{len(Path(row['image']).name)}}  given: {row['references'][0]}")
+
+
+def caption_summary(results):
+    """The summary's line of a captioner's scores; none for a CLIP."""
+    if "captioning" not in results:
+        return ""
+    c = results["captioning"]
+    return (f"captions of {c['num_images']} images: BLEU-4 {c['BLEU-4_x100']:.1f}, "
+            f"CIDEr-D {c['CIDEr-D_x100']:.1f}\n")
 
 
 def remove_earlier_run(cfg):

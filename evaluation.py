@@ -29,6 +29,7 @@ counts of both directions and is dropped. Memory is O((N + M) * D + chunk_size^2
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from open_clip import zero_shot_metadata
+from tqdm import tqdm
 
 import clip_model
 import data_loader
@@ -644,6 +646,41 @@ def caption_metrics(generated: list[str], references: list[list[str]]) -> dict:
             "num_images": len(generated)}
 
 
+def evaluate_captions(setup, index, settings=None, num_images=None, batch_size=64, num_workers=0,
+                      precision="fp32") -> dict:
+    """A captioner's captions of the first num_images images of a CaptionIndex (all when None),
+    scored against each image's own captions: every caption of an image is one of its
+    references, as COCO's five are. Returns caption_metrics with the CaptionSettings used
+    ("settings") and every image's caption beside its references ("captions": image, generated,
+    references), which visualization.py draws.
+
+    Generating costs far more than encoding: beam search runs the decoder once per token for each
+    of num_beams candidates, where retrieval runs each tower once. Hence num_images. The images
+    are the first ones, not a random draw, so that a smaller run scores a part of a larger one; but
+    CIDEr-D's idf comes from the references scored, so compare scores of equal num_images only.
+    An image that cannot be read is left out (evaluate the readable part: encode_index's index).
+    The model runs where its weights are.
+    """
+    settings = settings or clip_model.CaptionSettings()
+    count = index.num_images if num_images is None else min(num_images, index.num_images)
+    part = index.subset(np.arange(count))
+    dataset = data_loader.ImageDataset(part, data_loader.image_transform(setup.preprocess_cfg))
+    loader = data_loader.build_dataloader(dataset, batch_size, num_workers=num_workers, train=False)
+    rows = []
+    with tqdm(total=part.num_images, desc="captions", unit="image", disable=None, dynamic_ncols=True) as progress:
+        for batch in loader:
+            if len(batch["indices"]):
+                generated = clip_model.generate_captions(setup, None, batch["images"], settings, precision)
+                rows += [{"image": part.image_name(i), "generated": caption,
+                          "references": [part.caption(j) for j in part.captions_of(i)]}
+                         for i, caption in zip(batch["indices"].tolist(), generated)]
+            progress.update(len(batch["indices"]) + len(batch["failed"]))
+    if not rows:
+        raise DataError(f"{index.source}: no readable image to caption")
+    metrics = caption_metrics([row["generated"] for row in rows], [row["references"] for row in rows])
+    return {**metrics, "settings": dataclasses.asdict(settings), "captions": rows}
+
+
 # ----------------------------------------------------------------------------- embeddings
 
 def encode_index(setup, index, batch_size=64, num_workers=0, device="cpu", precision="fp32",
@@ -785,7 +822,8 @@ def format_results(results: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Evaluate a CLIP model: retrieval R@1/5/10 both ways, cosine similarity of "
-                    "matching and non-matching pairs, zero-shot classification.")
+                    "matching and non-matching pairs, zero-shot classification; a captioner's "
+                    "captions (BLEU, CIDEr-D).")
     add = parser.add_argument
     add("--checkpoint", help="checkpoint written by train.py, e.g. model-checkpoint/<run>/best.pt")
     add("--model_name", help="open_clip model or preset (e.g. ViT-B-32, tiny-vit-64) to evaluate "
@@ -830,6 +868,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "skipping it (and its captions)")
     add("--chunk_size", type=int, default=1024, help="rows and columns of one tile of the score "
                                                      "matrix; memory ~ 8 * chunk_size^2 bytes")
+    add("--caption_images", type=int, metavar="N", help="a captioner (CoCa) also writes a caption of "
+        "each --data image, scored against the image's captions (BLEU, CIDEr-D): of the first N "
+        "images only (default: all; 0: no captions). Generating is slow: beam search runs the "
+        "decoder once per token and beam")
+    clip_model.CaptionSettings.add_arguments(parser)
     return parser
 
 
@@ -847,10 +890,12 @@ def main(argv=None) -> dict:
              "--data and --zeroshot_dir need a model: --checkpoint or --model_name"),
             (args.chunk_size < 1 or args.batch_size < 1, "--chunk_size and --batch_size must be > 0"),
             (args.num_workers < 0, "--num_workers must be >= 0"),
+            (args.caption_images is not None and args.caption_images < 0, "--caption_images must be >= 0"),
             ((args.classnames or args.benchmark_output or args.dataset_name) and not args.zeroshot_dir,
              "--classnames, --dataset_name and --benchmark_output need --zeroshot_dir")]:
         if wrong:
             parser.error(message)
+    clip_model.CaptionSettings.from_args(args)     # checks the --caption_ values before a model loads
     results = run_evaluation(args)
     print(format_results(results))
     for path, content in ((args.output, results),
@@ -907,7 +952,13 @@ def run_evaluation(args) -> dict:
                             index.caption_image, meta)
         results = evaluate_features(image_features, text_features, index.caption_image,
                                     args.chunk_size)
-        results.update(data=data, skipped_images=skipped_summary(index.skipped), **model)
+        results.update(data=data, split=args.split, image_column=args.image_column,
+                       caption_column=args.caption_column, skipped_images=skipped_summary(index.skipped),
+                       **model)
+        if clip_model.is_captioner(setup.model) and args.caption_images != 0:
+            results["captioning"] = evaluate_captions(
+                setup, index, clip_model.CaptionSettings.from_args(args), args.caption_images,
+                args.batch_size, args.num_workers, precision)
     if args.zeroshot_dir:
         zeroshot = evaluate_zeroshot(setup, args.zeroshot_dir, args.batch_size, args.num_workers,
                                      device, precision, args.templates, args.language,

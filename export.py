@@ -11,8 +11,12 @@ What leaves the repository:
      prepare_image.py (how to turn an image into what training saw). Plain open_clip loads it, no
      code of this repository needed: open_clip.create_model_and_transforms("local-dir:DIR"), or
      "hf-hub:user/repo" once uploaded.
+     A CoCa's folder holds its text decoder too, which writes captions: clip_model.generate_captions,
+     or open_clip's model.generate with transformers 4 (it imports BeamSearchScorer, which
+     transformers 5 removed).
   2. With --onnx, the two towers as ONNX graphs with a dynamic batch dimension, for any ONNX
-     runtime (onnxruntime, TensorRT, ...):
+     runtime (onnxruntime, TensorRT, ...); a CoCa's decoder is not exported (the folder writes
+     captions):
        image_encoder.onnx  pixels [N, 3, H, W] float32, resized and normalised -> features [N, D]
        text_encoder.onnx   tokens [N, context_length] int64                    -> features [N, D]
      Both end with the L2 normalisation, so a dot product of their outputs is a cosine similarity.
@@ -35,7 +39,9 @@ MAX_NORM_ERROR) and find the same best match for every query, so the same retrie
 near ties (TIE_MARGIN). Then images the check data rarely holds (write_probe_images: non-square
 sizes, transparency, an EXIF orientation) go through the recipe each part documents, the copy of
 prepare_image.py in the folder included, and must give the features of training's view of them
-(our decoder and evaluation transform). A part that fails is deleted, export_report.json says
+(our decoder and evaluation transform). A CoCa's folder must also give the token probabilities
+of the PyTorch model's text decoder (decoder_check), so that it writes the same captions. A
+part that fails is deleted, export_report.json says
 why, and the command exits non-zero. A model whose features are not finite is refused before
 --output is touched, and --output must be new, empty or an earlier export's (prepare_output):
 an export never deletes a file it did not write.
@@ -94,6 +100,10 @@ TIE_MARGIN = 1e-5
 DEFAULT_OPSET, MAX_OPSET = 17, 20
 CHECK_IMAGES = 200           # images of the check data used, with all their captions
 CHECK_BATCH = 32             # not the export's example batch (2): the check tests the dynamic axis
+CAPTION_CHECK_IMAGES = 8     # a CoCa's decoder is compared on the first caption of these images
+# The same decoder computed twice differs by float32 round-off of log-probabilities of about -10:
+# about 1e-6. A decoder with other weights or another architecture differs by whole units.
+MAX_LOG_PROB_ERROR = 1e-4
 
 # A pixel of the transformers processor's output may differ from ours by float32 round-off of the
 # normalisation (about 1e-7); one grey level of difference is 1 / 255 / std, about 0.015.
@@ -106,6 +116,8 @@ INT8_FILES = {"image": "image_encoder.int8.onnx", "text": "text_encoder.int8.onn
 ONNX_CONFIG, REPORT_FILE = "onnx_config.json", "export_report.json"
 EXPORT_FILES = [CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, RECIPE_FILE, *ONNX_FILES.values(), *INT8_FILES.values(),
                 ONNX_CONFIG, *transformers_export.FILES, REPORT_FILE]
+# What the report and the model card say of a CoCa's ONNX export.
+ONNX_CAPTIONS = "ONNX covers the two encoders; a CoCa's captions need the open_clip folder (its text decoder)"
 # Written first into every export folder: the files above may be replaced only where it is.
 MARKER_FILE = ".export_folder"
 PARTS = (("open_clip_folder", "open_clip folder"), ("onnx", "ONNX encoders"), ("transformers", "transformers folder"))
@@ -299,18 +311,24 @@ def validation_lines(checkpoint) -> list:
     return lines
 
 
-def usage_lines(report) -> list:
-    """How to load each part the export wrote and checked."""
+def usage_lines(report, captioner=False) -> list:
+    """How to load each part the export wrote and checked (and a CoCa's captions)."""
     lines = ["```python", "from PIL import Image", "import open_clip",
              f"import prepare_image   # {RECIPE_FILE} of this folder", "",
              'model, _, preprocess = open_clip.create_model_and_transforms("local-dir:PATH/TO/THIS/FOLDER")',
              'tokenizer = open_clip.get_tokenizer("local-dir:PATH/TO/THIS/FOLDER")',
              'image = preprocess(prepare_image.rgb(Image.open("photo.jpg"))).unsqueeze(0)   # not Image.open alone',
              '# uploaded to the Hugging Face hub: "hf-hub:USER/REPO" instead of "local-dir:..."', "```"]
+    if captioner:
+        lines += ["", "Captions: open_clip's `generate` needs transformers 4 (it imports `BeamSearchScorer`, which "
+                      "transformers 5 removed); the training repository's `clip_model.generate_captions` needs "
+                      "neither.", "", "```python", "generated = model.generate(image)",
+                  'caption = open_clip.decode(generated[0]).split("<end_of_text>")[0].replace("<start_of_text>", "")',
+                  "```"]
     if report.get("onnx", {}).get("passed"):
         lines += ["", f"ONNX: `{ONNX_FILES['image']}` takes `prepare_image.pixels(prepare_image.rgb(Image.open(path)), "
                       f"config)` with `config` read from `{ONNX_CONFIG}`, which names the tokenizer for "
-                      f"`{ONNX_FILES['text']}`."]
+                      f"`{ONNX_FILES['text']}`." + (f" {ONNX_CAPTIONS}." if captioner else "")]
     if report.get("transformers", {}).get("passed"):
         lines += ["", "transformers:", "", "```python",
                   "from transformers import AutoProcessor, CLIPModel", "",
@@ -352,13 +370,15 @@ def model_card(setup, checkpoint, checkpoint_path, report) -> str:
     settings = checkpoint.get("config", {})
     name = settings.get("run_name") or setup.model_name
     cfg = setup.model_config
-    tags = "[clip, transformers]" if report.get("transformers", {}).get("passed") else "[clip]"
+    captioner = clip_model.is_captioner(setup.model)
+    tags = ["clip"] + ["coca"] * captioner + ["transformers"] * bool(report.get("transformers", {}).get("passed"))
+    coca = " It is a CoCa (Contrastive Captioner): a text decoder reads the image and writes a caption." * captioner
     lines = ["---", "library_name: open_clip", "pipeline_tag: zero-shot-image-classification",
-             f"tags: {tags}", "---", f"# {name}", "",
+             f"tags: [{', '.join(tags)}]", "---", f"# {name}", "",
              f"A CLIP model: an image tower and a text tower that map images and captions into one "
              f"{cfg['embed_dim']}-dimensional space, where the cosine similarity of an image and a "
-             f"caption says how well they match. Exported from the checkpoint `{checkpoint_path}`.", "",
-             *usage_lines(report), "",
+             f"caption says how well they match.{coca} Exported from the checkpoint `{checkpoint_path}`.", "",
+             *usage_lines(report, captioner), "",
              "## Preparing an image as training did", "", preparation(setup.preprocess_cfg), "",
              "## Model", "", "| | |", "|---|---|",
              f"| architecture | `{setup.model_name}` (full config in `{CONFIG_FILE}`) |",
@@ -382,7 +402,10 @@ def model_card(setup, checkpoint, checkpoint_path, report) -> str:
         part = report.get(key)
         if part and part.get("passed"):
             worst = min(part[t]["min_cosine"] for t in ("image", "text", "prepared_images") if t in part)
-            lines.append(f"- {label}: 1 - cosine at most {max(1 - worst, 0):.0e}")
+            decoder = part.get("text_decoder")
+            captions = (f"; its text decoder's log-probabilities at most {decoder['max_log_prob_diff']:.0e} apart on "
+                        f"the caption tokens of {decoder['images']} images") if decoder else ""
+            lines.append(f"- {label}: 1 - cosine at most {max(1 - worst, 0):.0e}{captions}")
     return "\n".join(lines) + "\n"
 
 
@@ -660,6 +683,39 @@ def check_part(name, report, files, check) -> dict:
     return result
 
 
+def check_open_clip_folder(folder, setup, reference, index, probes, files) -> dict:
+    """The folder, loaded by open_clip: its towers must give our features (compare), and a CoCa's
+    decoder our token probabilities (decoder_check)."""
+    part = load_open_clip_folder(folder)
+    result = compare(reference, encode_part(part, index, probes, "open_clip folder"), files)
+    if clip_model.is_captioner(setup.model):
+        result["text_decoder"] = decoder_check(setup, part[0], index)
+        result["failures"] += result["text_decoder"].pop("failures")
+    return result
+
+
+def decoder_check(setup, candidate, index) -> dict:
+    """A CoCa's text decoder in the candidate (the folder, loaded by open_clip) against PyTorch's:
+    the log-probabilities of every token of the first caption of the first CAPTION_CHECK_IMAGES
+    check images, given the image and the tokens before it (teacher forcing). Equal at every
+    position, the two write the same captions whatever the decoding; one forward pass, where
+    writing a caption takes one per token."""
+    images = range(min(CAPTION_CHECK_IMAGES, index.num_images))
+    transform = data_loader.image_transform(setup.preprocess_cfg)
+    pixels = torch.stack([transform(index.load_image(i)) for i in images])
+    texts = [index.caption(index.captions_of(i)[0]) for i in images]
+
+    def log_probs(part):
+        with torch.inference_mode():
+            out = clip_model.unwrap(part.model).eval()(pixels, part.tokenizer(texts))
+        return out["logits"].double().log_softmax(dim=-1)[out["labels"] != 0]      # [caption tokens, V]
+    difference = float((log_probs(candidate) - log_probs(setup)).abs().max())
+    failures = [] if difference <= MAX_LOG_PROB_ERROR else [
+        f"its text decoder gives other token probabilities than the PyTorch model's (log-probabilities up to "
+        f"{difference:.2g} apart, tolerance {MAX_LOG_PROB_ERROR:.0e})"]
+    return {"images": len(images), "max_log_prob_diff": difference, "failures": failures}
+
+
 def check_transformers(folder, setup, reference, index, probes, files) -> dict:
     """The transformers folder, loaded by transformers: its model must give our features on our
     pixels and on its tokenizer's token ids (compare), its tokenizer must give open_clip's ids,
@@ -819,13 +875,15 @@ def run(args, workdir) -> dict:
         return lambda: compare(reference, encode_part(load(), index, probes, label), files)
     files = write_open_clip_folder(setup, folder)
     if not check_part("open_clip_folder", report, files,
-                      checked(lambda: load_open_clip_folder(folder), files, "open_clip folder"))["passed"]:
+                      lambda: check_open_clip_folder(folder, setup, reference, index, probes, files))["passed"]:
         return report
     if args.onnx:
         onnx = export_onnx(setup, folder, args.opset)
         files = [*onnx.values(), folder / ONNX_CONFIG]
         onnx_check = check_part("onnx", report, files, checked(lambda: load_onnx(folder, onnx), files, "onnx"))
         onnx_check["opset"] = args.opset
+        if clip_model.is_captioner(setup.model):
+            onnx_check["note"] = ONNX_CAPTIONS
         if args.quantize and onnx_check["passed"]:
             quantized = quantize_int8(folder, onnx)
             int8 = compare(reference, encode_part(load_onnx(folder, quantized), index, probes, "int8"),
@@ -864,6 +922,12 @@ def print_report(report):
     if prepared:
         print(f"{len(report['probe_images'])} probe images prepared as documented, 1 - cosine (worst image): " +
               ", ".join(f"{label} {1 - p['min_cosine']:.0e} ({p['worst']})" for label, p in prepared.items()))
+    decoder = report.get("open_clip_folder", {}).get("text_decoder")
+    if decoder:
+        print(f"text decoder: the folder's log-probabilities of the caption tokens of {decoder['images']} images "
+              f"are at most {decoder['max_log_prob_diff']:.1e} from PyTorch's")
+    if "note" in report.get("onnx", {}):
+        print(report["onnx"]["note"])
     if "processor" in report.get("transformers", {}):
         print("transformers' image processor: " + processor_summary(report["transformers"]["processor"]))
     if "int8" in report:

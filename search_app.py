@@ -24,6 +24,14 @@ photos, faiss (when installed) answers from an inverted-file index: the photos a
 when the server starts, and a query scans only the --nprobe clusters nearest to it, which is
 approximate.
 
+Captions. When the index's model is a captioner (a CoCa), each result shows the caption the
+model writes for it (clip_model.generate_captions), written on demand, the first time the page
+asks, and cached beside the index like a thumbnail. Not at index time: beam search costs many
+times an encoding (a folder would take ten times longer or more to index, for captions mostly
+never looked at), and the index keeps its format, so an index made before captions existed
+shows them too. The page asks for one caption at a time, in the order of the results, and stops
+when a new search begins: a model busy with captions nobody waits for would delay the search.
+
 Safety. The server listens on 127.0.0.1 (this machine only) unless --host says otherwise, and
 answers only requests addressed to a name of that address or one given with --allowed_hosts: a
 page of another site that points its own name at 127.0.0.1 (DNS rebinding) is refused. A
@@ -638,8 +646,9 @@ class SearchService:
     setup: object              # ClipSetup of the model that made the index
     device: object
     searcher: Searcher
-    thumbnails: Path           # cache folder of the thumbnails
+    thumbnails: Path           # cache folder of the thumbnails and captions
     max_upload_bytes: int
+    caption_settings: object = None   # clip_model.CaptionSettings when the model writes captions
     lock: threading.Lock = field(default_factory=threading.Lock)
     # Every decode (an upload, a thumbnail) runs on one of DECODE_SLOTS threads of its own, however
     # many requests come at once; the others wait their turn. Threads, not a semaphore: glibc gives
@@ -662,7 +671,7 @@ class SearchService:
                 "model": self.index.model.describe(shown_path),
                 "dim": int(self.index.features.shape[1]), "search": self.searcher.method,
                 "max_query_chars": MAX_QUERY_CHARS, "max_upload_bytes": self.max_upload_bytes,
-                "max_k": MAX_K}
+                "max_k": MAX_K, "captions": self.caption_settings is not None}
 
     def search_text(self, text, k):
         text = " ".join(text[:MAX_QUERY_CHARS].split())
@@ -698,15 +707,39 @@ class SearchService:
     def thumbnail(self, path):
         """The cached thumbnail of an indexed photo, made on first request. The path is looked
         up in the index: anything else (../.., /etc/passwd, a file not indexed) is refused."""
-        row = self.row_of.get(path)
-        if row is None:
-            raise QueryError(f"{path!r} is not in the index", 404)
-        key = f"{path}\0{self.index.sizes[row]}\0{self.index.mtimes[row]}".encode("utf-8")
-        cached = self.thumbnails / f"{hashlib.sha1(key).hexdigest()}.jpg"
+        cached = self.thumbnails / f"{self._photo_key(path)}.jpg"
         if not cached.is_file():
             self.decoder.submit(lambda: make_thumbnail(read_photo(self.index.root, path), path,
                                                        cached)).result()
         return cached
+
+    def caption(self, path):
+        """The caption the model writes for an indexed photo, written on first request and cached
+        (its file names the photo as it is now and the caption settings)."""
+        if self.caption_settings is None:
+            raise QueryError(f"the model of this index ({self.index.model.describe(shown_path)}) writes "
+                             f"no captions; a captioner (CoCa) does")
+        settings = json.dumps(asdict(self.caption_settings), sort_keys=True)
+        cached = self.thumbnails / f"{self._photo_key(path, settings)}.txt"
+        if not cached.is_file():
+            image = self.decoder.submit(lambda: decode_photo(read_photo(self.index.root, path), path,
+                                                             self.image_side, "caption")).result()
+            with self.lock:
+                caption = clip_model.generate_captions(self.setup, None, self.transform(image)[None],
+                                                       self.caption_settings)[0]
+            with files.atomic_write(cached, sync=False) as f:   # a cache: a lost one is written again
+                f.write(caption.encode("utf-8"))
+        return cached.read_text(encoding="utf-8")
+
+    def _photo_key(self, path, *more):
+        """A cache file's name for an indexed photo as it is now (its size and modification time),
+        and `more`. The path is looked up in the index: anything else (../.., /etc/passwd, a file
+        not indexed) is refused."""
+        row = self.row_of.get(path)
+        if row is None:
+            raise QueryError(f"{path!r} is not in the index", 404)
+        key = "\0".join([path, str(self.index.sizes[row]), str(self.index.mtimes[row]), *more])
+        return hashlib.sha1(key.encode("utf-8")).hexdigest()
 
 
 def shown_path(path):
@@ -781,12 +814,18 @@ def photo_too_large(path):
                       f"of it", 403)
 
 
+def decode_photo(data, name, side, made):
+    """An indexed photo's bytes decoded in RGB, no larger than `side` pixels on its short side
+    need; QueryError (410) saying which thing cannot be `made` of it if they do not decode."""
+    try:
+        return data_loader.decode_image(data, name, side, MAX_DECODED_PIXELS)
+    except DataError as error:
+        raise QueryError(f"no {made}: {error}", 410) from None
+
+
 def make_thumbnail(data, name, target):
     """A JPEG at most THUMBNAIL_SIDE pixels on a side, of an image file's bytes."""
-    try:
-        image = data_loader.decode_image(data, name, THUMBNAIL_SIDE, MAX_DECODED_PIXELS)
-    except DataError as error:
-        raise QueryError(f"no thumbnail: {error}", 410) from None
+    image = decode_photo(data, name, THUMBNAIL_SIDE, "thumbnail")
     image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
     with files.atomic_write(target, sync=False) as f:    # a cache: a lost one is made again
         image.save(f, format="JPEG", quality=88)
@@ -816,8 +855,8 @@ def allowed_hosts(host, extra=()):
 
 def create_app(service, hosts=LOOPBACK_HOSTS):
     """FastAPI app: GET / (the page), /api/info, /api/search?q=&k=, POST /api/search_image
-    (multipart, field `file`), /api/search_like?path=&k= and /api/thumbnail?path=. A request
-    addressed to a host not in `hosts` (see allowed_hosts) gets 400."""
+    (multipart, field `file`), /api/search_like?path=&k=, /api/thumbnail?path= and
+    /api/caption?path=. A request addressed to a host not in `hosts` (see allowed_hosts) gets 400."""
 
     # The body limit makes FastAPI answer 413 as soon as an upload passes it, before it is read.
     app = FastAPI(title="Photo search", docs_url=None, redoc_url=None,
@@ -860,12 +899,20 @@ def create_app(service, hosts=LOOPBACK_HOSTS):
             raise HTTPException(error.status, str(error)) from None
         return FileResponse(cached, media_type="image/jpeg", headers={"Cache-Control": "no-cache"})
 
+    @app.get("/api/caption")
+    def caption(path: str):
+        try:
+            return {"path": path, "caption": service.caption(path)}
+        except QueryError as error:
+            raise HTTPException(error.status, str(error)) from None
+
     return app
 
 
 def open_service(index_path, model_args, device="cpu", search="auto", nprobe=32,
-                 max_upload_mb=20.0):
-    """Everything `serve` needs: the index, the model that made it, the searcher."""
+                 max_upload_mb=20.0, caption_settings=None):
+    """Everything `serve` needs: the index, the model that made it, the searcher; a captioner
+    writes captions with caption_settings (default: clip_model.CaptionSettings())."""
     index = load_index(index_path)
     if model_args.get("checkpoint") or model_args.get("model_name"):
         spec = model_spec(**model_args)     # the same weights at another path, checked below
@@ -883,8 +930,9 @@ def open_service(index_path, model_args, device="cpu", search="auto", nprobe=32,
     setup = load_model(spec, device)
     check_feature_dimension(index, setup, index_path, device)
     thumbnails = Path(index_path).with_name(f".{Path(index_path).name}.thumbnails")
+    captions = (caption_settings or clip_model.CaptionSettings()) if clip_model.is_captioner(setup.model) else None
     return SearchService(index, setup, device, Searcher(index.features, search, nprobe),
-                         thumbnails, int(max_upload_mb * 2**20))
+                         thumbnails, int(max_upload_mb * 2**20), captions)
 
 
 def check_feature_dimension(index, setup, index_path, device):
@@ -960,6 +1008,7 @@ def build_parser():
                                                               "(more: slower, closer to exact)")
     serve.add_argument("--max_upload_mb", type=float, default=20.0,
                        help="largest image upload accepted, in MiB")
+    clip_model.CaptionSettings.add_arguments(serve)
     return parser
 
 
@@ -989,13 +1038,13 @@ def index_command(args):
 
 
 def serve_command(args):
-
+    captions = clip_model.CaptionSettings.from_args(args)      # checked before anything loads
     device = clip_model.pick_device(args.device)    # once: --demo indexes with it, then serves
     index_path = demo_index(args.demo, device, 64, 2) if args.demo else args.index
     model_args = {"checkpoint": args.checkpoint, "model_name": args.model_name,
                   "pretrained": args.pretrained}
     service = open_service(index_path, model_args, device, args.search, args.nprobe,
-                           args.max_upload_mb)
+                           args.max_upload_mb, captions)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host}: anyone who can reach this machine can search "
               f"the photos and see their thumbnails", file=sys.stderr)

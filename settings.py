@@ -33,14 +33,19 @@ class Setting:
 
 SCHEMA = [
     # model
-    Setting("model", "model_name", "tiny-vit-64", "open_clip model name (ViT-B-32, RN50, ...), a "
-            "preset of ours (tiny-vit-64, small-vit-128, simple-rn18) or an open_clip config .json"),
+    Setting("model", "model_name", "tiny-vit-64", "open_clip model name (ViT-B-32, RN50, "
+            "coca_ViT-B-32, ...), a preset of ours (tiny-vit-64, small-vit-128, simple-rn18, tiny-coca-64) or "
+            "an open_clip config .json"),
     Setting("model", "pretrained", "", "'' for random init, an open_clip pretrained tag (openai, "
             "laion2b_s34b_b79k, ...), or a local weights file or checkpoint"),
     Setting("model", "loss", "clip", "clip: softmax InfoNCE; siglip: sigmoid loss", ("clip", "siglip")),
     Setting("model", "local_loss", False, "with many processes, compute the loss of local rows "
             "against the global batch only (less memory, same gradient on average)"),
-    Setting("model", "freeze_backbone", False, "train only the two projections and the temperature"),
+    Setting("model", "caption_loss_weight", 2.0, "captioners (CoCa: tiny-coca-64, coca_ViT-B-32): loss = "
+            "contrastive + w x caption, the caption term the cross-entropy of each caption token "
+            "(open_clip's weight: 2); 0 trains the two towers alone, the text decoder frozen", valid=">= 0"),
+    Setting("model", "freeze_backbone", False, "train only the two projections and the temperature (and "
+            "a captioner's text decoder)"),
     Setting("model", "lock_image", -1, "train only the image tower's last N blocks (and the "
             "norm and projection after them); 0 freezes it (LiT); -1 leaves it trainable",
             valid=">= -1"),
@@ -103,6 +108,10 @@ SCHEMA = [
             "a quarter of the free memory)"),
     Setting("data", "val_zeroshot", "", "a folder of one image folder per class: zero-shot top-1/top-5 "
             "at every validation, so that forgetting shows while it happens; '' = off"),
+    Setting("data", "val_captions", 100, "captioners (CoCa): the validation at the end of the run also "
+            "writes a caption of each of the first N validation images and scores them against the images' "
+            "captions (BLEU, CIDEr-D); not at every validation (beam search costs many times what retrieval "
+            "does), nor in a time_budget run (its plan cannot foresee their time); 0 = off", valid=">= 0"),
     Setting("data", "strict_data", False, "stop at the first unreadable image (missing or "
             "corrupt) instead of skipping it and counting it"),
     Setting("data", "num_workers", 2, "DataLoader worker processes per training process, which "

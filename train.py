@@ -122,6 +122,7 @@ class Job:
     views: object = None               # tensorboard_views.Views: pictures and best metrics, rank 0 only
     timing: Timing = field(default_factory=Timing)
     distill: object = None             # Distillation: the teacher and its term; None without
+    caption: object = None             # clip_model.CaptionLoss of a captioner (CoCa); None without
     budget: object = None              # budget.Budget of a time_budget run; None without
 
     @property
@@ -146,7 +147,7 @@ def main(argv=None):
     try:
         torch.manual_seed(cfg.seed)
         train_index, val_index = train_data.load_data(cfg, run)
-        setup, model, loss_fn = prepare_model(cfg, run)
+        setup, model, loss_fn, caption = prepare_model(cfg, run)
         distill = distillation.build_distillation(cfg, run, setup)
         loader, train_index, steps_per_epoch, global_batch = train_data.build_loader(
             cfg, run, setup, train_index, distill)
@@ -156,7 +157,7 @@ def main(argv=None):
         optimizer, scheduler, scaler = build_optimizer(cfg, run, model, total_steps, distill)
         job = Job(cfg, run, setup, model, loss_fn, optimizer, scheduler, scaler, loader, val_index,
                   steps_per_epoch, total_steps, global_batch, ema=build_ema(cfg, setup.model),
-                  distill=distill)
+                  distill=distill, caption=caption)
         state = resume(job, train_index)
         open_reports(job, state)
         job.budget = start_budget(job, state, budget.run_clock(started, count_imports=argv is None))
@@ -178,19 +179,25 @@ UNPLANNED = 10 ** 9     # the last step of a time-budget run before its first pl
 
 
 def prepare_model(cfg, run):
-    """The model with its trainable parts chosen, wrapped for compile and DDP; and the loss."""
+    """The model with its trainable parts chosen, wrapped for compile and DDP; the contrastive
+    loss, and a captioner's caption loss (None for other models). A captioner trained with
+    caption_loss_weight 0 has its decoder frozen: nothing would train it, and AdamW's weight
+    decay would still shrink it."""
     setup = clip_model.build_model(cfg.model_name, cfg.pretrained, device=run.device, loss=cfg.loss,
                                    patch_dropout=cfg.patch_dropout,
                                    grad_checkpointing=cfg.grad_checkpointing,
                                    context_length=cfg.context_length)
-    clip_model.freeze_for_finetuning(setup.model, cfg.freeze_backbone, cfg.lock_image, cfg.lock_text)
+    captions = clip_model.is_captioner(setup.model) and cfg.caption_loss_weight > 0
+    clip_model.freeze_for_finetuning(setup.model, cfg.freeze_backbone, cfg.lock_image, cfg.lock_text,
+                                     lock_decoder=clip_model.is_captioner(setup.model) and not captions)
     run.log.info(f"model {setup.model_name}: {clip_model.count_parameters(setup.model) / 1e6:.1f}M "
                  f"parameters, {clip_model.count_parameters(setup.model, True) / 1e6:.1f}M trainable")
     model = torch.compile(setup.model) if cfg.compile else setup.model
     if run.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[run.device] if run.device.type == "cuda" else None)
-    return setup, model, clip_model.create_loss(cfg.loss, local_loss=cfg.local_loss)
+    caption = clip_model.CaptionLoss(cfg.caption_loss_weight, setup.model.pad_id) if captions else None
+    return setup, model, clip_model.create_loss(cfg.loss, local_loss=cfg.local_loss), caption
 
 
 def resume(job, train_index):
@@ -536,7 +543,7 @@ def validate(job, state):
     stop = None
     if run.is_main:
         started = time.perf_counter()
-        metrics = evaluate_weights(job, job.setup)
+        metrics = evaluate_weights(job, job.setup, captions=state.step >= job.total_steps)
         if job.ema is not None:
             metrics["ema"] = evaluate_weights(job, ema_setup(job))
         improved = record_validation(job, state, metrics)
@@ -563,8 +570,9 @@ def validate(job, state):
     return None
 
 
-def evaluate_weights(job, setup):
-    """The validation metrics of one set of weights: retrieval, and zero-shot with val_zeroshot."""
+def evaluate_weights(job, setup, captions=False):
+    """The validation metrics of one set of weights: retrieval, zero-shot with val_zeroshot, and
+    with `captions` (the run's last validation) a captioner's captions (val_captions)."""
     cfg, run = job.cfg, job.run
     options = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=run.device,
                    precision=run.precision, strict=cfg.strict_data)
@@ -572,6 +580,16 @@ def evaluate_weights(job, setup):
     if cfg.val_zeroshot:
         zeroshot = evaluation.evaluate_zeroshot(setup, cfg.val_zeroshot, **options)
         metrics["zeroshot"] = {key: zeroshot[key] for key in ZEROSHOT_METRICS}
+    if captions and cfg.val_captions and not cfg.time_budget and clip_model.is_captioner(setup.model):
+        scored = evaluation.evaluate_captions(setup, job.val_index, num_images=cfg.val_captions,
+                                              batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                              precision=run.precision)
+        scores = {f"{name}_x100": scored[f"{name}_x100"] for name in evaluation.CAPTION_SCORES}
+        metrics["captioning"] = {**scores, "num_images": scored["num_images"]}
+        first = scored["captions"][0]
+        run.log.info(f"captions of {scored['num_images']} validation images: " +
+                     ", ".join(f"{name} {value:.2f}" for name, value in scores.items()) +
+                     f"; the first: '{first['generated']}' (given: '{first['references'][0]}')")
     return metrics
 
 

@@ -3,8 +3,9 @@ moving average of the weights.
 
 Read in this order: `optimizer_step` (the step as a whole), `plain_backward` (the CLIP step of
 minimal_clip.py, with mixed precision), then the extras: `cached_backward` (gradient
-accumulation that keeps every negative), `loss_terms` (a teacher's term), `build_ema`. A `job`
-is train.Job: the model, loss, optimiser, schedule, loss scaler and settings of a run.
+accumulation that keeps every negative), `loss_terms` (a teacher's term, a captioner's),
+`build_ema`. A `job` is train.Job: the model, loss, optimiser, schedule, loss scaler and
+settings of a run.
 """
 import contextlib
 import math
@@ -109,7 +110,7 @@ class StepResult:
 def optimizer_step(job, micro_batches):
     """One optimiser step: backward, unscale, clip, finiteness check, step, schedule, clamp."""
     terms = backward_step(job.model, job.loss_fn, micro_batches, job.scaler, job.run.precision,
-                          job.run.device, job.distill)
+                          job.run.device, job.distill, job.caption)
     loss = terms.pop("loss")
     job.scaler.unscale_(job.optimizer)
     clip = job.cfg.grad_clip_norm if job.cfg.grad_clip_norm > 0 else float("inf")
@@ -130,31 +131,35 @@ def optimizer_step(job, micro_batches):
     return StepResult(loss, grad_norm, finite, terms)
 
 
-def backward_step(model, loss_fn, micro_batches, scaler, precision, device, distill=None):
+def backward_step(model, loss_fn, micro_batches, scaler, precision, device, distill=None, caption=None):
     """Forward and backward for one optimiser step: the plain step for one micro-batch, gradient
     caching for several. Returns the loss terms (loss_terms: tensors, not synced). With a teacher
     (distill, a Distillation), its features of every micro-batch are computed once, before the
-    passes, and serve all of them: it is frozen, there is nothing to recompute."""
+    passes, and serve all of them: it is frozen, there is nothing to recompute. With a captioner
+    (caption, a clip_model.CaptionLoss), the label tokens of the whole step are counted before
+    the passes: every pass divides by that count."""
     ids = torch.cat([b["image_ids"] for b in micro_batches]).to(device)
     teacher = distill.teacher_outputs(micro_batches, device, precision) if distill else None
+    tokens = caption.label_tokens([b["texts"] for b in micro_batches]) if caption else None
     if len(micro_batches) == 1:
         return plain_backward(model, loss_fn, micro_batches[0], ids, scaler, precision, device,
-                              distill, teacher)
+                              distill, teacher, caption, tokens)
     return cached_backward(model, loss_fn, micro_batches, ids, scaler, precision, device,
-                           distill, teacher)
+                           distill, teacher, caption, tokens)
 
 
-def plain_backward(model, loss_fn, batch, ids, scaler, precision, device, distill, teacher):
+def plain_backward(model, loss_fn, batch, ids, scaler, precision, device, distill, teacher, caption, tokens):
     """The CLIP step: both towers on the batch, the contrastive loss, backward (through the loss
     scaler, which scales fp16 gradients up so that small ones do not underflow)."""
     with clip_model.autocast(device, precision):
         out = model(batch["images"], batch["texts"])
-        terms = loss_terms(loss_fn, out, ids, distill, teacher)
+        terms = loss_terms(loss_fn, out, ids, distill, teacher, caption=caption, tokens=tokens)
     scaler.scale(terms["loss"]).backward()
     return {name: value.detach() for name, value in terms.items()}
 
 
-def cached_backward(model, loss_fn, micro_batches, ids, scaler, precision, device, distill, teacher):
+def cached_backward(model, loss_fn, micro_batches, ids, scaler, precision, device, distill, teacher,
+                    caption=None, tokens=None):
     """Gradient accumulation that keeps every negative of the accumulated batch (Gao et al. 2021,
     "gradient caching"; as open_clip and Chinese-CLIP do).
 
@@ -171,9 +176,17 @@ def cached_backward(model, loss_fn, micro_batches, ids, scaler, precision, devic
     features: it does not hold exactly with patch dropout (each pass drops other patches) or with
     BatchNorm in training mode (batch statistics of a micro-batch, and running statistics updated
     by both passes); LayerNorm towers (ViTs, the text transformer) are exact.
+
+    A captioner's caption term is a sum over the tokens of each caption (clip_model.CaptionLoss):
+    it needs no cache. Each pass adds its own micro-batch's cross-entropies, divided by the
+    token count of the whole step, so the passes' gradients, and their terms, add up to the big
+    batch's. The cached pass keeps only the features (the decoder's logits, B x T x 49,408
+    numbers, would take more memory than the accumulation saves).
     """
     with torch.no_grad(), clip_model.autocast(device, precision):
-        cached = [model(b["images"], b["texts"]) for b in micro_batches]
+        cached = [{key: value for key, value in model(b["images"], b["texts"]).items() if key in FEATURES}
+                  for b in micro_batches]
+    caption_shares = []
     for j, batch in enumerate(micro_batches):
         last = j == len(micro_batches) - 1
         # DDP: synchronise gradients across processes only on the last backward
@@ -189,23 +202,42 @@ def cached_backward(model, loss_fn, micro_batches, ids, scaler, precision, devic
                 if not last:
                     scale, bias = scale.detach(), bias.detach() if bias is not None else None
                 whole = {"image_features": image_features, "text_features": text_features,
-                         "logit_scale": scale, "logit_bias": bias}
-                terms = loss_terms(loss_fn, whole, ids, distill, teacher, last)
+                         "logit_scale": scale, "logit_bias": bias,
+                         "logits": out.get("logits"), "labels": out.get("labels")}   # this pass's own
+                terms = loss_terms(loss_fn, whole, ids, distill, teacher, last, caption, tokens)
             scaler.scale(terms["loss"]).backward()
-    return {name: value.detach() for name, value in terms.items()}
+        if caption is not None:
+            caption_shares.append(terms["caption"].detach())
+    terms = {name: value.detach() for name, value in terms.items()}
+    if caption is not None:     # the last pass's terms hold its own share of the caption term
+        share = sum(caption_shares)
+        terms["loss"] = terms["loss"] + caption.weight * (share - terms["caption"])
+        terms["caption"] = share
+    return terms
 
 
-def loss_terms(loss_fn, out, ids, distill=None, teacher=None, last=True):
+# What a model's output holds of its features: all that the other micro-batches' passes need.
+FEATURES = ("image_features", "text_features")
+
+
+def loss_terms(loss_fn, out, ids, distill=None, teacher=None, last=True, caption=None, tokens=None):
     """The loss of the model's output `out`: {"loss": the contrastive loss}, or with a teacher
     {"loss": (1 - w) x contrastive + w x distillation, "contrastive": ..., "distillation": ...},
-    w = --distill_weight. `last`: the pass that trains the distillation's feature map."""
+    w = --distill_weight. `last`: the pass that trains the distillation's feature map. A
+    captioner (caption, a clip_model.CaptionLoss) adds w_c x its caption term over `tokens` label
+    tokens (CaptionLoss.label_tokens), w_c = --caption_loss_weight: {..., "caption": ...}."""
     contrastive = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], ids,
                           out.get("logit_bias"))
-    if distill is None:
-        return {"loss": contrastive}
-    distill_term = distill.loss_fn(out, teacher, train_map=last)
-    return {"loss": (1 - distill.weight) * contrastive + distill.weight * distill_term,
-            "contrastive": contrastive, "distillation": distill_term}
+    terms = {"loss": contrastive}
+    if distill is not None:
+        distill_term = distill.loss_fn(out, teacher, train_map=last)
+        terms = {"loss": (1 - distill.weight) * contrastive + distill.weight * distill_term,
+                 "contrastive": contrastive, "distillation": distill_term}
+    if caption is not None:
+        caption_term = caption(out["logits"], out["labels"], tokens)
+        terms = {**terms, "loss": terms["loss"] + caption.weight * caption_term, "contrastive": contrastive,
+                 "caption": caption_term}
+    return terms
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ writes into the results folder:
     embedding_space.png     images and captions projected to 2-D, matching pairs joined
     zeroshot_confusion.png  zero-shot classification confusion (when evaluated with --zeroshot_dir)
     relevance_maps.png      where a ViT looks in an image for its caption (minimal_clip.relevance_map)
+    captions.png            a captioner's (CoCa's) captions of images beside the images' own captions
 
 Every plot is also a function that takes arrays or dicts and returns a matplotlib Figure, for
 notebooks: `save_figure(plot_similarity_heatmap(images, captions, img_f, txt_f), "h.png")`.
@@ -269,12 +270,17 @@ def plot_training_curves(results: dict):
 
 
 def _plot_loss_terms(ax, train):
-    """A distilled run's loss has two terms (train.loss_terms): drawn thin beside their total."""
-    terms = [(name, *_series(train, name)) for name in ("contrastive", "distillation")]
-    if not any(len(steps) for _, steps, _ in terms):
+    """The terms of a loss that has several (train_step.loss_terms: a teacher's, a captioner's),
+    drawn thin beside their total."""
+    terms = [(name, *_series(train, name), color) for name, color in
+             (("contrastive", "C3"), ("distillation", "C4"), ("caption", "C5"))]
+    terms = [term for term in terms if len(term[1])]
+    if not terms:
         return
-    ax.get_lines()[0].set_label("(1 - w) x contrastive + w x distillation")
-    for (name, steps, values), color in zip(terms, ("C3", "C4")):
+    names = {term[0] for term in terms}
+    total = "(1 - w) x contrastive + w x distillation" if "distillation" in names else "contrastive"
+    ax.get_lines()[0].set_label(total + (" + w_c x caption" if "caption" in names else ""))
+    for name, steps, values, color in terms:
         ax.plot(steps, values, color=color, linewidth=0.8, label=f"{name} term")
     ax.set_ylabel("loss")
     ax.legend(loc="upper right", fontsize=8)
@@ -629,17 +635,51 @@ def plot_relevance_maps(images, captions, maps):
 
 
 # ---------------------------------------------------------------------------------------------
+# Captions a captioner wrote (input: the `captioning` part of evaluation.py's JSON, and the images)
+
+def plot_captions(images, generated, references, columns: int = 4):
+    """Images in a grid, each with the caption the model wrote for it above (bold) and the
+    image's own captions, the references it was scored against, below (grey)."""
+    n = len(images)
+    if not n == len(generated) == len(references):
+        raise ValueError(f"need one generated caption and one list of references per image; got {n} "
+                         f"images, {len(generated)} captions and {len(references)} lists of references")
+    columns = min(columns, n)
+    rows = -(-n // columns)
+    texts = [*generated, *(caption for captions in references for caption in captions)]
+    with _figure((3.1 * columns, 5.0 * rows), texts=texts) as figure:
+        axes = figure.subplots(rows, columns, squeeze=False)
+        for ax, image, caption, refs in zip(axes.flat, images, generated, references):
+            ax.imshow(thumbnail(image))
+            ax.set(xticks=[], yticks=[])
+            ax.set_title(_wrap(f"“{caption}”", 30, 3), fontsize=10)
+            shown = [f"· {_wrap(ref, 40, 2)}" for ref in refs[:3]]
+            more = [f"  (and {len(refs) - 3} more)"] if len(refs) > 3 else []
+            ax.set_xlabel("\n".join(["references:", *shown, *more]), fontsize=8, color="dimgray",
+                          loc="left", linespacing=1.3)
+        for ax in axes.flat[n:]:
+            ax.axis("off")
+        figure.suptitle("Captions the model wrote (above each image) and the image's own (below)",
+                        fontweight="bold")
+    return figure
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
+
+def _evaluated_data(record: dict, data, where: str):
+    """The CaptionIndex of the data set evaluation.py read (`data`, or the one `record` names),
+    read as it was read (CSV columns, Chinese-CLIP split)."""
+    data = data or record.get("data")
+    if not data:
+        raise MissingInputError(f"no data set for thumbnails: {where} has no 'data'; pass --data PATH")
+    read = {k: record[k] for k in ("image_column", "caption_column", "split") if k in record}
+    return data_loader.load_caption_index(data, **read)
+
 
 def _load_images(saved: dict, data):
     """The data set the embeddings came from, as a lazily loading image sequence."""
-    data = data or saved["meta"].get("data")
-    if not data:
-        raise MissingInputError("no data set for thumbnails: meta.json has no 'data'; pass --data PATH")
-    # read the data the way evaluation.py did (CSV columns, Chinese-CLIP split)
-    read = {k: saved["meta"][k] for k in ("image_column", "caption_column", "split")
-            if k in saved["meta"]}
-    index = data_loader.load_caption_index(data, **read)
+    index = _evaluated_data(saved["meta"], data, "meta.json")
     names = saved["meta"].get("image_names")
     if saved["meta"].get("skipped") and names:   # evaluation left unreadable images out
         position = {index.image_name(i): i for i in range(index.num_images)}
@@ -676,6 +716,21 @@ def _heatmap_inputs(saved, images, count):
             saved["image_features"][chosen], saved["text_features"][texts])
 
 
+def _caption_inputs(eval_results, data, count):
+    """`count` of the images evaluation.py captioned, spread over them: the images, the
+    captions written and the references of each."""
+    rows = eval_results["captioning"]["captions"]
+    rows = [rows[i] for i in _spread(count, len(rows))]
+    index = _evaluated_data(eval_results, data, "the evaluation JSON")
+    position = {index.image_name(i): i for i in range(index.num_images)}
+    missing = [row["image"] for row in rows if row["image"] not in position]
+    if missing:
+        raise MissingInputError(f"image {missing[0]}, captioned by evaluation.py, is not in the data "
+                                f"{data or eval_results['data']}; pass --data with the set it captioned")
+    return ([index.load_image(position[row["image"]]) for row in rows], [row["generated"] for row in rows],
+            [row["references"] for row in rows])
+
+
 def _relevance_inputs(saved, images, checkpoint, count):
     """`count` images spread over the set with their first captions, and their relevance maps."""
     checkpoint = checkpoint or saved["meta"].get("checkpoint")
@@ -700,10 +755,12 @@ def build_parser():
         "(default: RESULTS/eval_results.json)")
     add("--embeddings", metavar="DIR", help="folder written by evaluation.py --save_embeddings "
         "(default: RESULTS/embeddings)")
-    add("--data", metavar="PATH", help="data set of the embeddings (any format, shards too), for "
-        "thumbnails (default: the 'data' recorded in the embeddings' meta.json)")
+    add("--data", metavar="PATH", help="data set of the embeddings and of the captions (any format, "
+        "shards too), for thumbnails (default: the 'data' recorded in the embeddings' meta.json "
+        "and in the evaluation JSON)")
     add("--num_images", type=int, default=8, metavar="N",
-        help="images in the similarity heatmap (default: 8)")
+        help="images in the similarity heatmap and the captions plot, half as many in the "
+             "relevance maps (default: 8)")
     add("--top_k", type=int, default=5, metavar="K",
         help="matches shown per retrieval query (default: 5)")
     add("--num_queries", type=int, default=3, metavar="N",
@@ -768,6 +825,8 @@ def main(argv=None) -> int:
             evaluated("zeroshot", "--zeroshot_dir")["zeroshot"]),
         "relevance_maps.png": lambda: plot_relevance_maps(*_relevance_inputs(
             saved(), images(), args.checkpoint, args.num_images // 2)),
+        "captions.png": lambda: plot_captions(*_caption_inputs(
+            evaluated("captioning", "--data with a captioner (CoCa)"), args.data, args.num_images)),
     }
     failures = 0
     for name, draw in plots.items():

@@ -28,3 +28,21 @@ def test_demo_runs_end_to_end_and_writes_every_output(tmp_path):
     assert evaluation["num_images"] == 60 and "zeroshot" in evaluation
     assert "query: a large red circle on the left" in result.stdout
     assert "== summary" in result.stdout and "zero-shot top-1" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_demo_with_a_captioner_prints_scores_and_draws_its_captions(tmp_path):
+    # A few training steps: the plumbing of captions, not their quality (tests/test_coca.py).
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "demo.py"), "--model_name", "tiny-coca-64", "--num_samples", "32",
+         "--val_samples", "3", "--num_epochs", "1", "--batch_size", "32", "--num_workers", "0",
+         "--projector_pairs", "0", "--tensorboard_pairs", "0"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = tmp_path / "results/demo-en"
+    captioning = json.loads((results / "eval_results.json").read_text())["captioning"]
+    assert captioning["num_images"] == 3
+    first = captioning["captions"][0]
+    assert f"wrote: {first['generated']}" in result.stdout and f"given: {first['references'][0]}" in result.stdout
+    assert f"captions of 3 images: BLEU-4 {captioning['BLEU-4_x100']:.1f}" in result.stdout
+    assert (results / "captions.png").is_file()

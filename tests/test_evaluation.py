@@ -11,7 +11,7 @@ import torch
 
 import evaluation as ev
 import sample_data
-from errors import DataError, MissingInputError
+from errors import DataError, MissingInputError, SettingsError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -552,6 +552,42 @@ def test_output_json_has_the_shape_of_the_issue(cli_run):
         assert set(written["retrieval"][direction]) == {"R@1", "R@5", "R@10", "mean_rank", "median_rank"}
     assert set(written["similarity"]) == {"positive_mean", "negative_mean", "gap"}
     assert {"top1", "top5", "per_class", "classnames", "confusion"} <= set(written["zeroshot"])
+    assert "captioning" not in written      # a CLIP writes no captions
+
+
+# ---- a captioner (tiny-coca-64, random weights: the plumbing, not the quality) ------------------
+
+@pytest.fixture(scope="module")
+def coca(sample):
+    import clip_model
+    torch.manual_seed(0)
+    setup = clip_model.build_model("tiny-coca-64")
+    clip_model.save_checkpoint(sample["root"] / "coca.pt", setup)
+    return str(sample["root"] / "coca.pt")
+
+
+# An untrained decoder rarely writes the end token: short captions keep the test quick.
+SHORT = ["--caption_max_length", "5", "--caption_num_beams", "2"]
+
+
+def test_a_captioner_is_scored_on_the_first_n_images_against_all_the_captions_of_each(sample, coca, capsys):
+    results = ev.main(["--checkpoint", coca, "--data", sample["data"], "--caption_images", "3", *SHORT, *RUN])
+    captioning, index = results["captioning"], sample["index"]
+    assert captioning["num_images"] == 3 and captioning["settings"]["max_length"] == 5
+    rows = captioning["captions"]
+    assert [row["image"] for row in rows] == [index.image_name(i) for i in range(3)]
+    assert [row["references"] for row in rows] == [[index.caption(j) for j in index.captions_of(i)] for i in range(3)]
+    assert any(len(row["references"]) > 1 for row in rows)
+    scored = ev.caption_metrics([row["generated"] for row in rows], [row["references"] for row in rows])
+    assert {key: captioning[key] for key in scored} == scored
+    assert "Captioning: 3 generated captions" in capsys.readouterr().out
+
+
+def test_caption_images_0_turns_captions_off_and_caption_settings_are_checked_before_the_model_loads(sample, coca):
+    results = ev.main(["--checkpoint", coca, "--data", sample["data"], "--caption_images", "0", *RUN])
+    assert "captioning" not in results and results["num_images"] == 24
+    with pytest.raises(SettingsError, match="--caption_top_p must be"):
+        ev.main(["--checkpoint", "no/such/checkpoint.pt", "--data", sample["data"], "--caption_top_p", "2"])
 
 
 def test_pretrained_weights_load_from_a_local_file(sample, cli_run):

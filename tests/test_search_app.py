@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import sample_data
@@ -295,6 +296,53 @@ def test_thumbnails_are_served_for_indexed_photos_only(client, service, english)
         assert response.status_code == 404, path
         assert "not in the index" in response.json()["detail"]
     assert client.get("/api/thumbnail").status_code == 422
+
+
+# ----------------------------------------------------------------------------------------------
+# Captions of a captioner's results (untrained models: the plumbing, not the words)
+
+@pytest.fixture(scope="module")
+def captioner(tmp_path_factory):
+    """Indexes of three photos by an untrained CoCa and by an untrained CLIP."""
+    import clip_model
+    folder = tmp_path_factory.mktemp("captioner")
+    photos = Path(sample_data.create_sample_dataset(folder / "generated", 3, seed=1)["index"]).parent / "images"
+    made = {"photos": photos}
+    for name in ("tiny-coca-64", "tiny-vit-64"):
+        torch.manual_seed(0)
+        clip_model.save_checkpoint(folder / f"{name}.pt", clip_model.build_model(name))
+        made[name] = folder / f"{name}.npz"
+        search_app.build_index(photos, made[name], search_app.model_spec(checkpoint=str(folder / f"{name}.pt")),
+                               num_workers=0)
+    return made
+
+
+def test_a_captioners_result_gets_the_caption_the_model_writes_once_then_from_the_cache(captioner, monkeypatch):
+    import clip_model
+    short = clip_model.CaptionSettings(max_length=5, num_beams=2)
+    service = search_app.open_service(captioner["tiny-coca-64"], {}, device="cpu", caption_settings=short)
+    client = api_client(service)
+    assert client.get("/api/info").json()["captions"] is True
+    path = service.index.paths[1]
+    answer = client.get("/api/caption", params={"path": path})
+    assert answer.status_code == 200, answer.text
+    photo = search_app.decode_photo((captioner["photos"] / path).read_bytes(), path, service.image_side, "caption")
+    written = clip_model.generate_captions(service.setup, None, service.transform(photo)[None], short)[0]
+    assert answer.json() == {"path": path, "caption": written}
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the cached caption is written again")
+    monkeypatch.setattr(clip_model, "generate_captions", no_model)
+    assert client.get("/api/caption", params={"path": path}).json()["caption"] == written
+    missing = client.get("/api/caption", params={"path": "../photos.npz"})
+    assert missing.status_code == 404 and "not in the index" in missing.json()["detail"]
+
+
+def test_a_clip_writes_no_captions_and_says_so(captioner):
+    client = api_client(search_app.open_service(captioner["tiny-vit-64"], {}, device="cpu"))
+    assert client.get("/api/info").json()["captions"] is False
+    refused = client.get("/api/caption", params={"path": "00000.png"})
+    assert refused.status_code == 400 and "writes no captions; a captioner (CoCa) does" in refused.json()["detail"]
 
 
 def test_uploads_above_the_limit_are_refused_with_413(service, english):
@@ -597,6 +645,25 @@ def test_in_the_browser_a_file_name_is_text_never_html(browser, servers):
     assert card.query_selector("img").evaluate("img => img.complete && img.naturalWidth > 0")
     assert page.dialogs == [] and page.query_selector("img[src='x']") is None
     page.close()
+
+
+@pytest.mark.slow
+def test_in_the_browser_a_captioners_results_show_the_captions_it_writes(browser, captioner):
+    server = Server(["serve", "--index", str(captioner["tiny-coca-64"]), "--caption_max_length", "5",
+                     "--caption_num_beams", "2"])
+    try:
+        server.wait()
+        page = open_page(browser, f"{server.url}/?q={urllib.parse.quote('a red circle')}")   # searched at once
+        page.wait_for_function("(nodes => nodes.length === 3 && [...nodes].every(node => node.textContent))"
+                               "(document.querySelectorAll('#results .card .caption'))")
+        for card in page.query_selector_all("#results .card"):
+            written = server.get("/api/caption?path=" + urllib.parse.quote(card.get_attribute("data-path")))["caption"]
+            assert card.query_selector(".caption").text_content() == f"“{written}”"
+        assert "captions written by the model" in page.text_content("#info")
+        page.screenshot(path=str(SCREENSHOTS / "search_app_captions.png"))
+        page.close()
+    finally:
+        server.stop()
 
 
 def test_over_http_a_query_longer_than_any_url_limit_is_answered_or_refused_at_once(servers):

@@ -563,6 +563,27 @@ def test_zero_shot_is_tracked_at_every_validation_and_can_pick_best_pt(data, tmp
 
 
 @pytest.mark.slow
+def test_a_captioners_last_validation_scores_its_captions_and_the_earlier_ones_do_not(data, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    asked, evaluate_captions = [], evaluation.evaluate_captions
+
+    def short_captions(setup, index, **options):     # an untrained decoder's captions run long
+        asked.append(options["num_images"])
+        return evaluate_captions(setup, index, cm.CaptionSettings(max_length=4, num_beams=2), **options)
+    monkeypatch.setattr(evaluation, "evaluate_captions", short_captions)
+    few = sample_data.create_sample_dataset(tmp_path / "few", num_samples=4, seed=2)["index"]
+    result = train.main(run_args(data, tmp_path, "--run_name", "coca", "--model_name", "tiny-coca-64",
+                                 "--val_data", few, "--max_steps", "2", "--eval_every", "1", "--batch_size", "8",
+                                 "--val_captions", "3"))
+    first, last = result["history"]["val"]
+    assert asked == [3] and "captioning" not in first
+    assert set(last["captioning"]) == {"BLEU-1_x100", "BLEU-2_x100", "BLEU-3_x100", "BLEU-4_x100",
+                                       "CIDEr-D_x100", "num_images"} and last["captioning"]["num_images"] == 3
+    events = EventAccumulator(str(tmp_path / "logs/coca")).Reload()
+    assert [e.step for e in events.Scalars("val/captioning/CIDEr-D_x100")] == [2]
+
+
+@pytest.mark.slow
 def test_hard_negative_batches_resume_exactly_mid_epoch(data, tmp_path):
     # epochs of images (15 steps), so that 18 steps cross one; groups of captions of one image
     # (sample_by caption) are left out by data_loader.neighbourhood_order, tested on its own

@@ -140,6 +140,9 @@ def all_plots():
         "embedding_space": lambda: viz.plot_embedding_space(
             image_features, text_features, caption_image),
         "zeroshot_confusion": lambda: viz.plot_zeroshot_confusion(zeroshot_results()),
+        "captions": lambda: viz.plot_captions(shape_images(5), [f"a shape {i}" for i in range(5)],
+                                              [[f"caption {j} of image {i}" for j in range(i % 3 + 1)]
+                                               for i in range(5)]),
     }
 
 
@@ -442,3 +445,57 @@ def test_a_checkpoint_that_is_not_a_plain_vit_skips_only_the_relevance_maps(resu
     assert f"skipped relevance_maps.png: {checkpoint}: minimal_clip writes out CLIP's plain ViT" in out
     assert not (results_dir / "relevance_maps.png").exists()
     assert_picture(results_dir / "similarity_heatmap.png")
+
+
+# --- captions (a captioner's, from evaluation.py's `captioning` part) ----------------------------
+
+def test_the_captions_plot_shows_each_written_caption_above_its_image_and_its_references_below():
+    references = [["a red circle", "a round red shape"], ["a green circle"], ["one", "two", "three", "four"]]
+    figure = viz.plot_captions(shape_images(3), ["a red dot", "a green dot", "a blue dot"], references)
+    axes = [ax for ax in figure.axes if ax.images]
+    assert [ax.get_title().replace("\n", " ") for ax in axes] == ["“a red dot”", "“a green dot”", "“a blue dot”"]
+    below = [ax.get_xlabel().split("\n") for ax in axes]
+    assert below[0] == ["references:", "· a red circle", "· a round red shape"]
+    assert below[2] == ["references:", "· one", "· two", "· three", "  (and 1 more)"]
+    with pytest.raises(ValueError, match="one generated caption and one list of references per image"):
+        viz.plot_captions(shape_images(2), ["a"], [["b"], ["c"]])
+
+
+def captioned(results_dir, count):
+    """The evaluation JSON of results_dir with a `captioning` part of its data set's first `count`
+    images, as evaluation.py writes it for a captioner."""
+    import data_loader
+    data = json.loads((results_dir / "embeddings/meta.json").read_text())["data"]
+    index = data_loader.load_caption_index(data)
+    rows = [{"image": index.image_name(i), "generated": f"written for image {i}",
+             "references": [index.caption(j) for j in index.captions_of(i)]} for i in range(count)]
+    results = dict(eval_results(), data=data, captioning={"num_images": count, "captions": rows})
+    (results_dir / "eval_results.json").write_text(json.dumps(results))
+    return index, rows
+
+
+def test_cli_draws_the_captions_of_a_captioner_with_their_images(results_dir, monkeypatch, capsys):
+    index, rows = captioned(results_dir, 10)
+    drawn, plot = [], viz.plot_captions
+    monkeypatch.setattr(viz, "plot_captions", lambda *inputs: drawn.append(inputs) or plot(*inputs))
+    assert viz.main(["--results_dir", str(results_dir), "--num_images", "4"]) == 0
+    assert f"wrote {results_dir / 'captions.png'}" in capsys.readouterr().out
+    assert_picture(results_dir / "captions.png")
+    images, generated, references = drawn[0]
+    shown = [int(caption.split()[-1]) for caption in generated]
+    assert shown == [0, 3, 6, 9]                                    # spread over the captioned images
+    assert references == [rows[i]["references"] for i in shown]
+    for image, i in zip(images, shown):
+        assert np.array_equal(np.asarray(image), np.asarray(index.load_image(i)))
+
+
+def test_cli_skips_the_captions_plot_without_captions_and_names_a_missing_image(results_dir, capsys):
+    assert viz.main(["--results_dir", str(results_dir)]) == 0
+    assert "skipped captions.png: " in capsys.readouterr().out and not (results_dir / "captions.png").exists()
+    captioned(results_dir, 2)
+    results = json.loads((results_dir / "eval_results.json").read_text())
+    results["captioning"]["captions"][1]["image"] = "/elsewhere/gone.png"
+    (results_dir / "eval_results.json").write_text(json.dumps(results))
+    assert viz.main(["--results_dir", str(results_dir), "--embeddings", "none"]) == 0
+    assert "skipped captions.png: image /elsewhere/gone.png, captioned by evaluation.py, is not in the data" \
+        in capsys.readouterr().out

@@ -1,0 +1,198 @@
+"""CoCa, a CLIP that also writes captions: its caption loss (the cross-entropy open_clip computes,
+exact under accumulation and across processes), the towers the fine-tuning flags train, captions
+from clip_model.generate_captions, and whole runs: the tiny preset learns to name what it sees,
+an open_clip CoCa trains, resumes and exports."""
+import argparse
+import math
+import os
+
+import open_clip
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+import clip_model as cm
+import train_step
+from errors import ModelError, SettingsError
+
+CAPTIONS = ["a red circle", "a small blue square at the top", "two shapes: a green star on the left, a star",
+            "a purple triangle", "a big yellow star in the middle", "a circle", "a red square on the right",
+            "a picture of a little green circle near the bottom"]      # of 4 to 14 label tokens
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return cm.build_model("tiny-coca-64")
+
+
+def batch_of(setup, captions, seed=1):
+    images = torch.randn(len(captions), 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+    return {"images": images, "texts": setup.tokenizer(captions), "image_ids": torch.arange(len(captions))}
+
+
+# ---- the caption loss ---------------------------------------------------------------------------
+
+def test_the_caption_term_is_the_cross_entropy_of_the_caption_tokens_as_open_clip_computes_it(tiny):
+    batch = batch_of(tiny, CAPTIONS[:4])
+    with torch.no_grad():
+        out = tiny.model.train()(batch["images"], batch["texts"])
+    caption = cm.CaptionLoss(weight=2.0)
+    tokens = caption.label_tokens([batch["texts"]])
+    terms = train_step.loss_terms(cm.ContrastiveLoss(), out, batch["image_ids"], caption=caption, tokens=tokens)
+
+    labels = batch["texts"][:, 1:]                  # the tokens after the start token, 0 = padding
+    log_p = out["logits"].double().log_softmax(dim=-1).gather(2, labels[..., None])[..., 0]
+    by_hand = -log_p[labels != 0].mean()
+    assert tokens == (labels != 0).sum() == sum(len(tiny.tokenizer.tokenizer.encode(c)) + 1 for c in CAPTIONS[:4])
+    assert terms["caption"].item() == pytest.approx(by_hand.item(), rel=1e-6)
+    contrastive, weighted_caption = open_clip.loss.CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0)(
+        out["image_features"], out["text_features"], out["logits"], out["labels"], out["logit_scale"])
+    assert terms["contrastive"].item() == pytest.approx(contrastive.item(), rel=1e-6)
+    assert terms["loss"].item() == pytest.approx((contrastive + weighted_caption).item(), rel=1e-6)
+
+
+def gradients_of(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_accumulated_micro_batches_give_the_gradients_of_one_big_batch(tiny):
+    # Captions of 4 to 14 tokens: a mean per micro-batch would weigh a token of a short caption
+    # more than one of a long caption; the step's count (CaptionLoss.label_tokens) weighs all alike.
+    model, loss_fn, caption = tiny.model.train(), cm.ContrastiveLoss(), cm.CaptionLoss(weight=2.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    big = batch_of(tiny, CAPTIONS[:6])
+    micro = [{k: v[i:i + 2] for k, v in big.items()} for i in range(0, 6, 2)]
+
+    model.zero_grad()
+    expected = train_step.backward_step(model, loss_fn, [big], scaler, "fp32", "cpu", caption=caption)
+    expected_gradients = gradients_of(model)
+    model.zero_grad()
+    got = train_step.backward_step(model, loss_fn, micro, scaler, "fp32", "cpu", caption=caption)
+    got_gradients = gradients_of(model)
+
+    assert got.keys() == expected.keys() == {"loss", "contrastive", "caption"}
+    for name in expected:
+        assert got[name].item() == pytest.approx(expected[name].item(), rel=1e-5), name
+    assert expected_gradients.keys() == got_gradients.keys()
+    assert any(name.startswith("text_decoder.") for name in got_gradients)
+    for name, expected_gradient in expected_gradients.items():     # float32 round-off, far apart from
+        error = (got_gradients[name] - expected_gradient).abs().max()  # the means of micro-batches below
+        assert error <= 1e-5 * expected_gradient.abs().max(), name
+    model.zero_grad()
+
+
+# ---- across processes: the caption term of the global batch ------------------------------------
+
+class ToyCaptioner(nn.Module):
+    """The smallest CoCa: linear towers into a shared space, and a "decoder" that predicts each
+    next token of a vocabulary of 7 from the token before it and the image."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.image, self.text, self.embed = nn.Linear(6, 4), nn.Linear(5, 4), nn.Embedding(7, 4)
+        self.head = nn.Linear(4, 7)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.double()
+
+    def forward(self, images, texts):
+        image = self.image(images)
+        hidden = self.embed(texts[:, :-1]) + image[:, None]
+        return {"image_features": F.normalize(image, dim=-1),
+                "text_features": F.normalize(self.text(F.one_hot(texts[:, :5], 7)[..., :5].sum(1).double()), dim=-1),
+                "logit_scale": self.logit_scale.exp(), "logits": self.head(hidden), "labels": texts[:, 1:]}
+
+
+def toy_global_batch():
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(8, 6, generator=generator, dtype=torch.float64)
+    texts = torch.randint(1, 7, (8, 6), generator=generator)
+    for row, length in enumerate([6, 2, 3, 6, 2, 2, 4, 5]):     # rank 0 holds 17 label tokens, rank 1 holds 9
+        texts[row, length:] = 0
+    return images, texts, torch.arange(8)
+
+
+def toy_gradients(model, micro_batches):
+    model.zero_grad()
+    train_step.backward_step(model, cm.ContrastiveLoss(), micro_batches, torch.amp.GradScaler("cpu", enabled=False),
+                             "fp32", "cpu", caption=cm.CaptionLoss(weight=2.0))
+    return {name: p.grad.clone() for name, p in cm.unwrap(model).named_parameters()}
+
+
+def _rank_gradients(rank, store, out):
+    """One of two processes: its half of the global batch as two micro-batches, through DDP."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    images, texts, ids = toy_global_batch()
+    micro = [{"images": images[s:s + 2], "texts": texts[s:s + 2], "image_ids": ids[s:s + 2]}
+             for s in (4 * rank, 4 * rank + 2)]
+    torch.save(toy_gradients(nn.parallel.DistributedDataParallel(ToyCaptioner()), micro),
+               os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_processes_with_unequal_token_counts_get_the_gradient_of_the_whole_global_batch(tmp_path):
+    mp.start_processes(_rank_gradients, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2,
+                       start_method="fork")
+    images, texts, ids = toy_global_batch()
+    expected = toy_gradients(ToyCaptioner(), [{"images": images, "texts": texts, "image_ids": ids}])
+    for rank in range(2):
+        grads = torch.load(tmp_path / f"rank{rank}.pt")
+        for name, grad in expected.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-10, atol=1e-12, msg=f"rank {rank}, {name}")
+
+
+# ---- which towers train ------------------------------------------------------------------------
+
+def trainable(model, prefix):
+    return {p.requires_grad for name, p in model.named_parameters() if name.startswith(prefix)}
+
+
+@pytest.mark.parametrize("options,image,text", [
+    ({"freeze_backbone": True}, {False, True}, {False, True}),    # the projections train
+    ({"lock_image": 0}, {False}, {True}),
+    ({"lock_image": 1, "lock_text": 1}, {False, True}, {False, True}),
+    ({"lock_text": 0}, {True}, {False}),
+])
+def test_freezing_the_towers_leaves_the_text_decoder_trainable(options, image, text):
+    model = cm.build_model("tiny-coca-64").model
+    cm.freeze_for_finetuning(model, **options)
+    assert trainable(model, "visual.") == image and trainable(model, "text.") == text
+    assert trainable(model, "text_decoder.") == {True} and model.logit_scale.requires_grad
+    cm.freeze_for_finetuning(model, lock_decoder=True)
+    assert trainable(model, "text_decoder.") == {False}
+
+
+# ---- captions ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("options", [{}, {"generation_type": "top_k"},
+                                     {"generation_type": "top_p", "top_p": 0.9, "repetition_penalty": 1.5}])
+def test_an_untrained_captioner_writes_one_string_per_image(tiny, options):
+    # (an untrained model rarely writes the end token: 6 tokens at most, to be quick)
+    captions = cm.generate_captions(tiny, None, batch_of(tiny, CAPTIONS[:3])["images"], max_length=6, **options)
+    assert len(captions) == 3 and all(isinstance(caption, str) for caption in captions)
+    assert not tiny.model.training
+
+
+def test_only_a_captioner_writes_captions():
+    assert cm.is_captioner(cm.build_model("tiny-coca-64").model)
+    clip = cm.build_model("tiny-vit-64")
+    assert not cm.is_captioner(clip.model)
+    with pytest.raises(ModelError, match="CLIP has no text decoder to write captions"):
+        cm.generate_captions(clip, None, torch.zeros(1, 3, 64, 64))
+
+
+def test_caption_settings_are_flags_of_any_script_and_are_checked():
+    parser = argparse.ArgumentParser()
+    cm.CaptionSettings.add_arguments(parser)
+    assert cm.CaptionSettings.from_args(parser.parse_args([])) == cm.CaptionSettings()
+    settings = cm.CaptionSettings.from_args(parser.parse_args(["--caption_num_beams", "3", "--caption_top_p", "0.5"]))
+    assert (settings.num_beams, settings.top_p, settings.max_length) == (3, 0.5, 30)
+    with pytest.raises(SettingsError, match=r"--caption_top_p must be \(0, 1\], got 1.5"):
+        cm.CaptionSettings(top_p=1.5)
+    with pytest.raises(SettingsError, match="--caption_generation_type must be one of beam_search, top_p, top_k"):
+        cm.CaptionSettings(generation_type="greedy")
