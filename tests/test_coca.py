@@ -5,6 +5,7 @@ an open_clip CoCa trains, resumes and exports."""
 import argparse
 import math
 import os
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -15,6 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import clip_model as cm
+import data_loader
+import export
+import sample_data
+import train
 import train_step
 from errors import ModelError, SettingsError
 
@@ -196,3 +201,88 @@ def test_caption_settings_are_flags_of_any_script_and_are_checked():
         cm.CaptionSettings(top_p=1.5)
     with pytest.raises(SettingsError, match="--caption_generation_type must be one of beam_search, top_p, top_k"):
         cm.CaptionSettings(generation_type="greedy")
+
+
+def test_an_export_whose_text_decoder_differs_fails_its_check(tiny, tmp_path):
+    index = data_loader.load_caption_index(sample_data.create_sample_dataset(tmp_path, num_samples=4, seed=2)["index"])
+    twin = cm.build_model("tiny-coca-64")
+    twin.model.load_state_dict(tiny.model.state_dict())
+    assert export.decoder_check(tiny, twin, index) == {"images": 4, "max_log_prob_diff": 0.0, "failures": []}
+    with torch.no_grad():
+        twin.model.text_decoder.text_projection.mul_(1.001)
+    assert "its text decoder gives other token probabilities" in export.decoder_check(tiny, twin, index)["failures"][0]
+
+
+# ---- whole runs ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    return {"train": sample_data.create_sample_dataset(folder / "train", num_samples=480, seed=0),
+            "val": sample_data.create_sample_dataset(folder / "val", num_samples=250, seed=1),
+            "few": sample_data.create_sample_dataset(folder / "few", num_samples=8, seed=2)}
+
+
+def run_args(data, out, *extra, train_set="train", val_set="val"):
+    return ["--data_dir", str(data[train_set]["index"]), "--val_data", str(data[val_set]["index"]),
+            "--checkpoint_dir", str(out / "ckpt"), "--log_dir", str(out / "logs"),
+            "--results_dir", str(out / "results"), "--num_workers", "0", "--tensorboard_pairs", "0",
+            "--projector_pairs", "0", "--save_every", "1000", "--eval_every", "1000", *extra]
+
+
+def held_out_single_shapes(setup, zeroshot_dir):
+    """Pixels of the held-out single-shape images, and the colour and shape of each (its class
+    folder, 'red circle', is the generator's ground truth)."""
+    transform = data_loader.image_transform(setup.preprocess_cfg)
+    paths = sorted(Path(zeroshot_dir).glob("*/*.png"))
+    pixels = torch.stack([transform(data_loader.load_image_file(str(path))) for path in paths])
+    return pixels, [path.parent.name.split() for path in paths]
+
+
+@pytest.mark.slow
+def test_the_tiny_coca_learns_to_name_the_colour_and_shape_it_sees(data, tmp_path):
+    torch.manual_seed(0)
+    result = train.main(run_args(data, tmp_path, "--model_name", "tiny-coca-64", "--run_name", "learn",
+                                 "--max_steps", "150", "--batch_size", "16", "--learning_rate", "2e-3",
+                                 "--warmup_steps", "10"))
+    first, last = result["history"]["train"][0], result["history"]["train"][-1]
+    assert last["caption"] < first["caption"] - 5 and last["contrastive"] < first["contrastive"]
+    setup, _ = cm.model_from_checkpoint(tmp_path / "ckpt/learn/last.pt")
+    pixels, truth = held_out_single_shapes(setup, data["val"]["zeroshot"])
+    words = [caption.split() for caption in cm.generate_captions(setup, None, pixels)]
+    named = [colour in caption and shape in caption for caption, (colour, shape) in zip(words, truth)]
+    # chance: 1 in 20 (5 colours x 4 shapes)
+    assert sum(named) / len(named) >= 0.5, list(zip(words, truth))[:10]
+
+
+@pytest.mark.slow
+def test_a_resumed_coca_run_ends_with_the_weights_of_an_uninterrupted_one(data, tmp_path):
+    common = ("--model_name", "tiny-coca-64", "--max_steps", "2", "--batch_size", "4", "--accum_steps", "2")
+    train.main(run_args(data, tmp_path, "--run_name", "whole", *common, val_set="few"))
+    train.main(run_args(data, tmp_path, "--run_name", "split", "--stop_at_step", "1", *common, val_set="few"))
+    resumed = train.main(run_args(data, tmp_path, "--run_name", "split", "--resume", "auto", *common, val_set="few"))
+    assert resumed["step"] == 2 and {"contrastive", "caption"} <= set(resumed["history"]["train"][-1])
+    a, b = (cm.load_checkpoint(tmp_path / f"ckpt/{run}/last.pt")["state_dict"] for run in ("whole", "split"))
+    for name, tensor in a.items():
+        assert torch.equal(tensor, b[name]), name
+
+
+@pytest.mark.slow
+def test_an_open_clip_coca_trains_resumes_and_exports(data, tmp_path):
+    # coca_ViT-B-32 with random weights (254M parameters); its towers locked (LiT), so that a step
+    # trains the decoder (101M) alone and last.pt holds AdamW's state of it alone: the locks and
+    # the rebuild from a checkpoint's config of a real CoCa, at a CPU's pace.
+    common = ("--model_name", "coca_ViT-B-32", "--max_steps", "2", "--batch_size", "2", "--lock_image", "0",
+              "--lock_text", "0", "--warmup_steps", "1")
+    first = train.main(run_args(data, tmp_path, "--run_name", "b32", "--stop_at_step", "1", *common,
+                                train_set="few", val_set="few"))
+    second = train.main(run_args(data, tmp_path, "--run_name", "b32", "--resume", "auto", *common,
+                                 train_set="few", val_set="few"))
+    assert (first["step"], second["step"]) == (1, 2) and second["history"]["train"][-1]["caption"] > 0
+    checkpoint = tmp_path / "ckpt/b32/best.pt"
+    assert "multimodal_cfg" in cm.load_checkpoint(checkpoint)["model_config"]
+    report = export.main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "export"),
+                          "--check_data", str(data["few"]["index"]), "--check_images", "4"])
+    folder = report["open_clip_folder"]
+    assert folder["passed"] and folder["text_decoder"]["images"] == 4
+    assert folder["text_decoder"]["max_log_prob_diff"] <= export.MAX_LOG_PROB_ERROR
