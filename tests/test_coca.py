@@ -3,10 +3,14 @@ exact under accumulation and across processes), the towers the fine-tuning flags
 from clip_model.generate_captions, and whole runs: the tiny preset learns to name what it sees,
 an open_clip CoCa trains, resumes and exports."""
 import argparse
+import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -239,20 +243,76 @@ def held_out_single_shapes(setup, zeroshot_dir):
     return pixels, [path.parent.name.split() for path in paths]
 
 
-@pytest.mark.slow
-def test_the_tiny_coca_learns_to_name_the_colour_and_shape_it_sees(data, tmp_path):
+@pytest.fixture(scope="module")
+def learned(data, tmp_path_factory):
+    """A short run of the tiny CoCa on the sample set: its checkpoint and summary."""
+    out = tmp_path_factory.mktemp("learn")
     torch.manual_seed(0)
-    result = train.main(run_args(data, tmp_path, "--model_name", "tiny-coca-64", "--run_name", "learn",
+    result = train.main(run_args(data, out, "--model_name", "tiny-coca-64", "--run_name", "learn",
                                  "--max_steps", "150", "--batch_size", "16", "--learning_rate", "2e-3",
                                  "--warmup_steps", "10"))
+    return out / "ckpt/learn/last.pt", result
+
+
+@pytest.mark.slow
+def test_the_tiny_coca_learns_to_name_the_colour_and_shape_it_sees(learned, data):
+    checkpoint, result = learned
     first, last = result["history"]["train"][0], result["history"]["train"][-1]
     assert last["caption"] < first["caption"] - 5 and last["contrastive"] < first["contrastive"]
-    setup, _ = cm.model_from_checkpoint(tmp_path / "ckpt/learn/last.pt")
+    setup, _ = cm.model_from_checkpoint(checkpoint)
     pixels, truth = held_out_single_shapes(setup, data["val"]["zeroshot"])
     words = [caption.split() for caption in cm.generate_captions(setup, None, pixels)]
     named = [colour in caption and shape in caption for caption, (colour, shape) in zip(words, truth)]
     # chance: 1 in 20 (5 colours x 4 shapes)
     assert sum(named) / len(named) >= 0.5, list(zip(words, truth))[:10]
+
+
+# What a client of the export folder writes to caption an image with open_clip alone: greedy
+# decoding with the model's forward pass (open_clip's generate needs transformers 4). Its rules
+# are generate_captions' (the padding token never, the end token not before 5 tokens).
+CLIENT = """
+import json, os, sys
+import numpy as np, open_clip, torch
+from PIL import Image
+folder, data = sys.argv[1], sys.argv[2]
+model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + folder)
+model.eval()
+entries = json.load(open(data))[:6]
+images = torch.stack([preprocess(Image.open(os.path.join(os.path.dirname(data), e["image_path"]))) for e in entries])
+start, end = 49406, 49407
+tokens = torch.full((len(images), 1), start)
+with torch.no_grad():
+    while tokens.shape[1] < model.text.context_length and not (tokens == end).any(dim=1).all():
+        logits = model(images, tokens, output_labels=False)["logits"][:, -1]
+        logits[:, 0] = -float("inf")
+        if tokens.shape[1] < 5:
+            logits[:, end] = -float("inf")
+        tokens = torch.cat([tokens, logits.argmax(dim=1, keepdim=True)], dim=1)
+captions = [open_clip.decode(row).split("<end_of_text>")[0].replace("<start_of_text>", "").strip() for row in tokens]
+np.save("pixels.npy", images.numpy())
+json.dump(captions, open("captions.json", "w"))
+ours = [m for m in ("clip_model", "data_loader", "export", "train") if m in sys.modules]
+assert not ours and not open_clip.get_model_config("tiny-coca-64"), ours
+"""
+
+
+@pytest.mark.slow
+def test_the_exported_folder_writes_the_same_captions_in_open_clip_alone(learned, data, tmp_path):
+    checkpoint, _ = learned
+    folder = tmp_path / "export"
+    report = export.main(["--checkpoint", str(checkpoint), "--output", str(folder), "--onnx",
+                          "--check_data", str(data["val"]["index"]), "--check_images", "40"])
+    assert report["open_clip_folder"]["passed"] and report["onnx"]["passed"]
+    assert report["onnx"]["note"] == export.ONNX_CAPTIONS and "ONNX covers the two encoders" in \
+        (folder / "README.md").read_text()
+    result = subprocess.run([sys.executable, "-I", "-B", "-c", CLIENT, str(folder), str(data["val"]["index"])],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    setup, _ = cm.model_from_checkpoint(checkpoint)
+    pixels = torch.from_numpy(np.load(tmp_path / "pixels.npy"))
+    ours = cm.generate_captions(setup, None, pixels, generation_type="top_k", top_k=1)
+    assert json.loads((tmp_path / "captions.json").read_text()) == ours
+    assert all(len(caption.split()) >= 3 for caption in ours), ours
 
 
 @pytest.mark.slow
