@@ -680,9 +680,9 @@ def _beam_search(scorer, max_length):
     """The caption of highest mean log-probability per token among those that beam search finds.
 
     Each step extends every kept caption by every token and keeps the num_beams most likely
-    (sum of log-probabilities); a caption whose best extension is the end token is finished, and
-    an image is done when it has num_beams finished captions (or at max_length, where the
-    unfinished ones count as finished). The finished caption of highest mean log-probability
+    (sum of log-probabilities). An extension by the end token among the 2 x num_beams best is a
+    finished caption; an image is done when it has num_beams of them (or at max_length, where
+    the unfinished ones count as finished). The finished caption of highest mean log-probability
     wins: the sum alone would favour short captions. (open_clip splits its 6 beams into 3 groups
     that, without a diversity penalty, search alike, and adds raw logits instead of
     log-probabilities; here the 6 beams search together.)
@@ -744,11 +744,7 @@ def _sample(scorer, max_length):
         drawn = ids.gather(1, choice)[:, 0]
         tokens = torch.cat([tokens, torch.where(done, scorer.end, drawn)[:, None]], dim=1)
         done |= drawn == scorer.end
-    return [_until_end(row[1:], scorer.end) for row in tokens.tolist()]
-
-
-def _until_end(ids, end):
-    return ids[:ids.index(end)] if end in ids else ids
+    return [row[1:row.index(scorer.end)] if scorer.end in row else row[1:] for row in tokens.tolist()]
 
 
 # ----------------------------------------------------------------------------------------------
