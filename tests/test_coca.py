@@ -99,8 +99,9 @@ def test_accumulated_micro_batches_give_the_gradients_of_one_big_batch(tiny):
 # ---- across processes: the caption term of the global batch ------------------------------------
 
 class ToyCaptioner(nn.Module):
-    """The smallest CoCa: linear towers into a shared space, and a "decoder" that predicts each
-    next token of a vocabulary of 7 from the token before it and the image."""
+    """The smallest CoCa: linear towers into a shared space (the text's input: counts of the
+    tokens of a vocabulary of 7), and a "decoder" that predicts each next token from the token
+    before it and the image."""
 
     def __init__(self):
         super().__init__()
@@ -114,7 +115,7 @@ class ToyCaptioner(nn.Module):
         image = self.image(images)
         hidden = self.embed(texts[:, :-1]) + image[:, None]
         return {"image_features": F.normalize(image, dim=-1),
-                "text_features": F.normalize(self.text(F.one_hot(texts[:, :5], 7)[..., :5].sum(1).double()), dim=-1),
+                "text_features": F.normalize(self.text(F.one_hot(texts, 7)[..., 1:6].sum(1).double()), dim=-1),
                 "logit_scale": self.logit_scale.exp(), "logits": self.head(hidden), "labels": texts[:, 1:]}
 
 
@@ -122,7 +123,7 @@ def toy_global_batch():
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(8, 6, generator=generator, dtype=torch.float64)
     texts = torch.randint(1, 7, (8, 6), generator=generator)
-    for row, length in enumerate([6, 2, 3, 6, 2, 2, 4, 5]):     # rank 0 holds 17 label tokens, rank 1 holds 9
+    for row, length in enumerate([6, 2, 3, 6, 2, 2, 4, 5]):     # rank 0 holds 13 label tokens, rank 1 holds 9
         texts[row, length:] = 0
     return images, texts, torch.arange(8)
 
