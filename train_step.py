@@ -180,8 +180,8 @@ def cached_backward(model, loss_fn, micro_batches, ids, scaler, precision, devic
     A captioner's caption term is a sum over the tokens of each caption (clip_model.CaptionLoss):
     it needs no cache. Each pass adds its own micro-batch's cross-entropies, divided by the
     token count of the whole step, so the passes' gradients, and their terms, add up to the big
-    batch's. The cached pass keeps only the features (the decoder's logits, B x T x 49,408
-    numbers, would take more memory than the accumulation saves).
+    batch's. The cached pass keeps only the features: the decoder's logits (B x T x 49,408 numbers
+    a micro-batch), kept for every micro-batch, would cost more memory than accumulation saves.
     """
     with torch.no_grad(), clip_model.autocast(device, precision):
         cached = [{key: value for key, value in model(b["images"], b["texts"]).items() if key in FEATURES}

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import open_clip
@@ -23,6 +24,7 @@ import clip_model as cm
 import data_loader
 import export
 import sample_data
+import settings
 import train
 import train_step
 from errors import ModelError, SettingsError
@@ -97,8 +99,9 @@ def test_accumulated_micro_batches_give_the_gradients_of_one_big_batch(tiny):
 # ---- across processes: the caption term of the global batch ------------------------------------
 
 class ToyCaptioner(nn.Module):
-    """The smallest CoCa: linear towers into a shared space, and a "decoder" that predicts each
-    next token of a vocabulary of 7 from the token before it and the image."""
+    """The smallest CoCa: linear towers into a shared space (the text's input: counts of the
+    tokens of a vocabulary of 7), and a "decoder" that predicts each next token from the token
+    before it and the image."""
 
     def __init__(self):
         super().__init__()
@@ -112,7 +115,7 @@ class ToyCaptioner(nn.Module):
         image = self.image(images)
         hidden = self.embed(texts[:, :-1]) + image[:, None]
         return {"image_features": F.normalize(image, dim=-1),
-                "text_features": F.normalize(self.text(F.one_hot(texts[:, :5], 7)[..., :5].sum(1).double()), dim=-1),
+                "text_features": F.normalize(self.text(F.one_hot(texts, 7)[..., 1:6].sum(1).double()), dim=-1),
                 "logit_scale": self.logit_scale.exp(), "logits": self.head(hidden), "labels": texts[:, 1:]}
 
 
@@ -120,7 +123,7 @@ def toy_global_batch():
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(8, 6, generator=generator, dtype=torch.float64)
     texts = torch.randint(1, 7, (8, 6), generator=generator)
-    for row, length in enumerate([6, 2, 3, 6, 2, 2, 4, 5]):     # rank 0 holds 17 label tokens, rank 1 holds 9
+    for row, length in enumerate([6, 2, 3, 6, 2, 2, 4, 5]):     # rank 0 holds 13 label tokens, rank 1 holds 9
         texts[row, length:] = 0
     return images, texts, torch.arange(8)
 
@@ -174,6 +177,37 @@ def test_freezing_the_towers_leaves_the_text_decoder_trainable(options, image, t
     assert trainable(model, "text_decoder.") == {True} and model.logit_scale.requires_grad
     cm.freeze_for_finetuning(model, lock_decoder=True)
     assert trainable(model, "text_decoder.") == {False}
+
+
+def test_the_caption_loss_weight_is_a_setting_and_0_freezes_the_decoder():
+    run = SimpleNamespace(device=torch.device("cpu"), distributed=False, log=SimpleNamespace(info=lambda message: None))
+    for weight, trains in ((2.0, True), (0.0, False)):
+        cfg = settings.parse_config(["--model_name", "tiny-coca-64", "--caption_loss_weight", str(weight)])
+        setup, _, _, caption = train.prepare_model(cfg, run)
+        assert trainable(setup.model, "text_decoder.") == {trains}
+        assert (caption.weight if caption else None) == (weight if trains else None)
+    _, _, _, caption = train.prepare_model(settings.parse_config(["--model_name", "tiny-vit-64"]), run)
+    assert caption is None
+
+
+# ---- the model ---------------------------------------------------------------------------------
+
+def test_a_new_coca_has_its_decoder_initialised_and_the_same_for_a_seed():
+    # open_clip leaves the projection onto the vocabulary as torch.empty: often all zeros
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(cm.build_model("tiny-coca-64", context_length=12).model)
+    a, b = models
+    projection = a.text_decoder.text_projection
+    assert projection.std().item() == pytest.approx(128 ** -0.5, rel=0.05)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_a_context_longer_than_the_decoders_is_refused_in_one_line():
+    cm.build_model("tiny-coca-64", context_length=77)       # the decoder reads 76 tokens after the start
+    with pytest.raises(SettingsError, match="--context_length 78: the text decoder of tiny-coca-64 reads at most 77"):
+        cm.build_model("tiny-coca-64", context_length=78)
 
 
 # ---- captions ----------------------------------------------------------------------------------
