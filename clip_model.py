@@ -9,7 +9,9 @@ text can be compared with any image: retrieval is a nearest-neighbour search, an
 classification is retrieval among captions made from class names ("a photo of a {class}").
 
 The towers come from open_clip, so every open_clip architecture and pretrained tag works here;
-`model_configs/` adds small presets of our own for CPUs and small GPUs.
+`model_configs/` adds small presets of our own for CPUs and small GPUs. A CoCa is a CLIP with a
+third tower, a text decoder that writes captions: its loss beside the contrastive one is
+`CaptionLoss`, its captions come from `generate_captions`.
 """
 import contextlib
 import dataclasses

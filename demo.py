@@ -4,11 +4,13 @@ Generates a small data set of coloured shapes with captions, trains a tiny CLIP 
 retrieval and zero-shot classification, draws every plot, and answers a few text queries.
 Any flag demo.py does not know goes to train.py (e.g. `--num_epochs 20 --model_name simple-rn18`).
 With a captioner (`--model_name tiny-coca-64`, a CoCa) it also writes captions of validation
-images, scores them (BLEU, CIDEr-D), prints a few and draws them (captions.png).
+images, scores them (BLEU, CIDEr-D), prints a few and draws them (captions.png); the --caption_
+flags say how it writes them.
 """
 import argparse
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -40,6 +42,7 @@ def build_parser():
     parser.add_argument("--data_root", default="data", help="where the generated data goes")
     parser.add_argument("--run_name", default=None, help="run folders' name (default: demo-LANGUAGE); "
                         "an earlier demo run of that name is replaced")
+    clip_model.CaptionSettings.add_arguments(parser)
     return parser
 
 
@@ -75,6 +78,9 @@ def answer_queries(checkpoint, embeddings_dir, queries):
 def main(argv=None):
     args, train_flags = build_parser().parse_known_args(argv)
     started = time.time()
+    # a captioner's generation settings go to its evaluation, checked before it trains
+    caption_flags = [flag for name, value in asdict(clip_model.CaptionSettings.from_args(args)).items()
+                     for flag in (f"--caption_{name}", str(value))]
     data = generate_data(args)
 
     print("\n== 1/4 training")
@@ -92,7 +98,7 @@ def main(argv=None):
                                "--language", args.language,
                                "--save_embeddings", str(results_dir / "embeddings"),
                                "--output", str(results_dir / "eval_results.json"),
-                               "--caption_images", str(CAPTIONED_IMAGES)])
+                               "--caption_images", str(CAPTIONED_IMAGES), *caption_flags])
 
     print("\n== 3/4 plots")
     visualization.main(["--results_dir", str(results_dir), "--logs_dir", str(run["log_dir"])])

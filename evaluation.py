@@ -496,6 +496,7 @@ def _distinct(classnames: list[str]) -> list[str]:
 # Not imported: its package is 104 MB, nearly all Java (METEOR, SPICE, the tokenizer) that these two
 # scores do not use. Not copied: its BLEU file's licence forbids redistribution.
 CAPTION_SCORES = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr-D")
+CAPTION_KEYS = tuple(f"{name}_x100" for name in CAPTION_SCORES)   # their keys in caption_metrics's dict
 
 # COCO's tokenizer is Stanford's PTBTokenizer (Java), lower-casing, followed by dropping punctuation
 # tokens. These rules give its tokens on ordinary captions: clitics split off ("isn't" -> is n't,
@@ -642,7 +643,7 @@ def caption_metrics(generated: list[str], references: list[list[str]]) -> dict:
     refs = [[caption_tokens(caption) for caption in captions] for captions in references]
     cider = cider_d(candidates, refs)
     values = [*bleu(candidates, refs), sum(cider) / len(cider)]
-    return {**{f"{name}_x100": 100 * value for name, value in zip(CAPTION_SCORES, values)},
+    return {**{key: 100 * value for key, value in zip(CAPTION_KEYS, values)},
             "num_images": len(generated)}
 
 
@@ -815,7 +816,7 @@ def format_results(results: dict) -> str:
         c = results["captioning"]
         lines += [f"Captioning: {c['num_images']} generated captions against their references (x100, as "
                   f"papers print them)",
-                  "  " + "  ".join(f"{name} {c[f'{name}_x100']:.2f}" for name in CAPTION_SCORES)]
+                  "  " + "  ".join(f"{name} {c[key]:.2f}" for name, key in zip(CAPTION_SCORES, CAPTION_KEYS))]
     return "\n".join(lines)
 
 

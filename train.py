@@ -584,11 +584,11 @@ def evaluate_weights(job, setup, captions=False):
         scored = evaluation.evaluate_captions(setup, job.val_index, num_images=cfg.val_captions,
                                               batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                               precision=run.precision)
-        scores = {f"{name}_x100": scored[f"{name}_x100"] for name in evaluation.CAPTION_SCORES}
-        metrics["captioning"] = {**scores, "num_images": scored["num_images"]}
+        metrics["captioning"] = {key: scored[key] for key in (*evaluation.CAPTION_KEYS, "num_images")}
         first = scored["captions"][0]
-        run.log.info(f"captions of {scored['num_images']} validation images: " +
-                     ", ".join(f"{name} {value:.2f}" for name, value in scores.items()) +
+        run.log.info(f"captions of {scored['num_images']} validation images (x100): " +
+                     ", ".join(f"{name} {scored[key]:.2f}" for name, key in
+                               zip(evaluation.CAPTION_SCORES, evaluation.CAPTION_KEYS)) +
                      f"; the first: '{first['generated']}' (given: '{first['references'][0]}')")
     return metrics
 
