@@ -277,7 +277,9 @@ def _create_from_config(model_config, preprocess_cfg, options, source):
     The folder is a private temporary one, removed at once, and the file name is fixed: the
     checkpoint's model name is data, never part of a path, so no checkpoint can make us write
     anywhere else. The config is checked first (check_model_config); keys open_clip does not
-    know are refused.
+    know are refused. A Hugging Face text tower is built without its pretrained weights
+    (pretrained_text=False): the checkpoint's weights replace them, so fetching them from the hub
+    would only cost a download, or fail offline.
     """
     check_model_config(model_config, preprocess_cfg, source)
     with tempfile.TemporaryDirectory(prefix="clip_config_") as folder:
@@ -285,8 +287,8 @@ def _create_from_config(model_config, preprocess_cfg, options, source):
             json.dump({"model_cfg": model_config, "preprocess_cfg": preprocess_cfg or {}}, f)
         name = f"local-dir:{folder}"
         with _config_errors(source, "its model_config cannot be built by open_clip"):
-            model = _create_within_bounds(
-                lambda device: open_clip.create_model(name, output_dict=True, device=device, **options), source)
+            model = _create_within_bounds(lambda device: open_clip.create_model(
+                name, output_dict=True, device=device, pretrained_text=False, **options), source)
             tokenizer = open_clip.get_tokenizer(name, context_length=options.get("force_context_length"))
     return model, tokenizer
 
