@@ -84,6 +84,13 @@ CHECKPOINT_FORMAT = 1
 MAX_CONFIG_NUMBER = 2 ** 20     # any number of the model or preprocessing config
 MAX_LAYERS = 1024               # the layers of one tower (summed over a ResNet's stages)
 MAX_PARAMETERS = 20 * 10 ** 9
+# The small files a Hugging Face text tower and tokenizer are built from, beside the weights: the
+# tower's config and the tokenizer's files. open_clip reads them from the hub, its cache or the
+# folder its config names; a checkpoint carries them (ClipSetup.text_files), so that it rebuilds
+# without the network and without that folder. Only these names are ever written, and at most
+# MAX_TEXT_FILES_BYTES in all (check_text_files).
+TEXT_FILES = ("config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+MAX_TEXT_FILES_BYTES = 64 * 2 ** 20
 
 
 @dataclass
@@ -94,6 +101,7 @@ class ClipSetup:
     preprocess_cfg: dict     # image size, mean, std, interpolation, resize mode
     model_name: str
     model_config: dict       # the full open_clip config: rebuilds the architecture on its own
+    text_files: dict = field(default_factory=dict)   # {name in TEXT_FILES: text}; {} but for Hugging Face towers
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,7 +278,7 @@ def _model_options(loss, patch_dropout, context_length):
     return options
 
 
-def _create_from_config(model_config, preprocess_cfg, options, source):
+def _create_from_config(model_config, preprocess_cfg, options, source, text_files=None):
     """(model, tokenizer) of an architecture given as a config dict, e.g. read from a checkpoint.
 
     open_clip builds such a model from a folder holding open_clip_config.json ("local-dir:").
@@ -280,33 +288,111 @@ def _create_from_config(model_config, preprocess_cfg, options, source):
     know are refused. A Hugging Face text tower is built without its pretrained weights
     (pretrained_text=False): the checkpoint's weights replace them, so fetching them from the hub
     would only cost a download, or fail offline.
+
+    text_files, the tower's config and tokenizer files a checkpoint carries (checked by
+    check_text_files), are written into the same folder under their fixed names, and the
+    temporary copy of the config points hf_model_name and hf_tokenizer_name at that folder: both
+    are built from the checkpoint alone (the setup's config keeps the names it was trained with).
+    A checkpoint without them (written before they were carried) reads them where its config
+    names them: the hub, its cache or a folder.
     """
     check_model_config(model_config, preprocess_cfg, source)
+    text_files = check_text_files(text_files, source)
+    elsewhere = _read_elsewhere(model_config["text_cfg"], text_files)
+    way_out = (f"; the checkpoint does not carry its text tower's files and reads them from "
+               f"{' and '.join(map(short_repr, elsewhere))}: load it once where that can be read (the "
+               f"Hugging Face cache then keeps the hub's files)") if elsewhere else ""
     with tempfile.TemporaryDirectory(prefix="clip_config_") as folder:
+        for name, text in text_files.items():       # names of TEXT_FILES only
+            Path(folder, name).write_text(text, encoding="utf-8", newline="")
         with open(os.path.join(folder, "open_clip_config.json"), "w", encoding="utf-8") as f:
-            json.dump({"model_cfg": model_config, "preprocess_cfg": preprocess_cfg or {}}, f)
+            json.dump({"model_cfg": _reading_text_files_from(folder, model_config, text_files),
+                       "preprocess_cfg": preprocess_cfg or {}}, f)
         name = f"local-dir:{folder}"
-        with _config_errors(source, "its model_config cannot be built by open_clip"):
+        with _config_errors(source, "its model_config cannot be built by open_clip", way_out):
             model = _create_within_bounds(lambda device: open_clip.create_model(
                 name, output_dict=True, device=device, pretrained_text=False, **options), source)
-            tokenizer = open_clip.get_tokenizer(name, context_length=options.get("force_context_length"))
+            tokenizer = _rebuilt_tokenizer(name, model_config["text_cfg"], text_files,
+                                           options.get("force_context_length"))
     return model, tokenizer
 
 
+def _has_tokenizer_files(text_files):
+    return bool(set(text_files) - {"config.json"})
+
+
+def _read_elsewhere(text_cfg, text_files):
+    """The hub repositories (or folders) that a Hugging Face tower or tokenizer whose files are not
+    in text_files is read from."""
+    names = []
+    if text_cfg.get("hf_model_name") and "config.json" not in text_files:
+        names.append(str(text_cfg["hf_model_name"]))
+    if text_cfg.get("hf_tokenizer_name") and not _has_tokenizer_files(text_files):
+        names.append(str(text_cfg["hf_tokenizer_name"]))
+    return list(dict.fromkeys(names))
+
+
+def _reading_text_files_from(folder, model_config, text_files):
+    """A copy of model_config whose Hugging Face tower and tokenizer are read from folder, where
+    text_files are written."""
+    text_cfg = dict(model_config["text_cfg"])
+    if text_cfg.get("hf_model_name") and "config.json" in text_files:
+        text_cfg["hf_model_name"] = folder
+    if text_cfg.get("hf_tokenizer_name") and _has_tokenizer_files(text_files):
+        text_cfg["hf_tokenizer_name"] = folder
+    return {**model_config, "text_cfg": text_cfg}
+
+
+def _rebuilt_tokenizer(name, text_cfg, text_files, context_length):
+    """The tokenizer of the model built from `name` ("local-dir:FOLDER"). open_clip reads the
+    Hugging Face tokenizer of such a model from the folder, where the tokenizer's files are; a
+    checkpoint that does not carry them gets it from its config's hf_tokenizer_name, as open_clip
+    does for a model it knows by name."""
+    if text_cfg.get("hf_tokenizer_name") and not _has_tokenizer_files(text_files):
+        return open_clip.tokenizer.HFTokenizer(
+            text_cfg["hf_tokenizer_name"], tokenizer_mode=text_cfg.get("tokenizer_mode"),
+            context_length=context_length or text_cfg.get("context_length", open_clip.tokenizer.DEFAULT_CONTEXT_LENGTH),
+            **text_cfg.get("tokenizer_kwargs", {}))
+    return open_clip.get_tokenizer(name, context_length=context_length)
+
+
+def _text_files_of(model, tokenizer):
+    """{name: text} of TEXT_FILES for a model whose text tower or tokenizer is a Hugging Face one,
+    read back from what open_clip loaded (from the hub, its cache or a folder): the tower's config
+    as transformers writes it, and the files the tokenizer saves. {} for other models."""
+    found = {}
+    if isinstance(tokenizer, open_clip.tokenizer.HFTokenizer):
+        with tempfile.TemporaryDirectory(prefix="clip_text_files_") as folder:
+            tokenizer.save_pretrained(folder)
+            for name in TEXT_FILES:
+                path = Path(folder, name)
+                if path.is_file():
+                    with open(path, encoding="utf-8", newline="") as f:
+                        found[name] = f.read()
+    text = getattr(model, "text", None)
+    if isinstance(text, open_clip.hf_model.HFTextEncoder):
+        found["config.json"] = text.config.to_json_string()
+    return found
+
+
 def build_model(model_name, pretrained="", device="cpu", loss="clip", patch_dropout=0.0,
-                grad_checkpointing=False, context_length=0, model_config=None, preprocess_cfg=None):
+                grad_checkpointing=False, context_length=0, model_config=None, preprocess_cfg=None,
+                text_files=None):
     """Create a CLIP model (and its tokenizer and image preprocessing) from open_clip.
 
-    model_config (with its preprocess_cfg) rebuilds an architecture stored in a checkpoint, even
-    one that open_clip does not know by name; pretrained is then ignored (the weights come from
-    the checkpoint). With loss="siglip" the model gets SigLIP's learned bias and initial scale.
-    context_length > 0 changes how many tokens the text tower reads (longer captions, or
-    Chinese, which the byte-level BPE splits into about 3 tokens per character).
+    model_config (with its preprocess_cfg and text_files) rebuilds an architecture stored in a
+    checkpoint, even one that open_clip does not know by name; pretrained is then ignored (the
+    weights come from the checkpoint). A model with a Hugging Face text tower or tokenizer keeps
+    their files in the setup (text_files: the checkpoint's, or read back from what open_clip
+    loaded), so that its checkpoints rebuild from themselves. With loss="siglip" the model gets
+    SigLIP's learned bias and initial scale. context_length > 0 changes how many tokens the text
+    tower reads (longer captions, or Chinese, which the byte-level BPE splits into about 3 tokens
+    per character).
     """
     options = _model_options(loss, patch_dropout, context_length)
     if model_config is not None:
         weights = None                   # the checkpoint's, which the caller loads
-        model, tokenizer = _create_from_config(model_config, preprocess_cfg, options, model_name)
+        model, tokenizer = _create_from_config(model_config, preprocess_cfg, options, model_name, text_files)
         config = json.loads(json.dumps(model_config))
     else:
         model_name = resolve_model_name(model_name)
@@ -337,7 +423,8 @@ def build_model(model_name, pretrained="", device="cpu", loss="clip", patch_drop
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     return ClipSetup(model=model, preprocess_cfg=dict(model.visual.preprocess_cfg),
-                     tokenizer=CaptionTokenizer(tokenizer), model_name=model_name, model_config=config)
+                     tokenizer=CaptionTokenizer(tokenizer), model_name=model_name, model_config=config,
+                     text_files=dict(text_files or {}) or _text_files_of(model, tokenizer))
 
 
 def init_text_decoder(decoder):
@@ -1042,11 +1129,13 @@ def save_checkpoint(path, setup, **training_state):
     """Write a checkpoint whole or not at all (files.atomic_write): a run killed mid-save leaves
     the previous checkpoint intact, and a save that fails (a full disk) raises OutputError naming
     the folder. The weights sit under "state_dict", the key open_clip reads, so
-    open_clip.create_model(name, pretrained=path) loads our checkpoints.
+    open_clip.create_model(name, pretrained=path) loads our checkpoints. A Hugging Face text tower's
+    config and tokenizer files sit under "text_files" (TEXT_FILES), so that the checkpoint rebuilds
+    without the hub (model_from_checkpoint).
     """
     path = Path(path)
     payload = {"format": CHECKPOINT_FORMAT, "state_dict": unwrap(setup.model).state_dict(),
-               "model_name": setup.model_name, "model_config": setup.model_config,
+               "model_name": setup.model_name, "model_config": setup.model_config, "text_files": setup.text_files,
                "preprocess_cfg": {k: list(v) if isinstance(v, tuple) else v
                                   for k, v in setup.preprocess_cfg.items()},
                **training_state}
@@ -1142,6 +1231,17 @@ def check_finite_weights(model, source):
                               f"use a checkpoint saved before its training diverged")
 
 
+def _keys(value):
+    """Every key of nested dicts and lists."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from _keys(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _keys(item)
+
+
 def _numbers(value, where=""):
     """(where, number) of every number in nested dicts and lists ('vision_cfg.width', 768)."""
     if isinstance(value, dict):
@@ -1155,8 +1255,9 @@ def _numbers(value, where=""):
 
 
 def check_model_config(model_config, preprocess_cfg, source):
-    """Refuse a model config (with its preprocessing) that is not open_clip's, or whose numbers
-    are beyond any real model (MAX_CONFIG_NUMBER, MAX_LAYERS), before anything is built."""
+    """Refuse a model config (with its preprocessing) that is not open_clip's, whose numbers are
+    beyond any real model (MAX_CONFIG_NUMBER, MAX_LAYERS), or that asks transformers to run a hub
+    repository's code (trust_remote_code), before anything is built."""
     if not isinstance(model_config, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(model_config) \
             or not all(isinstance(model_config[tower], dict) for tower in ("vision_cfg", "text_cfg")) \
             or not isinstance(model_config.get("multimodal_cfg", {}), dict) \
@@ -1173,6 +1274,73 @@ def check_model_config(model_config, preprocess_cfg, source):
         if layers > MAX_LAYERS:
             raise CheckpointError(f"{source}: its {tower} has {layers} layers, beyond any real model "
                                   f"(at most {MAX_LAYERS}); not building it")
+    if "trust_remote_code" in _keys(model_config):
+        # open_clip passes text_cfg.tokenizer_kwargs to transformers, which would then run the
+        # Python code of the tokenizer's hub repository
+        raise CheckpointError(f"{source}: its model_config asks for trust_remote_code, which would run code from "
+                              f"the Hugging Face hub; not building it")
+
+
+def check_text_files(text_files, source):
+    """text_files (a checkpoint's, or None when it has none), refused unless they are what a text
+    tower and its tokenizer are built from: names of TEXT_FILES only (each becomes a file of that
+    fixed name in a private temporary folder), UTF-8 text of at most MAX_TEXT_FILES_BYTES in all,
+    JSON files without auto_map (with which transformers would import code named by the file), and
+    a tower config.json of a model type open_clip builds, whose numbers are bounded as a model
+    config's are (MAX_CONFIG_NUMBER, MAX_LAYERS). Returns them, {} for None."""
+    if text_files is None:
+        return {}
+    if not isinstance(text_files, dict):
+        raise CheckpointError(f"{source}: its text_files is a {type(text_files).__name__}, not a dictionary of "
+                              f"file names and their text")
+    for name, text in text_files.items():
+        if not isinstance(name, str) or name not in TEXT_FILES:
+            raise CheckpointError(f"{source}: its text_files holds {short_repr(name)}, not one of the files a text "
+                                  f"tower is built from ({', '.join(TEXT_FILES)}); not writing it")
+        if not isinstance(text, str):
+            raise CheckpointError(f"{source}: its text_files holds a {type(text).__name__} as {name}, where only "
+                                  f"text belongs")
+    try:   # a character is 1 to 4 bytes: a text of more characters than the bound is not encoded
+        size = sum(len(text) if len(text) > MAX_TEXT_FILES_BYTES else len(text.encode("utf-8"))
+                   for text in text_files.values())
+    except UnicodeEncodeError:
+        raise CheckpointError(f"{source}: its text_files hold text that cannot be written as UTF-8") from None
+    if size > MAX_TEXT_FILES_BYTES:
+        raise CheckpointError(f"{source}: its text_files hold more than {MAX_TEXT_FILES_BYTES // 2 ** 20} MiB, "
+                              f"beyond what a text tower's config and tokenizer need; not writing them")
+    contents = {}
+    for name in ("config.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if name not in text_files:
+            continue
+        try:
+            contents[name] = json.loads(text_files[name])
+        except (ValueError, RecursionError):
+            raise CheckpointError(f"{source}: its text_files' {name} is not JSON") from None
+        if not isinstance(contents[name], dict):
+            raise CheckpointError(f"{source}: its text_files' {name} is not a JSON object")
+        if "auto_map" in contents[name]:
+            raise CheckpointError(f"{source}: its text_files' {name} has an auto_map, with which transformers "
+                                  f"would run code the file names; not building it")
+    if "config.json" in contents:
+        _check_text_tower_config(contents["config.json"], source)
+    return text_files
+
+
+def _check_text_tower_config(tower, source):
+    kinds = open_clip.hf_model.arch_dict      # the model types whose text towers open_clip builds
+    kind = tower.get("model_type")
+    if not isinstance(kind, str) or kind not in kinds:
+        raise CheckpointError(f"{source}: its text_files' config.json is of model type {short_repr(kind)}, not "
+                              f"one whose text tower open_clip builds ({', '.join(kinds)})")
+    for where, number in _numbers(tower):
+        if not abs(number) <= MAX_CONFIG_NUMBER:
+            raise CheckpointError(f"{source}: its text_files' config.json has {short_repr(where)} "
+                                  f"{short_repr(number)}, beyond any real model (at most {MAX_CONFIG_NUMBER}); "
+                                  f"not building it")
+    layers = tower.get(kinds[kind]["config_names"]["layers"])
+    if isinstance(layers, (int, float)) and layers > MAX_LAYERS:
+        raise CheckpointError(f"{source}: its text_files' config.json has {layers} layers, beyond any real "
+                              f"model (at most {MAX_LAYERS}); not building it")
 
 
 def _create_within_bounds(create, source):
@@ -1189,10 +1357,11 @@ def _create_within_bounds(create, source):
 
 
 @contextlib.contextmanager
-def _config_errors(source, what):
+def _config_errors(source, what, way_out=""):
     """open_clip's errors while building a model from a file's config, as one CheckpointError
-    line. A config from elsewhere can make open_clip fail in any way (TypeError for an unknown
-    key, ImportError for a Hugging Face tower without transformers, ...): all are the file's."""
+    line, ending with way_out. A config from elsewhere can make open_clip fail in any way
+    (TypeError for an unknown key, ImportError for a Hugging Face tower without transformers,
+    ...): all are the file's."""
     try:
         yield
     except UserError:
@@ -1200,7 +1369,7 @@ def _config_errors(source, what):
     except Exception as error:
         if _refused_by_weights_only(error):
             raise CheckpointError(_unsafe_file_message(source)) from None
-        raise CheckpointError(f"{source}: {what} ({_first_line(error)})") from None
+        raise CheckpointError(f"{source}: {what} ({_first_line(error)}){way_out}") from None
 
 
 def load_weights(model, state_dict, source, model_name):
@@ -1244,7 +1413,9 @@ def model_from_folder(folder, device="cpu"):
 
 
 def model_from_checkpoint(path, device="cpu"):
-    """Rebuild a model from one of our checkpoints alone. Returns (ClipSetup, checkpoint)."""
+    """Rebuild a model from one of our checkpoints alone, without the network: a Hugging Face text
+    tower and tokenizer from the files the checkpoint carries (text_files; one written before they
+    were carried reads them from the hub or its cache). Returns (ClipSetup, checkpoint)."""
     checkpoint = load_checkpoint(path)
     if "model_config" not in checkpoint:
         raise CheckpointError(f"checkpoint {path} has weights but no model config; load it with "
@@ -1252,8 +1423,8 @@ def model_from_checkpoint(path, device="cpu"):
     loss = "siglip" if "logit_bias" in checkpoint["state_dict"] else "clip"
     try:
         setup = build_model(str(checkpoint.get("model_name", "model")), device=device, loss=loss,
-                            model_config=checkpoint["model_config"],
-                            preprocess_cfg=checkpoint.get("preprocess_cfg"))
+                            model_config=checkpoint["model_config"], preprocess_cfg=checkpoint.get("preprocess_cfg"),
+                            text_files=checkpoint.get("text_files"))
     except CheckpointError as error:   # it names the model; the file is what the user can find
         raise CheckpointError(f"checkpoint {path}: {error}") from None
     load_weights(setup.model, checkpoint["state_dict"], path, setup.model_name)

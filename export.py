@@ -114,8 +114,9 @@ RECIPE_FILE = Path(prepare_image.__file__).name
 ONNX_FILES = {"image": "image_encoder.onnx", "text": "text_encoder.onnx"}
 INT8_FILES = {"image": "image_encoder.int8.onnx", "text": "text_encoder.int8.onnx"}
 ONNX_CONFIG, REPORT_FILE = "onnx_config.json", "export_report.json"
-EXPORT_FILES = [CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, RECIPE_FILE, *ONNX_FILES.values(), *INT8_FILES.values(),
-                ONNX_CONFIG, *transformers_export.FILES, REPORT_FILE]
+EXPORT_FILES = list(dict.fromkeys([CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, RECIPE_FILE, *ONNX_FILES.values(),
+                                 *INT8_FILES.values(), ONNX_CONFIG, *transformers_export.FILES,
+                                 *clip_model.TEXT_FILES, REPORT_FILE]))
 # What the report and the model card say of a CoCa's ONNX export.
 ONNX_CAPTIONS = "ONNX covers the two encoders; a CoCa's captions need the open_clip folder (its text decoder)"
 # Written first into every export folder: the files above may be replaced only where it is.
@@ -229,21 +230,27 @@ def open_clip_config(setup) -> dict:
         # A SigLIP model has a learned bias; open_clip creates the parameter only when the config
         # asks for one (the value is then overwritten by the weights).
         model_cfg["init_logit_bias"] = float(setup.model.logit_bias.detach())
+    if model_cfg["text_cfg"].get("hf_model_name"):
+        # the tower's weights are in this folder: none to fetch from the Hugging Face hub
+        model_cfg["text_cfg"] = {**model_cfg["text_cfg"], "hf_model_pretrained": False}
     preprocess = {k: list(v) if isinstance(v, tuple) else v for k, v in setup.preprocess_cfg.items()}
     return {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
 
 
 def write_open_clip_folder(setup, folder) -> list:
     """The config, the weights (safetensors: a file of tensors that, unlike a pickle, cannot run
-    code when loaded) and prepare_image.py. Returns the files written."""
+    code when loaded), prepare_image.py, and a Hugging Face text tower's config and tokenizer
+    files (the checkpoint's text_files). Returns the files written."""
     (folder / CONFIG_FILE).write_text(json.dumps(open_clip_config(setup), indent=2))
     weights = {name: tensor.contiguous() for name, tensor in setup.model.state_dict().items()}
     write_safetensors(folder / WEIGHTS_FILE, weights, metadata={"format": "pt"})
     shutil.copyfile(prepare_image.__file__, folder / RECIPE_FILE)
     files = [folder / CONFIG_FILE, folder / WEIGHTS_FILE, folder / RECIPE_FILE]
-    if isinstance(setup.tokenizer, open_clip.tokenizer.HFTokenizer):
-        # open_clip reads a Hugging Face tokenizer of a "local-dir:" model from the folder itself.
-        setup.tokenizer.save_pretrained(folder)
+    for name, text in setup.text_files.items():
+        # open_clip reads the Hugging Face tokenizer of a "local-dir:" model from the folder itself;
+        # load_open_clip_folder builds the tower from its config.json here too
+        (folder / name).write_text(text, encoding="utf-8", newline="")
+        files.append(folder / name)
     return files
 
 
@@ -251,7 +258,12 @@ def load_open_clip_folder(folder):
     """The folder as plain open_clip loads it (model, tokenizer and preprocessing from its files),
     and its recipe for an image file, as the model card gives it: preprocess(rgb(Image.open(path)))."""
     name = f"local-dir:{folder}"
-    model, _, preprocess = open_clip.create_model_and_transforms(name)
+    text_cfg = json.loads((folder / CONFIG_FILE).read_text())["model_cfg"]["text_cfg"]
+    # open_clip builds a Hugging Face tower from the config its hf_model_name names (on the hub, or
+    # the folder it was first built from); offline, it is the config.json of this folder
+    offline = {"text_cfg": {**text_cfg, "hf_model_name": str(folder), "hf_model_pretrained": False}} \
+        if text_cfg.get("hf_model_name") and (folder / "config.json").is_file() else {}
+    model, _, preprocess = open_clip.create_model_and_transforms(name, **offline)
     setup = clip_model.ClipSetup(model=model, tokenizer=open_clip.get_tokenizer(name),
                                  preprocess_cfg=dict(model.visual.preprocess_cfg), model_name=name,
                                  model_config=open_clip.get_model_config(name))

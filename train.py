@@ -9,7 +9,7 @@ data (indexes, cache, loader) in train_data.py, and the optimiser step in train_
 import argparse
 import enum
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -602,9 +602,8 @@ def show_validation(job, state):
 
 
 def ema_setup(job):
-    """The ClipSetup of the moving average of the weights."""
-    return clip_model.ClipSetup(job.ema.module, job.setup.tokenizer, job.setup.preprocess_cfg,
-                                job.setup.model_name, job.setup.model_config)
+    """The ClipSetup of the moving average of the weights: the run's, with the averaged model."""
+    return replace(job.setup, model=job.ema.module)
 
 
 def is_new_best(job, state, value, metrics):
