@@ -1306,8 +1306,8 @@ def check_text_files(text_files, source):
     except UnicodeEncodeError:
         raise CheckpointError(f"{source}: its text_files hold text that cannot be written as UTF-8") from None
     if size > MAX_TEXT_FILES_BYTES:
-        raise CheckpointError(f"{source}: its text_files hold more than {MAX_TEXT_FILES_BYTES // 2 ** 20} MiB, "
-                              f"beyond what a text tower's config and tokenizer need; not writing them")
+        raise CheckpointError(f"{source}: its text_files hold more than {MAX_TEXT_FILES_BYTES:,} bytes, beyond "
+                              f"what a text tower's config and tokenizer need; not writing them")
     contents = {}
     for name in ("config.json", "tokenizer_config.json", "special_tokens_map.json"):
         if name not in text_files:
