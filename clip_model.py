@@ -569,11 +569,26 @@ def _lock_text_tower(model, keep):
             if not name.startswith("visual.") and not _matches(name, TEMPERATURE_PARAMETERS + DECODER_PARAMETERS):
                 param.requires_grad = False
     elif isinstance(getattr(model, "text", None), open_clip.hf_model.HFTextEncoder):
-        model.lock_text_tower(unlocked_layers=keep)    # counts the encoder's layers already
+        _lock_hf_text_tower(model, keep)
     elif is_captioner(model):
         model.text.lock(unlocked_layers=keep + 1)      # what lock_text_tower calls; CoCa has none
     else:
         model.lock_text_tower(unlocked_layers=keep + 1)  # + the projection, its own "layer" there
+
+
+def _lock_hf_text_tower(model, keep):
+    # A Hugging Face tower: its embeddings and all but the last `keep` encoder layers freeze; the
+    # pooler and the projection after them train. open_clip's HFTextEncoder.lock does the same,
+    # but finds the layers by names its arch_dict lacks for BERT (a KeyError), so BERT-like towers
+    # (transformer.embeddings, transformer.encoder.layer: BERT, RoBERTa, XLM-R) are locked here.
+    transformer = model.text.transformer
+    layers = getattr(getattr(transformer, "encoder", None), "layer", None)
+    if layers is None or not hasattr(transformer, "embeddings"):
+        model.lock_text_tower(unlocked_layers=keep)    # mT5: open_clip's names fit
+        return
+    for module in [transformer.embeddings, *layers[:max(len(layers) - keep, 0)]]:
+        for param in module.parameters():
+            param.requires_grad = False
 
 
 def clamp_logit_scale(model):
