@@ -435,6 +435,11 @@ HOSTILE_CHECKPOINTS = {
         lambda tiny: {"model_config": text_cfg(tiny, hf_tokenizer_name="bert-base-uncased")},
         r"its model_config cannot be built by open_clip \(ModuleNotFoundError: .*transformers"),
     "preprocess_cfg a list": (lambda tiny: {"preprocess_cfg": [224]}, r"and a preprocess_cfg dict"),
+    # open_clip hands tokenizer_kwargs to transformers, which would run the hub repository's code
+    "trust_remote_code": (
+        lambda tiny: {"model_config": text_cfg(tiny, hf_tokenizer_name="evil/repo",
+                                               tokenizer_kwargs={"trust_remote_code": True})},
+        r"its model_config asks for trust_remote_code, which would run code from the Hugging Face hub"),
 }
 
 
