@@ -101,7 +101,7 @@ class ClipSetup:
     preprocess_cfg: dict     # image size, mean, std, interpolation, resize mode
     model_name: str
     model_config: dict       # the full open_clip config: rebuilds the architecture on its own
-    text_files: dict = field(default_factory=dict)   # {name in TEXT_FILES: text}; {} but for Hugging Face towers
+    text_files: dict = field(default_factory=dict)   # {name in TEXT_FILES: text}: a Hugging Face tower's, else {}
 
 
 # ----------------------------------------------------------------------------------------------
