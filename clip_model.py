@@ -39,6 +39,7 @@ from huggingface_hub import try_to_load_from_cache
 from safetensors.torch import load_file
 from torch.distributed.nn.functional import all_gather
 
+import chinese_clip
 import files
 from errors import (
     CheckpointError,
@@ -179,7 +180,11 @@ class CaptionTokenizer:
 # Building models
 
 def resolve_model_name(model_name):
-    """Accept an open_clip name, one of our presets, or the path of an open_clip config JSON."""
+    """Accept an open_clip name, one of our presets, the path of an open_clip config JSON, or a
+    Chinese-CLIP name (cn-clip:ViT-B-16: chinese_clip.py)."""
+    if chinese_clip.is_name(model_name):
+        chinese_clip.towers(model_name)          # ModelError for a pairing it does not know
+        return model_name
     if model_name.endswith(".json"):
         path = Path(model_name)
         if not path.is_file():
@@ -188,7 +193,8 @@ def resolve_model_name(model_name):
         model_name = path.stem
     if open_clip.get_model_config(model_name) is None:
         raise ModelError(f"--model_name {model_name!r} is not an open_clip model, a preset "
-                         f"({', '.join(PRESETS)}) or a config .json file. "
+                         f"({', '.join(PRESETS)}), a config .json file or a Chinese-CLIP model "
+                         f"({chinese_clip.PREFIX}ViT-B-16, ...). "
                          f"Known names: python -c 'import open_clip; print(open_clip.list_models())'")
     return model_name
 
@@ -226,15 +232,17 @@ def resolve_pretrained(model_name, pretrained):
 
     Returns (path, tag_config). open_clip's own downloader retries for a minute when the hub is
     unreachable; we look in the cache first, respect HF_HUB_OFFLINE, and probe the host (through
-    the configured proxy) so that an offline machine gets a clear answer at once.
+    the configured proxy) so that an offline machine gets a clear answer at once. A Chinese-CLIP
+    name's tags are chinese_clip's, downloaded the same way.
     """
     if not pretrained or pretrained == "none":
         return None, {}
     if os.path.isfile(pretrained):
         return pretrained, {}
-    tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+    chinese = chinese_clip.is_name(model_name)
+    tag_cfg = (chinese_clip.pretrained_cfg if chinese else open_clip.get_pretrained_cfg)(model_name, pretrained)
     if not tag_cfg:
-        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        tags = (chinese_clip.pretrained_tags if chinese else open_clip.list_pretrained_tags_by_model)(model_name)
         raise ModelError(f"--pretrained {pretrained!r}: neither a file nor a pretrained tag of "
                          f"{model_name} (tags: {', '.join(tags) or 'none'})")
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
@@ -246,12 +254,14 @@ def resolve_pretrained(model_name, pretrained):
     if offline or not _host_reachable(url):
         why = "HF_HUB_OFFLINE is set" if offline else \
             f"{urlparse(url).hostname} cannot be reached from this machine"
+        download = chinese_clip.download_command(tag_cfg) if chinese else \
+            f"python -c \"import open_clip; open_clip.create_model('{model_name}', pretrained='{pretrained}')\""
+        weights_file = os.path.basename(tag_cfg["hf_hub"]) if chinese else "open_clip_model.safetensors"
         raise PretrainedUnavailable(
             f"--pretrained {pretrained}: the weights of {model_name}/{pretrained} are not in the "
             f"cache and must be downloaded, but {why}. Download them where there is a network "
-            f"(python -c \"import open_clip; open_clip.create_model('{model_name}', "
-            f"pretrained='{pretrained}')\" fills the Hugging Face cache), or copy the weights file "
-            f"here and pass its path: --pretrained /path/to/open_clip_model.safetensors")
+            f"({download} fills the Hugging Face cache), or copy the weights file "
+            f"here and pass its path: --pretrained /path/to/{weights_file}")
     return open_clip.download_pretrained(tag_cfg), tag_cfg
 
 
@@ -384,16 +394,25 @@ def build_model(model_name, pretrained="", device="cpu", loss="clip", patch_drop
     checkpoint, even one that open_clip does not know by name; pretrained is then ignored (the
     weights come from the checkpoint). A model with a Hugging Face text tower or tokenizer keeps
     their files in the setup (text_files: the checkpoint's, or read back from what open_clip
-    loaded), so that its checkpoints rebuild from themselves. With loss="siglip" the model gets
+    loaded), so that its checkpoints rebuild from themselves. A Chinese-CLIP name (cn-clip:ViT-B-16)
+    is built from chinese_clip.architecture's config, and pretrained is a file of its weights, ours
+    or as Chinese-CLIP releases them, or its tag chinese-clip. With loss="siglip" the model gets
     SigLIP's learned bias and initial scale. context_length > 0 changes how many tokens the text
     tower reads (longer captions, or Chinese, which the byte-level BPE splits into about 3 tokens
     per character).
     """
     options = _model_options(loss, patch_dropout, context_length)
+    weights = None                       # with a checkpoint's model_config: its own, which the caller loads
+    if model_config is None and chinese_clip.is_name(model_name):
+        # open_clip knows neither the name nor the layout of its released weights: the architecture
+        # is built as a checkpoint's is, and its weights are read here (read_weights converts them)
+        model_config, preprocess_cfg, text_files = chinese_clip.architecture(model_name)
+        weights = resolve_pretrained(model_name, pretrained)[0]
     if model_config is not None:
-        weights = None                   # the checkpoint's, which the caller loads
         model, tokenizer = _create_from_config(model_config, preprocess_cfg, options, model_name, text_files)
         config = json.loads(json.dumps(model_config))
+        if weights:
+            load_weights(model, read_weights(weights)[0], f"--pretrained {weights}", model_name)
     else:
         model_name = resolve_model_name(model_name)
         weights, tag_cfg = resolve_pretrained(model_name, pretrained)
@@ -410,6 +429,8 @@ def build_model(model_name, pretrained="", device="cpu", loss="clip", patch_drop
         config = open_clip.get_model_config(model_name)
         if tag_cfg.get("quick_gelu"):
             config["quick_gelu"] = True
+    if chinese_clip.is_name(model_name):          # a checkpoint's too: Chinese-CLIP's tokens
+        chinese_clip.tokenize_raw_text(tokenizer)
     if is_captioner(model) and weights is None:     # random weights, which open_clip half-makes there
         init_text_decoder(model.text_decoder)
     if context_length:
@@ -468,7 +489,8 @@ def _readable_weights_errors(path, model_name, options):
 
 def read_weights(path):
     """(state_dict, model name or None) of a weights file: safetensors, a state_dict, or a
-    checkpoint holding one under "state_dict" (ours, with its model name). CheckpointError naming
+    checkpoint holding one under "state_dict" (ours, with its model name; Chinese-CLIP's, whose
+    layout becomes open_clip's: chinese_clip.open_clip_layout). CheckpointError naming
     the file when it is unsafe, truncated, not a weights file, or holds anything but tensors."""
     try:
         if str(path).endswith(".safetensors"):
@@ -483,6 +505,7 @@ def read_weights(path):
     nested = isinstance(stored, dict) and "state_dict" in stored
     state = check_state_dict(stored["state_dict"] if nested else stored, path)
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    state = chinese_clip.open_clip_layout(state)    # a Chinese-CLIP release's; others unchanged
     name = stored.get("model_name") if nested else None
     if name is not None:              # shown in messages: a name of ours, or a short view of data
         name = name[:100] if isinstance(name, str) else short_repr(name)
