@@ -69,6 +69,7 @@ import torch.nn.functional as F
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from PIL import Image
 
+import chinese_clip
 import clip_model
 import data_loader
 import evaluation
@@ -254,9 +255,10 @@ def write_open_clip_folder(setup, folder) -> list:
     return files
 
 
-def load_open_clip_folder(folder):
-    """The folder as plain open_clip loads it (model, tokenizer and preprocessing from its files),
-    and its recipe for an image file, as the model card gives it: preprocess(rgb(Image.open(path)))."""
+def load_open_clip_folder(folder, model_name):
+    """The folder of a model as plain open_clip loads it (model, tokenizer and preprocessing from
+    its files), and its recipe for an image file, as the model card gives them:
+    preprocess(rgb(Image.open(path)))."""
     name = f"local-dir:{folder}"
     text_cfg = json.loads((folder / CONFIG_FILE).read_text())["model_cfg"]["text_cfg"]
     # open_clip builds a Hugging Face tower from the config its hf_model_name names (on the hub, or
@@ -264,7 +266,7 @@ def load_open_clip_folder(folder):
     offline = {"text_cfg": {**text_cfg, "hf_model_name": str(folder), "hf_model_pretrained": False}} \
         if text_cfg.get("hf_model_name") and (folder / "config.json").is_file() else {}
     model, _, preprocess = open_clip.create_model_and_transforms(name, **offline)
-    setup = clip_model.ClipSetup(model=model, tokenizer=open_clip.get_tokenizer(name),
+    setup = clip_model.ClipSetup(model=model, tokenizer=folder_tokenizer(folder, model_name),
                                  preprocess_cfg=dict(model.visual.preprocess_cfg), model_name=name,
                                  model_config=open_clip.get_model_config(name))
     recipe = load_recipe(folder)
@@ -273,6 +275,17 @@ def load_open_clip_folder(folder):
         pixels = torch.stack([preprocess(open_rgb(recipe, path)) for path in paths])
         return clip_model.encode_images(model, [pixels], "cpu")
     return setup, prepared
+
+
+def folder_tokenizer(folder, model_name, context_length=None):
+    """open_clip's tokenizer of the folder, as the model card and onnx_config.json tell a user to
+    make it: a Chinese-CLIP model's tokenizes the text as it is (chinese_clip.tokenize_raw_text)."""
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}", context_length=context_length)
+    return chinese_clip.tokenize_raw_text(tokenizer) if chinese_clip.is_name(model_name) else tokenizer
+
+
+# What the model card and onnx_config.json add for a Chinese-CLIP model's tokenizer (folder_tokenizer)
+RAW_TEXT = "tokenizer.clean_fn = str"
 
 
 def preparation(preprocess_cfg) -> str:
@@ -323,12 +336,21 @@ def validation_lines(checkpoint) -> list:
     return lines
 
 
-def usage_lines(report, captioner=False) -> list:
-    """How to load each part the export wrote and checked (and a CoCa's captions)."""
-    lines = ["```python", "from PIL import Image", "import open_clip",
-             f"import prepare_image   # {RECIPE_FILE} of this folder", "",
-             'model, _, preprocess = open_clip.create_model_and_transforms("local-dir:PATH/TO/THIS/FOLDER")',
+def usage_lines(setup, report) -> list:
+    """How to load each part the export wrote and checked (and a CoCa's captions), as
+    load_open_clip_folder and load_onnx do."""
+    captioner = clip_model.is_captioner(setup.model)
+    create = ['model, _, preprocess = open_clip.create_model_and_transforms("local-dir:PATH/TO/THIS/FOLDER")']
+    if "config.json" in setup.text_files:
+        create = ['text_cfg = json.load(open("PATH/TO/THIS/FOLDER/open_clip_config.json"))["model_cfg"]["text_cfg"]',
+                  "# the text tower is built from this folder's config.json, not from where it was trained",
+                  'model, _, preprocess = open_clip.create_model_and_transforms(',
+                  '    "local-dir:PATH/TO/THIS/FOLDER", text_cfg={**text_cfg, "hf_model_name": "PATH/TO/THIS/FOLDER"})']
+    lines = ["```python", *["import json"] * ("config.json" in setup.text_files), "from PIL import Image",
+             "import open_clip", f"import prepare_image   # {RECIPE_FILE} of this folder", "", *create,
              'tokenizer = open_clip.get_tokenizer("local-dir:PATH/TO/THIS/FOLDER")',
+             *[f"{RAW_TEXT}   # Chinese-CLIP tokenizes the text as it is; open_clip would clean it with ftfy first"]
+             * chinese_clip.is_name(setup.model_name),
              'image = preprocess(prepare_image.rgb(Image.open("photo.jpg"))).unsqueeze(0)   # not Image.open alone',
              '# uploaded to the Hugging Face hub: "hf-hub:USER/REPO" instead of "local-dir:..."', "```"]
     if captioner:
@@ -390,7 +412,7 @@ def model_card(setup, checkpoint, checkpoint_path, report) -> str:
              f"A CLIP model: an image tower and a text tower that map images and captions into one "
              f"{cfg['embed_dim']}-dimensional space, where the cosine similarity of an image and a "
              f"caption says how well they match.{coca} Exported from the checkpoint `{checkpoint_path}`.", "",
-             *usage_lines(report, captioner), "",
+             *usage_lines(setup, report), "",
              "## Preparing an image as training did", "", preparation(setup.preprocess_cfg), "",
              "## Model", "", "| | |", "|---|---|",
              f"| architecture | `{setup.model_name}` (full config in `{CONFIG_FILE}`) |",
@@ -537,10 +559,13 @@ def tokenizer_entry(setup) -> dict:
     """What a client installs and calls to make the text encoder's token ids (open_clip reads the
     tokenizer's settings, or a Hugging Face tokenizer's files, from the folder)."""
     hf_name = setup.model_config["text_cfg"].get("hf_tokenizer_name") or ""
+    make = (f"tokenizer = open_clip.get_tokenizer('local-dir:<this folder>', "
+            f"context_length={setup.tokenizer.context_length})")
+    raw_text = [RAW_TEXT] * chinese_clip.is_name(setup.model_name)
+    held = ", whose files this folder holds" if set(setup.text_files) - {"config.json"} else ""
     return {"install": "pip install open_clip_torch",
-            "call": f"open_clip.get_tokenizer('local-dir:<this folder>', context_length="
-                    f"{setup.tokenizer.context_length})(texts).numpy()",
-            "vocabulary": f"the Hugging Face tokenizer {hf_name}" if hf_name else
+            "call": "; ".join([make, *raw_text, "tokenizer(texts).numpy()"]),
+            "vocabulary": f"the Hugging Face tokenizer {hf_name}{held}" if hf_name else
                           "CLIP's byte-pair encoding (open_clip's SimpleTokenizer: ftfy, HTML unescaped, "
                           "lower case; start 49406, end 49407, padded with 0)"}
 
@@ -564,14 +589,14 @@ class OnnxModel:
         return torch.from_numpy(self.sessions["text"].run(None, {"tokens": tokens.numpy()})[0])
 
 
-def load_onnx(folder, files):
+def load_onnx(folder, files, model_name):
     """The ONNX encoders with the preprocessing and the tokenizer call that onnx_config.json gives
     a client (a wrong mean or std written there fails the check like a wrong graph), and the
     recipe for an image file it documents: prepare_image.pixels(rgb(Image.open(path)), config)."""
     config = json.loads((folder / ONNX_CONFIG).read_text())
     preprocess = {"size": tuple(config["image_size"]), "mean": config["mean"], "std": config["std"],
                   "interpolation": config["interpolation"], "resize_mode": config["resize_mode"]}
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}", context_length=config["context_length"])
+    tokenizer = folder_tokenizer(folder, model_name, config["context_length"])
     model = OnnxModel(files["image"], files["text"])
     recipe = load_recipe(folder)
 
@@ -698,7 +723,7 @@ def check_part(name, report, files, check) -> dict:
 def check_open_clip_folder(folder, setup, reference, index, probes, files) -> dict:
     """The folder, loaded by open_clip: its towers must give our features (compare), and a CoCa's
     decoder our token probabilities (decoder_check)."""
-    part = load_open_clip_folder(folder)
+    part = load_open_clip_folder(folder, setup.model_name)
     result = compare(reference, encode_part(part, index, probes, "open_clip folder"), files)
     if clip_model.is_captioner(setup.model):
         result["text_decoder"] = decoder_check(setup, part[0], index)
@@ -892,14 +917,15 @@ def run(args, workdir) -> dict:
     if args.onnx:
         onnx = export_onnx(setup, folder, args.opset)
         files = [*onnx.values(), folder / ONNX_CONFIG]
-        onnx_check = check_part("onnx", report, files, checked(lambda: load_onnx(folder, onnx), files, "onnx"))
+        onnx_check = check_part("onnx", report, files,
+                                checked(lambda: load_onnx(folder, onnx, setup.model_name), files, "onnx"))
         onnx_check["opset"] = args.opset
         if clip_model.is_captioner(setup.model):
             onnx_check["note"] = ONNX_CAPTIONS
         if args.quantize and onnx_check["passed"]:
             quantized = quantize_int8(folder, onnx)
-            int8 = compare(reference, encode_part(load_onnx(folder, quantized), index, probes, "int8"),
-                           quantized.values())
+            int8 = compare(reference, encode_part(load_onnx(folder, quantized, setup.model_name), index, probes,
+                                                  "int8"), quantized.values())
             int8["note"] = "measured, not checked: quantisation changes features on purpose"
             report["int8"] = int8
     if args.transformers:

@@ -13,16 +13,26 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 
+# (pip warns about every package missing from this machine's extra local indexes: noise)
+quiet_pip() { "$VENV/bin/python" -m pip install --quiet "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
+
 wanted=$(sha256sum requirements.txt | cut -d' ' -f1)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$wanted" ]; then
     echo "setup: $VENV is up to date with requirements.txt"
 else
     echo "setup: installing requirements.txt (the first time downloads PyTorch and takes a while)"
-    # (pip warns about every package missing from this machine's extra local indexes: noise)
-    quiet_pip() { "$VENV/bin/python" -m pip install --quiet "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
     quiet_pip --upgrade pip
     quiet_pip -r requirements.txt
     echo "$wanted" > "$STAMP"
+fi
+
+# The tests compare our Chinese-CLIP models (chinese_clip.py) with Chinese-CLIP's own package,
+# cn_clip, the reference; nothing else imports it. It is installed without its dependencies: it
+# pins lmdb==1.3.0, which would replace ours, and requirements.txt cannot say --no-deps. Its model
+# and tokenizer (cn_clip.clip) need torch, torchvision and numpy, ours, and six, installed with it.
+if ! "$VENV/bin/python" -c "import cn_clip.clip" >/dev/null 2>&1; then
+    echo "setup: installing cn_clip 1.6.0, Chinese-CLIP's package, for the tests (without its dependencies)"
+    quiet_pip --no-deps cn_clip==1.6.0 six
 fi
 
 # Plots of Chinese captions need a CJK font; install one where we can (root with apt-get).

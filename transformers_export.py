@@ -30,6 +30,7 @@ import torch
 import transformers
 from open_clip.tokenizer import SimpleTokenizer
 
+import chinese_clip
 import files
 import prepare_image
 
@@ -64,6 +65,9 @@ def unsupported(setup) -> str | None:
     cfg = setup.model_config
     vision, text = cfg["vision_cfg"], cfg["text_cfg"]
     named = [
+        (chinese_clip.is_name(setup.model_name), "a Chinese-CLIP model (a BERT text tower): CLIPModel's text tower "
+                                                 "is CLIP's own Transformer, and transformers' ChineseCLIPModel, "
+                                                 "which holds this kind, is not written here"),
         ("init_logit_bias" in cfg or getattr(setup.model, "logit_bias", None) is not None,
          "a SigLIP model (a learned logit bias): CLIPModel has none, and SiglipModel is not written here"),
         ("multimodal_cfg" in cfg, "a CoCa model: CLIPModel has no text decoder"),

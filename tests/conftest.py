@@ -4,7 +4,10 @@ A test is slow when marked so, or when it uses one of the module fixtures below,
 trains a model, starts torchrun or a browser.
 
 No test reaches Weights & Biases' servers or reads the user's W&B files: every test runs with W&B
-in offline mode, without an API key, and with W&B's folders in a temporary folder."""
+in offline mode, without an API key, and with W&B's folders in a temporary folder. A test that
+must work without the network asks for `offline`."""
+import socket
+
 import pytest
 
 SLOW_FIXTURES = {"learned_run",     # test_train: a run that learns
@@ -34,3 +37,14 @@ def wandb_offline(tmp_path_factory):
                             "WANDB_DISABLE_GIT": "true"}.items():
             patch.setenv(name, value)
         yield folder
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """A machine without a network: HF_HUB_OFFLINE=1, and every connection refused."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def refused(*args, **kwargs):
+        raise OSError("the network was used")
+    monkeypatch.setattr(socket.socket, "connect", refused)
+    monkeypatch.setattr(socket.socket, "connect_ex", refused)

@@ -5,7 +5,6 @@ such a tower keeps its last layers trainable."""
 import dataclasses
 import json
 import shutil
-import socket
 import tempfile
 from types import SimpleNamespace
 
@@ -68,17 +67,6 @@ def features(setup):
     tokens = setup.tokenizer(CAPTIONS)
     with torch.no_grad():
         return tokens, setup.model.encode_text(tokens, normalize=True), setup.model.encode_image(images, normalize=True)
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    """A machine without a network: HF_HUB_OFFLINE=1, and every connection refused."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def refused(*args, **kwargs):
-        raise OSError("the network was used")
-    monkeypatch.setattr(socket.socket, "connect", refused)
-    monkeypatch.setattr(socket.socket, "connect_ex", refused)
 
 
 @pytest.fixture(scope="module")
