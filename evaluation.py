@@ -827,10 +827,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "captions (BLEU, CIDEr-D).")
     add = parser.add_argument
     add("--checkpoint", help="checkpoint written by train.py, e.g. model-checkpoint/<run>/best.pt")
-    add("--model_name", help="open_clip model or preset (e.g. ViT-B-32, tiny-vit-64) to evaluate "
-                             "without a checkpoint of ours; weights from --pretrained")
-    add("--pretrained", default="", help="with --model_name: an open_clip pretrained tag (e.g. "
-                                         "openai) or a local weights file; empty = random weights")
+    add("--model_name", help="open_clip model or preset (e.g. ViT-B-32, tiny-vit-64), or a Chinese-CLIP "
+                             "model (e.g. cn-clip:ViT-B-16), to evaluate without a checkpoint of ours; "
+                             "weights from --pretrained")
+    add("--pretrained", default="", help="with --model_name: a pretrained tag (e.g. openai; chinese-clip for "
+                                         "a cn-clip model) or a local weights file; empty = random weights")
     add("--data", help="captioned images to retrieve, in any format data_loader.py reads, WebDataset "
                        "shards too ('dir/{00000..00004}.tar', one .tar or a folder of them)")
     add("--image_column", default="filepath", help="image column of a CSV/TSV --data file")

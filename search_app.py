@@ -971,10 +971,12 @@ def build_parser():
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("--checkpoint", default="", help="a checkpoint of ours, e.g. "
                                                          "model-checkpoint/<run>/best.pt")
-    model.add_argument("--model_name", default="", help="an open_clip model or preset instead of "
-                                                        "--checkpoint (e.g. ViT-B-32)")
-    model.add_argument("--pretrained", default="", help="with --model_name: a pretrained tag "
-                                                        "(e.g. laion2b_s34b_b79k) or a weights file")
+    model.add_argument("--model_name", default="", help="an open_clip model or preset, or a Chinese-CLIP "
+                                                        "model, instead of --checkpoint (e.g. ViT-B-32, "
+                                                        "cn-clip:ViT-B-16)")
+    model.add_argument("--pretrained", default="", help="with --model_name: a pretrained tag (e.g. "
+                                                        "laion2b_s34b_b79k; chinese-clip for a cn-clip model) "
+                                                        "or a weights file")
     model.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
 
     index = commands.add_parser("index", parents=[model], help="encode the photos of a folder "

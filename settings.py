@@ -34,10 +34,12 @@ class Setting:
 SCHEMA = [
     # model
     Setting("model", "model_name", "tiny-vit-64", "open_clip model name (ViT-B-32, RN50, "
-            "coca_ViT-B-32, ...), a preset of ours (tiny-vit-64, small-vit-128, simple-rn18, tiny-coca-64) or "
-            "an open_clip config .json"),
+            "coca_ViT-B-32, ...), a preset of ours (tiny-vit-64, small-vit-128, simple-rn18, tiny-coca-64), "
+            "an open_clip config .json, or a Chinese-CLIP model (cn-clip:RN50, cn-clip:ViT-B-16, cn-clip:ViT-L-14, "
+            "cn-clip:ViT-L-14-336, cn-clip:ViT-H-14, cn-clip:VISION@TEXT)"),
     Setting("model", "pretrained", "", "'' for random init, an open_clip pretrained tag (openai, "
-            "laion2b_s34b_b79k, ...), or a local weights file or checkpoint"),
+            "laion2b_s34b_b79k, ...) or chinese-clip for a cn-clip model, or a local weights file or checkpoint "
+            "(Chinese-CLIP's released .pt files too)"),
     Setting("model", "loss", "clip", "clip: softmax InfoNCE; siglip: sigmoid loss", ("clip", "siglip")),
     Setting("model", "local_loss", False, "with many processes, compute the loss of local rows "
             "against the global batch only (less memory, same gradient on average)"),
@@ -61,10 +63,10 @@ SCHEMA = [
     Setting("model", "compile", False, "torch.compile the model"),
     # model: distillation, a teacher the student learns from (clip_model.DistillationLoss)
     Setting("model", "distill_from", "", "distillation teacher: a checkpoint of ours, an open_clip "
-            "model folder (open_clip_config.json and weights), or an open_clip model name or preset "
+            "model folder (open_clip_config.json and weights), or a model name as model_name takes it "
             "with distill_pretrained; '' = no distillation"),
     Setting("model", "distill_pretrained", "", "the teacher's weights when distill_from is a model "
-            "name: an open_clip pretrained tag or a local weights file"),
+            "name: a pretrained tag as pretrained takes it, or a local weights file"),
     Setting("model", "distill_weight", 0.5, "share w of the distillation term: loss = (1 - w) x "
             "contrastive + w x distillation; 0 = no distillation", valid="[0, 1]"),
     Setting("model", "distill_temperature", 4.0, "temperature T that softens both models' "

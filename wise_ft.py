@@ -33,7 +33,8 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
     add("pretrained", help="the weights fine-tuning started from: a checkpoint of ours, an open_clip "
-                           "weights file, or a pretrained tag of the fine-tuned model's architecture")
+                           "weights file (or Chinese-CLIP's released .pt), or a pretrained tag of the "
+                           "fine-tuned model's architecture")
     add("finetuned", help="the fine-tuned checkpoint (train.py's best.pt or last.pt)")
     add("--alpha", default="0,0.25,0.5,0.75,1", help="mixes to evaluate, comma-separated: 0 = "
                                                      "pretrained, 1 = fine-tuned (default: %(default)s)")

@@ -9,6 +9,7 @@ import io
 import json
 import shutil
 import time
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -20,6 +21,7 @@ import evaluation
 import export
 import sample_data
 import train
+import wise_ft
 from errors import ModelError
 
 RELEASED = [chinese_clip.PREFIX + name for name in chinese_clip.RELEASED]
@@ -54,10 +56,10 @@ def cn_clip_model(cn_clip, model_name):
     return model.eval()
 
 
-def save_as_released(model, path):
-    """The model's weights as Chinese-CLIP releases them: its training's checkpoint of a
-    DistributedDataParallel model, "module." before every name, in the model's precision."""
-    state = {f"module.{name}": tensor for name, tensor in model.state_dict().items()}
+def save_as_released(state, path):
+    """Weights (a state_dict of cn_clip's CLIP) as Chinese-CLIP releases them: its training's
+    checkpoint of a DistributedDataParallel model, "module." before every name."""
+    state = {f"module.{name}": tensor for name, tensor in state.items()}
     torch.save({"epoch": 3, "step": 1000, "name": "test", "state_dict": state,
                 "optimizer": {"state": {}, "param_groups": [{"lr": 5e-5, "params": [0]}]}}, path)
     return path
@@ -101,8 +103,8 @@ def released_rn50(cn_clip, tmp_path_factory):
     """cn_clip's RN50 and its weights as Chinese-CLIP releases them, in fp16 and in fp32."""
     folder = tmp_path_factory.mktemp("released")
     model = cn_clip_model(cn_clip, "cn-clip:RN50")
-    files = {"fp16": save_as_released(model, folder / "fp16.pt")}
-    files["fp32"] = save_as_released(model.float(), folder / "fp32.pt")
+    files = {"fp16": save_as_released(model.state_dict(), folder / "fp16.pt")}
+    files["fp32"] = save_as_released(model.float().state_dict(), folder / "fp32.pt")
     return model, files
 
 
@@ -123,7 +125,7 @@ def test_a_released_checkpoint_in_fp32_reads_as_in_fp16(released_rn50):
 @pytest.mark.slow
 def test_a_released_vit_checkpoint_gives_cn_clips_features(cn_clip, tmp_path):
     reference = cn_clip_model(cn_clip, "cn-clip:ViT-B-16")
-    path = save_as_released(reference, tmp_path / "vit.pt")
+    path = save_as_released(reference.state_dict(), tmp_path / "vit.pt")
     assert_cn_clips_features(cm.build_model("cn-clip:ViT-B-16", pretrained=str(path)), reference, cn_clip)
 
 
@@ -269,9 +271,27 @@ def test_a_cn_clip_checkpoint_evaluates_and_exports_without_the_network(tiny_run
     report = export.main(["--checkpoint", str(tiny_run["checkpoint"]), "--output", str(folder), "--onnx",
                           "--check_data", str(data["index"]), "--check_images", "16"])
     assert report["open_clip_folder"]["passed"] and report["onnx"]["passed"]
-    card = (folder / "README.md").read_text()
-    assert '"hf_model_name": "PATH/TO/THIS/FOLDER"' in card and "tokenizer.clean_fn = str" in card
     assert "clean_fn = str" in json.loads((folder / "onnx_config.json").read_text())["tokenizer"]["call"]
+    # the model card's code, run as it stands: open_clip alone builds the model and Chinese-CLIP's tokens
+    photo = next((Path(data["index"]).parent / "images").iterdir())
+    code = (folder / "README.md").read_text().split("```python\n")[1].split("```")[0]
+    card = {}
+    exec(code.replace("PATH/TO/THIS/FOLDER", str(folder)).replace("photo.jpg", str(photo)), card)
+    assert torch.equal(card["tokenizer"](CAPTIONS), tiny_run["features"][0])
+    assert isinstance(card["model"], open_clip.CustomTextCLIP) and card["image"].shape == (1, 3, 64, 64)
+
+
+def test_wise_ft_starts_from_a_released_checkpoint(tiny_run, tmp_path):
+    # the tiny run's weights written back in Chinese-CLIP's layout (fp16, its names, its pooler)
+    tuned = cm.load_checkpoint(tiny_run["checkpoint"])["state_dict"]
+    released = {("bert." + name[len("text.transformer."):] if name.startswith("text.transformer.") else name):
+                tensor.half() for name, tensor in tuned.items() if name != "text.proj.weight"}
+    released |= {"text_projection": tuned["text.proj.weight"].T.half(), "bert.pooler.dense.bias": torch.zeros(32)}
+    path = save_as_released(released, tmp_path / "released.pt")
+    _, start, end = wise_ft.load_endpoints(str(path), tiny_run["checkpoint"], "cpu")
+    assert start.keys() == end.keys()
+    for name, tensor in start.items():
+        torch.testing.assert_close(tensor, end[name].half().float(), rtol=0, atol=0)
 
 
 def test_the_transformers_export_refuses_a_cn_clip_model_in_one_line(tiny_run, tmp_path):
