@@ -41,6 +41,7 @@ NOT_RUN_HERE = {"setup.sh": "installs the environment the tests already run in",
                 "--pretrained laion2b": "downloads weights, and this machine has no network",
                 "--distill_pretrained laion2b": "downloads the teacher's weights; no network here",
                 "--pretrained mscoco_finetuned": "downloads CoCa's weights; no network here",
+                "--pretrained chinese-clip": "downloads Chinese-CLIP's weights; no network here",
                 "torchrun": "multi-GPU and multi-node runs; tests/test_distributed.py runs torchrun",
                 "my-finetune": "needs your own fine-tuned run; tests/test_wise_ft.py runs wise_ft.py",
                 "MUGE/lmdb": "Chinese-CLIP's download of MUGE; tests/test_data_loader.py trains on an "
