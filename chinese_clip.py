@@ -32,6 +32,8 @@ that a machine without the network is told at once what to do).
 """
 from pathlib import Path
 
+from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
 from errors import ModelError
 
 PREFIX = "cn-clip:"
@@ -64,8 +66,6 @@ RELEASED = {
     "ViT-H-14": ("RoBERTa-wwm-ext-large-chinese", "OFA-Sys/chinese-clip-vit-huge-patch14/clip_cn_vit-h-14.pt"),
 }
 PRETRAINED_TAG = "chinese-clip"
-# OpenAI's, which Chinese-CLIP keeps (cn_clip.clip.utils.image_transform)
-MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 def is_name(model_name):
@@ -96,7 +96,9 @@ def architecture(model_name):
         "text_cfg": {"hf_model_name": _repository_path(tower_folder), "hf_tokenizer_name": _repository_path(FILES),
                      "hf_proj_type": "linear", "hf_pooler_type": "cls_last_hidden_state_pooler",
                      "context_length": CONTEXT_LENGTH}}
-    preprocess_cfg = {"mean": MEAN, "std": STD, "interpolation": "bicubic", "resize_mode": "squash"}
+    # cn_clip.clip.utils.image_transform: Resize((size, size)), bicubic, OpenAI's mean and std
+    preprocess_cfg = {"mean": OPENAI_DATASET_MEAN, "std": OPENAI_DATASET_STD, "interpolation": "bicubic",
+                      "resize_mode": "squash"}
     text_files = {name: (folder / name).read_text(encoding="utf-8")
                   for folder, name in [(tower_folder, "config.json"), *((FILES, n) for n in TOKENIZER_FILES)]}
     return model_config, preprocess_cfg, text_files
@@ -125,20 +127,15 @@ def download_command(tag_cfg):
     return f"python -c \"from huggingface_hub import hf_hub_download; hf_hub_download('{repo}', '{filename}')\""
 
 
-def is_released_layout(state):
-    """Whether a state_dict is laid out as Chinese-CLIP's: its text tower under "bert.", which no
-    open_clip model has."""
-    return any(name.startswith("bert.") for name in state)
-
-
 def open_clip_layout(state):
     """A state_dict of Chinese-CLIP's layout ("module." already stripped), as open_clip's model of the
     same towers holds it: bert.X is text.transformer.X; text_projection [width, embed_dim], applied as
     x @ P, is the weight of a Linear, [embed_dim, width], hence transposed; BERT's pooler, which
     Chinese-CLIP never uses (it pools [CLS] itself) and open_clip does not build, is dropped; fp16
     tensors become fp32, as the model trains. The image tower's and the temperature's names are
-    the same in both. Any other state_dict is returned as it is."""
-    if not is_released_layout(state):
+    the same in both. Any other state_dict is returned as it is: Chinese-CLIP's layout is the one
+    with a text tower under "bert.", which no open_clip model has."""
+    if not any(name.startswith("bert.") for name in state):
         return state
     converted = {}
     for name, tensor in state.items():
