@@ -559,12 +559,11 @@ def tokenizer_entry(setup) -> dict:
     """What a client installs and calls to make the text encoder's token ids (open_clip reads the
     tokenizer's settings, or a Hugging Face tokenizer's files, from the folder)."""
     hf_name = setup.model_config["text_cfg"].get("hf_tokenizer_name") or ""
-    make = (f"tokenizer = open_clip.get_tokenizer('local-dir:<this folder>', "
-            f"context_length={setup.tokenizer.context_length})")
-    raw_text = [RAW_TEXT] * chinese_clip.is_name(setup.model_name)
+    make = f"open_clip.get_tokenizer('local-dir:<this folder>', context_length={setup.tokenizer.context_length})"
+    call = f"tokenizer = {make}; {RAW_TEXT}; tokenizer(texts).numpy()" if chinese_clip.is_name(setup.model_name) \
+        else f"{make}(texts).numpy()"
     held = ", whose files this folder holds" if set(setup.text_files) - {"config.json"} else ""
-    return {"install": "pip install open_clip_torch",
-            "call": "; ".join([make, *raw_text, "tokenizer(texts).numpy()"]),
+    return {"install": "pip install open_clip_torch", "call": call,
             "vocabulary": f"the Hugging Face tokenizer {hf_name}{held}" if hf_name else
                           "CLIP's byte-pair encoding (open_clip's SimpleTokenizer: ftfy, HTML unescaped, "
                           "lower case; start 49406, end 49407, padded with 0)"}
