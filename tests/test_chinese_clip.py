@@ -20,9 +20,9 @@ import clip_model as cm
 import evaluation
 import export
 import sample_data
-import train
 import wise_ft
 from errors import ModelError
+from text_tower_runs import features, train_one_step
 
 RELEASED = [chinese_clip.PREFIX + name for name in chinese_clip.RELEASED]
 CAPTIONS = ["一只红色的圆形在左边，蓝色的方块在右边。", "左边有一个红色的圆形", "A Photo of TWO Cats",
@@ -83,8 +83,8 @@ def test_each_architecture_holds_cn_clips_tensors(cn_clip, model_name):
     assert {name: tensor.shape for name, tensor in meta_model(model_name).state_dict().items()} == expected
 
 
-def features(model, images, tokens):
-    """A model's image and text features (not normalised: the stricter comparison)."""
+def raw_features(model, images, tokens):
+    """A model's image and text features, not normalised: the stricter comparison."""
     with torch.no_grad():
         return model.encode_image(images), model.encode_text(tokens)
 
@@ -94,7 +94,8 @@ def assert_cn_clips_features(setup, reference, cn_clip):
     assert torch.equal(setup.tokenizer(CAPTIONS), tokens)
     size = setup.model_config["vision_cfg"]["image_size"]
     images = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-    for ours, theirs in zip(features(setup.model.eval(), images, tokens), features(reference.float(), images, tokens)):
+    expected = raw_features(reference.float(), images, tokens)
+    for ours, theirs in zip(raw_features(setup.model.eval(), images, tokens), expected):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
@@ -225,29 +226,16 @@ def data(tmp_path_factory):
     return sample_data.create_sample_dataset(tmp_path_factory.mktemp("data"), num_samples=32, seed=0, language="zh")
 
 
-def tiny_features(setup):
-    """Token ids of CAPTIONS, and the model's normalised text and image features."""
-    setup.model.eval()
-    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    tokens = setup.tokenizer(CAPTIONS)
-    with torch.no_grad():
-        return tokens, setup.model.encode_text(tokens, normalize=True), setup.model.encode_image(images, normalize=True)
-
-
 @pytest.fixture(scope="module")
 def tiny_run(data, tmp_path_factory):
     """A checkpoint of one train.py step of the tiny pairing on Chinese captions, and the features
     of its weights in the model the name builds; then the pairing is gone, as on another machine."""
     out = tmp_path_factory.mktemp("cn")
     with tiny_pairing(out):
-        train.main(["--model_name", TINY, "--data_dir", str(data["index"]), "--max_steps", "1", "--batch_size", "8",
-                    "--num_workers", "0", "--run_name", "cn", "--checkpoint_dir", str(out / "ckpt"),
-                    "--log_dir", str(out / "logs"), "--results_dir", str(out / "results"),
-                    "--tensorboard_pairs", "0", "--projector_pairs", "0"])
-        checkpoint = out / "ckpt/cn/last.pt"
+        checkpoint = train_one_step(TINY, data["index"], out, "cn")
         reference = cm.build_model(TINY)
         cm.load_weights(reference.model, cm.load_checkpoint(checkpoint)["state_dict"], checkpoint, TINY)
-        expected = tiny_features(reference)
+        expected = features(reference, CAPTIONS)
     return {"checkpoint": checkpoint, "features": expected, "out": out}
 
 
@@ -256,7 +244,7 @@ def test_a_cn_clip_checkpoint_rebuilds_without_the_network(tiny_run, offline):
     assert checkpoint["model_name"] == TINY
     assert checkpoint["text_files"]["tokenizer.json"] == (chinese_clip.FILES / "tokenizer.json").read_text()
     rebuilt, _ = cm.model_from_checkpoint(tiny_run["checkpoint"])
-    tokens, texts, images = tiny_features(rebuilt)
+    tokens, texts, images = features(rebuilt, CAPTIONS)
     expected_tokens, expected_texts, expected_images = tiny_run["features"]
     assert torch.equal(tokens, expected_tokens) and tokens[0, 11] == 8024      # "，" kept: not open_clip's ","
     torch.testing.assert_close(texts, expected_texts, rtol=0, atol=1e-6)

@@ -19,6 +19,7 @@ import export
 import sample_data
 import train
 import train_step
+from text_tower_runs import features, train_one_step
 
 CONFIG_NAME = "tiny-bert-clip"
 # A WordPiece vocabulary of the generated captions' words and a few Chinese characters, so that
@@ -60,15 +61,6 @@ def forget_the_config():
     open_clip.factory._MODEL_CONFIGS.pop(CONFIG_NAME, None)
 
 
-def features(setup):
-    """Token ids of CAPTIONS, and the model's text and image features."""
-    setup.model.eval()
-    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    tokens = setup.tokenizer(CAPTIONS)
-    with torch.no_grad():
-        return tokens, setup.model.encode_text(tokens, normalize=True), setup.model.encode_image(images, normalize=True)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return sample_data.create_sample_dataset(tmp_path_factory.mktemp("data"), num_samples=32, seed=0)
@@ -81,14 +73,10 @@ def bert_run(data, tmp_path_factory):
     the folder deleted."""
     out = tmp_path_factory.mktemp("bert")
     folder, config = write_tiny_bert(out)
-    train.main(["--model_name", str(config), "--data_dir", str(data["index"]), "--max_steps", "1",
-                "--batch_size", "8", "--num_workers", "0", "--run_name", "bert",
-                "--checkpoint_dir", str(out / "ckpt"), "--log_dir", str(out / "logs"),
-                "--results_dir", str(out / "results"), "--tensorboard_pairs", "0", "--projector_pairs", "0"])
-    checkpoint = out / "ckpt/bert/last.pt"
+    checkpoint = train_one_step(config, data["index"], out, "bert")
     reference = cm.build_model(str(config))
     cm.load_weights(reference.model, cm.load_checkpoint(checkpoint)["state_dict"], checkpoint, CONFIG_NAME)
-    expected = features(reference)
+    expected = features(reference, CAPTIONS)
     shutil.rmtree(folder)
     open_clip.factory._MODEL_CONFIGS.pop(CONFIG_NAME)
     return {"checkpoint": checkpoint, "features": expected, "out": out}
@@ -100,7 +88,7 @@ def test_an_hf_tokenizer_checkpoint_rebuilds_without_its_folder_or_the_network(b
     assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= set(checkpoint["text_files"])
     assert checkpoint["model_config"]["text_cfg"]["hf_model_name"].endswith("tiny-bert")   # the name it had
     rebuilt, _ = cm.model_from_checkpoint(bert_run["checkpoint"])
-    tokens, texts, images = features(rebuilt)
+    tokens, texts, images = features(rebuilt, CAPTIONS)
     expected_tokens, expected_texts, expected_images = bert_run["features"]
     assert torch.equal(tokens, expected_tokens) and (tokens[:, 1] != 1).all()      # 1 = [UNK]
     torch.testing.assert_close(texts, expected_texts, rtol=0, atol=1e-6)
