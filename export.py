@@ -10,7 +10,8 @@ What leaves the repository:
      preprocessing), open_clip_model.safetensors (the weights), README.md (a model card) and
      prepare_image.py (how to turn an image into what training saw). Plain open_clip loads it, no
      code of this repository needed: open_clip.create_model_and_transforms("local-dir:DIR"), or
-     "hf-hub:user/repo" once uploaded.
+     "hf-hub:user/repo" once uploaded (a Hugging Face text tower from the folder's config.json, and
+     a Chinese-CLIP model's tokenizer without open_clip's text cleaning: the model card says how).
      A CoCa's folder holds its text decoder too, which writes captions: clip_model.generate_captions,
      or open_clip's model.generate with transformers 4 (it imports BeamSearchScorer, which
      transformers 5 removed).
