@@ -201,9 +201,10 @@ def resolve_model_name(model_name):
 
 def _host_reachable(url, timeout=3.0):
     """True if an HTTP server answers at url within timeout seconds, through the proxy of
-    HTTPS_PROXY / HTTP_PROXY when one is set (urllib honours them, and NO_PROXY)."""
+    HTTPS_PROXY / HTTP_PROXY when one is set (urllib honours them, and NO_PROXY). The opener is
+    built at each call: urlopen's own is built once per process, with the proxies of that moment."""
     try:
-        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+        urllib.request.build_opener().open(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
         return True
     except urllib.error.HTTPError:     # the server answered (401, 404, ...): the host is reachable
         return True
