@@ -3,12 +3,21 @@ is a quick check before a commit; the full suite (CI's, the README's command) ru
 A test is slow when marked so, or when it uses one of the module fixtures below, each of which
 trains a model, starts torchrun or a browser.
 
+The suite runs on every core (pytest-xdist, `-n auto` in pytest.ini; `-n 0` runs it in one
+process). Much of its time is Python starting scripts -- importing torch, torchvision and open_clip
+takes ~10 s of one core -- which a second core overlaps. Each worker computes on one thread, so two
+workers never fight over a core (OpenMP threads that wait for a busy core make a step many times
+slower). The tests of a module that share one of its expensive fixtures run in one worker, so
+that the fixture is built once.
+
 No test reaches Weights & Biases' servers or reads the user's W&B files: every test runs with W&B
 in offline mode, without an API key, and with W&B's folders in a temporary folder. A test that
 must work without the network asks for `offline`."""
+import os
 import socket
 
 import pytest
+import torch
 
 SLOW_FIXTURES = {"learned_run",     # test_train: a run that learns
                  "torchrun_runs",   # test_distributed: runs under torchrun
@@ -16,12 +25,25 @@ SLOW_FIXTURES = {"learned_run",     # test_train: a run that learns
                  "browser",         # test_search_app: Chromium
                  "run",             # test_tensorboard_views: a run with its TensorBoard views
                  "wandb_run"}       # test_reporting: a run reported to W&B, and its resumed part
+# Module fixtures that take seconds to build: a trained model, its export, a teacher.
+SHARED_FIXTURES = SLOW_FIXTURES | {"learned", "trained", "exported", "accumulated_run", "tiny_run", "bert_run",
+                                   "released_rn50", "rn50", "cli_run", "captioner", "chinese", "servers"}
 
 
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"        # and the scripts it starts
+        torch.set_num_threads(1)
+
+
+@pytest.hookimpl(tryfirst=True)     # before xdist reads the groups from the items
 def pytest_collection_modifyitems(items):
     for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        used = set(getattr(item, "fixturenames", ()))
+        if SLOW_FIXTURES & used:
             item.add_marker(pytest.mark.slow)
+        if SHARED_FIXTURES & used:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -48,3 +70,4 @@ def offline(monkeypatch):
         raise OSError("the network was used")
     monkeypatch.setattr(socket.socket, "connect", refused)
     monkeypatch.setattr(socket.socket, "connect_ex", refused)
+

@@ -365,17 +365,15 @@ def test_a_resumed_coca_run_ends_with_the_weights_of_an_uninterrupted_one(data, 
 
 
 @pytest.mark.slow
-def test_an_open_clip_coca_trains_resumes_and_exports(data, tmp_path):
+def test_an_open_clip_coca_trains_and_exports(data, tmp_path):
     # coca_ViT-B-32 with random weights (254M parameters) at a CPU's pace: its towers locked (LiT),
     # so that a step trains the decoder (101M) alone and last.pt holds AdamW's state of it alone,
-    # and captions of 20 tokens (of 76), the decoder's context unchanged.
-    common = ("--model_name", "coca_ViT-B-32", "--max_steps", "2", "--batch_size", "2", "--lock_image", "0",
-              "--lock_text", "0", "--context_length", "20", "--warmup_steps", "1")
-    first = train.main(run_args(data, tmp_path, "--run_name", "b32", "--stop_at_step", "1", *common,
-                                train_set="few", val_set="few"))
-    second = train.main(run_args(data, tmp_path, "--run_name", "b32", "--resume", "auto", *common,
-                                 train_set="few", val_set="few"))
-    assert (first["step"], second["step"]) == (1, 2) and second["history"]["train"][-1]["caption"] > 0
+    # and captions of 20 tokens (of 76), the decoder's context unchanged. Resuming a CoCa is the
+    # tiny one's test above: the same code, at a tenth of the cost.
+    result = train.main(run_args(data, tmp_path, "--run_name", "b32", "--model_name", "coca_ViT-B-32",
+                                 "--max_steps", "1", "--batch_size", "2", "--lock_image", "0", "--lock_text", "0",
+                                 "--context_length", "20", "--warmup_steps", "1", train_set="few", val_set="few"))
+    assert result["step"] == 1 and result["history"]["train"][-1]["caption"] > 0
     checkpoint = tmp_path / "ckpt/b32/best.pt"
     config = cm.load_checkpoint(checkpoint)["model_config"]
     assert config["text_cfg"]["context_length"] == 20 and config["multimodal_cfg"]["layers"] == 12
