@@ -398,7 +398,7 @@ median (range) over the rounds. Load average {speed['loads'][0]:.1f} before, {sp
                   "", f"Measured by {speed['command']}."]
     recall = results.get("recall")
     if recall:
-        rows = []
+        rows, verdicts = [], []
         for key, label in SETS.items():
             r = recall[key]
             for name in ("BPE", "WordPiece"):
@@ -408,6 +408,11 @@ median (range) over the rounds. Load average {speed['loads'][0]:.1f} before, {sp
             gains = [w["mean_recall"] - b["mean_recall"] for w, b in zip(r["WordPiece"], r["BPE"])]
             rows.append([label, "WordPiece - BPE, same seed", spread(gains), " / ".join(f"{g:+.1f}" for g in gains),
                          "", ""])
+            if len(gains) > 1:
+                sd = max(statistics.stdev(x["mean_recall"] for x in r[name]) for name in ("BPE", "WordPiece"))
+                beyond = abs(statistics.mean(gains)) > sd
+                verdicts.append(f"{label}: WordPiece - BPE {statistics.mean(gains):+.1f} points, the larger "
+                                f"seed-to-seed sd {sd:.1f}: {'beyond' if beyond else 'within'} the spread.")
         settings = recall["settings"]
         lines += ["", "### Held-out recall at equal steps", "", f"""{settings['steps']} steps from scratch, seeds 0-{settings['seeds'] - 1} (the seed sets the initial
 weights, data order and augmentation; the same seed gives both architectures the same image order).
@@ -415,7 +420,7 @@ Final weights scored on the held-out split (the generated held-out set; the clip
 mean recall (the mean of R@1/5/10 both ways, %) and R@1, mean ± sd over the seeds. Recall does not
 depend on the machine's load.""", "",
                   common.table(["set", "text side", "mean recall", "per seed", "t->i R@1", "i->t R@1"], rows),
-                  "", f"Measured by {recall['command']}."]
+                  "", " ".join([*verdicts, f"Measured by {recall['command']}."])]
     distill = results.get("distill")
     if distill:
         teacher = distill["teacher"]
