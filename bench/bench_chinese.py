@@ -63,7 +63,7 @@ import sample_data
 
 HEADING = "## bench_chinese.py"
 PARTS = ("tokens", "speed", "recall", "distill")
-FULL = {"num_images": 1000, "steps": 120, "teacher_steps": 360, "seeds": 2, "speed_steps": 20, "rounds": 2}
+FULL = {"num_images": 1000, "steps": 120, "teacher_steps": 240, "seeds": 2, "speed_steps": 20, "rounds": 2}
 QUICK = {"num_images": 200, "steps": 6, "teacher_steps": 12, "seeds": 1, "speed_steps": 4, "rounds": 1}
 QUICK_CLIPART = {"train": 300, "val": 60, "test": 100}     # images of each split kept with --quick
 BATCH = 64
