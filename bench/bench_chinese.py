@@ -414,11 +414,14 @@ median (range) over the rounds. Load average {speed['loads'][0]:.1f} before, {sp
                 verdicts.append(f"{label}: WordPiece - BPE {statistics.mean(gains):+.1f} points, the larger "
                                 f"seed-to-seed sd {sd:.1f}: {'beyond' if beyond else 'within'} the spread.")
         settings = recall["settings"]
+        epochs = " / ".join(f"{settings['steps'] * BATCH / tokens[key]['captions']:.1f}" for key in SETS) \
+            if tokens else "?"
         lines += ["", "### Held-out recall at equal steps", "", f"""{settings['steps']} steps from scratch, seeds 0-{settings['seeds'] - 1} (the seed sets the initial
 weights, data order and augmentation; the same seed gives both architectures the same image order).
 Final weights scored on the held-out split (the generated held-out set; the clip art's test split):
 mean recall (the mean of R@1/5/10 both ways, %) and R@1, mean ± sd over the seeds. Recall does not
-depend on the machine's load.""", "",
+depend on the machine's load. {settings['steps']} steps of batch {BATCH} are {epochs} epochs of the training
+captions (generated / clip art): short runs, the clip art's near the floor.""", "",
                   common.table(["set", "text side", "mean recall", "per seed", "t->i R@1", "i->t R@1"], rows),
                   "", " ".join([*verdicts, f"Measured by {recall['command']}."])]
     distill = results.get("distill")
@@ -440,7 +443,9 @@ own training code distils differently: it adds 0.5 x (1 - cos) of the teacher's 
 image features to the contrastive loss; see docs/training.md, "Coming from Chinese-CLIP".)""", "",
                   common.table(["student (BERT of {} layers)".format(distill["student_layers"]), "mean recall, mean ± sd",
                                 "per seed"], rows), "",
-                  f"Gain {statistics.mean(gains):+.1f} points; the larger seed-to-seed sd of the two arms is "
+                  f"The teacher scores {teacher['retrieval']['mean_recall'] - statistics.mean(distill['alone']):+.1f} "
+                  f"points of mean recall above the students trained alone: a weak teacher, which is what this "
+                  f"budget affords. Gain {statistics.mean(gains):+.1f} points; the larger seed-to-seed sd of the two arms is "
                   f"{sd:.1f}: {'a gain beyond the spread' if statistics.mean(gains) > sd else 'NOT a gain beyond the spread'}. "
                   f"Measured by {distill['command']}."]
     return "\n".join(lines) + "\n"
