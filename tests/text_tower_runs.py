@@ -3,6 +3,8 @@ test_chinese_clip.py): a run of one training step, and what a model makes of cap
 to compare after a round trip through a checkpoint."""
 import torch
 
+import evaluation
+import export
 import train
 
 
@@ -23,3 +25,15 @@ def features(setup, captions):
     tokens = setup.tokenizer(captions)
     with torch.no_grad():
         return tokens, setup.model.encode_text(tokens, normalize=True), setup.model.encode_image(images, normalize=True)
+
+
+def evaluate_and_export(checkpoint, data, folder):
+    """What evaluation.py (retrieval and zero-shot) and export.py (the open_clip folder and ONNX, with
+    their checks) report of a checkpoint, on a generated data set."""
+    results = evaluation.main(["--checkpoint", str(checkpoint), "--data", str(data["index"]),
+                               "--zeroshot_dir", str(data["zeroshot"]), "--device", "cpu", "--num_workers", "0"])
+    assert 0 <= results["retrieval"]["image_to_text"]["R@1"] <= 100 and "top1" in results["zeroshot"]
+    report = export.main(["--checkpoint", str(checkpoint), "--output", str(folder), "--onnx",
+                          "--check_data", str(data["index"]), "--check_images", "16"])
+    assert report["open_clip_folder"]["passed"] and report["onnx"]["passed"]
+    return report
