@@ -456,15 +456,12 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a small version in minutes; prints, no README")
     parser.add_argument("--only", nargs="+", choices=PARTS, help="these parts only (the README section keeps the "
                         "others' figures from earlier runs)")
-    for name, value in FULL.items():
-        parser.add_argument(f"--{name}", type=int, help=f"default {value} ({QUICK[name]} with --quick)")
+    common.add_size_arguments(parser, FULL, QUICK)
     parser.add_argument("--threads", type=int, default=0, help="torch threads of each run (OMP_NUM_THREADS); 0 = "
                         "torch's default")
     parser.add_argument("--no_readme", action="store_true", help="print the figures only")
     args = parser.parse_args()
-    for name, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    common.sizes_of(args, FULL, QUICK)
     if args.threads:
         ENV["OMP_NUM_THREADS"] = str(args.threads)
     parts = args.only or PARTS

@@ -141,17 +141,14 @@ def main():
                         "(recall: no timings, so it may run beside other work)")
     parser.add_argument("--teacher", default=TEACHER, help="the teacher's model, a preset or open_clip name")
     parser.add_argument("--teacher_lr", type=float, default=1e-3, help="the teacher's learning rate")
-    for name, value in FULL.items():
-        parser.add_argument(f"--{name}", type=int, help=f"default {value} ({QUICK[name]} with --quick)")
+    common.add_size_arguments(parser, FULL, QUICK)
     parser.add_argument("--threads", type=int, default=0, help="torch threads of each run (OMP_NUM_THREADS); 0 = "
                         "torch's default. One thread runs far faster on a busy machine; recall does not change")
     parser.add_argument("--no_readme", action="store_true", help="print the tables only")
     parser.add_argument("--distill_args", nargs=argparse.REMAINDER, default=[],
                         help="train.py flags for the distilled student, e.g. --distill_weight 0.7 (must come last)")
     args = parser.parse_args()
-    for name, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    common.sizes_of(args, FULL, QUICK)
     if args.threads:
         ENV["OMP_NUM_THREADS"] = str(args.threads)
     train_set = common.sample_data(args.num_images) / "data.json"

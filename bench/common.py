@@ -52,6 +52,20 @@ def sample_data(num_images: int = 2000, seed: int = 0) -> Path:
     return folder
 
 
+def add_size_arguments(parser, full: dict, quick: dict):
+    """A flag for each size of a benchmark (--num_images, --seeds, ...): the full run's by default,
+    the quick one's with --quick (sizes_of fills them in)."""
+    for name, value in full.items():
+        parser.add_argument(f"--{name}", type=int, help=f"default {value} ({quick[name]} with --quick)")
+
+
+def sizes_of(args, full: dict, quick: dict):
+    """Fill in the sizes the command line left out, from the full or the quick run."""
+    for name, value in (quick if args.quick else full).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
